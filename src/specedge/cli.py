@@ -1,0 +1,126 @@
+"""The `specedge` command line. Each role's command lives with its role; this module only
+collects them and turns the package's typed errors into one-line messages."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from specedge.errors import InvalidRequestError, SpecEdgeError
+
+app = typer.Typer(
+    name="specedge",
+    help="Edge-assisted speculative decoding: draft at the edge, verify in batches on a server.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+
+@app.callback()
+def root() -> None:
+    """SpecEdge: edge-assisted speculative decoding."""
+
+
+MODEL_HELP = "alias (smollm2-135m, smollm2-135m-draft), .gguf file, model directory or hub id"
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option(help=f"Target model: {MODEL_HELP}.")],
+    draft: Annotated[str | None, typer.Option(help="Draft model (enables --mode spec).")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Prompt text.")] = None,
+    prompt_file: Annotated[
+        Path | None,
+        typer.Option(help="One prompt per line, or JSON Lines with a 'prompt' field."),
+    ] = None,
+    chat: Annotated[bool, typer.Option(help="Apply the model's chat template.")] = False,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option()] = 1.0,
+    top_k: Annotated[int, typer.Option(help="0 disables top-k.")] = 0,
+    seed: Annotated[int | None, typer.Option()] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="ar | spec (default: spec with --draft, else ar).")
+    ] = None,
+    budget: Annotated[int, typer.Option(help="Draft tree nodes per round.")] = 32,
+    depth: Annotated[int, typer.Option(help="Draft tree depth.")] = 6,
+    width: Annotated[int, typer.Option(help="Children per expanded node.")] = 4,
+    beams: Annotated[int, typer.Option(help="Nodes expanded per draft step.")] = 8,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[
+        str | None, typer.Option(help="float32|bfloat16|float16 (default: best for device).")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per prompt.")] = False,
+) -> None:
+    """Generate text locally: autoregressive, or tree speculative decoding with a draft."""
+    from specedge.draft import TreeShape
+    from specedge.local_cli import GenerateRequest, run_generate
+
+    request = GenerateRequest(
+        model=model,
+        draft=draft,
+        prompts=_read_prompts(prompt, prompt_file),
+        chat=chat,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        mode=mode or ("spec" if draft else "ar"),
+        shape=TreeShape(budget=budget, depth=depth, width=width, beams=beams),
+        device=device,
+        dtype=dtype,
+        json_output=json_output,
+    )
+    run_generate(request)
+
+
+def _read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
+    if (prompt is None) == (prompt_file is None):
+        raise InvalidRequestError("give exactly one of --prompt or --prompt-file")
+    if prompt is not None:
+        return [prompt]
+    assert prompt_file is not None
+    try:
+        lines = prompt_file.read_text().splitlines()
+    except OSError as error:
+        raise InvalidRequestError(f"cannot read --prompt-file {prompt_file}: {error.strerror}") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+                prompts.append(str(record["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InvalidRequestError(
+                    f"{prompt_file}:{number}: expected a JSON object with a 'prompt' field"
+                ) from None
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise InvalidRequestError(f"{prompt_file} holds no prompts")
+    return prompts
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except SpecEdgeError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

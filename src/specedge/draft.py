@@ -1,0 +1,242 @@
+"""Draft trees grown with a draft model: SpecExec-style best-first search (DESIGN.md section 3).
+
+Each node's *score* is its parent's score + log q(token | parent) + log(decay), decay < 1, so a
+child always scores below its parent and the best `budget` nodes never orphan one. A draft step
+forwards the <= `beams` best unexpanded nodes (the *frontier*) with tree attention over the
+draft's own KV and lets each propose its top-`width` children.
+
+Draft KV layout of a sequence's slot: committed tokens with KV at 0..kv_len-1, then the growing
+*block*: layout nodes already cached by an earlier builder (`cached_parents`), the *pending*
+chain (committed tokens without KV yet; the last is the root), then expanded nodes in the order
+they were forwarded. `DraftEngine.commit` keeps the pending chain and the accepted expanded
+nodes, compacting them after the committed prefix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from specedge.errors import InvalidRequestError
+from specedge.runner import ModelRunner
+from specedge.tree import ROOT_PARENT, DraftTree, TreeRow
+
+NOT_CACHED = -1  # slot position of a node that has not been forwarded
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    budget: int = 32  # nodes sent per round
+    depth: int = 6  # maximum tree depth, and maximum draft steps per tree
+    width: int = 4  # children proposed per expanded node
+    beams: int = 8  # nodes forwarded per draft step
+    decay: float = 0.9
+
+    def __post_init__(self) -> None:
+        for name in ("budget", "depth", "width", "beams"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"tree {name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.decay < 1.0:
+            raise InvalidRequestError(f"tree decay must be in (0, 1), got {self.decay}")
+
+    @property
+    def max_block(self) -> int:
+        """Slot positions a round may lay out past the committed prefix (with slack for the
+        pending chain and a proactive subtree)."""
+        return 4 * (self.budget + self.depth * self.beams) + 64
+
+
+@dataclass
+class DraftNode:
+    token: int
+    parent: int  # node index in the builder, ROOT_PARENT for children of the root
+    score: float
+    depth: int
+    block_index: int = NOT_CACHED  # index in the block once forwarded (expanded)
+
+
+@dataclass
+class DraftSequence:
+    slot: int
+    committed: list[int]
+    kv_len: int = 0  # committed tokens whose draft KV is in the slot
+
+
+@dataclass
+class TreeBuilder:
+    """Grows one tree. Call `step()` until it returns False, then `tree()`."""
+
+    runner: ModelRunner
+    seq: DraftSequence
+    shape: TreeShape
+    cached_parents: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+    attach: int = ROOT_PARENT  # block index the pending chain (or, if empty, the root) hangs from
+    nodes: list[DraftNode] = field(default_factory=list)
+    steps: int = 0
+    root_expanded: bool = False
+    num_forwarded: int = 0
+
+    def __post_init__(self) -> None:
+        self.block_parents: list[int] = list(self.cached_parents)
+        self.root_expanded = self.root_expanded or bool(self.nodes)
+
+    # -- layout --------------------------------------------------------------------------------
+    @property
+    def root_block_index(self) -> int:
+        if self.pending:
+            return len(self.cached_parents) + len(self.pending) - 1
+        return self.attach
+
+    def _block_parent(self, node: DraftNode) -> int:
+        if node.parent == ROOT_PARENT:
+            return self.root_block_index
+        parent_index = self.nodes[node.parent].block_index
+        assert parent_index != NOT_CACHED, "a node is forwarded before its parent"
+        return parent_index
+
+    # -- growth --------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One draft forward; False when the tree cannot grow further."""
+        if self.steps >= self.shape.depth:
+            return False
+        if not self.root_expanded:
+            logprobs = self._forward_pending()
+            self.root_expanded = True
+            entered = self._propose([ROOT_PARENT], logprobs)
+        else:
+            frontier = self._frontier()
+            if not frontier:
+                return False
+            entered = self._propose(frontier, self._forward_nodes(frontier))
+        self.steps += 1
+        return entered > 0
+
+    def grow(self) -> None:
+        while self.step():
+            pass
+
+    def _frontier(self) -> list[int]:
+        alive = set(self._best(self.shape.budget))
+        candidates = [
+            i
+            for i in alive
+            if self.nodes[i].block_index == NOT_CACHED and self.nodes[i].depth < self.shape.depth
+        ]
+        candidates.sort(key=lambda i: -self.nodes[i].score)
+        return candidates[: self.shape.beams]
+
+    def _forward_pending(self) -> torch.Tensor:  # [1, V] root log-probs
+        if not self.pending:
+            raise AssertionError("the root is cached but has no children: nothing to expand")
+        start = len(self.block_parents)
+        for i in range(len(self.pending)):
+            self.block_parents.append(self.attach if i == 0 else start + i - 1)
+        row = TreeRow(
+            self.seq.slot,
+            self.seq.kv_len,
+            self.block_parents,
+            self.pending,
+            num_cached=start,
+        )
+        hidden = self.runner.forward([row])[0][-1:]
+        self.num_forwarded += len(self.pending)
+        return self.runner.logits(hidden).log_softmax(dim=-1)
+
+    def _forward_nodes(self, frontier: Sequence[int]) -> torch.Tensor:  # [F, V] log-probs
+        num_cached = len(self.block_parents)
+        for offset, i in enumerate(frontier):
+            self.block_parents.append(self._block_parent(self.nodes[i]))
+            self.nodes[i].block_index = num_cached + offset
+        row = TreeRow(
+            self.seq.slot,
+            self.seq.kv_len,
+            self.block_parents,
+            [self.nodes[i].token for i in frontier],
+            num_cached=num_cached,
+        )
+        hidden = self.runner.forward([row])[0]
+        self.num_forwarded += len(frontier)
+        return self.runner.logits(hidden).log_softmax(dim=-1)
+
+    def _propose(self, parents: Sequence[int], logprobs: torch.Tensor) -> int:
+        """Add each parent's top-`width` children that rank within the budget; count them."""
+        top = torch.topk(logprobs, self.shape.width, dim=-1)
+        log_decay = math.log(self.shape.decay)
+        added = []
+        for row, parent in enumerate(parents):
+            base_score = 0.0 if parent == ROOT_PARENT else self.nodes[parent].score
+            base_depth = 0 if parent == ROOT_PARENT else self.nodes[parent].depth
+            for logq, token in zip(top.values[row].tolist(), top.indices[row].tolist(), strict=True):
+                self.nodes.append(
+                    DraftNode(token, parent, base_score + logq + log_decay, base_depth + 1)
+                )
+                added.append(len(self.nodes) - 1)
+        best = set(self._best(self.shape.budget))
+        return sum(1 for i in added if i in best)
+
+    def _best(self, count: int) -> list[int]:
+        order = sorted(range(len(self.nodes)), key=lambda i: (-self.nodes[i].score, i))
+        return order[:count]
+
+    # -- result --------------------------------------------------------------------------------
+    def tree(self) -> tuple[DraftTree, list[int]]:
+        """The best `budget` nodes in parents-first order, and each one's builder index."""
+        kept = sorted(self._best(self.shape.budget))  # creation order puts parents first
+        new_index = {old: new for new, old in enumerate(kept)}
+        tokens = tuple(self.nodes[i].token for i in kept)
+        parents = tuple(
+            ROOT_PARENT if self.nodes[i].parent == ROOT_PARENT else new_index[self.nodes[i].parent]
+            for i in kept
+        )
+        return DraftTree(tokens, parents), kept
+
+    def slot_position(self, node: int) -> int:
+        """Slot position of a forwarded node's KV."""
+        return self.seq.kv_len + self.nodes[node].block_index
+
+
+class DraftEngine:
+    def __init__(self, runner: ModelRunner, shape: TreeShape) -> None:
+        self.runner = runner
+        self.shape = shape
+
+    def open(self, prompt_tokens: Sequence[int]) -> DraftSequence:
+        slot = self.runner.kv.allocate()
+        return DraftSequence(slot=slot, committed=list(prompt_tokens))
+
+    def prefill(self, seq: DraftSequence) -> None:
+        """KV for all committed tokens but the root."""
+        todo = seq.committed[seq.kv_len : -1]
+        if todo:
+            self.runner.prefill(seq.slot, todo, seq.kv_len)
+            seq.kv_len = len(seq.committed) - 1
+
+    def builder(self, seq: DraftSequence) -> TreeBuilder:
+        return TreeBuilder(self.runner, seq, self.shape, pending=seq.committed[seq.kv_len :])
+
+    def commit(
+        self,
+        seq: DraftSequence,
+        builder: TreeBuilder,
+        accepted_nodes: Sequence[int],  # builder node indices along the accepted path
+        emitted_tokens: Sequence[int],
+    ) -> None:
+        """Keep the pending chain and the cached prefix of the accepted path; drop the rest."""
+        assert not builder.cached_parents, "only a builder laid out after the prefix commits"
+        start = seq.kv_len
+        kept = list(range(start, start + len(builder.pending)))
+        for node in accepted_nodes:
+            if builder.nodes[node].block_index == NOT_CACHED:
+                break
+            kept.append(builder.slot_position(node))
+        self.runner.kv.compact(seq.slot, start, kept)
+        seq.kv_len = start + len(kept)
+        seq.committed.extend(emitted_tokens)
+
+    def close(self, seq: DraftSequence) -> None:
+        self.runner.kv.free(seq.slot)
+

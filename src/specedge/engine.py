@@ -1,0 +1,162 @@
+"""Target-side sequences: prefill, batched tree verification, KV compaction.
+
+A `TargetSequence` holds a request's committed tokens (prompt + emitted); the last one is the
+*root* of the next tree and has no KV yet, so the slot always holds len(committed) - 1
+positions between rounds. `TargetEngine.verify` runs one batched forward over several
+sequences' trees (root + nodes), draws one target sample per node with each request's own
+sampling parameters and generator, decides acceptance (`verify.verify_tree`) and compacts each
+slot to the root + accepted path. Autoregressive decoding is verification of an empty tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from specedge.errors import InvalidRequestError
+from specedge.runner import DEFAULT_PREFILL_CHUNK, ModelRunner
+from specedge.sampling import SamplingParams, make_generator, sample
+from specedge.tree import DraftTree, TreeRow, validate_tree
+from specedge.verify import VerifyResult, verify_tree
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    max_tree_nodes: int = 128
+    max_tree_depth: int = 32
+
+
+@dataclass
+class TargetSequence:
+    slot: int
+    committed: list[int]
+    num_prompt: int
+    params: SamplingParams
+    generator: torch.Generator
+    stop_token_ids: frozenset[int]
+    max_new_tokens: int
+    finish_reason: str | None = None
+    prefilled: int = 0  # committed tokens (excluding the root) already in the KV slot
+    rounds: int = 0
+    accepted: int = 0  # accepted draft tokens over all rounds
+    drafted: int = 0  # draft nodes sent over all rounds
+    history: list[int] = field(default_factory=list)  # emitted tokens per round
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.committed) - self.num_prompt
+
+    @property
+    def root(self) -> int:
+        return self.committed[-1]
+
+    @property
+    def needs_prefill(self) -> bool:
+        return self.prefilled < len(self.committed) - 1
+
+
+class TargetEngine:
+    def __init__(self, runner: ModelRunner, limits: GenerationLimits | None = None) -> None:
+        self.runner = runner
+        self.limits = limits or GenerationLimits()
+        self.vocab_size = runner.config.vocab_size
+
+    def open(
+        self,
+        prompt_tokens: Sequence[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        stop_token_ids: Sequence[int] = (),
+    ) -> TargetSequence:
+        """Validate a request and take a KV slot for it (prefill is separate, see below)."""
+        if not prompt_tokens:
+            raise InvalidRequestError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise InvalidRequestError(f"max tokens must be >= 1, got {max_new_tokens}")
+        bad = [t for t in prompt_tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt token id {bad[0]} outside vocab [0, {self.vocab_size})")
+        if len(prompt_tokens) >= self.runner.max_context:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_tokens)} tokens; the context limit is "
+                f"{self.runner.max_context} (prompt + generated)"
+            )
+        max_new_tokens = min(max_new_tokens, self.runner.max_context - len(prompt_tokens))
+        slot = self.runner.kv.allocate()
+        return TargetSequence(
+            slot=slot,
+            committed=list(prompt_tokens),
+            num_prompt=len(prompt_tokens),
+            params=params,
+            generator=make_generator(params.seed, self.runner.device),
+            stop_token_ids=frozenset(stop_token_ids),
+            max_new_tokens=max_new_tokens,
+        )
+
+    def prefill_chunk(self, seq: TargetSequence, chunk: int = DEFAULT_PREFILL_CHUNK) -> bool:
+        """Prefill at most `chunk` prompt tokens; True when the sequence is ready to verify."""
+        end = min(seq.prefilled + chunk, len(seq.committed) - 1)
+        if end > seq.prefilled:
+            self.runner.prefill(seq.slot, seq.committed[seq.prefilled : end], seq.prefilled, chunk)
+            seq.prefilled = end
+        return not seq.needs_prefill
+
+    def prefill(self, seq: TargetSequence) -> None:
+        while not self.prefill_chunk(seq):
+            pass
+
+    def validate(self, seq: TargetSequence, tree: DraftTree) -> None:
+        validate_tree(
+            tree.tokens,
+            tree.parents,
+            vocab_size=self.vocab_size,
+            max_nodes=self.limits.max_tree_nodes,
+            max_depth=self.limits.max_tree_depth,
+        )
+        if seq.finish_reason is not None:
+            raise InvalidRequestError("the sequence has already finished")
+        if len(seq.committed) + tree.num_nodes > self.runner.max_context:
+            raise InvalidRequestError(
+                f"context {len(seq.committed)} + tree {tree.num_nodes} nodes exceeds the "
+                f"limit {self.runner.max_context}"
+            )
+
+    def verify(self, batch: Sequence[tuple[TargetSequence, DraftTree]]) -> list[VerifyResult]:
+        """One batched target forward over every (sequence, tree); see the module docstring.
+        Trees must have passed `validate`; sequences must be prefilled."""
+        rows = []
+        for seq, tree in batch:
+            assert not seq.needs_prefill and seq.finish_reason is None
+            tokens, parents = tree.rooted(seq.root)
+            rows.append(TreeRow(seq.slot, len(seq.committed) - 1, parents, tokens))
+        hidden = self.runner.forward(rows)
+        results = []
+        for (seq, tree), node_hidden in zip(batch, hidden, strict=True):
+            samples = sample(self.runner.logits(node_hidden), seq.params, seq.generator)
+            result = verify_tree(
+                tree.tokens,
+                tree.parents,
+                samples.tolist(),
+                stop_token_ids=seq.stop_token_ids,
+                max_new_tokens=seq.max_new_tokens - seq.num_generated,
+            )
+            self._commit(seq, tree, result)
+            results.append(result)
+        return results
+
+    def _commit(self, seq: TargetSequence, tree: DraftTree, result: VerifyResult) -> None:
+        start = len(seq.committed) - 1  # the root's slot position
+        kept = [start] + [start + 1 + node for node in result.accepted_nodes]
+        self.runner.kv.compact(seq.slot, start, kept)
+        seq.committed.extend(result.emitted_tokens)
+        seq.prefilled = start + len(kept)
+        seq.finish_reason = result.finish_reason
+        seq.rounds += 1
+        seq.accepted += result.num_accepted
+        seq.drafted += tree.num_nodes
+        seq.history.append(len(result.emitted_tokens))
+
+    def close(self, seq: TargetSequence) -> None:
+        self.runner.kv.free(seq.slot)

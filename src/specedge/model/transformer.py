@@ -1,0 +1,177 @@
+"""A lean decoder-only transformer for the Llama family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3).
+
+Terms: B = sequences in the batch, N = new tokens per sequence (padded), S = KV slot positions
+attended, H / H_kv = query / key-value heads, D = head dim, E = hidden size, V = vocabulary.
+
+The model knows nothing about trees or sessions: it takes tokens, their positions, an explicit
+boolean attention mask over KV slot positions, and where in the KV cache each new token's key
+and value go. Whoever builds the mask decides what attends to what (see `specedge.tree`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from specedge.model.config import ModelConfig
+from specedge.model.kv_cache import KVCache, KVWrite
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., dim] -> [..., dim]
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_inv_freq(config: ModelConfig) -> Tensor:  # [D/2] float32
+    """Inverse RoPE frequencies, with Llama-3 frequency-dependent scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotate_half(x: Tensor) -> Tensor:  # [..., D] -> [..., D]
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        qkv_dim = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        self.wqkv = nn.Linear(config.hidden_size, qkv_dim, bias=config.qkv_bias)
+        self.wo = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+
+    def forward(
+        self,
+        x: Tensor,  # [B, N, E]
+        cos: Tensor,  # [B, N, D]
+        sin: Tensor,  # [B, N, D]
+        attn_mask: Tensor,  # [B, N, S] bool, True = attend
+        kv: KVCache,
+        kv_write: KVWrite,
+    ) -> Tensor:  # [B, N, E]
+        batch, num_new, _ = x.shape
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(batch, num_new, self.num_heads, self.head_dim)
+        k = k.view(batch, num_new, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, num_new, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        cos_h, sin_h = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, N, 1, D]
+        q = q * cos_h + rotate_half(q) * sin_h
+        k = k * cos_h + rotate_half(k) * sin_h
+
+        kv.write(self.layer_index, kv_write, k, v)
+        keys, values = kv.read(self.layer_index, kv_write.slots, attn_mask.shape[-1])
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),  # [B, H, N, D]
+            keys,  # [B, H_kv, S, D]
+            values,
+            attn_mask=attn_mask.unsqueeze(1),
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )  # [B, H, N, D]
+        return self.wo(out.transpose(1, 2).reshape(batch, num_new, q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.w13 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, N, E] -> [B, N, E]
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config, layer_index)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(
+        self,
+        x: Tensor,  # [B, N, E]
+        cos: Tensor,  # [B, N, D]
+        sin: Tensor,  # [B, N, D]
+        attn_mask: Tensor,  # [B, N, S]
+        kv: KVCache,
+        kv_write: KVWrite,
+    ) -> Tensor:  # [B, N, E]
+        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, kv, kv_write)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def hidden_states(
+        self,
+        tokens: Tensor,  # [B, N] int64
+        positions: Tensor,  # [B, N] int64
+        attn_mask: Tensor,  # [B, N, S] bool
+        kv: KVCache,
+        kv_write: KVWrite,
+    ) -> Tensor:  # [B, N, E], after the final norm
+        x = self.embed_tokens(tokens)
+        freqs = positions.unsqueeze(-1).float() * self.inv_freq  # [B, N, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [B, N, D]
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn_mask, kv, kv_write)
+        return self.norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:  # [..., E] -> [..., V] float32
+        return self.lm_head(hidden).float()
+
+    def forward(
+        self,
+        tokens: Tensor,  # [B, N]
+        positions: Tensor,  # [B, N]
+        attn_mask: Tensor,  # [B, N, S]
+        kv: KVCache,
+        kv_write: KVWrite,
+    ) -> Tensor:  # [B, N, V] float32
+        return self.logits(self.hidden_states(tokens, positions, attn_mask, kv, kv_write))

@@ -1,0 +1,50 @@
+"""Text <-> token ids: prompt encoding (with or without the chat template) and incremental
+decoding for streaming (emits only text that can no longer change)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from specedge.errors import InvalidRequestError
+
+
+def encode_prompt(tokenizer: Any, prompt: str, *, chat: bool) -> list[int]:
+    """Token ids of `prompt`: as one user message through the chat template (with the
+    generation prompt) when `chat`, else with the tokenizer's defaults."""
+    if not prompt.strip():
+        raise InvalidRequestError("the prompt is empty")
+    if chat:
+        return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError("this model has no chat template; send a plain prompt")
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):  # transformers v5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
+class IncrementalDecoder:
+    """Decodes a growing token list; `add` returns the newly final text. Text ending in an
+    incomplete UTF-8 sequence (shown as U+FFFD) is held back until it completes."""
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.tokens: list[int] = []
+        self.emitted = 0  # characters already returned
+
+    def add(self, tokens: Sequence[int]) -> str:
+        self.tokens.extend(tokens)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.emitted = text[self.emitted :], len(text)
+        return new
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens)

@@ -1,0 +1,64 @@
+"""Sample-then-match verification (DESIGN.md section 4), as a pure function.
+
+The target draws one token at the root and at every node. Starting at the root, while the
+drawn token matches a child of the current node, that child is *accepted* and becomes current;
+the first unmatched draw is the *bonus token*. Every emitted token is a fresh target sample at
+exactly the emitted prefix, so the output distribution is the target's. Emission stops after a
+stop token (it is emitted, nothing after it) or when the token allowance runs out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from specedge.tree import ROOT_PARENT
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    emitted_tokens: list[int]  # accepted path, then the bonus token (possibly cut by a stop)
+    accepted_nodes: list[int]  # tree node indices of the accepted tokens that were emitted
+    finish_reason: str | None  # FINISH_STOP, FINISH_LENGTH or None (keep going)
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.accepted_nodes)
+
+
+def verify_tree(
+    tree_tokens: Sequence[int],  # [num_nodes]
+    tree_parents: Sequence[int],  # [num_nodes], ROOT_PARENT for children of the root
+    samples: Sequence[int],  # [1 + num_nodes]: the target's draw at the root, then at each node
+    *,
+    stop_token_ids: Collection[int],
+    max_new_tokens: int,
+) -> VerifyResult:
+    """Walk the tree along the target's draws; see the module docstring."""
+    assert len(samples) == len(tree_tokens) + 1 and max_new_tokens >= 1
+    child_by_token: dict[tuple[int, int], int] = {
+        (parent, token): node
+        for node, (token, parent) in enumerate(zip(tree_tokens, tree_parents, strict=True))
+    }
+    emitted: list[int] = []
+    accepted: list[int] = []
+    current = ROOT_PARENT
+    while True:
+        token = samples[current + 1]
+        child = child_by_token.get((current, token))
+        emitted.append(token)
+        if token in stop_token_ids:
+            if child is not None:
+                accepted.append(child)
+            return VerifyResult(emitted, accepted, FINISH_STOP)
+        if len(emitted) >= max_new_tokens:
+            if child is not None:
+                accepted.append(child)
+            return VerifyResult(emitted, accepted, FINISH_LENGTH)
+        if child is None:
+            return VerifyResult(emitted, accepted, None)
+        accepted.append(child)
+        current = child

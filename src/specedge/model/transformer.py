@@ -27,7 +27,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:  # [..., dim] -> [..., dim]
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Normalise in float32 (as the reference implementations do), scale in the input dtype.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * normed
 
 
 def rope_inv_freq(config: ModelConfig) -> Tensor:  # [D/2] float32

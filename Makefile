@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck clean
+.PHONY: install demo test lint typecheck clean proto
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +37,8 @@ test: lint typecheck
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Regenerate the protobuf / gRPC code after editing src/specedge/rpc/specedge.proto.
+proto: $(STAMP)
+	cd src && ../$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. \
+		--grpc_python_out=. specedge/rpc/specedge.proto

@@ -1,0 +1,272 @@
+"""The one module that touches the generated protobuf code (`specedge_pb2*`).
+
+Domain code speaks the dataclasses below; this module turns them into wire messages and back,
+and wires a servicer object / a client stub to the gRPC runtime. Regenerate the protobuf code
+with `make proto` after editing `specedge.proto`.
+
+Wire protocol version `PROTOCOL_VERSION`: bump it on any incompatible change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from specedge.rpc import specedge_pb2 as pb
+from specedge.rpc import specedge_pb2_grpc as pb_grpc
+
+PROTOCOL_VERSION = 1
+SERVICE_NAME = "specedge.v1.Verifier"
+
+_FINISH_TO_WIRE = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
+                   "length": pb.FINISH_REASON_LENGTH}
+_FINISH_FROM_WIRE = {value: key for key, value in _FINISH_TO_WIRE.items()}
+
+
+# ---- domain messages ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServerInfo:
+    protocol_version: int
+    model_name: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    max_tree_nodes: int
+    max_tree_depth: int
+    max_context: int
+
+
+@dataclass(frozen=True)
+class WireSampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class OpenSession:
+    prompt_token_ids: list[int]
+    sampling: WireSampling
+    max_tokens: int
+    stop_token_ids: list[int] = field(default_factory=list)
+    tokenizer_fingerprint: str = ""
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class VerifyTree:
+    round: int
+    tokens: list[int]
+    parents: list[int]
+
+
+@dataclass(frozen=True)
+class CloseSession:
+    pass
+
+
+EdgeRequest = OpenSession | VerifyTree | CloseSession
+
+
+@dataclass(frozen=True)
+class SessionOpened:
+    session_id: str
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class TreeVerified:
+    round: int
+    emitted_token_ids: list[int]
+    num_accepted: int
+    finish_reason: str | None  # "stop" | "length" | None
+
+
+ServerReply = SessionOpened | TreeVerified
+
+
+# ---- encoding -------------------------------------------------------------------------------
+def encode_edge(message: EdgeRequest) -> pb.EdgeMessage:
+    if isinstance(message, OpenSession):
+        sampling = pb.SamplingParams(
+            temperature=message.sampling.temperature,
+            top_p=message.sampling.top_p,
+            top_k=message.sampling.top_k,
+        )
+        if message.sampling.seed is not None:
+            sampling.seed = message.sampling.seed
+        return pb.EdgeMessage(
+            open=pb.Open(
+                protocol_version=message.protocol_version,
+                tokenizer_fingerprint=message.tokenizer_fingerprint,
+                prompt_token_ids=message.prompt_token_ids,
+                sampling=sampling,
+                max_tokens=message.max_tokens,
+                stop_token_ids=message.stop_token_ids,
+            )
+        )
+    if isinstance(message, VerifyTree):
+        return pb.EdgeMessage(
+            tree=pb.Tree(round=message.round, tokens=message.tokens, parents=message.parents)
+        )
+    return pb.EdgeMessage(close=pb.Close())
+
+
+def decode_edge(message: pb.EdgeMessage) -> EdgeRequest | None:
+    """None for an empty message (the caller reports it as INVALID_ARGUMENT)."""
+    kind = message.WhichOneof("kind")
+    if kind == "open":
+        o = message.open
+        s = o.sampling
+        return OpenSession(
+            prompt_token_ids=list(o.prompt_token_ids),
+            sampling=WireSampling(
+                temperature=s.temperature,
+                top_p=s.top_p if s.top_p > 0 else 1.0,
+                top_k=s.top_k,
+                seed=s.seed if s.HasField("seed") else None,
+            ),
+            max_tokens=o.max_tokens,
+            stop_token_ids=list(o.stop_token_ids),
+            tokenizer_fingerprint=o.tokenizer_fingerprint,
+            protocol_version=o.protocol_version,
+        )
+    if kind == "tree":
+        t = message.tree
+        return VerifyTree(round=t.round, tokens=list(t.tokens), parents=list(t.parents))
+    if kind == "close":
+        return CloseSession()
+    return None
+
+
+def encode_server(message: ServerReply) -> pb.ServerMessage:
+    if isinstance(message, SessionOpened):
+        return pb.ServerMessage(
+            opened=pb.Opened(session_id=message.session_id, max_new_tokens=message.max_new_tokens)
+        )
+    return pb.ServerMessage(
+        verified=pb.Verified(
+            round=message.round,
+            emitted_token_ids=message.emitted_token_ids,
+            num_accepted=message.num_accepted,
+            finish_reason=_FINISH_TO_WIRE[message.finish_reason],
+        )
+    )
+
+
+def decode_server(message: pb.ServerMessage) -> ServerReply:
+    kind = message.WhichOneof("kind")
+    if kind == "opened":
+        return SessionOpened(message.opened.session_id, message.opened.max_new_tokens)
+    if kind == "verified":
+        v = message.verified
+        return TreeVerified(
+            round=v.round,
+            emitted_token_ids=list(v.emitted_token_ids),
+            num_accepted=v.num_accepted,
+            finish_reason=_FINISH_FROM_WIRE.get(v.finish_reason),
+        )
+    raise ValueError(f"unexpected server message kind {kind!r}")
+
+
+def encode_info(info: ServerInfo) -> pb.InfoReply:
+    return pb.InfoReply(
+        protocol_version=info.protocol_version,
+        model_name=info.model_name,
+        tokenizer_fingerprint=info.tokenizer_fingerprint,
+        vocab_size=info.vocab_size,
+        max_tree_nodes=info.max_tree_nodes,
+        max_tree_depth=info.max_tree_depth,
+        max_context=info.max_context,
+    )
+
+
+def decode_info(reply: pb.InfoReply) -> ServerInfo:
+    return ServerInfo(
+        protocol_version=reply.protocol_version,
+        model_name=reply.model_name,
+        tokenizer_fingerprint=reply.tokenizer_fingerprint,
+        vocab_size=reply.vocab_size,
+        max_tree_nodes=reply.max_tree_nodes,
+        max_tree_depth=reply.max_tree_depth,
+        max_context=reply.max_context,
+    )
+
+
+def wire_size(message: EdgeRequest | ServerReply) -> int:
+    """Serialized size in bytes (what the message costs on the wire, before gRPC framing)."""
+    if isinstance(message, OpenSession | VerifyTree | CloseSession):
+        return encode_edge(message).ByteSize()
+    return encode_server(message).ByteSize()
+
+
+# ---- gRPC wiring (asyncio) --------------------------------------------------------------------
+SessionHandler = Callable[[AsyncIterator[EdgeRequest | None], Any], AsyncIterator[ServerReply]]
+InfoHandler = Callable[[Any], Awaitable[ServerInfo]]
+
+
+def add_verifier_service(server: grpc.aio.Server, info: InfoHandler,
+                         session: SessionHandler) -> None:
+    """Register the Verifier service: `info(context)` and `session(requests, context)`, where
+    `requests` yields decoded EdgeRequests (None for an empty message) and the handler yields
+    ServerReplys. Errors: `await context.abort(grpc.StatusCode.X, message)`."""
+
+    class _Servicer(pb_grpc.VerifierServicer):
+        async def Info(self, request: pb.InfoRequest, context: Any) -> pb.InfoReply:  # noqa: N802
+            return encode_info(await info(context))
+
+        async def Session(  # noqa: N802
+            self, request_iterator: AsyncIterator[pb.EdgeMessage], context: Any
+        ) -> AsyncIterator[pb.ServerMessage]:
+            async def decoded() -> AsyncIterator[EdgeRequest | None]:
+                async for message in request_iterator:
+                    yield decode_edge(message)
+
+            async for reply in session(decoded(), context):
+                yield encode_server(reply)
+
+    pb_grpc.add_VerifierServicer_to_server(_Servicer(), server)
+
+
+class VerifierClient:
+    """Client side of the Verifier service over a `grpc.aio` channel."""
+
+    def __init__(self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = ()):
+        self._stub = pb_grpc.VerifierStub(channel)
+        self._metadata = metadata
+
+    async def info(self, timeout: float | None = None) -> ServerInfo:
+        reply = await self._stub.Info(pb.InfoRequest(), metadata=self._metadata, timeout=timeout)
+        return decode_info(reply)
+
+    def session(self) -> SessionCall:
+        return SessionCall(self._stub.Session(metadata=self._metadata))
+
+
+class SessionCall:
+    """One open Session stream: `send` edge requests, `receive` server replies."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    async def send(self, message: EdgeRequest) -> int:
+        """Send one request; returns its serialized size in bytes."""
+        encoded = encode_edge(message)
+        await self._call.write(encoded)
+        return int(encoded.ByteSize())
+
+    async def receive(self) -> ServerReply | None:
+        """The next reply, or None when the server closed the stream cleanly."""
+        message = await self._call.read()
+        if message is grpc.aio.EOF:
+            return None
+        return decode_server(message)
+
+    async def done_writing(self) -> None:
+        await self._call.done_writing()
+
+    def cancel(self) -> None:
+        self._call.cancel()

@@ -170,7 +170,9 @@ class TreeBuilder:
         for row, parent in enumerate(parents):
             base_score = 0.0 if parent == ROOT_PARENT else self.nodes[parent].score
             base_depth = 0 if parent == ROOT_PARENT else self.nodes[parent].depth
-            for logq, token in zip(top.values[row].tolist(), top.indices[row].tolist(), strict=True):
+            for logq, token in zip(
+                top.values[row].tolist(), top.indices[row].tolist(), strict=True
+            ):
                 self.nodes.append(
                     DraftNode(token, parent, base_score + logq + log_decay, base_depth + 1)
                 )
@@ -239,4 +241,3 @@ class DraftEngine:
 
     def close(self, seq: DraftSequence) -> None:
         self.runner.kv.free(seq.slot)
-

@@ -77,7 +77,9 @@ class TargetEngine:
             raise InvalidRequestError(f"max tokens must be >= 1, got {max_new_tokens}")
         bad = [t for t in prompt_tokens if not 0 <= t < self.vocab_size]
         if bad:
-            raise InvalidRequestError(f"prompt token id {bad[0]} outside vocab [0, {self.vocab_size})")
+            raise InvalidRequestError(
+                f"prompt token id {bad[0]} outside vocab [0, {self.vocab_size})"
+            )
         if len(prompt_tokens) >= self.runner.max_context:
             raise InvalidRequestError(
                 f"the prompt has {len(prompt_tokens)} tokens; the context limit is "

@@ -66,11 +66,11 @@ class LocalGenerator:
     ) -> None:
         self.shape = shape or TreeShape()
         max_context = min(max_context, target.config.max_context)
-        limits = GenerationLimits(
-            max_tree_nodes=self.shape.budget, max_tree_depth=self.shape.depth
-        )
+        limits = GenerationLimits(max_tree_nodes=self.shape.budget, max_tree_depth=self.shape.depth)
         self.target = TargetEngine(
-            ModelRunner(target, num_slots=1, max_context=max_context, max_block=self.shape.budget + 8),
+            ModelRunner(
+                target, num_slots=1, max_context=max_context, max_block=self.shape.budget + 8
+            ),
             limits,
         )
         self.draft: DraftEngine | None = None
@@ -100,7 +100,7 @@ class LocalGenerator:
                 self.draft.prefill(draft_seq)
             while seq.finish_reason is None:
                 builder = None
-                tree, node_map = DraftTree(), []
+                tree, node_map = DraftTree(), list[int]()
                 if self.draft and draft_seq:
                     builder = self.draft.builder(draft_seq)
                     builder.grow()

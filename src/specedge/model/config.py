@@ -42,6 +42,8 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    # A reduced LM head (distilled drafts): logits only for these token ids, -inf elsewhere.
+    head_token_ids: tuple[int, ...] | None = None
 
     @property
     def max_context(self) -> int:
@@ -60,7 +62,8 @@ class ModelConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelLoadError(
                 f"unsupported architecture {model_type!r}: expected one of "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2)"
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} "
+                "(Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2)"
             )
         num_heads = hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +113,9 @@ def resolve_model_dir(name: str) -> Path:
         return _gguf_cache_dir(path)
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise ModelLoadError(f"{path} has no config.json: expected a Hugging Face model directory")
+            raise ModelLoadError(
+                f"{path} has no config.json: expected a Hugging Face model directory"
+            )
         return path
     if _looks_like_hub_id(name) and not path.exists():
         return _download_from_hub(name)
@@ -123,9 +125,7 @@ def resolve_model_dir(name: str) -> Path:
     )
 
 
-def load_model(
-    name: str, device: str = "cpu", dtype: torch.dtype | None = None
-) -> LoadedModel:
+def load_model(name: str, device: str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
     """Load weights, config and tokenizer for `name` (see the module docstring)."""
     directory = resolve_model_dir(name)
     dtype = dtype or default_dtype(device)
@@ -135,6 +135,8 @@ def load_model(
     draft_meta = _read_json(directory / "specedge_draft.json")
     if draft_meta is not None:
         state_dict = _attach_shared_weights(state_dict, draft_meta, device)
+        if draft_meta.get("head_token_ids"):
+            config = replace(config, head_token_ids=tuple(map(int, draft_meta["head_token_ids"])))
     model = build_model(config, convert_hf_state_dict(state_dict, config), device, dtype)
     tokenizer = load_tokenizer(directory)
     return LoadedModel(
@@ -156,13 +158,19 @@ def build_model(
     state_dict = {key: value.to(device=device, dtype=dtype) for key, value in state_dict.items()}
     if config.tie_word_embeddings:
         state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"]
+    if config.head_token_ids is not None:  # reduced head: the rows of its tokens
+        head_rows = torch.tensor(config.head_token_ids, device=device)
+        state_dict["lm_head.weight"] = state_dict["lm_head.weight"][head_rows].contiguous()
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     if missing or unexpected:
-        raise ModelLoadError(f"weights do not match the config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-    if config.tie_word_embeddings:
+        raise ModelLoadError(
+            f"weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    if config.tie_word_embeddings and config.head_token_ids is None:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(config).to(device)
+    if config.head_token_ids is not None:
+        model.head_token_ids = torch.tensor(config.head_token_ids, device=device)
     return model.eval().requires_grad_(False)
 
 
@@ -240,14 +248,25 @@ def _download_from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    patterns = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
-                "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt", "*.model",
-                "chat_template.*"]
+    patterns = [
+        "config.json",
+        "generation_config.json",
+        "*.safetensors",
+        "*.safetensors.index.json",
+        "tokenizer*",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+        "*.model",
+        "chat_template.*",
+    ]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as error:
-        raise ModelLoadError(f"could not download {repo_id!r} from the Hugging Face hub: "
-                             f"{str(error).splitlines()[0]}") from error
+        raise ModelLoadError(
+            f"could not download {repo_id!r} from the Hugging Face hub: "
+            f"{str(error).splitlines()[0]}"
+        ) from error
 
 
 def _smollm2_gguf_path() -> Path:

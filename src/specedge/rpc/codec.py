@@ -21,8 +21,11 @@ from specedge.rpc import specedge_pb2_grpc as pb_grpc
 PROTOCOL_VERSION = 1
 SERVICE_NAME = "specedge.v1.Verifier"
 
-_FINISH_TO_WIRE = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
-                   "length": pb.FINISH_REASON_LENGTH}
+_FINISH_TO_WIRE = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+}
 _FINISH_FROM_WIRE = {value: key for key, value in _FINISH_TO_WIRE.items()}
 
 
@@ -208,8 +211,9 @@ SessionHandler = Callable[[AsyncIterator[EdgeRequest | None], Any], AsyncIterato
 InfoHandler = Callable[[Any], Awaitable[ServerInfo]]
 
 
-def add_verifier_service(server: grpc.aio.Server, info: InfoHandler,
-                         session: SessionHandler) -> None:
+def add_verifier_service(
+    server: grpc.aio.Server, info: InfoHandler, session: SessionHandler
+) -> None:
     """Register the Verifier service: `info(context)` and `session(requests, context)`, where
     `requests` yields decoded EdgeRequests (None for an empty message) and the handler yields
     ServerReplys. Errors: `await context.abort(grpc.StatusCode.X, message)`."""

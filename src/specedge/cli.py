@@ -22,7 +22,6 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def root() -> None:
     """SpecEdge: edge-assisted speculative decoding."""
@@ -57,7 +56,9 @@ def generate(
     dtype: Annotated[
         str | None, typer.Option(help="float32|bfloat16|float16 (default: best for device).")
     ] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per prompt.")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="One JSON object per prompt.")
+    ] = False,
 ) -> None:
     """Generate text locally: autoregressive, or tree speculative decoding with a draft."""
     from specedge.draft import TreeShape
@@ -82,6 +83,36 @@ def generate(
     run_generate(request)
 
 
+@app.command()
+def demo(
+    prompt: Annotated[str | None, typer.Option(help="The chat prompt to send.")] = None,
+    rtt_ms: Annotated[
+        float, typer.Option(help="Emulated round-trip time between edge and server (ms).")
+    ] = 0.0,
+    max_tokens: Annotated[int, typer.Option(help="New tokens.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    target: Annotated[str, typer.Option(help=f"Target model: {MODEL_HELP}.")] = "smollm2-135m",
+    draft: Annotated[str, typer.Option(help="Draft model.")] = "smollm2-135m-draft",
+    proactive: Annotated[str, typer.Option(help="off | keep-depth | add-depth.")] = "keep-depth",
+) -> None:
+    """Run a server and an edge on loopback with the bundled pair and stream one answer."""
+    from specedge.demo import DEFAULT_PROMPT, DemoConfig, run_demo
+
+    if rtt_ms < 0:
+        raise InvalidRequestError(f"--rtt-ms must be >= 0, got {rtt_ms}")
+    run_demo(
+        DemoConfig(
+            target=target,
+            draft=draft,
+            prompt=prompt or DEFAULT_PROMPT,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            rtt_ms=rtt_ms,
+            proactive=proactive,
+        )
+    )
+
+
 def _read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
     if (prompt is None) == (prompt_file is None):
         raise InvalidRequestError("give exactly one of --prompt or --prompt-file")
@@ -91,7 +122,9 @@ def _read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
     try:
         lines = prompt_file.read_text().splitlines()
     except OSError as error:
-        raise InvalidRequestError(f"cannot read --prompt-file {prompt_file}: {error.strerror}") from None
+        raise InvalidRequestError(
+            f"cannot read --prompt-file {prompt_file}: {error.strerror}"
+        ) from None
     prompts = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

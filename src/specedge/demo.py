@@ -1,0 +1,161 @@
+"""`specedge demo`: a server and an edge on loopback, one streamed chat answer, round stats.
+
+The demo drives the system only through its public interfaces: it starts `specedge serve` and
+`specedge edge` as subprocesses (with the delaying proxy between them when `--rtt-ms` > 0),
+sends the prompt to the edge's OpenAI-compatible API and streams the answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from specedge.bench.wan import DelayProxy
+from specedge.errors import SpecEdgeError
+
+DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
+STARTUP_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    target: str = "smollm2-135m"
+    draft: str = "smollm2-135m-draft"
+    prompt: str = DEFAULT_PROMPT
+    max_tokens: int = 128
+    temperature: float = 0.0
+    rtt_ms: float = 0.0
+    proactive: str = "keep-depth"
+    dtype: str | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def specedge_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "specedge.cli", *args]
+
+
+@contextlib.contextmanager
+def running(command: list[str], name: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a subprocess (output to the terminal's stderr) and stop it on exit."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], name: str) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SpecEdgeError(f"the {name} exited with status {process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.25)
+    raise SpecEdgeError(f"the {name} did not become healthy within {STARTUP_TIMEOUT_S:.0f} s")
+
+
+def run_demo(config: DemoConfig, console: Console | None = None) -> dict[str, Any]:
+    """Run the demo; returns the final usage (with `usage.speculative`) for callers/tests."""
+    console = console or Console()
+    grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
+    dtype_args = ["--dtype", config.dtype] if config.dtype else []
+    serve = specedge_command(
+        "serve", "--model", config.target, "--port", str(grpc_port),
+        "--metrics-port", str(metrics_port), *dtype_args,
+    )  # fmt: skip
+    console.print(f"[bold]server[/] {config.target} on 127.0.0.1:{grpc_port}")
+    with running(serve, "server") as server:
+        wait_healthy(f"http://127.0.0.1:{metrics_port}/health", server, "server")
+        proxy = DelayProxy("127.0.0.1", grpc_port, rtt_ms=config.rtt_ms).start()
+        try:
+            edge = specedge_command(
+                "edge", "--model", config.draft, "--server", proxy.address,
+                "--port", str(http_port), "--proactive", config.proactive, *dtype_args,
+            )  # fmt: skip
+            console.print(
+                f"[bold]edge[/] {config.draft} on http://127.0.0.1:{http_port} "
+                f"(to the server through a {config.rtt_ms:g} ms RTT proxy)"
+            )
+            with running(edge, "edge") as edge_process:
+                wait_healthy(f"http://127.0.0.1:{http_port}/health", edge_process, "edge")
+                usage, elapsed, ttft = _stream_answer(config, http_port, console)
+        finally:
+            proxy.stop()
+    _print_table(console, usage, elapsed, ttft, proxy.counters.uplink_bytes)
+    return usage
+
+
+def _stream_answer(config: DemoConfig, port: int, console: Console) -> tuple[dict, float, float]:
+    body = {
+        "model": config.target,
+        "messages": [{"role": "user", "content": config.prompt}],
+        "max_tokens": config.max_tokens,
+        "temperature": config.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    console.print(f"\n[bold]user[/]: {config.prompt}\n[bold]assistant[/]: ", end="")
+    usage: dict[str, Any] = {}
+    start = time.perf_counter()
+    first: float | None = None
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, timeout=120.0) as response:
+        if response.status_code != 200:
+            raise SpecEdgeError(f"edge answered {response.status_code}: {response.read()!r}")
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            for choice in chunk.get("choices", []):
+                text = choice.get("delta", {}).get("content") or ""
+                if text:
+                    first = first or time.perf_counter()
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+    sys.stdout.write("\n\n")
+    elapsed = time.perf_counter() - start
+    return usage, elapsed, ((first or time.perf_counter()) - start)
+
+
+def _print_table(console: Console, usage: dict, elapsed: float, ttft: float, uplink: int) -> None:
+    spec = usage.get("speculative", {})
+    tokens = int(usage.get("completion_tokens", 0))
+    attempts = spec.get("proactive_attempts", 0)
+    hit_rate = spec.get("proactive_hits", 0) / attempts if attempts else 0.0
+    table = Table(title="SpecEdge demo", show_header=True)
+    for column in ("tokens", "tokens/s", "TTFT", "tokens / round", "proactive hits",
+                   "bytes sent / token"):  # fmt: skip
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(tokens),
+        f"{tokens / elapsed:.1f}" if elapsed > 0 else "-",
+        f"{1000 * ttft:.0f} ms",
+        f"{spec.get('tokens_per_round', 0.0):.2f}",
+        f"{hit_rate:.0%} of {attempts}",
+        f"{uplink / tokens:.0f} B" if tokens else "-",
+    )
+    console.print(table)

@@ -1,0 +1,314 @@
+"""report.md: the machine, the resource placement, the headline comparisons with the paper's
+claims, the plots, every run, and each run's ratios against `server-spec` and `server-ar`.
+
+The headline compares SpecEdge with the server-only baselines the way the paper does:
+server throughput at the same clients and ~15 ms RTT, server busy time per token, ITL against
+`server-spec` with no network delay on the baseline side, cost per 1M tokens, and the tokens per
+round that proactive drafting adds (against `specedge-no-proactive`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from specedge.bench.metrics import RunMetrics
+from specedge.bench.plots import COST_PLOT, ITL_PLOT, THROUGHPUT_PLOT, write_plots
+from specedge.bench.results import (
+    SERVER_AR,
+    SERVER_SPEC,
+    SPECEDGE,
+    SPECEDGE_NO_PROACTIVE,
+    BenchMeta,
+    RunResult,
+    find_run,
+    read_results,
+    reference_rtt,
+    systems_of,
+    write_results,
+)
+
+REPORT_FILE = "report.md"
+MISSING = "–"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One headline number: `value` compares `ours` with `theirs`; `paper` is the published
+    figure, `aim` the issue's target where it has one. Higher `value` is better."""
+
+    claim: str
+    setting: str
+    ours: str
+    theirs: str
+    value: float | None
+    unit: str  # "x" for a ratio, "%" for a fraction shown in percent
+    paper: float | None  # None: the paper has no such figure
+    aim: float | None = None
+
+    def shown(self, number: float | None) -> str:
+        if number is None:
+            return MISSING
+        return f"{number:.2f}x" if self.unit == "x" else f"{100 * number:.1f}%"
+
+    def verdict(self) -> str:
+        if self.value is None:
+            return "not measured"
+        verdicts = []
+        if self.aim is not None:
+            verdicts.append(self._against(self.aim, "the aim"))
+        if self.paper is not None:
+            verdicts.append(self._against(self.paper, "the paper"))
+        return "; ".join(verdicts) or "no published figure"
+
+    def _against(self, target: float, name: str) -> str:
+        assert self.value is not None
+        if self.value >= target:
+            return f"meets {name} ({self.shown(target)})"
+        gap = target - self.value
+        gap_text = f"{gap:.2f}x" if self.unit == "x" else f"{100 * gap:.1f} points"
+        return f"misses {name} ({self.shown(target)}) by {gap_text}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _reduction(ours: float | None, theirs: float | None) -> float | None:
+    """How much lower ours is, as a fraction of theirs (0.4 = 40% lower)."""
+    return 1.0 - ours / theirs if ours is not None and theirs else None
+
+
+def _num(value: float | None, digits: int = 1, scale: float = 1.0) -> str:
+    return MISSING if value is None else f"{value * scale:.{digits}f}"
+
+
+def headline(runs: Sequence[RunResult], temperature: float) -> list[Comparison]:
+    """The paper's comparisons at `temperature` (module docstring), at the largest client
+    count that SpecEdge and server-spec share, at the SpecEdge RTT nearest 15 ms."""
+    rtt = reference_rtt(runs)
+    shared = {r.spec.clients for r in runs if r.spec.system == SPECEDGE} & {
+        r.spec.clients for r in runs if r.spec.system == SERVER_SPEC
+    }
+    if not shared:
+        return []
+    clients = max(shared)
+    ours = find_run(runs, SPECEDGE, clients, temperature, rtt)
+    spec = find_run(runs, SERVER_SPEC, clients, temperature, rtt)
+    spec_local = find_run(runs, SERVER_SPEC, clients, temperature, 0.0)
+    ar = find_run(runs, SERVER_AR, clients, temperature, rtt)
+    no_proactive = find_run(runs, SPECEDGE_NO_PROACTIVE, clients, temperature, rtt)
+    if ours is None or spec is None or spec_local is None:
+        return []
+    where = f"{clients} clients, T={temperature:g}"
+    at = f"{where}, {ours.spec.rtt_ms:g} ms RTT (baseline {spec.spec.rtt_ms:g} ms)"
+    m, s = ours.metrics, spec.metrics
+    rows = [
+        Comparison(
+            "Server throughput, SpecEdge / server-spec",
+            at,
+            f"{m.server_throughput_tok_s:.2f} tok/s",
+            f"{s.server_throughput_tok_s:.2f} tok/s",
+            _ratio(m.server_throughput_tok_s, s.server_throughput_tok_s),
+            "x",
+            paper=2.22,
+            aim=1.8,
+        ),
+        Comparison(
+            "Server busy time per token, reduction vs server-spec",
+            at,
+            f"{_num(m.server_busy_ms_per_token)} ms",
+            f"{_num(s.server_busy_ms_per_token)} ms",
+            _reduction(m.server_busy_ms_per_token, s.server_busy_ms_per_token),
+            "%",
+            paper=0.40,
+        ),
+        Comparison(
+            "ITL, reduction vs server-spec at 0 ms RTT",
+            f"{where}, SpecEdge {ours.spec.rtt_ms:g} ms vs {spec_local.spec.rtt_ms:g} ms",
+            f"{_num(m.itl_ms_mean)} ms",
+            f"{_num(spec_local.metrics.itl_ms_mean)} ms",
+            _reduction(m.itl_ms_mean, spec_local.metrics.itl_ms_mean),
+            "%",
+            paper=0.1124,
+        ),
+        Comparison(
+            "Cost efficiency (server-spec $ / SpecEdge $ per 1M tokens)",
+            at,
+            f"${_num(m.cost_per_mtok_usd, 2)}",
+            f"${_num(s.cost_per_mtok_usd, 2)}",
+            _ratio(s.cost_per_mtok_usd, m.cost_per_mtok_usd),
+            "x",
+            paper=1.91,
+        ),
+    ]
+    if ar is not None:
+        rows.append(
+            Comparison(
+                "Server throughput, SpecEdge / server-ar",
+                f"{where}, {ours.spec.rtt_ms:g} ms RTT (baseline {ar.spec.rtt_ms:g} ms)",
+                f"{m.server_throughput_tok_s:.2f} tok/s",
+                f"{ar.metrics.server_throughput_tok_s:.2f} tok/s",
+                _ratio(m.server_throughput_tok_s, ar.metrics.server_throughput_tok_s),
+                "x",
+                paper=None,
+            )
+        )
+    if no_proactive is not None:
+        gain = _ratio(m.tokens_per_round, no_proactive.metrics.tokens_per_round)
+        rows.append(
+            Comparison(
+                "Proactive drafting: tokens per round gain vs --proactive off",
+                f"{where}, {ours.spec.rtt_ms:g} ms RTT",
+                _num(m.tokens_per_round, 2),
+                _num(no_proactive.metrics.tokens_per_round, 2),
+                None if gain is None else gain - 1.0,
+                "%",
+                paper=0.13,
+            )
+        )
+    return rows
+
+
+RUN_COLUMNS: list[tuple[str, Callable[[RunMetrics], str]]] = [
+    ("tokens", lambda m: str(m.tokens)),
+    ("server tok/s", lambda m: _num(m.server_throughput_tok_s, 2)),
+    ("TTFT ms mean / p99", lambda m: f"{_num(m.ttft_ms_mean, 0)} / {_num(m.ttft_ms_p99, 0)}"),
+    (
+        "ITL ms mean / p50 / p90 / p99",
+        lambda m: " / ".join(
+            _num(v, 0) for v in (m.itl_ms_mean, m.itl_ms_p50, m.itl_ms_p90, m.itl_ms_p99)
+        ),
+    ),
+    ("tok/round", lambda m: _num(m.tokens_per_round, 2)),
+    ("accept", lambda m: _num(m.acceptance_rate, 2)),
+    ("proactive hit", lambda m: _num(m.proactive_hit_rate, 2)),
+    ("server busy", lambda m: _num(m.server_busy_fraction, 2)),
+    ("busy ms/tok", lambda m: _num(m.server_busy_ms_per_token, 1)),
+    ("B/tok", lambda m: _num(m.bytes_per_token, 0)),
+    ("$/1M tok", lambda m: _num(m.cost_per_mtok_usd, 2)),
+    ("failed", lambda m: str(m.failed_requests)),
+]
+
+
+def _sorted_runs(runs: Sequence[RunResult], temperature: float) -> list[RunResult]:
+    order = {name: i for i, name in enumerate(systems_of(runs))}
+    mine = [r for r in runs if r.spec.temperature == temperature]
+    return sorted(mine, key=lambda r: (order[r.spec.system], r.spec.clients, r.spec.rtt_ms))
+
+
+def runs_table(runs: Sequence[RunResult], temperature: float) -> list[str]:
+    header = ["system", "clients", "RTT ms", *(name for name, _ in RUN_COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in _sorted_runs(runs, temperature):
+        cells = [run.spec.system, str(run.spec.clients), f"{run.spec.rtt_ms:g}"]
+        cells += [cell(run.metrics) for _, cell in RUN_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def ratios_table(runs: Sequence[RunResult], temperature: float) -> list[str]:
+    """Each non-baseline run against server-spec and server-ar (same clients and temperature,
+    nearest RTT): throughput x (higher is better), ITL x and $/1M tokens x (lower is better)."""
+    header = ["system", "clients", "RTT ms"]
+    for baseline in (SERVER_SPEC, SERVER_AR):
+        header += [f"tok/s vs {baseline}", f"ITL vs {baseline}", f"$/1M vs {baseline}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in _sorted_runs(runs, temperature):
+        if run.spec.system in (SERVER_SPEC, SERVER_AR):
+            continue
+        cells = [run.spec.system, str(run.spec.clients), f"{run.spec.rtt_ms:g}"]
+        for baseline in (SERVER_SPEC, SERVER_AR):
+            base = find_run(runs, baseline, run.spec.clients, temperature, run.spec.rtt_ms)
+            b = base.metrics if base else None
+            m = run.metrics
+            for ours, theirs in (
+                (m.server_throughput_tok_s, b.server_throughput_tok_s if b else None),
+                (m.itl_ms_mean, b.itl_ms_mean if b else None),
+                (m.cost_per_mtok_usd, b.cost_per_mtok_usd if b else None),
+            ):
+                ratio = _ratio(ours, theirs)
+                cells.append(MISSING if ratio is None else f"{ratio:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_report(runs: Sequence[RunResult], meta: BenchMeta, plots: Sequence[str]) -> str:
+    temperatures = sorted({r.spec.temperature for r in runs})
+    out = ["# SpecEdge benchmark report", ""]
+    if meta.started_at:
+        out += [f"Run started {meta.started_at}, took {meta.duration_s / 60:.1f} min.", ""]
+    out += ["## Machine", ""]
+    out += [f"- {key}: {value}" for key, value in meta.machine.items()] or ["- not recorded"]
+    out += ["", "## Resource placement", ""]
+    out += [f"- {line}" for line in meta.placement] or ["- not recorded"]
+    out += ["", "## Settings", ""]
+    out += [f"- {key}: {value}" for key, value in meta.config.items()]
+    out += ["", "## Headline: SpecEdge against server-only speculative decoding", ""]
+    for temperature in temperatures:
+        rows = headline(runs, temperature)
+        if not rows:
+            out += [f"Temperature {temperature:g}: no SpecEdge / server-spec pair measured.", ""]
+            continue
+        out += [
+            f"Temperature {temperature:g}:",
+            "",
+            "| claim | setting | SpecEdge | baseline | measured | paper | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            out.append(
+                f"| {row.claim} | {row.setting} | {row.ours} | {row.theirs} | "
+                f"{row.shown(row.value)} | {row.shown(row.paper)} | {row.verdict()} |"
+            )
+        out.append("")
+    titles = {
+        THROUGHPUT_PLOT: "Server throughput vs clients",
+        ITL_PLOT: "Inter-token latency vs RTT",
+        COST_PLOT: "Cost per 1M tokens",
+    }
+    if plots:
+        out += ["## Plots", ""]
+        out += [f"![{titles.get(name, name)}]({name})\n" for name in plots]
+    for temperature in temperatures:
+        out += ["", f"## All runs, temperature {temperature:g}", ""]
+        out += runs_table(runs, temperature)
+        out += ["", f"### Ratios against the baselines, temperature {temperature:g}", ""]
+        out += ratios_table(runs, temperature)
+    if meta.notes:
+        out += ["", "## Notes", ""]
+        out += [f"- {note}" for note in meta.notes]
+    out += ["", _DEFINITIONS]
+    return "\n".join(out) + "\n"
+
+
+_DEFINITIONS = """## Definitions
+
+TTFT: request start -> first token received by the client. ITL: per request, (last token -
+first token) / (tokens - 1), then mean and percentiles over requests. Server throughput:
+generated tokens / wall time of the run (first request sent -> last token received). Tokens per
+round: emitted tokens / verification rounds; acceptance: accepted draft tokens / emitted tokens.
+Server busy: the server's `specedge_server_busy_seconds_total` over the run / wall time. B/tok:
+bytes on the WAN link (edge <-> server gRPC for SpecEdge, client <-> server HTTP for the
+server-only systems), both directions, per generated token. Cost: (server $/h x wall time + sum
+over edges of edge $/h x the edge's engaged time) / tokens; server-only systems pay the server
+alone. Ratios compare runs at the same clients and temperature and the nearest RTT measured."""
+
+
+def write_report(out_dir: Path, runs: Sequence[RunResult], meta: BenchMeta) -> Path:
+    """results.json, requests.jsonl, meta.json, the plots and report.md into `out_dir`."""
+    write_results(out_dir, runs, meta)
+    plots = write_plots(runs, out_dir)
+    path = out_dir / REPORT_FILE
+    path.write_text(render_report(runs, meta, plots))
+    return path
+
+
+def rewrite_report(out_dir: Path) -> Path:
+    """Re-render plots and report.md from an existing results directory."""
+    runs, meta = read_results(out_dir)
+    plots = write_plots(runs, out_dir)
+    path = out_dir / REPORT_FILE
+    path.write_text(render_report(runs, meta, plots))
+    return path

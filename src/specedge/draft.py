@@ -8,8 +8,12 @@ draft's own KV and lets each propose its top-`width` children.
 Draft KV layout of a sequence's slot: committed tokens with KV at 0..kv_len-1, then the growing
 *block*: layout nodes already cached by an earlier builder (`cached_parents`), the *pending*
 chain (committed tokens without KV yet; the last is the root), then expanded nodes in the order
-they were forwarded. `DraftEngine.commit` keeps the pending chain and the accepted expanded
-nodes, compacting them after the committed prefix.
+they were forwarded. `DraftEngine.commit` keeps the root chain (the pending chain and any
+cached committed nodes it hangs from) and the accepted expanded nodes, compacting them after the
+committed prefix. A proactive subtree (DESIGN.md section 5) is a builder laid out after another
+tree's block (`cached_parents`), its pending chain the one bet token hanging from a leaf
+(`attach`); when the bet comes true, `DraftEngine.splice` commits through the bet and seeds the
+next tree with the subtree, its KV moved to where the next tree expects it.
 """
 
 from __future__ import annotations
@@ -119,6 +123,13 @@ class TreeBuilder:
         while self.step():
             pass
 
+    def expand(self, nodes: Sequence[int]) -> None:
+        """Forward `nodes` (whose parents are cached) in one draft step and add all their
+        top-`width` children as candidates, outside the best-first order: proactive drafting
+        uses it to score its bets on a tree that has already been sent."""
+        if nodes:
+            self._propose(nodes, self._forward_nodes(nodes))
+
     def _frontier(self) -> list[int]:
         alive = set(self._best(self.shape.budget))
         candidates = [
@@ -185,9 +196,11 @@ class TreeBuilder:
         return order[:count]
 
     # -- result --------------------------------------------------------------------------------
-    def tree(self) -> tuple[DraftTree, list[int]]:
-        """The best `budget` nodes in parents-first order, and each one's builder index."""
-        kept = sorted(self._best(self.shape.budget))  # creation order puts parents first
+    def tree(self, max_nodes: int | None = None) -> tuple[DraftTree, list[int]]:
+        """The best `budget` (or fewer, `max_nodes`) nodes in parents-first order, and each
+        one's builder index."""
+        count = self.shape.budget if max_nodes is None else min(self.shape.budget, max_nodes)
+        kept = sorted(self._best(count))  # creation order puts parents first
         new_index = {old: new for new, old in enumerate(kept)}
         tokens = tuple(self.nodes[i].token for i in kept)
         parents = tuple(
@@ -200,6 +213,17 @@ class TreeBuilder:
         """Slot position of a forwarded node's KV."""
         return self.seq.kv_len + self.nodes[node].block_index
 
+    def root_chain(self) -> list[int]:
+        """Block indices of the committed tokens laid out in the block: the root and its
+        block ancestors (an earlier tree's accepted path, the pending chain), in block order."""
+        assert self.root_expanded, "the pending chain is laid out by the first step"
+        chain = []
+        index = self.root_block_index
+        while index != ROOT_PARENT:
+            chain.append(index)
+            index = self.block_parents[index]
+        return chain[::-1]
+
 
 class DraftEngine:
     def __init__(self, runner: ModelRunner, shape: TreeShape) -> None:
@@ -210,12 +234,17 @@ class DraftEngine:
         slot = self.runner.kv.allocate()
         return DraftSequence(slot=slot, committed=list(prompt_tokens))
 
-    def prefill(self, seq: DraftSequence) -> None:
-        """KV for all committed tokens but the root."""
-        todo = seq.committed[seq.kv_len : -1]
+    def prefill(self, seq: DraftSequence, max_tokens: int | None = None) -> bool:
+        """KV for the committed tokens but the root, at most `max_tokens` of them per call (so
+        a long prompt can be interleaved with other work); True once all are in."""
+        end = len(seq.committed) - 1
+        if max_tokens is not None:
+            end = min(end, seq.kv_len + max_tokens)
+        todo = seq.committed[seq.kv_len : end]
         if todo:
             self.runner.prefill(seq.slot, todo, seq.kv_len)
-            seq.kv_len = len(seq.committed) - 1
+            seq.kv_len = end
+        return seq.kv_len >= len(seq.committed) - 1
 
     def builder(self, seq: DraftSequence) -> TreeBuilder:
         return TreeBuilder(self.runner, seq, self.shape, pending=seq.committed[seq.kv_len :])
@@ -227,10 +256,10 @@ class DraftEngine:
         accepted_nodes: Sequence[int],  # builder node indices along the accepted path
         emitted_tokens: Sequence[int],
     ) -> None:
-        """Keep the pending chain and the cached prefix of the accepted path; drop the rest."""
-        assert not builder.cached_parents, "only a builder laid out after the prefix commits"
+        """Keep the root chain (committed tokens in the block) and the cached prefix of the
+        accepted path, compacted after the committed prefix; drop the rest."""
         start = seq.kv_len
-        kept = list(range(start, start + len(builder.pending)))
+        kept = [start + index for index in builder.root_chain()]
         for node in accepted_nodes:
             if builder.nodes[node].block_index == NOT_CACHED:
                 break
@@ -238,6 +267,50 @@ class DraftEngine:
         self.runner.kv.compact(seq.slot, start, kept)
         seq.kv_len = start + len(kept)
         seq.committed.extend(emitted_tokens)
+
+    def splice(
+        self,
+        seq: DraftSequence,
+        builder: TreeBuilder,
+        emitted_tokens: Sequence[int],
+        shape: TreeShape,
+    ) -> TreeBuilder:
+        """Commit `emitted_tokens`, which end exactly at `builder`'s root (a proactive subtree
+        whose bet came true), and return a builder for the next tree seeded with that subtree.
+
+        The root chain (now all committed, the root included) becomes context; the subtree's
+        forwarded nodes move right after it, so every kept KV entry sits at the slot position
+        its own position id says. The seeded builder's root is the last context token."""
+        chain = builder.root_chain()
+        forwarded = sorted(
+            (i for i, node in enumerate(builder.nodes) if node.block_index != NOT_CACHED),
+            key=lambda i: builder.nodes[i].block_index,
+        )
+        start = seq.kv_len
+        kept = [start + index for index in chain]
+        kept += [builder.slot_position(i) for i in forwarded]
+        self.runner.kv.compact(seq.slot, start, kept)
+        seq.kv_len = start + len(chain)
+        seq.committed.extend(emitted_tokens)
+        assert seq.kv_len == len(seq.committed), "the emitted tokens must end at the root"
+        new_index = {old: new for new, old in enumerate(forwarded)}
+        nodes = [
+            DraftNode(node.token, node.parent, node.score, node.depth, new_index.get(i, NOT_CACHED))
+            for i, node in enumerate(builder.nodes)
+        ]
+        cached_parents = [
+            ROOT_PARENT if nodes[i].parent == ROOT_PARENT else nodes[nodes[i].parent].block_index
+            for i in forwarded
+        ]
+        return TreeBuilder(
+            self.runner,
+            seq,
+            shape,
+            cached_parents=cached_parents,
+            nodes=nodes,
+            steps=builder.steps,
+            root_expanded=True,
+        )
 
     def close(self, seq: DraftSequence) -> None:
         self.runner.kv.free(seq.slot)

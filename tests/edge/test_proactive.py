@@ -1,0 +1,234 @@
+"""Proactive drafting on a tiny random draft model: a hit splices the subtree into the next tree
+(fewer draft forwards for it), a miss discards it, and after any sequence of hits and misses the
+draft KV and every draft log-probability equal a fresh causal recompute of the committed tokens
+(the published prototype's bug was not moving the spliced KV)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from conftest import causal_logits, tiny_hf_config, tiny_loaded_model
+
+from specedge.draft import NOT_CACHED, DraftEngine, DraftSequence, TreeBuilder, TreeShape
+from specedge.edge.proactive import (
+    ProactiveDrafter,
+    ProactivePolicy,
+    accepted_nodes,
+    tree_leaves,
+)
+from specedge.model.loader import LoadedModel
+from specedge.runner import ModelRunner
+from specedge.tree import ROOT_PARENT, DraftTree
+
+SHAPE = TreeShape(budget=10, depth=4, width=3, beams=3)
+SUBTREE = TreeShape(budget=6, depth=3, width=3, beams=2)
+PROMPT = [11, 42, 7, 99, 3]
+
+
+@pytest.fixture(scope="module")
+def draft_model() -> LoadedModel:
+    return tiny_loaded_model(tiny_hf_config("llama"), seed=5)
+
+
+def make_engine(model: LoadedModel) -> DraftEngine:
+    runner = ModelRunner(model, num_slots=3, max_context=256, max_block=512)
+    return DraftEngine(runner, SHAPE)
+
+
+def path_to(builder: TreeBuilder, node: int) -> list[int]:
+    """Builder indices from the root's child down to `node`."""
+    path = []
+    while node != ROOT_PARENT:
+        path.append(node)
+        node = builder.nodes[node].parent
+    return path[::-1]
+
+
+def assert_kv_matches_recompute(engine: DraftEngine, seq: DraftSequence) -> None:
+    """The slot's committed KV equals a fresh chain prefill of the same tokens."""
+    kv = engine.runner.kv
+    reference = kv.allocate()
+    try:
+        engine.runner.prefill(reference, seq.committed[: seq.kv_len], 0)
+        for keys, values in zip(kv.keys, kv.values, strict=True):
+            torch.testing.assert_close(
+                keys[seq.slot, :, : seq.kv_len], keys[reference, :, : seq.kv_len], atol=1e-5, rtol=0
+            )
+            torch.testing.assert_close(
+                values[seq.slot, :, : seq.kv_len],
+                values[reference, :, : seq.kv_len],
+                atol=1e-5,
+                rtol=0,
+            )
+    finally:
+        kv.free(reference)
+
+
+def assert_scores_match_recompute(model: LoadedModel, builder: TreeBuilder) -> None:
+    """Every node's draft log q(token | prefix + path) equals a plain causal forward's."""
+    log_decay = math.log(builder.shape.decay)
+    reference: dict[int, torch.Tensor] = {}
+    for node in builder.nodes:
+        if node.parent not in reference:
+            path = [] if node.parent == ROOT_PARENT else path_to(builder, node.parent)
+            tokens = builder.seq.committed + [builder.nodes[i].token for i in path]
+            logits = causal_logits(model.model, torch.tensor([tokens]))[0, -1]
+            reference[node.parent] = logits.log_softmax(dim=-1)
+        parent_score = 0.0 if node.parent == ROOT_PARENT else builder.nodes[node.parent].score
+        logq = node.score - parent_score - log_decay
+        assert logq == pytest.approx(reference[node.parent][node.token].item(), abs=1e-4)
+
+
+def grown_round(engine: DraftEngine) -> tuple[DraftSequence, TreeBuilder, DraftTree, list[int]]:
+    seq = engine.open(PROMPT)
+    engine.prefill(seq)
+    builder = engine.builder(seq)
+    builder.grow()
+    tree, node_map = builder.tree()
+    return seq, builder, tree, node_map
+
+
+def test_bet_is_the_best_leaf_continuation(draft_model: LoadedModel) -> None:
+    engine = make_engine(draft_model)
+    seq, builder, tree, node_map = grown_round(engine)
+    drafter = ProactiveDrafter(engine, ProactivePolicy.KEEP_DEPTH, SUBTREE)
+    bet = drafter.choose_bet(builder, node_map, tree)
+    leaves = [node_map[i] for i in tree_leaves(tree)]
+    assert bet.leaf in leaves
+    assert all(builder.nodes[leaf].block_index != NOT_CACHED for leaf in leaves)
+    # Brute force: score(L) + log q(t | L) over every leaf and every token.
+    best = -math.inf
+    for leaf in leaves:
+        tokens = seq.committed + [builder.nodes[i].token for i in path_to(builder, leaf)]
+        logq = causal_logits(draft_model.model, torch.tensor([tokens]))[0, -1].log_softmax(-1)
+        value, token = logq.max(dim=-1)
+        if builder.nodes[leaf].score + value.item() > best:
+            best, expected = builder.nodes[leaf].score + value.item(), (leaf, int(token))
+    assert (bet.leaf, bet.token) == expected
+    assert bet.score == pytest.approx(best + math.log(0.9), abs=1e-4)
+
+
+@pytest.mark.parametrize("policy", [ProactivePolicy.KEEP_DEPTH, ProactivePolicy.ADD_DEPTH])
+def test_hit_reuses_the_subtree(draft_model: LoadedModel, policy: ProactivePolicy) -> None:
+    engine = make_engine(draft_model)
+    seq, builder, tree, node_map = grown_round(engine)
+    drafter = ProactiveDrafter(engine, policy, SUBTREE)
+    proactive = drafter.start(builder, drafter.choose_bet(builder, node_map, tree))
+    proactive.builder.grow()
+    subtree_tree, subtree_map = proactive.builder.tree()
+    accepted = path_to(builder, proactive.bet.leaf)
+    emitted = [builder.nodes[i].token for i in accepted] + [proactive.bet.token]
+
+    next_builder, hit = drafter.resolve(seq, builder, proactive, accepted, emitted)
+    assert hit and seq.kv_len == len(seq.committed)  # the bet token's KV is committed context
+    assert_kv_matches_recompute(engine, seq)
+    before = engine.runner.num_forwards
+    next_builder.grow()
+    spliced_forwards = engine.runner.num_forwards - before
+    assert_scores_match_recompute(draft_model, next_builder)
+
+    fresh = DraftEngine(engine.runner, next_builder.shape).builder(_reopen(engine, seq.committed))
+    fresh.grow()
+    assert next_builder.num_forwarded < fresh.num_forwarded
+    if policy == ProactivePolicy.KEEP_DEPTH:
+        assert spliced_forwards == SHAPE.depth - proactive.builder.steps
+        # The subtree's nodes start the next tree: no node of it was forwarded again.
+        reused = [n for n in next_builder.nodes[: len(proactive.builder.nodes)]]
+        assert [n.token for n in reused] == [n.token for n in proactive.builder.nodes]
+    else:
+        # Up to `depth` more steps on top of the subtree (growth stops once no new node can
+        # enter the budget).
+        assert next_builder.shape.depth == SHAPE.depth + proactive.builder.steps
+        assert 1 <= spliced_forwards <= SHAPE.depth
+    next_tree, _ = next_builder.tree()
+    assert max(next_tree.depths()) >= max(subtree_tree.depths())
+    assert subtree_map  # the subtree had nodes
+
+
+def _reopen(engine: DraftEngine, committed: list[int]) -> DraftSequence:
+    seq = engine.open(committed)
+    engine.prefill(seq)
+    return seq
+
+
+def test_miss_discards_the_subtree(draft_model: LoadedModel) -> None:
+    engine = make_engine(draft_model)
+    seq, builder, tree, node_map = grown_round(engine)
+    drafter = ProactiveDrafter(engine, ProactivePolicy.KEEP_DEPTH, SUBTREE)
+    proactive = drafter.start(builder, drafter.choose_bet(builder, node_map, tree))
+    proactive.builder.grow()
+    accepted = path_to(builder, proactive.bet.leaf)
+    wrong_bonus = (proactive.bet.token + 1) % draft_model.config.vocab_size
+    emitted = [builder.nodes[i].token for i in accepted] + [wrong_bonus]
+
+    next_builder, hit = drafter.resolve(seq, builder, proactive, accepted, emitted)
+    assert not hit
+    assert next_builder.pending == [wrong_bonus] and not next_builder.nodes
+    assert seq.kv_len == len(seq.committed) - 1  # prefix + accepted path, the bonus pending
+    assert_kv_matches_recompute(engine, seq)
+    next_builder.grow()
+    assert_scores_match_recompute(draft_model, next_builder)
+
+
+def test_accepted_nodes_walks_the_reply() -> None:
+    tree = DraftTree(tokens=(5, 6, 7, 8), parents=(-1, -1, 0, 2))
+    assert accepted_nodes(tree, [5, 7, 8, 1], 3) == [0, 2, 3]
+    assert accepted_nodes(tree, [9], 0) == []
+    with pytest.raises(ValueError):
+        accepted_nodes(tree, [6, 7, 1], 2)  # 7 is not a child of 6
+    assert tree_leaves(tree) == [1, 3]
+
+
+def random_reply(
+    rng: random.Random, builder: TreeBuilder, tree: DraftTree, node_map: list[int], vocab: int
+) -> tuple[list[int], list[int]]:
+    """A reply verification could give: a root-down path of the tree, then a bonus token that
+    is not a child of its end (builder indices, emitted tokens)."""
+    children: dict[int, list[int]] = {}
+    for node, parent in enumerate(tree.parents):
+        children.setdefault(parent, []).append(node)
+    path, current = [], ROOT_PARENT
+    while children.get(current) and rng.random() < 0.8:
+        current = rng.choice(children[current])
+        path.append(current)
+    taken = {tree.tokens[c] for c in children.get(current, [])}
+    bonus = rng.choice([t for t in range(vocab) if t not in taken])
+    return [node_map[i] for i in path], [tree.tokens[i] for i in path] + [bonus]
+
+
+@pytest.mark.parametrize("policy", [ProactivePolicy.KEEP_DEPTH, ProactivePolicy.ADD_DEPTH])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kv_equals_recompute_after_any_hits_and_misses(
+    draft_model: LoadedModel, policy: ProactivePolicy, seed: int
+) -> None:
+    rng = random.Random(seed)
+    engine = make_engine(draft_model)
+    drafter = ProactiveDrafter(engine, policy, SUBTREE)
+    seq = engine.open(PROMPT)
+    engine.prefill(seq)
+    builder = engine.builder(seq)
+    hits = misses = 0
+    for _ in range(10):
+        builder.grow()
+        assert_scores_match_recompute(draft_model, builder)
+        tree, node_map = builder.tree()
+        proactive = drafter.start(builder, drafter.choose_bet(builder, node_map, tree))
+        for _ in range(rng.randint(0, SUBTREE.depth)):  # the reply lands after 0..depth steps
+            proactive.builder.step()
+        outcome = rng.choice(["hit", "hit", "wrong bonus", "random"])
+        if outcome == "random":
+            accepted, emitted = random_reply(rng, builder, tree, node_map, 256)
+        else:
+            accepted = path_to(builder, proactive.bet.leaf)
+            bonus = proactive.bet.token if outcome == "hit" else (proactive.bet.token + 7) % 256
+            emitted = [builder.nodes[i].token for i in accepted] + [bonus]
+        expect_hit = drafter.is_hit(proactive, accepted, emitted)
+        assert expect_hit == (outcome == "hit" and proactive.started) or outcome == "random"
+        builder, hit = drafter.resolve(seq, builder, proactive, accepted, emitted)
+        assert hit == expect_hit
+        hits, misses = hits + hit, misses + (not hit)
+        assert_kv_matches_recompute(engine, seq)
+    assert hits and misses

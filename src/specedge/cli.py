@@ -113,6 +113,57 @@ def demo(
     )
 
 
+@app.command()
+def bench(
+    target: Annotated[str | None, typer.Option(help="Target model (smollm2-135m).")] = None,
+    draft: Annotated[str | None, typer.Option(help="Draft model (smollm2-135m-draft).")] = None,
+    systems: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated: specedge, specedge-no-proactive, specedge-no-pipelining, "
+            "server-spec, server-ar, hf-assisted (default: all)."
+        ),
+    ] = None,
+    clients: Annotated[str | None, typer.Option(help="Concurrent clients (1,2,4,8).")] = None,
+    rtt_ms: Annotated[str | None, typer.Option(help="Edge-server RTTs, ms (0,15,30,50).")] = None,
+    jitter_ms: Annotated[float | None, typer.Option(help="RTT jitter, ms (0).")] = None,
+    prompts: Annotated[str | None, typer.Option(help="Spec-Bench style JSON Lines.")] = None,
+    categories: Annotated[str | None, typer.Option(help="Comma-separated (all).")] = None,
+    num_prompts: Annotated[int | None, typer.Option(help="Requests per run (16).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Tokens per request (64).")] = None,
+    temperature: Annotated[str | None, typer.Option(help="One or a list (0,0.7).")] = None,
+    budget: Annotated[int | None, typer.Option(help="Draft tree nodes (32).")] = None,
+    depth: Annotated[str | None, typer.Option(help="Draft tree depth, or auto (6).")] = None,
+    prices: Annotated[str | None, typer.Option(help="$/h (server=4.05,edge=0.35).")] = None,
+    out: Annotated[str | None, typer.Option(help="Output directory (bench-results).")] = None,
+    config: Annotated[Path | None, typer.Option(help="bench.yaml (flags override it).")] = None,
+    quick: Annotated[bool, typer.Option(help="A small run of everything (minutes).")] = False,
+) -> None:
+    """Benchmark SpecEdge against server-only baselines: JSON results, report.md and plots."""
+    from specedge.bench.config import load_bench_config
+    from specedge.bench.runner import run_bench
+
+    flags = {
+        "target": target,
+        "draft": draft,
+        "systems": systems,
+        "clients": clients,
+        "rtt_ms": rtt_ms,
+        "jitter_ms": jitter_ms,
+        "prompts": prompts,
+        "categories": categories,
+        "num_prompts": num_prompts,
+        "max_tokens": max_tokens,
+        "temperatures": temperature,
+        "budget": budget,
+        "depth": depth,
+        "prices": prices,
+        "out": out,
+        "quick": quick or None,
+    }
+    typer.echo(f"wrote {run_bench(load_bench_config(config, flags))}")
+
+
 def _read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
     if (prompt is None) == (prompt_file is None):
         raise InvalidRequestError("give exactly one of --prompt or --prompt-file")

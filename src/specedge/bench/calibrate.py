@@ -21,9 +21,10 @@ import contextlib
 import os
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
+from specedge.bench.processes import Placement
 from specedge.draft import DraftEngine, TreeShape
 from specedge.engine import GenerationLimits, TargetEngine
 from specedge.model.loader import LoadedModel
@@ -64,7 +65,7 @@ def suggest_depth(
 
 
 @contextlib.contextmanager
-def pinned(cpus: set[int] | None) -> Iterator[None]:
+def pinned(cpus: Collection[int] | None) -> Iterator[None]:
     """Run the block on `cpus` (this thread only, as Linux affinity is per thread)."""
     if not cpus or not hasattr(os, "sched_setaffinity"):
         yield
@@ -85,8 +86,8 @@ def measure_timings(
     *,
     batch: int = 1,
     repeats: int = 3,
-    target_cpus: set[int] | None = None,
-    draft_cpus: set[int] | None = None,
+    target_cpus: Collection[int] | None = None,
+    draft_cpus: Collection[int] | None = None,
 ) -> Timings:
     """Median over `repeats` rounds of: growing one tree of `shape` (per draft step) and
     verifying `batch` copies of it (greedy, no stop tokens). The first round warms up and is
@@ -132,3 +133,36 @@ def measure_timings(
         batch=batch,
         budget=shape.budget,
     )
+
+
+def calibrate_depth(
+    target_name: str,
+    draft_name: str,
+    prompt: str,
+    budget: int,
+    rtt_ms: float,
+    batch: int,
+    placement: Placement,
+) -> tuple[int, Timings]:
+    """Load the pair, time them on their roles' cores (one torch thread) and suggest a depth.
+    Timed with a tree of `budget` nodes grown to the deepest useful depth."""
+    import torch
+
+    from specedge.model.loader import load_model
+    from specedge.text import encode_prompt
+
+    torch.set_num_threads(1)
+    target = load_model(target_name)
+    draft = load_model(draft_name, dtype=target.dtype)
+    shape = TreeShape(budget=budget, depth=min(budget, 8))
+    prompt_tokens = encode_prompt(target.tokenizer, prompt, chat=True)
+    timings = measure_timings(
+        target,
+        draft,
+        prompt_tokens,
+        shape,
+        batch=batch,
+        target_cpus=placement.server_cpus,
+        draft_cpus=placement.edge_cpus,
+    )
+    return suggest_depth(timings.verify_ms, timings.draft_step_ms, rtt_ms), timings

@@ -1,0 +1,185 @@
+"""Processes of a benchmark: `specedge` subprocesses pinned to CPU cores, their health checks,
+and the server's Prometheus counters.
+
+Placement is explicit: the server gets its own core(s) and the edges, the clients and the
+delaying proxies (this process) share the rest; every process runs torch with one thread, so
+a process never spreads over another role's core. A subprocess is pinned by a two-line Python
+launcher that sets its affinity and execs the command (no `taskset` needed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from specedge.errors import SpecEdgeError
+
+STOP_TIMEOUT_S = 10.0
+SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_PIN_AND_EXEC = (
+    "import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+)
+
+
+class BenchProcessError(SpecEdgeError):
+    """A benchmark subprocess failed to start or died (the message points at its log)."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which cores each role may use; None: no pinning (too few cores to separate roles)."""
+
+    server_cpus: frozenset[int] | None
+    edge_cpus: frozenset[int] | None  # edges, clients, proxies and this process
+
+    @classmethod
+    def plan(cls, server_cpus: Sequence[int] = (), edge_cpus: Sequence[int] = ()) -> Placement:
+        """The given cores, or by default: the first available core for the server and the
+        others for everything else. With one core nothing is pinned (and the report says so)."""
+        available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        if server_cpus or edge_cpus:
+            unknown = sorted((set(server_cpus) | set(edge_cpus)) - set(available))
+            if unknown:
+                raise SpecEdgeError(f"cores {unknown} are not available (have {available})")
+            return cls(frozenset(server_cpus) or None, frozenset(edge_cpus) or None)
+        if len(available) < 2:
+            return cls(None, None)
+        return cls(frozenset(available[:1]), frozenset(available[1:]))
+
+    def describe(self) -> list[str]:
+        if self.server_cpus is None and self.edge_cpus is None:
+            return [
+                "no pinning: fewer than two cores available, so the server, the edges and the "
+                "clients share the CPU (server throughput and latency are entangled)"
+            ]
+        return [
+            f"server (`specedge serve`, target model; server-side drafting for server-spec; "
+            f"hf-assisted): cores {_cores(self.server_cpus)}",
+            f"edges (`specedge edge`, draft model), benchmark clients and WAN proxies: cores "
+            f"{_cores(self.edge_cpus)}",
+            "every process runs torch with 1 thread (OMP_NUM_THREADS=1)",
+        ]
+
+    def pin_this_process(self) -> None:
+        """Move this process (its current thread, and threads started afterwards) to the
+        edge cores."""
+        if self.edge_cpus is not None:
+            os.sched_setaffinity(0, self.edge_cpus)
+
+
+def _cores(cpus: frozenset[int] | None) -> str:
+    return "any" if cpus is None else ",".join(map(str, sorted(cpus)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def specedge_args(*args: str) -> list[str]:
+    """Arguments of `python` that run the `specedge` command line."""
+    return ["-m", "specedge.cli", *args]
+
+
+class ManagedProcess:
+    """A subprocess with a log file, pinned to `cpus`, stopped by `stop()` (or the context)."""
+
+    def __init__(
+        self, name: str, python_args: list[str], log_path: Path, cpus: frozenset[int] | None
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        if cpus is None:
+            command = [sys.executable, *python_args]
+        else:
+            command = [sys.executable, "-c", _PIN_AND_EXEC, _cores(cpus), *python_args]
+        self.command = command
+        with log_path.open("w") as log:
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **SINGLE_THREAD_ENV},
+            )
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise BenchProcessError(
+                f"the {self.name} exited with status {self.process.returncode}; "
+                f"last lines of {self.log_path}:\n{self.log_tail()}"
+            )
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def wait_healthy(self, url: str, timeout_s: float) -> None:
+        """Poll `url` until it answers 200; fail early if the process dies."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url, timeout=2.0).status_code == 200:
+                    return
+            time.sleep(0.25)
+        raise BenchProcessError(
+            f"the {self.name} did not answer {url} within {timeout_s:.0f} s; "
+            f"last lines of {self.log_path}:\n{self.log_tail()}"
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextlib.contextmanager
+def managed(processes: list[ManagedProcess]) -> Iterator[list[ManagedProcess]]:
+    """Stop every process in the list on exit (the list may grow inside the block)."""
+    try:
+        yield processes
+    finally:
+        for process in reversed(processes):
+            process.stop()
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)")
+
+
+def scrape_counter(metrics_url: str, name: str) -> float | None:
+    """Sum of the samples of `name` (all label sets) on a Prometheus text endpoint; None when
+    the endpoint does not export it."""
+    try:
+        text = httpx.get(metrics_url, timeout=5.0).text
+    except httpx.HTTPError:
+        return None
+    return parse_counter(text, name)
+
+
+def parse_counter(text: str, name: str) -> float | None:
+    values = [
+        float(match.group(3))
+        for line in text.splitlines()
+        if (match := _SAMPLE.match(line)) and match.group(1) == name
+    ]
+    return sum(values) if values else None

@@ -1,0 +1,83 @@
+"""Benchmark prompts: the Spec-Bench question set (JSON Lines: `question_id`, `category`,
+`turns`), first turn only, sampled evenly across categories.
+
+Even sampling takes prompts from the categories in turn (in order of first appearance), and
+within a category spreads its picks over the whole list, so 16 prompts from 13 categories
+cover all 13 and never take only a category's first few.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from specedge.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    prompt_id: str
+    category: str
+    text: str
+
+
+def load_prompts(path: Path) -> list[BenchPrompt]:
+    """Every question's first turn. Lines may also be `{"prompt": ...}` (category "default")."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise InvalidRequestError(
+            f"cannot read the prompt file {path}: {error.strerror}; pass --prompts FILE"
+        ) from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            text = record["turns"][0] if "turns" in record else record["prompt"]
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+            raise InvalidRequestError(
+                f"{path}:{number}: expected a JSON object with `turns` (Spec-Bench) or `prompt`"
+            ) from None
+        prompt_id = str(record.get("question_id", number))
+        prompts.append(BenchPrompt(prompt_id, str(record.get("category", "default")), str(text)))
+    if not prompts:
+        raise InvalidRequestError(f"{path} holds no prompts")
+    return prompts
+
+
+def sample_prompts(
+    prompts: Sequence[BenchPrompt], num_prompts: int, categories: Sequence[str] = ()
+) -> list[BenchPrompt]:
+    """`num_prompts` prompts (fewer if the set is smaller) of the given categories (all when
+    empty), evenly across categories (module docstring). Deterministic."""
+    by_category: dict[str, list[BenchPrompt]] = {}
+    for prompt in prompts:
+        by_category.setdefault(prompt.category, []).append(prompt)
+    unknown = sorted(set(categories) - set(by_category))
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown categor{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
+            f"the prompt file has {', '.join(by_category)}"
+        )
+    chosen = [c for c in by_category if not categories or c in categories]
+    available = sum(len(by_category[c]) for c in chosen)
+    num_prompts = min(num_prompts, available)
+    # Picks per category: round-robin, skipping exhausted categories.
+    counts = dict.fromkeys(chosen, 0)
+    while sum(counts.values()) < num_prompts:
+        for category in chosen:
+            if sum(counts.values()) < num_prompts and counts[category] < len(by_category[category]):
+                counts[category] += 1
+    picked: dict[str, list[BenchPrompt]] = {}
+    for category, count in counts.items():
+        items = by_category[category]
+        picked[category] = [items[(i * len(items)) // count] for i in range(count)]
+    # Interleave so that any prefix of the list is balanced too.
+    result = []
+    for i in range(max(counts.values(), default=0)):
+        result += [picked[c][i] for c in chosen if i < len(picked[c])]
+    return result

@@ -1,0 +1,312 @@
+"""`specedge bench`: run every system over the grid (clients x RTT x temperature), measure each
+run the same way, write results, request records, report.md and plots.
+
+Plan: the runs are grouped by deployment (`systems.deployment_key`): one set of processes per
+system serves all its client counts, RTTs and temperatures, except the lockstep ablation, which
+needs a server per client count. Each run sets the proxies' RTT, scrapes the server's busy
+counter, drives `clients` concurrent streaming clients through the run's prompts, scrapes
+again, and computes `RunMetrics`. Files are rewritten after every run, so an interrupted
+benchmark still leaves a consistent results.json behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from specedge.bench.client import RequestSettings, run_clients
+from specedge.bench.config import REFERENCE_RTT_MS, BenchConfig
+from specedge.bench.hf_assisted import run_hf_assisted
+from specedge.bench.metrics import (
+    RequestRecord,
+    ServerUsage,
+    compute_run_metrics,
+    engaged_times,
+    run_window,
+)
+from specedge.bench.processes import Placement
+from specedge.bench.prompts import BenchPrompt, load_prompts, sample_prompts
+from specedge.bench.report import write_report
+from specedge.bench.results import HF_ASSISTED, BenchMeta, RunResult, RunSpec, write_results
+from specedge.bench.systems import Deployment, SystemSettings, deploy, deployment_key
+from specedge.errors import SpecEdgeError
+
+logger = logging.getLogger(__name__)
+
+WARMUP_TOKENS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class RunGroup:
+    """Runs that share one deployment."""
+
+    system: str
+    clients: int  # client slots the deployment provides
+    specs: tuple[RunSpec, ...]
+
+
+def plan_runs(config: BenchConfig, depth: int) -> list[RunGroup]:
+    """Every run of the benchmark, grouped by deployment, in the order they will run."""
+    groups: dict[tuple[str, int], list[RunSpec]] = {}
+    for system in config.systems:
+        clients = config.clients_for(system)
+        drafts = system != "server-ar"
+        for temperature in config.temperatures:
+            for count in clients:
+                for rtt in config.rtts_for(system):
+                    key = (system, deployment_key(system, count, max(clients)))
+                    groups.setdefault(key, []).append(
+                        RunSpec(
+                            system=system,
+                            clients=count,
+                            rtt_ms=rtt,
+                            temperature=temperature,
+                            jitter_ms=config.jitter_ms if rtt > 0 else 0.0,
+                            depth=depth if drafts else None,
+                            budget=config.budget if drafts else None,
+                        )
+                    )
+    return [RunGroup(system, slots, tuple(specs)) for (system, slots), specs in groups.items()]
+
+
+def run_bench(config: BenchConfig, console: Console | None = None) -> Path:
+    """Run the whole benchmark; returns the path of report.md."""
+    console = console or Console(stderr=True)
+    started = time.monotonic()
+    out_dir = Path(config.out)
+    placement = Placement.plan(config.server_cpus, config.edge_cpus)
+    placement.pin_this_process()
+    prompts = sample_prompts(
+        load_prompts(Path(config.prompts)), config.num_prompts, config.categories
+    )
+    meta = BenchMeta(
+        config=_config_summary(config, prompts),
+        machine=describe_machine(),
+        placement=placement.describe(),
+        started_at=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    )
+    depth = _resolve_depth(config, placement, prompts, meta)
+    plan = plan_runs(config, depth)
+    settings = SystemSettings(
+        target=config.target,
+        draft=config.draft,
+        budget=config.budget,
+        depth=depth,
+        proactive=config.proactive,
+        dtype=config.dtype,
+        startup_timeout_s=config.startup_timeout_s,
+    )
+    runs: list[RunResult] = []
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    with progress:
+        overall = progress.add_task("benchmark runs", total=sum(len(g.specs) for g in plan))
+        for group in plan:
+            try:
+                runs += _run_group(group, config, settings, placement, prompts, progress, out_dir)
+            except SpecEdgeError as error:
+                note = f"{group.system} ({group.clients} client slots) stopped: {error}"
+                logger.warning(note)
+                meta.notes.append(note)
+            progress.update(overall, completed=len(runs))
+            write_results(out_dir, runs, meta)
+    meta.duration_s = time.monotonic() - started
+    return write_report(out_dir, runs, meta)
+
+
+def _run_group(
+    group: RunGroup,
+    config: BenchConfig,
+    settings: SystemSettings,
+    placement: Placement,
+    prompts: Sequence[BenchPrompt],
+    progress: Progress,
+    out_dir: Path,
+) -> list[RunResult]:
+    if group.system == HF_ASSISTED:
+        task = progress.add_task(f"{HF_ASSISTED}: loading", total=None)
+        try:
+            return run_hf_assisted(
+                group.specs, config, prompts, placement, out_dir / "logs", config.price_table
+            )
+        finally:
+            progress.remove_task(task)
+    task = progress.add_task(f"{group.system}: starting {group.clients} client slots", total=None)
+    try:
+        with deploy(
+            group.system, group.clients, settings, placement, out_dir / "logs"
+        ) as deployment:
+            _warm_up(deployment, config)
+            results = []
+            for spec in group.specs:
+                results.append(_measure(deployment, spec, prompts, config, progress, task))
+            return results
+    finally:
+        progress.remove_task(task)
+
+
+def _warm_up(deployment: Deployment, config: BenchConfig) -> None:
+    """One short request per client slot, not measured (first-use costs, connections)."""
+    warm = [BenchPrompt("warmup", "warmup", "Say hello.")]
+    settings = RequestSettings(WARMUP_TOKENS, 0.0, timeout_s=config.request_timeout_s)
+    for url in deployment.client_urls:
+        records = asyncio.run(run_clients([url], warm, settings))
+        if records[0].error:
+            raise SpecEdgeError(f"{deployment.system}: warm-up request failed: {records[0].error}")
+
+
+def _measure(
+    deployment: Deployment,
+    spec: RunSpec,
+    prompts: Sequence[BenchPrompt],
+    config: BenchConfig,
+    progress: Progress,
+    task: Any,
+) -> RunResult:
+    deployment.check_alive()
+    deployment.set_network(spec.rtt_ms, spec.jitter_ms)
+    total = max(len(prompts), spec.clients)
+    progress.update(
+        task,
+        description=f"{spec.system}: {spec.clients} clients, {spec.rtt_ms:g} ms, "
+        f"T={spec.temperature:g}",
+        total=total,
+        completed=0,
+    )
+    busy_before, bytes_before = deployment.busy_seconds(), deployment.wire_bytes()
+    settings = RequestSettings(
+        config.max_tokens, spec.temperature, seed=config.seed, timeout_s=config.request_timeout_s
+    )
+    records = asyncio.run(
+        run_clients(
+            deployment.client_urls[: spec.clients],
+            prompts,
+            settings,
+            on_done=lambda _: progress.advance(task),
+        )
+    )
+    busy_after, bytes_after = deployment.busy_seconds(), deployment.wire_bytes()
+    busy = None if busy_before is None or busy_after is None else busy_after - busy_before
+    records = rebase(records)
+    usage = ServerUsage(
+        wall_s=run_window(records),
+        busy_s=busy,
+        edge_engaged_s=engaged_times(records) if deployment.has_edges else (),
+        wire_bytes=bytes_after - bytes_before,
+    )
+    metrics = compute_run_metrics(records, usage, config.price_table)
+    return RunResult(spec, metrics, tuple(records), _run_notes(records))
+
+
+def rebase(records: Sequence[RequestRecord]) -> list[RequestRecord]:
+    """The records with times counted from the run's first request start."""
+    if not records:
+        return []
+    origin = min(r.start_s for r in records)
+    return [
+        dataclasses.replace(
+            r,
+            start_s=r.start_s - origin,
+            first_token_s=None if r.first_token_s is None else r.first_token_s - origin,
+            end_s=r.end_s - origin,
+            chunk_times_s=tuple(t - origin for t in r.chunk_times_s),
+        )
+        for r in sorted(records, key=lambda r: (r.start_s, r.client))
+    ]
+
+
+def _run_notes(records: Sequence[RequestRecord]) -> str:
+    errors = sorted({r.error for r in records if r.error})
+    return "; ".join(f"failed: {e}" for e in errors[:3])
+
+
+def _resolve_depth(
+    config: BenchConfig, placement: Placement, prompts: Sequence[BenchPrompt], meta: BenchMeta
+) -> int:
+    if not config.auto_depth:
+        return int(config.depth)
+    from specedge.bench.calibrate import calibrate_depth
+
+    rtt = min(config.rtt_ms, key=lambda r: (abs(r - REFERENCE_RTT_MS), r))
+    batch = max(1, max(config.clients) // 2)  # one of the two pipelined groups
+    depth, timings = calibrate_depth(
+        config.target, config.draft, prompts[0].text, config.budget, rtt, batch, placement
+    )
+    meta.notes.append(
+        f"--depth auto: verify {timings.verify_ms:.1f} ms (batch {batch} x {config.budget} "
+        f"nodes, server core), draft step {timings.draft_step_ms:.1f} ms (edge core), RTT "
+        f"{rtt:g} ms -> depth {depth} (depth x draft step + RTT ~= verify)"
+    )
+    return depth
+
+
+def _config_summary(config: BenchConfig, prompts: Sequence[BenchPrompt]) -> dict[str, Any]:
+    categories = sorted({p.category for p in prompts})
+    return {
+        "target": config.target,
+        "draft": config.draft,
+        "systems": ", ".join(config.systems),
+        "clients": ", ".join(map(str, config.clients)),
+        "SpecEdge RTTs (ms)": ", ".join(f"{r:g}" for r in config.rtt_ms),
+        "baseline RTTs (ms)": ", ".join(f"{r:g}" for r in config.rtts_for("server-spec")),
+        "ablation RTTs (ms)": ", ".join(f"{r:g}" for r in config.rtts_for("specedge-no-proactive")),
+        "jitter (ms)": f"{config.jitter_ms:g}",
+        "temperatures": ", ".join(f"{t:g}" for t in config.temperatures),
+        "prompts": f"{len(prompts)} from {config.prompts} (first turn, chat template), "
+        f"categories: {', '.join(categories)}",
+        "max tokens per request": config.max_tokens,
+        "draft tree": f"budget {config.budget}, depth {config.depth}, proactive {config.proactive}",
+        "prices ($/h)": f"server {config.price_table.server_per_hour:g}, "
+        f"edge {config.price_table.edge_per_hour:g}",
+        "dtype": config.dtype or "default for the device",
+    }
+
+
+def describe_machine() -> dict[str, Any]:
+    """CPU, cores, memory, OS, Python, torch: the report's machine section."""
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = "unknown"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+                break
+    except OSError:
+        pass
+    from specedge.model.loader import cpu_has_native_bf16
+
+    return {
+        "CPU": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?",
+        "native bf16": "yes" if cpu_has_native_bf16() else "no (fp32 by default)",
+        "memory": memory,
+        "GPU": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)",
+        "OS": platform.platform(),
+        "Python": platform.python_version(),
+        "torch": torch.__version__,
+    }

@@ -84,6 +84,57 @@ def generate(
 
 
 @app.command()
+def serve(
+    model: Annotated[str | None, typer.Option(help=f"Target model: {MODEL_HELP}.")] = None,
+    host: Annotated[str | None, typer.Option(help="Listen address [127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="gRPC port, 0 = any free [50051].")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="HTTP /metrics and /health port, 0 = any free [9400].")
+    ] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Trees per batched forward [16].")] = None,
+    max_sessions: Annotated[int | None, typer.Option(help="Concurrent sessions [16].")] = None,
+    max_tree_nodes: Annotated[int | None, typer.Option(help="Nodes per tree [64].")] = None,
+    max_tree_depth: Annotated[int | None, typer.Option(help="Tree depth [16].")] = None,
+    max_context: Annotated[
+        int | None, typer.Option(help="Prompt + generated tokens per session [2048].")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default cpu).")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32|bfloat16|float16 (default: best for the device).")
+    ] = None,
+    auth_token: Annotated[
+        str | None, typer.Option(help="Require 'authorization: Bearer TOKEN' from edges.")
+    ] = None,
+    auth_token_file: Annotated[Path | None, typer.Option(help="File holding the token.")] = None,
+    session_timeout: Annotated[
+        float | None, typer.Option(help="Evict a session silent for this many seconds [60].")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="server.yaml (flags override it).")] = None,
+) -> None:
+    """Run the verification server: batched tree verification for many edges over gRPC."""
+    from specedge.server.app import run_server
+    from specedge.server.config import load_server_config
+
+    flags = {
+        "model": model,
+        "host": host,
+        "port": port,
+        "metrics_port": metrics_port,
+        "max_batch": max_batch,
+        "max_sessions": max_sessions,
+        "max_tree_nodes": max_tree_nodes,
+        "max_tree_depth": max_tree_depth,
+        "max_context": max_context,
+        "device": device,
+        "dtype": dtype,
+        "auth_token": auth_token,
+        "session_timeout": session_timeout,
+    }
+    logging.getLogger("specedge").setLevel(logging.INFO)
+    run_server(load_server_config(config, flags, auth_token_file))
+
+
+@app.command()
 def demo(
     prompt: Annotated[str | None, typer.Option(help="The chat prompt to send.")] = None,
     rtt_ms: Annotated[

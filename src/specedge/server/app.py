@@ -1,0 +1,253 @@
+"""`specedge serve`: wires the model, the executor, the gRPC service and the metrics endpoint.
+
+Start-up order: bind the gRPC and HTTP ports, load the target (`GET /health` answers 503
+"loading" meanwhile), allocate the KV slots, start the executor and the gRPC service, then log
+`serving MODEL on HOST:PORT`; from that line on, `/health` answers 200 and so does Info.
+SIGINT/SIGTERM drain: new sessions are refused, running ones get `shutdown_grace` seconds to
+finish, then everything stops (a second signal skips the grace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from typing import Any
+
+import grpc
+
+from specedge.engine import GenerationLimits, TargetEngine
+from specedge.errors import SpecEdgeError
+from specedge.model.loader import LoadedModel, load_model, parse_dtype, tokenizer_fingerprint
+from specedge.rpc.codec import PROTOCOL_VERSION, ServerInfo, add_verifier_service
+from specedge.runner import ModelRunner
+from specedge.server.config import ServerConfig
+from specedge.server.metrics import MetricsHttpServer, ServerMetrics
+from specedge.server.scheduler import SchedulerPolicy
+from specedge.server.service import VerifierService
+from specedge.server.verifier import VerificationExecutor
+
+logger = logging.getLogger(__name__)
+
+# Keepalive pings find dead edges (power loss, lost network) that never close their stream;
+# the silent-session timeout catches live ones that stop sending.
+GRPC_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class SpecEdgeServer:
+    """One verification server. `start` binds everything (ports 0 pick free ones; read
+    `port` / `metrics_port` afterwards); `stop` drains and releases."""
+
+    def __init__(self, config: ServerConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self._loaded = loaded
+        self.metrics = ServerMetrics()
+        self.port = 0
+        self.metrics_port = 0
+        self.executor: VerificationExecutor | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._http: MetricsHttpServer | None = None
+        self._status = "starting"
+        self._model_name = config.model
+
+    async def start(self) -> None:
+        """Bind both ports first (a taken port fails at once, not after loading the model),
+        answer /health with 503 "loading" while the model loads, then serve."""
+        config = self.config
+        self._grpc = grpc.aio.server(options=GRPC_OPTIONS)
+        address = f"{config.host}:{config.port}"
+        try:
+            self.port = self._grpc.add_insecure_port(address)
+        except RuntimeError as error:
+            raise SpecEdgeError(
+                f"cannot listen on {address} for gRPC ({error}); is another server running "
+                "there? pick another --port"
+            ) from None
+        try:
+            self._http = MetricsHttpServer(
+                config.host, config.metrics_port, self.metrics.registry, self._health
+            )
+        except OSError as error:
+            raise SpecEdgeError(
+                f"cannot listen on {config.host}:{config.metrics_port} for /metrics "
+                f"({error.strerror}); pick another --metrics-port"
+            ) from None
+        self.metrics_port = self._http.port
+        self._status = "loading"
+        self._http.start()
+        try:
+            await self._start_serving()
+        except BaseException:
+            await self.stop(grace=0.0)
+            raise
+        self._status = "ok"
+        logger.info("serving %s on %s:%d", self._model_name, config.host, self.port)
+        logger.info("metrics on http://%s:%d/metrics", config.host, self.metrics_port)
+
+    async def _start_serving(self) -> None:
+        config = self.config
+        loaded = self._loaded
+        if loaded is None:
+            loaded = await asyncio.to_thread(_load_target, config)
+        self._model_name = loaded.name
+        engine = _build_engine(loaded, config)
+        logger.info(
+            "KV cache: %d slots x %d positions (%s)",
+            engine.runner.kv.num_slots,
+            engine.runner.kv.max_len,
+            loaded.dtype,
+        )
+        policy = SchedulerPolicy(
+            max_batch=config.max_batch,
+            max_batch_tokens=config.max_batch_tokens,
+            prefill_chunk=config.prefill_chunk,
+            max_wait=config.batch_wait_ms / 1000.0,
+        )
+        self.executor = VerificationExecutor(engine, policy, self.metrics)
+        self.executor.start()
+        info = ServerInfo(
+            protocol_version=PROTOCOL_VERSION,
+            model_name=loaded.name,
+            tokenizer_fingerprint=tokenizer_fingerprint(loaded.tokenizer),
+            vocab_size=engine.vocab_size,
+            max_tree_nodes=config.max_tree_nodes,
+            max_tree_depth=config.max_tree_depth,
+            max_context=engine.runner.max_context,
+        )
+        service = VerifierService(
+            self.executor,
+            info,
+            session_timeout=config.session_timeout,
+            auth_token=config.auth_token,
+        )
+        assert self._grpc is not None
+        add_verifier_service(self._grpc, service.info, service.session)
+        await self._grpc.start()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new sessions, give running ones `grace` seconds, then release everything."""
+        grace = self.config.shutdown_grace if grace is None else grace
+        self._status = "draining"
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self.executor is not None:
+            await self.executor.stop()
+        if self._http is not None:
+            self._http.stop()
+        self._status = "stopped"
+
+    async def wait_for_signal(self) -> None:
+        """Serve until SIGINT/SIGTERM, then drain (a second signal drains with no grace)."""
+        loop = asyncio.get_running_loop()
+        signals = asyncio.Queue[int]()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, signals.put_nowait, sig)
+        received = await signals.get()
+        logger.info(
+            "%s: draining (up to %g s; signal again to stop now)",
+            signal.Signals(received).name,
+            self.config.shutdown_grace,
+        )
+        stopping = asyncio.create_task(self.stop())
+        second = asyncio.create_task(signals.get())
+        done, _ = await asyncio.wait({stopping, second}, return_when=asyncio.FIRST_COMPLETED)
+        if second in done:
+            logger.info("stopping now")
+            if self._grpc is not None:
+                await self._grpc.stop(0)
+            await stopping
+        second.cancel()
+        logger.info("stopped")
+
+    def _health(self) -> tuple[bool, dict[str, Any]]:
+        executor = self.executor
+        return self._status == "ok", {
+            "status": self._status,
+            "model": self._model_name,
+            "active_sessions": executor.num_sessions if executor is not None else 0,
+            "max_sessions": self.config.max_sessions,
+        }
+
+
+def run_server(config: ServerConfig) -> None:
+    """The body of `specedge serve`: start, serve until a signal, drain."""
+
+    async def main() -> None:
+        server = SpecEdgeServer(config)
+        await server.start()
+        await server.wait_for_signal()
+
+    asyncio.run(main())
+
+
+class BackgroundServer:
+    """A server on its own event loop in a daemon thread (tests, in-process demos).
+
+    `start()` returns once it serves; `stop()` drains and joins the thread."""
+
+    def __init__(self, config: ServerConfig, loaded: LoadedModel | None = None) -> None:
+        self.server = SpecEdgeServer(config, loaded)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def metrics_port(self) -> int:
+        return self.server.metrics_port
+
+    def start(self) -> BackgroundServer:
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result()
+        except BaseException:
+            self._close_loop()
+            raise
+        return self
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10.0)
+        self._loop.close()
+
+    def stop(self, grace: float = 0.0) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result()
+        self._close_loop()
+
+
+# ---- construction ------------------------------------------------------------------------------
+def _load_target(config: ServerConfig) -> LoadedModel:
+    dtype = parse_dtype(config.dtype) if config.dtype else None
+    logger.info("loading %s on %s", config.model, config.device)
+    return load_model(config.model, config.device, dtype)
+
+
+def _build_engine(loaded: LoadedModel, config: ServerConfig) -> TargetEngine:
+    max_context = min(config.max_context, loaded.config.max_context)
+    if max_context < config.max_context:
+        logger.info(
+            "--max-context %d exceeds the model's %d; using %d",
+            config.max_context,
+            loaded.config.max_context,
+            max_context,
+        )
+    runner = ModelRunner(
+        loaded,
+        num_slots=config.max_sessions,
+        max_context=max_context,
+        # Room past the context for a full tree, its root and batch padding.
+        max_block=config.max_tree_nodes + 8,
+    )
+    limits = GenerationLimits(
+        max_tree_nodes=config.max_tree_nodes, max_tree_depth=config.max_tree_depth
+    )
+    return TargetEngine(runner, limits)

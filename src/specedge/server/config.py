@@ -1,0 +1,186 @@
+"""`ServerConfig`: everything `specedge serve` needs, validated once at start-up.
+
+Sources, later ones winning: the defaults below, a YAML file (`--config server.yaml`, keys as
+the field names, dashes or underscores), then command-line flags. `load_server_config` merges
+them and validates the result; every message names the flag and the YAML key to fix. The
+config is frozen: nothing changes it after start-up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from specedge.errors import SpecEdgeError
+
+MAX_PORT = 65535
+
+
+class ConfigError(SpecEdgeError):
+    """The server configuration is invalid (the message says how to fix it)."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str = ""
+    host: str = "127.0.0.1"
+    port: int = 50051  # gRPC; 0 picks a free port
+    metrics_port: int = 9400  # HTTP /metrics and /health; 0 picks a free port
+    max_batch: int = 16  # trees per batched forward
+    max_batch_tokens: int = 4096  # verified tokens (roots + nodes) per batched forward
+    max_sessions: int = 16  # concurrent sessions = KV slots
+    max_tree_nodes: int = 64
+    max_tree_depth: int = 16
+    max_context: int = 2048  # prompt + generated tokens per session (capped by the model)
+    prefill_chunk: int = 256  # prompt tokens per prefill forward (bounds a prefill's stall)
+    batch_wait_ms: float = 2.0  # longest wait for a predicted arrival to fill a batch
+    session_timeout: float = 60.0  # seconds without a tree before a session is evicted
+    shutdown_grace: float = 5.0  # seconds running sessions get to finish on SIGTERM
+    device: str = "cpu"
+    dtype: str | None = None  # float32 | bfloat16 | float16; None: best for the device
+    auth_token: str | None = None  # bearer token required from clients; None: no auth
+
+    def validate(self) -> ServerConfig:
+        """Return self, or raise ConfigError naming the first invalid setting."""
+        if not self.model:
+            raise ConfigError("no target model: pass --model (or `model:` in the config file)")
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= MAX_PORT:
+                raise ConfigError(
+                    f"{_where(name)} must be a port in 0..{MAX_PORT} (0 = any free "
+                    f"port), got {value}"
+                )
+        if self.port == self.metrics_port != 0:
+            raise ConfigError(f"--port and --metrics-port are both {self.port}; pick two ports")
+        for name in (
+            "max_batch",
+            "max_batch_tokens",
+            "max_sessions",
+            "max_tree_nodes",
+            "max_tree_depth",
+            "prefill_chunk",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_where(name)} must be >= 1, got {getattr(self, name)}")
+        if self.max_context < 2:
+            raise ConfigError(f"{_where('max_context')} must be >= 2, got {self.max_context}")
+        if self.max_batch_tokens < self.max_tree_nodes + 1:
+            raise ConfigError(
+                f"{_where('max_batch_tokens')} ({self.max_batch_tokens}) must hold one full tree: "
+                f"at least --max-tree-nodes + 1 = {self.max_tree_nodes + 1}"
+            )
+        for name in ("batch_wait_ms", "shutdown_grace"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"{_where(name)} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.session_timeout) and self.session_timeout > 0):
+            raise ConfigError(
+                f"{_where('session_timeout')} must be > 0 seconds, got {self.session_timeout}"
+            )
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(
+                f"{_where('device')} must be cpu, cuda or cuda:N, got {self.device!r}"
+            )
+        if self.dtype is not None:
+            from specedge.model.loader import DTYPES
+
+            if self.dtype.lower() not in DTYPES:
+                raise ConfigError(
+                    f"{_where('dtype')} must be one of {', '.join(DTYPES)}, got {self.dtype!r}"
+                )
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise ConfigError("the auth token is empty: pass a non-empty --auth-token or file")
+        return self
+
+
+def load_server_config(
+    config_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    auth_token_file: Path | None = None,
+) -> ServerConfig:
+    """Defaults < YAML file < `overrides` (flags; None values are ignored), then validate.
+    `auth_token_file` (flag or the YAML key of that name) holds the token on its first line."""
+    settings: dict[str, Any] = {}
+    if config_file is not None:
+        settings.update(_read_yaml(config_file))
+    yaml_token_file = settings.pop("auth_token_file", None)
+    if yaml_token_file is not None:
+        if settings.get("auth_token") is not None:
+            raise ConfigError(f"{config_file}: set either auth_token or auth_token_file, not both")
+        assert config_file is not None
+        # A relative path is relative to the config file, wherever the server starts.
+        settings["auth_token"] = _read_token(config_file.parent / str(yaml_token_file))
+    flags = {key: value for key, value in (overrides or {}).items() if value is not None}
+    if auth_token_file is not None:
+        if "auth_token" in flags:
+            raise ConfigError("pass either --auth-token or --auth-token-file, not both")
+        flags["auth_token"] = _read_token(auth_token_file)
+    settings.update(flags)
+    config = replace(ServerConfig(), **_coerce(settings))
+    return config.validate()
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+_FIELD_TYPES = {f.name: f.type for f in fields(ServerConfig)}
+
+
+def _where(name: str) -> str:
+    return f"--{name.replace('_', '-')} (`{name}` in the config file)"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} must hold a mapping of settings (key: value), got {type(data).__name__}"
+        )
+    settings = {str(key).replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(set(settings) - set(_FIELD_TYPES) - {"auth_token_file"})
+    if unknown:
+        valid = ", ".join([*_FIELD_TYPES, "auth_token_file"])
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; valid: {valid}")
+    return settings
+
+
+def _coerce(settings: dict[str, Any]) -> dict[str, Any]:
+    """Check each value's type against the field (YAML gives ints for floats, etc.)."""
+    out: dict[str, Any] = {}
+    for name, value in settings.items():
+        kind = str(_FIELD_TYPES[name])
+        if value is None and "None" in kind:
+            out[name] = None
+        elif kind.startswith("int"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{_where(name)} must be an integer, got {value!r}")
+            out[name] = value
+        elif kind.startswith("float"):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{_where(name)} must be a number, got {value!r}")
+            out[name] = float(value)
+        else:
+            if not isinstance(value, str):
+                raise ConfigError(f"{_where(name)} must be a string, got {value!r}")
+            out[name] = value
+    return out
+
+
+def _read_token(path: Path) -> str:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise ConfigError(f"cannot read --auth-token-file {path}: {error.strerror}") from error
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise ConfigError(f"--auth-token-file {path} is empty; put the token on its first line")
+    return token

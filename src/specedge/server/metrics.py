@@ -1,0 +1,147 @@
+"""Server metrics (Prometheus) and the small HTTP endpoint that serves them with `/health`.
+
+Every metric lives in the server's own `CollectorRegistry`, so several servers in one process
+(tests, the demo) never share counters. Names follow DESIGN.md section 8:
+
+- `specedge_server_active_sessions`: open sessions (gauge);
+- `specedge_server_queued_requests`: trees waiting for the next batch (gauge);
+- `specedge_server_verify_batch_size`, `specedge_server_verify_seconds`: per batched forward;
+- `specedge_server_rounds_total`, `specedge_server_emitted_tokens_total`,
+  `specedge_server_accepted_tokens_total`, `specedge_server_draft_nodes_total`: per round;
+- `specedge_server_busy_seconds_total`: time the model was running (verify + prefill);
+- `specedge_server_prefill_tokens_total`;
+- `specedge_server_received_bytes_total`, `specedge_server_sent_bytes_total`: serialized
+  protobuf messages of the session streams (before gRPC framing);
+- `specedge_server_sessions_total{outcome}`: sessions by how they ended, and refused ones.
+
+The HTTP endpoint runs in its own thread (prometheus_client's threading WSGI server), so it
+answers even while the event loop is busy.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+VERIFY_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ServerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.active_sessions = Gauge(
+            "specedge_server_active_sessions", "Open generation sessions.", registry=r
+        )
+        self.queued_requests = Gauge(
+            "specedge_server_queued_requests", "Trees waiting for the next batch.", registry=r
+        )
+        self.verify_batch_size = Histogram(
+            "specedge_server_verify_batch_size",
+            "Trees verified per batched target forward.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.verify_seconds = Histogram(
+            "specedge_server_verify_seconds",
+            "Wall time of one batched verification (forward, sampling, acceptance, compaction).",
+            buckets=VERIFY_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.rounds = Counter(
+            "specedge_server_rounds", "Verification rounds (one tree each).", registry=r
+        )
+        self.emitted_tokens = Counter(
+            "specedge_server_emitted_tokens",
+            "Tokens emitted to sessions (accepted + bonus).",
+            registry=r,
+        )
+        self.accepted_tokens = Counter(
+            "specedge_server_accepted_tokens", "Emitted tokens that were draft nodes.", registry=r
+        )
+        self.draft_nodes = Counter(
+            "specedge_server_draft_nodes", "Draft tree nodes received for verification.", registry=r
+        )
+        self.busy_seconds = Counter(
+            "specedge_server_busy_seconds",
+            "Seconds the target model was running (verification and prefill).",
+            registry=r,
+        )
+        self.prefill_tokens = Counter(
+            "specedge_server_prefill_tokens", "Prompt tokens prefilled.", registry=r
+        )
+        self.received_bytes = Counter(
+            "specedge_server_received_bytes",
+            "Serialized bytes of edge messages received.",
+            registry=r,
+        )
+        self.sent_bytes = Counter(
+            "specedge_server_sent_bytes", "Serialized bytes of server replies sent.", registry=r
+        )
+        self.sessions = Counter(
+            "specedge_server_sessions",
+            "Sessions by outcome: finished, closed, cancelled, evicted, failed (bad input), "
+            "refused (bad handshake, full, shutting down), unauthenticated.",
+            ["outcome"],
+            registry=r,
+        )
+
+
+# ---- HTTP: /metrics and /health -------------------------------------------------------------
+HealthFunction = Callable[[], tuple[bool, dict[str, Any]]]  # -> (healthy, JSON body)
+StartResponse = Callable[..., Any]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        """Scrapes every few seconds would flood the server log."""
+
+
+class MetricsHttpServer:
+    """`GET /metrics` (Prometheus text format) and `GET /health` (JSON; 200 when healthy,
+    503 otherwise) on a background thread."""
+
+    def __init__(
+        self, host: str, port: int, registry: CollectorRegistry, health: HealthFunction
+    ) -> None:
+        metrics_app = make_wsgi_app(registry)
+
+        def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            if path == "/metrics":
+                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            if path == "/health":
+                healthy, body = health()
+                status = "200 OK" if healthy else "503 Service Unavailable"
+                return _json_response(start_response, status, body)
+            return _json_response(start_response, "404 Not Found", {"error": "not found"})
+
+        self._server = make_server(
+            host, port, app, server_class=ThreadingWSGIServer, handler_class=_QuietHandler
+        )
+        self.port: int = self._server.server_port
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="specedge-metrics-http", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5.0)
+
+
+def _json_response(start_response: StartResponse, status: str, body: dict[str, Any]) -> list[bytes]:
+    payload = json.dumps(body).encode()
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
+    start_response(status, headers)
+    return [payload]

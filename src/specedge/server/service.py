@@ -1,0 +1,276 @@
+"""The gRPC Verifier service: the handshake, per-session validation and the round loop.
+
+A session stream goes: Open -> Opened, then Tree -> Verified per round, until the edge sends
+Close or ends the stream (or a reply carries a finish reason and the edge leaves). Everything
+is checked before any model work: the bearer token (UNAUTHENTICATED), the protocol version and
+tokenizer fingerprint (FAILED_PRECONDITION), the prompt, sampling parameters and every tree
+(INVALID_ARGUMENT). A failure ends that session alone and frees its slot. A full server answers
+RESOURCE_EXHAUSTED; an edge silent for `session_timeout` seconds while the server waits for its
+tree is evicted with DEADLINE_EXCEEDED. The server, never the edge, names sessions and slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from specedge.errors import CapacityError, InvalidRequestError
+from specedge.rpc.codec import (
+    PROTOCOL_VERSION,
+    CloseSession,
+    EdgeRequest,
+    OpenSession,
+    ServerInfo,
+    ServerReply,
+    SessionOpened,
+    TreeVerified,
+    VerifyTree,
+    wire_size,
+)
+from specedge.sampling import SamplingParams
+from specedge.server.metrics import ServerMetrics
+from specedge.server.verifier import (
+    ServerClosingError,
+    ServerSession,
+    SessionStateError,
+    VerificationExecutor,
+)
+from specedge.tree import DraftTree
+
+logger = logging.getLogger(__name__)
+
+
+class _StreamEnded:
+    """Marker: the edge half-closed the stream."""
+
+
+STREAM_ENDED = _StreamEnded()
+AUTH_MESSAGE = (
+    "missing or wrong bearer token: send metadata 'authorization: Bearer <token>' with the "
+    "server's --auth-token"
+)
+
+
+@dataclass
+class SessionStats:
+    """Wire traffic of one session (rounds and tokens live in its TargetSequence)."""
+
+    bytes_received: int = 0
+    bytes_sent: int = 0
+
+
+class _SessionAborted(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str, outcome: str) -> None:
+        super().__init__(message)
+        self.code, self.message, self.outcome = code, message, outcome
+
+
+class VerifierService:
+    def __init__(
+        self,
+        executor: VerificationExecutor,
+        info: ServerInfo,
+        *,
+        session_timeout: float = 60.0,
+        auth_token: str | None = None,
+    ) -> None:
+        self.executor = executor
+        self.info_reply = info
+        self.session_timeout = session_timeout
+        self._auth_token = auth_token.encode() if auth_token is not None else None
+
+    @property
+    def metrics(self) -> ServerMetrics:
+        return self.executor.metrics
+
+    # ---- RPCs ----------------------------------------------------------------------------------
+    async def info(self, context: Any) -> ServerInfo:
+        if not self._authorized(context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, AUTH_MESSAGE)
+        return self.info_reply
+
+    async def session(
+        self, requests: AsyncIterator[EdgeRequest | None], context: Any
+    ) -> AsyncIterator[ServerReply]:
+        stats = SessionStats()
+        session: ServerSession | None = None
+        outcome = "cancelled"  # unless the session ends otherwise
+        started = time.monotonic()
+        try:
+            # Read the first message before any refusal, auth included: a status sent while
+            # the edge is still writing its Open reaches it as a failed write, not as the status.
+            first = await self._receive(requests, stats)
+            if not self._authorized(context):
+                outcome = "unauthenticated"
+                raise _SessionAborted(grpc.StatusCode.UNAUTHENTICATED, AUTH_MESSAGE, outcome)
+            if isinstance(first, _StreamEnded):
+                outcome = "closed"
+                return
+            session = self._open(first)
+            opened = SessionOpened(session.session_id, session.seq.max_new_tokens)
+            yield self._sent(opened, stats)
+            while True:
+                message = await self._receive(requests, stats)
+                if isinstance(message, _StreamEnded | CloseSession):
+                    outcome = "finished" if session.finished else "closed"
+                    return
+                reply = await self._round(session, message)
+                yield self._sent(reply, stats)
+        except _SessionAborted as aborted:
+            outcome = aborted.outcome
+            if session is not None:  # free the slot before the edge hears of the error
+                self.executor.close_session(session.session_id)
+            await context.abort(aborted.code, aborted.message)
+        finally:
+            self.metrics.sessions.labels(outcome).inc()
+            if session is not None:
+                self.executor.close_session(session.session_id)
+                self._log_end(session, stats, outcome, time.monotonic() - started)
+
+    # ---- steps ---------------------------------------------------------------------------------
+    async def _receive(
+        self, requests: AsyncIterator[EdgeRequest | None], stats: SessionStats
+    ) -> EdgeRequest | None | _StreamEnded:
+        """The next edge message; aborts the session when the edge stays silent too long."""
+        try:
+            message = await asyncio.wait_for(anext(requests), self.session_timeout)
+        except StopAsyncIteration:
+            return STREAM_ENDED
+        except TimeoutError:
+            raise _SessionAborted(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no message for {self.session_timeout:g} s; the session was evicted and its "
+                "KV cache freed (the server's --session-timeout)",
+                "evicted",
+            ) from None
+        if message is not None:
+            size = wire_size(message)
+            stats.bytes_received += size
+            self.metrics.received_bytes.inc(size)
+        return message
+
+    def _open(self, message: EdgeRequest | None) -> ServerSession:
+        if message is None:
+            raise _invalid("empty message: the first message of a session must be Open")
+        if not isinstance(message, OpenSession):
+            raise _SessionAborted(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the first message of a session must be Open, got {type(message).__name__}",
+                "refused",
+            )
+        if message.protocol_version != PROTOCOL_VERSION:
+            raise _SessionAborted(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version {message.protocol_version} is not supported: this server "
+                f"speaks version {PROTOCOL_VERSION}; upgrade the edge and server to matching "
+                "specedge releases",
+                "refused",
+            )
+        expected = self.info_reply.tokenizer_fingerprint
+        if message.tokenizer_fingerprint != expected:
+            raise _SessionAborted(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"tokenizer fingerprint {message.tokenizer_fingerprint or '(none)'!r} does not "
+                f"match the server's {expected!r} (model {self.info_reply.model_name!r}): the "
+                "draft model must share the target's tokenizer",
+                "refused",
+            )
+        try:
+            params = _sampling_params(message)
+            return self.executor.open_session(
+                message.prompt_token_ids, params, message.max_tokens, message.stop_token_ids
+            )
+        except InvalidRequestError as error:
+            raise _invalid(str(error)) from None
+        except CapacityError:
+            raise _SessionAborted(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server is full ({self.executor.engine.runner.kv.num_slots} sessions); "
+                "retry later or use another server",
+                "refused",
+            ) from None
+        except ServerClosingError as error:
+            raise _SessionAborted(grpc.StatusCode.UNAVAILABLE, str(error), "refused") from None
+
+    async def _round(self, session: ServerSession, message: EdgeRequest | None) -> TreeVerified:
+        if message is None:
+            raise _invalid("empty message: expected Tree or Close")
+        if isinstance(message, OpenSession):
+            raise _SessionAborted(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the session is already open; send Tree or Close",
+                "failed",
+            )
+        assert isinstance(message, VerifyTree)
+        tree = DraftTree(tuple(message.tokens), tuple(message.parents))
+        try:
+            result = await self.executor.verify(session.session_id, tree)
+        except InvalidRequestError as error:
+            raise _invalid(f"round {message.round}: {error}") from None
+        except SessionStateError as error:
+            raise _SessionAborted(
+                grpc.StatusCode.FAILED_PRECONDITION, f"round {message.round}: {error}", "failed"
+            ) from None
+        except ServerClosingError as error:
+            raise _SessionAborted(grpc.StatusCode.UNAVAILABLE, str(error), "failed") from None
+        return TreeVerified(
+            round=message.round,
+            emitted_token_ids=result.emitted_tokens,
+            num_accepted=result.num_accepted,
+            finish_reason=result.finish_reason,
+        )
+
+    def _sent(self, reply: ServerReply, stats: SessionStats) -> ServerReply:
+        size = wire_size(reply)
+        stats.bytes_sent += size
+        self.metrics.sent_bytes.inc(size)
+        return reply
+
+    def _authorized(self, context: Any) -> bool:
+        if self._auth_token is None:
+            return True
+        metadata = dict(context.invocation_metadata() or ())
+        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), self._auth_token
+        )
+
+    def _log_end(
+        self, session: ServerSession, stats: SessionStats, outcome: str, seconds: float
+    ) -> None:
+        seq = session.seq
+        logger.info(
+            "session %s %s after %.2f s: %d rounds, %d tokens (%.2f per round; %d of %d draft "
+            "nodes accepted), %d B in, %d B out",
+            session.session_id[:8],
+            outcome,
+            seconds,
+            seq.rounds,
+            seq.num_generated,
+            seq.num_generated / max(seq.rounds, 1),
+            seq.accepted,
+            seq.drafted,
+            stats.bytes_received,
+            stats.bytes_sent,
+        )
+
+
+def _sampling_params(message: OpenSession) -> SamplingParams:
+    sampling = message.sampling
+    if not math.isfinite(sampling.temperature) or not math.isfinite(sampling.top_p):
+        raise InvalidRequestError(
+            f"temperature and top_p must be finite, got {sampling.temperature}, {sampling.top_p}"
+        )
+    return SamplingParams(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed)
+
+
+def _invalid(message: str) -> _SessionAborted:
+    return _SessionAborted(grpc.StatusCode.INVALID_ARGUMENT, message, "failed")

@@ -1,0 +1,320 @@
+"""The verification executor: one loop that owns the target model and every session's KV slot.
+
+Producers (the gRPC service today; an in-process HTTP API with server-side drafting later) call
+`open_session`, `verify` and `close_session` on the event loop. `verify` queues the tree with the
+`Scheduler` and awaits its result. The executor loop takes every ready request (after a short
+bounded wait when the scheduler predicts more within a few ms), runs one batched
+`TargetEngine.verify` in its single worker thread, resolves each request's future at once, and
+only then does its bookkeeping (scheduler, metrics, freeing slots) and runs at most one prefill
+chunk of a new session. It sleeps on an `asyncio.Event` when there is nothing to do.
+
+Invariant: model work (forwards, compaction) runs only in the worker thread, and only on the
+sessions of the running batch. The event loop opens sessions (taking free slots) and closes
+them; a session closed while in flight keeps its slot until the batch is over, so a slot is
+never reused under a running forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from specedge.engine import TargetEngine, TargetSequence
+from specedge.errors import InvalidRequestError, SpecEdgeError
+from specedge.sampling import SamplingParams
+from specedge.server.metrics import ServerMetrics
+from specedge.server.scheduler import Batch, PrefillChunk, Scheduler, SchedulerPolicy
+from specedge.tree import DraftTree, validate_tree
+from specedge.verify import VerifyResult
+
+logger = logging.getLogger(__name__)
+
+
+class SessionStateError(SpecEdgeError):
+    """The request does not fit the session's state (finished, closed, one already queued)."""
+
+
+class ServerClosingError(SpecEdgeError):
+    """The server is shutting down and takes no more work."""
+
+
+@dataclass
+class ServerSession:
+    """A session's server-side state: its target sequence plus the round in progress."""
+
+    session_id: str
+    seq: TargetSequence
+    opened_at: float
+    tree: DraftTree | None = None  # the tree waiting for or in verification
+    future: asyncio.Future[VerifyResult] | None = None
+    slot_released: bool = False
+    closed: bool = False
+    verify_seconds: float = 0.0  # time this session's rounds spent in batched forwards
+    batch_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.seq.finish_reason is not None
+
+
+class VerificationExecutor:
+    def __init__(
+        self,
+        engine: TargetEngine,
+        policy: SchedulerPolicy | None = None,
+        metrics: ServerMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self.scheduler = Scheduler(policy)
+        self.metrics = metrics or ServerMetrics()
+        self._clock = clock
+        self._sessions: dict[str, ServerSession] = {}
+        self._in_flight: set[str] = set()
+        self._deferred_release: list[ServerSession] = []
+        self._wake = asyncio.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specedge-verify")
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        assert self._task is None
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="specedge-executor")
+
+    async def stop(self) -> None:
+        """Fail queued work, close every session, stop the loop and the worker thread."""
+        self._closing = True
+        for session_id in list(self._sessions):
+            self.close_session(session_id)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        # A forward still running in the worker finishes before the slots are released.
+        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
+        self._release_deferred()
+
+    @property
+    def num_sessions(self) -> int:
+        return len(self._sessions)
+
+    # ---- producer API (event loop) -------------------------------------------------------------
+    def open_session(
+        self,
+        prompt_tokens: Sequence[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        stop_token_ids: Sequence[int] = (),
+    ) -> ServerSession:
+        """Validate, take a KV slot and queue the prefill. Raises InvalidRequestError,
+        CapacityError (no free slot) or ServerClosingError. The session can take trees at once:
+        they wait until its prefill is done."""
+        if self._closing:
+            raise ServerClosingError("the server is shutting down")
+        bad = [t for t in stop_token_ids if not 0 <= t < self.engine.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"stop token id {bad[0]} outside vocab [0, {self.engine.vocab_size})"
+            )
+        seq = self.engine.open(prompt_tokens, params, max_new_tokens, stop_token_ids)
+        session = ServerSession(uuid.uuid4().hex, seq, self._clock())
+        self._sessions[session.session_id] = session
+        self.scheduler.add_session(session.session_id, prefill_tokens=len(seq.committed) - 1)
+        self.metrics.active_sessions.set(len(self._sessions))
+        self._wake.set()
+        return session
+
+    def session(self, session_id: str) -> ServerSession | None:
+        return self._sessions.get(session_id)
+
+    async def verify(self, session_id: str, tree: DraftTree) -> VerifyResult:
+        """Verify `tree` in the session's next round. Raises InvalidRequestError (bad tree),
+        SessionStateError (closed, finished, a tree already queued) or ServerClosingError.
+        Cancelling the call closes the session."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionStateError(f"session {session_id} is closed")
+        if session.finished:
+            raise SessionStateError("the session has finished; open a new one")
+        if session.future is not None:
+            raise SessionStateError("the session already has a tree in verification")
+        limits = self.engine.limits
+        validate_tree(
+            tree.tokens,
+            tree.parents,
+            vocab_size=self.engine.vocab_size,
+            max_nodes=limits.max_tree_nodes,
+            max_depth=limits.max_tree_depth,
+        )
+        tree = fit_to_context(tree, len(session.seq.committed), self.engine.runner.max_context)
+        self.engine.validate(session.seq, tree)
+        future: asyncio.Future[VerifyResult] = asyncio.get_running_loop().create_future()
+        session.tree, session.future = tree, future
+        self.scheduler.add_request(session_id, tree.num_nodes + 1, self._clock())
+        self.metrics.draft_nodes.inc(tree.num_nodes)
+        self.metrics.queued_requests.set(self.scheduler.num_queued)
+        self._wake.set()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The producer gave up on the round: its view of the session can no longer match
+            # the server's, so the session ends here.
+            self.close_session(session_id)
+            raise
+
+    def close_session(self, session_id: str) -> None:
+        """Forget the session and free its slot (after the running batch if it is in it).
+        Idempotent; a pending `verify` fails with SessionStateError."""
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return
+        session.closed = True
+        self.scheduler.remove_session(session_id)
+        if session.future is not None and not session.future.done():
+            error: SpecEdgeError = (
+                ServerClosingError("the server is shutting down")
+                if self._closing
+                else SessionStateError("the session was closed")
+            )
+            session.future.set_exception(error)
+            session.future.exception()  # retrieved: nobody may be awaiting it any more
+        if session_id in self._in_flight:
+            self._deferred_release.append(session)
+        else:
+            self._release(session)
+        self.metrics.active_sessions.set(len(self._sessions))
+        self.metrics.queued_requests.set(self.scheduler.num_queued)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            if not self.scheduler.has_work():
+                await self._wake.wait()
+                continue
+            await self._hold_for_arrivals()
+            batch = self.scheduler.next_batch(self._clock())
+            self.metrics.queued_requests.set(self.scheduler.num_queued)
+            if batch.session_ids:
+                await self._verify_batch(batch)
+            if batch.prefill is not None:
+                await self._prefill(batch.prefill)
+
+    async def _hold_for_arrivals(self) -> None:
+        """Wait (bounded) while the scheduler expects more trees within a few ms."""
+        delay = self.scheduler.batch_delay(self._clock())
+        if delay <= 0.0:
+            return
+        deadline = self._clock() + delay
+        while (remaining := deadline - self._clock()) > 0:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
+            if self.scheduler.batch_delay(self._clock()) <= 0.0:
+                return
+
+    async def _verify_batch(self, batch: Batch) -> None:
+        sessions = [self._sessions[session_id] for session_id in batch.session_ids]
+        work: list[tuple[TargetSequence, DraftTree]] = []
+        for session in sessions:
+            assert session.tree is not None
+            work.append((session.seq, session.tree))
+        self._in_flight = set(batch.session_ids)
+        start = time.perf_counter()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self.engine.verify, work
+            )
+        except Exception as error:  # a model failure fails this batch's sessions, not the server
+            logger.exception("verification of a batch of %d failed", len(sessions))
+            self._in_flight = set()
+            for session in sessions:
+                if session.future is not None and not session.future.done():
+                    session.future.set_exception(error)
+                self.close_session(session.session_id)
+            self._release_deferred()
+            return
+        elapsed = time.perf_counter() - start
+        # Replies first: each producer resumes as soon as the loop is free.
+        for session, result in zip(sessions, results, strict=True):
+            if session.future is not None and not session.future.done():
+                session.future.set_result(result)
+            session.tree, session.future = None, None
+        self.scheduler.complete(batch, self._clock())
+        self._in_flight = set()
+        self._record_batch(sessions, results, elapsed)
+        for session in sessions:
+            if session.finished and not session.closed:
+                # Nothing more can happen in this session: give its slot to the next one now.
+                self.scheduler.remove_session(session.session_id)
+                self._release(session)
+        self._release_deferred()
+
+    async def _prefill(self, chunk: PrefillChunk) -> None:
+        session = self._sessions.get(chunk.session_id)
+        if session is None:  # closed since the batch was formed
+            return
+        assert session.seq.prefilled == chunk.start
+        self._in_flight = {chunk.session_id}
+        start = time.perf_counter()
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._pool, self.engine.prefill_chunk, session.seq, chunk.num_tokens
+            )
+        except Exception:
+            logger.exception("prefill of session %s failed", chunk.session_id)
+            self._in_flight = set()
+            self.close_session(chunk.session_id)
+            self._release_deferred()
+            return
+        self._in_flight = set()
+        self.metrics.busy_seconds.inc(time.perf_counter() - start)
+        self.metrics.prefill_tokens.inc(chunk.num_tokens)
+        self.scheduler.complete_prefill(chunk)
+        self._release_deferred()
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    def _record_batch(
+        self, sessions: list[ServerSession], results: list[VerifyResult], elapsed: float
+    ) -> None:
+        metrics = self.metrics
+        metrics.verify_batch_size.observe(len(sessions))
+        metrics.verify_seconds.observe(elapsed)
+        metrics.busy_seconds.inc(elapsed)
+        metrics.rounds.inc(len(sessions))
+        metrics.emitted_tokens.inc(sum(len(r.emitted_tokens) for r in results))
+        metrics.accepted_tokens.inc(sum(r.num_accepted for r in results))
+        for session in sessions:
+            session.verify_seconds += elapsed
+            session.batch_sizes.append(len(sessions))
+
+    def _release(self, session: ServerSession) -> None:
+        if not session.slot_released:
+            session.slot_released = True
+            self.engine.close(session.seq)
+
+    def _release_deferred(self) -> None:
+        deferred, self._deferred_release = self._deferred_release, []
+        for session in deferred:
+            self._release(session)
+
+
+def fit_to_context(tree: DraftTree, context_len: int, max_context: int) -> DraftTree:
+    """Keep the first nodes that fit in the context (a prefix of a well-formed tree is a tree).
+
+    Near the end of the context an edge's usual tree may not fit; dropping nodes only lowers
+    the acceptance, never changes the output, so the session goes on instead of failing.
+    """
+    room = max_context - context_len
+    if tree.num_nodes <= room or room < 0:
+        return tree  # room < 0 cannot happen for an open session; validation reports it
+    return DraftTree(tree.tokens[:room], tree.parents[:room])

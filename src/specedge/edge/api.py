@@ -1,0 +1,525 @@
+"""The edge's OpenAI-compatible HTTP API (FastAPI).
+
+`POST /v1/chat/completions` and `POST /v1/completions` (`stream: true` for server-sent events,
+`stream_options.include_usage`, `data: [DONE]`), `GET /v1/models`, `GET /health`, `/metrics`.
+Supported parameters: temperature, top_p, top_k (extension), seed, max_tokens (and
+max_completion_tokens), stop, n=1. Anything else, or an invalid value, gets OpenAI's error JSON
+with status 400; a server that cannot be reached or drops the session gets 503. Every response
+carries `usage.speculative` (rounds, tokens_per_round, acceptance_rate, proactive_hits,
+proactive_attempts, bytes_sent, bytes_received, ttft_ms). Streaming and non-streaming answers
+come from the same delta stream, so they agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from specedge.edge.client import ServerUnavailableError
+from specedge.edge.metrics import EdgeMetrics
+from specedge.edge.session import EdgeRuntime, GenerationRequest, SessionStats
+from specedge.errors import InvalidRequestError
+from specedge.sampling import SamplingParams
+from specedge.text import IncrementalDecoder, encode_chat, encode_prompt
+
+logger = logging.getLogger(__name__)
+
+MAX_STOP_STRINGS = 4
+MAX_SEED = 2**64 - 1
+
+
+# ---- request bodies ---------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _GenerationBody(BaseModel):
+    """Fields both endpoints share; unknown fields are rejected (400)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)  # extension; 0 or -1 disables it
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        """(param, message) for each accepted-but-unsupported setting."""
+        problems = []
+        if self.n != 1:
+            problems.append(("n", f"only n=1 is supported, got n={self.n}"))
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                problems.append((name, f"{name} is not supported (only 0)"))
+        if self.logit_bias:
+            problems.append(("logit_bias", "logit_bias is not supported"))
+        return problems
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise OpenAIError(400, f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
+        return [stop for stop in stops if stop]
+
+    def sampling(self) -> SamplingParams:
+        temperature = 1.0 if self.temperature is None else self.temperature
+        top_k = 0 if self.top_k is None or self.top_k < 0 else self.top_k
+        top_p = 1.0 if self.top_p is None else self.top_p
+        return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=self.seed)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_message(self) -> dict[str, str]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content or ""}
+
+
+class ChatCompletionBody(_GenerationBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        problems = super().unsupported()
+        if self.logprobs:
+            problems.append(("logprobs", "logprobs are not supported"))
+        if self.top_logprobs:
+            problems.append(("top_logprobs", "top_logprobs are not supported"))
+        return problems
+
+
+class CompletionBody(_GenerationBody):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        problems = super().unsupported()
+        if self.echo:
+            problems.append(("echo", "echo is not supported"))
+        if self.suffix:
+            problems.append(("suffix", "suffix is not supported"))
+        if self.best_of not in (None, 1):
+            problems.append(("best_of", "only best_of=1 is supported"))
+        if self.logprobs:
+            problems.append(("logprobs", "logprobs are not supported"))
+        return problems
+
+
+# ---- errors -----------------------------------------------------------------------------------
+class OpenAIError(Exception):
+    """An error answered as OpenAI's JSON: {"error": {message, type, param, code}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+    @classmethod
+    def from_exception(cls, error: Exception) -> OpenAIError:
+        if isinstance(error, OpenAIError):
+            return error
+        if isinstance(error, InvalidRequestError):
+            return cls(400, str(error))
+        if isinstance(error, ServerUnavailableError):
+            return cls(503, str(error), type="server_error", code="server_unavailable")
+        logger.exception("request failed", exc_info=error)
+        return cls(500, f"internal error: {type(error).__name__}: {error}", type="server_error")
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status)
+
+
+def _validation_error(error: RequestValidationError) -> OpenAIError:
+    first = error.errors()[0] if error.errors() else {}
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    if first.get("type") == "extra_forbidden":
+        return OpenAIError(400, f"Unrecognized request argument supplied: {param}", param=param)
+    if first.get("type") == "json_invalid":
+        return OpenAIError(400, "the request body is not valid JSON")
+    message = str(first.get("msg", "invalid request"))
+    return OpenAIError(400, f"{param}: {message}" if param else message, param=param)
+
+
+# ---- generation -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServedModel:
+    name: str  # what /v1/models lists
+    tokenizer: Any
+    stop_token_ids: tuple[int, ...]
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    finish_reason: str | None = None  # set on the last delta only
+
+
+class StopMatcher:
+    """Cuts streamed text at the first stop string, holding back a tail that could still
+    become one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string matched (nothing follows it)."""
+        buffer = self.held + text
+        matches = [index for stop in self.stops if (index := buffer.find(stop)) >= 0]
+        if matches:
+            self.held = ""
+            return buffer[: min(matches)], True
+        keep = max((self._partial(buffer, stop) for stop in self.stops), default=0)
+        self.held = buffer[len(buffer) - keep :] if keep else ""
+        return buffer[: len(buffer) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+    @staticmethod
+    def _partial(buffer: str, stop: str) -> int:
+        """Length of the longest suffix of `buffer` that is a proper prefix of `stop`."""
+        for length in range(min(len(stop) - 1, len(buffer)), 0, -1):
+            if buffer.endswith(stop[:length]):
+                return length
+        return 0
+
+
+class Generation:
+    """One request's text: `deltas()` yields text pieces, the last with the finish reason."""
+
+    def __init__(
+        self,
+        runtime: EdgeRuntime,
+        served: ServedModel,
+        prompt_token_ids: list[int],
+        body: _GenerationBody,
+        max_tokens: int | None,
+    ) -> None:
+        self.runtime = runtime
+        self.served = served
+        self.stops = StopMatcher(body.stop_strings())
+        limit = runtime.max_context - len(prompt_token_ids)
+        self.request = GenerationRequest(
+            prompt_token_ids=prompt_token_ids,
+            params=body.sampling(),
+            max_tokens=max_tokens if max_tokens is not None else max(limit, 1),
+            stop_token_ids=served.stop_token_ids,
+        )
+        runtime.check(self.request)
+        self.stats = SessionStats()
+        self.completion_tokens = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "speculative": self.stats.as_dict(),
+        }
+
+    async def deltas(self) -> AsyncGenerator[Delta, None]:
+        decoder = IncrementalDecoder(self.served.tokenizer)
+        async with aclosing(self.runtime.generate(self.request, self.stats)) as rounds:
+            async for tokens in rounds:
+                self.completion_tokens += len(tokens)
+                text, matched = self.stops.feed(decoder.add(tokens))
+                if matched:
+                    yield Delta(text, "stop")
+                    return
+                if text:
+                    yield Delta(text)
+        text, matched = self.stops.feed(decoder.text()[decoder.emitted :])
+        tail = text if matched else text + self.stops.flush()
+        yield Delta(tail, "stop" if matched or self.stats.finish_reason == "stop" else "length")
+
+
+# ---- the app ----------------------------------------------------------------------------------
+def create_app(
+    runtime: EdgeRuntime,
+    served: ServedModel,
+    metrics: EdgeMetrics | None = None,
+    lifespan: Any = None,
+) -> FastAPI:
+    """The edge's HTTP app over a running `EdgeRuntime`."""
+    metrics = metrics or EdgeMetrics()
+    app = FastAPI(title="SpecEdge edge", lifespan=lifespan)
+    started = int(time.time())
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        return _validation_error(error).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+        return OpenAIError(error.status_code, str(error.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def _any(request: Request, error: Exception) -> JSONResponse:
+        return OpenAIError.from_exception(error).response()
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        connection = runtime.connection
+        return {
+            "status": "ok",
+            "model": served.name,
+            "server": connection.address,
+            "server_connected": connection.connected,
+            "active_sessions": runtime.active_sessions,
+        }
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.active_sessions.set(runtime.active_sessions)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {"id": served.name, "object": "model", "created": started, "owned_by": "specedge"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(body: ChatCompletionBody) -> Response:
+        def start() -> Generation:
+            messages = [message.as_template_message() for message in body.messages]
+            prompt = encode_chat(served.tokenizer, messages)
+            max_tokens = body.max_completion_tokens or body.max_tokens
+            return Generation(runtime, served, prompt, body, max_tokens)
+
+        return await _respond("chat", body, start, _ChatFormat(body.model or served.name))
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionBody) -> Response:
+        def start() -> Generation:
+            prompt = _completion_prompt(body.prompt, served)
+            return Generation(runtime, served, prompt, body, body.max_tokens)
+
+        return await _respond(
+            "completions", body, start, _CompletionFormat(body.model or served.name)
+        )
+
+    async def _respond(
+        endpoint: str, body: _GenerationBody, start: Callable[[], Generation], form: _Format
+    ) -> Response:
+        try:
+            for param, message in body.unsupported():
+                raise OpenAIError(400, message, param=param)
+            generation = start()
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                stream = await _sse(generation, form, include_usage, metrics, endpoint)
+                return StreamingResponse(stream, media_type="text/event-stream")
+            pieces = []
+            try:
+                async with aclosing(generation.deltas()) as deltas:
+                    async for delta in deltas:
+                        pieces.append(delta)
+            finally:
+                metrics.observe(generation.stats)
+            text = "".join(delta.text for delta in pieces)
+            answer = form.complete(text, pieces[-1].finish_reason, generation.usage())
+        except Exception as error:  # every failure leaves as OpenAI's error JSON
+            failure = OpenAIError.from_exception(error)
+            metrics.requests.labels(endpoint, str(failure.status)).inc()
+            return failure.response()
+        metrics.requests.labels(endpoint, "200").inc()
+        return JSONResponse(answer)
+
+    return app
+
+
+async def _sse(
+    generation: Generation, form: _Format, include_usage: bool, metrics: EdgeMetrics, endpoint: str
+) -> AsyncGenerator[str, None]:
+    """Server-sent events of a generation. The first delta is awaited before the response
+    starts, so that a failure to reach the server is still an HTTP error status."""
+    deltas = generation.deltas()
+    try:
+        first = await anext(deltas)
+    except BaseException:
+        await deltas.aclose()
+        metrics.observe(generation.stats)
+        raise
+
+    async def events() -> AsyncGenerator[str, None]:
+        usage_field = {"usage": None} if include_usage else {}
+        outcome = "200"
+        try:
+            opening = form.opening_chunk()
+            if opening is not None:
+                yield _event(opening | usage_field)
+            delta: Delta | None = first
+            while delta is not None:
+                if delta.text:
+                    yield _event(form.chunk(delta.text, None) | usage_field)
+                if delta.finish_reason is not None:
+                    yield _event(form.chunk(None, delta.finish_reason) | usage_field)
+                    break
+                delta = await anext(deltas, None)
+            if include_usage:
+                yield _event(form.usage_chunk(generation.usage()))
+            yield "data: [DONE]\n\n"
+        except Exception as error:  # headers are out: report in-band, as OpenAI does
+            failure = OpenAIError.from_exception(error)
+            outcome = str(failure.status)
+            yield _event(failure.body)
+        except BaseException:  # the client went away: closing `deltas` cancels the session
+            outcome = "disconnected"
+            raise
+        finally:
+            await deltas.aclose()
+            metrics.observe(generation.stats)
+            metrics.requests.labels(endpoint, outcome).inc()
+
+    return events()
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _completion_prompt(
+    prompt: str | list[int] | list[str] | list[list[int]], served: ServedModel
+) -> list[int]:
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) != 1:
+            raise OpenAIError(400, "only one prompt per request is supported", param="prompt")
+        prompt = prompt[0]  # type: ignore[assignment]
+    if isinstance(prompt, str):
+        return encode_prompt(served.tokenizer, prompt, chat=False)
+    token_ids = [int(token) for token in prompt]  # type: ignore[union-attr, arg-type]
+    bad = [token for token in token_ids if not 0 <= token < served.vocab_size]
+    if bad:
+        raise OpenAIError(
+            400, f"prompt token id {bad[0]} outside vocab [0, {served.vocab_size})", param="prompt"
+        )
+    return token_ids
+
+
+# ---- response shapes --------------------------------------------------------------------------
+class _Format:
+    """Builds one endpoint's response objects (ids, object names, choice shapes)."""
+
+    object_name = ""
+    chunk_name = ""
+    id_prefix = ""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.id = f"{self.id_prefix}{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def _envelope(self, name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": name,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
+        return self._envelope(self.chunk_name, []) | {"usage": usage}
+
+    def complete(self, text: str, finish: str | None, usage: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def chunk(self, text: str | None, finish: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def opening_chunk(self) -> dict[str, Any] | None:
+        return None
+
+
+class _ChatFormat(_Format):
+    object_name = "chat.completion"
+    chunk_name = "chat.completion.chunk"
+    id_prefix = "chatcmpl-"
+
+    def complete(self, text: str, finish: str | None, usage: dict[str, Any]) -> dict[str, Any]:
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        return self._envelope(self.object_name, [choice]) | {"usage": usage}
+
+    def chunk(self, text: str | None, finish: str | None) -> dict[str, Any]:
+        delta = {} if text is None else {"content": text}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return self._envelope(self.chunk_name, [choice])
+
+    def opening_chunk(self) -> dict[str, Any]:
+        delta = {"role": "assistant", "content": ""}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+        return self._envelope(self.chunk_name, [choice])
+
+
+class _CompletionFormat(_Format):
+    object_name = "text_completion"
+    chunk_name = "text_completion"
+    id_prefix = "cmpl-"
+
+    def complete(self, text: str, finish: str | None, usage: dict[str, Any]) -> dict[str, Any]:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return self._envelope(self.object_name, [choice]) | {"usage": usage}
+
+    def chunk(self, text: str | None, finish: str | None) -> dict[str, Any]:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return self._envelope(self.chunk_name, [choice])

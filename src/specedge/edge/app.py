@@ -1,0 +1,196 @@
+"""Wiring of `specedge edge`: the draft model, its worker thread, the server link, the HTTP API.
+
+`build_edge` assembles an `EdgeRuntime` around a loaded draft model. `EdgeServer` checks the
+server (handshake) before listening, then runs the API with uvicorn and logs one readiness line:
+"edge serving MODEL at http://HOST:PORT". `BackgroundEdge` runs one in a thread (tests, demos);
+`run_edge` is the blocking entry of the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+
+import uvicorn
+
+from specedge.draft import DraftEngine, TreeShape
+from specedge.edge.api import ServedModel, create_app
+from specedge.edge.client import ClientIdentity, VerifierConnection
+from specedge.edge.config import EdgeConfig
+from specedge.edge.metrics import EdgeMetrics
+from specedge.edge.proactive import ProactiveDrafter, ProactivePolicy
+from specedge.edge.session import EdgeRuntime
+from specedge.edge.worker import DraftWorker
+from specedge.errors import SpecEdgeError
+from specedge.model.loader import LoadedModel, load_model, parse_dtype, tokenizer_fingerprint
+from specedge.runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Edge:
+    runtime: EdgeRuntime
+    served: ServedModel
+    metrics: EdgeMetrics
+
+    async def close(self) -> None:
+        await self.runtime.connection.close()
+        await asyncio.to_thread(self.runtime.worker.close)
+
+
+def build_edge(config: EdgeConfig, draft: LoadedModel) -> Edge:
+    """An edge around `draft`; nothing touches the network until a session (or `serve`)."""
+    shape = config.tree_shape
+    max_context = min(config.max_context, draft.config.max_context)
+    # Room past the context: the tree (at its deepest, add-depth) plus a proactive subtree.
+    deepest = TreeShape(config.budget, config.depth + config.proactive_depth, config.width,
+                        config.beams)  # fmt: skip
+    runner = ModelRunner(
+        draft,
+        num_slots=config.max_sessions,
+        max_context=max_context,
+        max_block=deepest.max_block + config.subtree_shape.max_block,
+    )
+    engine = DraftEngine(runner, shape)
+    drafter = ProactiveDrafter(
+        engine, ProactivePolicy(config.proactive), config.subtree_shape, decay_p=config.decay
+    )
+    fingerprint = tokenizer_fingerprint(draft.tokenizer)
+    connection = VerifierConnection(
+        config.server,
+        ClientIdentity(fingerprint, draft.config.vocab_size, shape),
+        auth_token=config.auth_token,
+        connect_timeout_s=config.connect_timeout,
+        reply_timeout_s=config.reply_timeout,
+    )
+    runtime = EdgeRuntime(
+        worker=DraftWorker(),
+        draft=engine,
+        drafter=drafter,
+        connection=connection,
+        fingerprint=fingerprint,
+        max_context=max_context,
+        max_sessions=config.max_sessions,
+    )
+    served = ServedModel(
+        name=config.model_name,
+        tokenizer=draft.tokenizer,
+        stop_token_ids=draft.stop_token_ids,
+        vocab_size=draft.config.vocab_size,
+    )
+    return Edge(runtime, served, EdgeMetrics())
+
+
+class EdgeServer:
+    """One edge: `start` handshakes with the server (a mismatch or an unreachable server is a
+    start-up error), binds the HTTP API (port 0 picks a free one; read `url` afterwards) and
+    logs the readiness line; `stop` shuts the API down and releases the model thread."""
+
+    def __init__(self, config: EdgeConfig, draft: LoadedModel | None = None) -> None:
+        self.config = config
+        self._draft = draft
+        self.edge: Edge | None = None
+        self.url = ""
+        self._http: uvicorn.Server | None = None
+        self._serving: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        draft = self._draft
+        if draft is None:
+            draft = await asyncio.to_thread(_load_draft, config)
+        self.edge = edge = build_edge(config, draft)
+        try:
+            info = await edge.runtime.connection.wait_ready(config.startup_timeout)
+            logger.info("verification server %s: target %r", config.server, info.model_name)
+            app = create_app(edge.runtime, edge.served, edge.metrics)
+            self._http = uvicorn.Server(
+                uvicorn.Config(app, host=config.host, port=config.port, log_level="warning")
+            )
+            self._serving = asyncio.create_task(self._http.serve())
+            while not self._http.started:
+                if self._serving.done():
+                    self._serving.result()  # uvicorn's start-up error, if it raised one
+                    raise SpecEdgeError(
+                        f"cannot serve HTTP on {config.host}:{config.port}; pick another --port"
+                    )
+                await asyncio.sleep(0.02)
+        except BaseException:
+            await edge.close()
+            raise
+        port = self._http.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://{config.host}:{port}"
+        logger.info("edge serving %s at %s", edge.served.name, self.url)
+
+    async def wait(self) -> None:
+        """Until the API stops (SIGINT/SIGTERM in the main thread, or `stop`)."""
+        assert self._serving is not None
+        await self._serving
+
+    async def stop(self) -> None:
+        if self._http is not None and self._serving is not None:
+            self._http.should_exit = True
+            await self._serving
+        if self.edge is not None:
+            await self.edge.close()
+
+
+class BackgroundEdge:
+    """An edge on its own event loop in a daemon thread (tests, in-process demos).
+    `start()` returns once it serves; `stop()` shuts it down and joins the thread."""
+
+    def __init__(self, config: EdgeConfig, draft: LoadedModel | None = None) -> None:
+        self.server = EdgeServer(config, draft)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def runtime(self) -> EdgeRuntime:
+        assert self.server.edge is not None
+        return self.server.edge.runtime
+
+    def start(self) -> BackgroundEdge:
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result()
+        except BaseException:
+            self._close_loop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result()
+        self._close_loop()
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10.0)
+        self._loop.close()
+
+
+def _load_draft(config: EdgeConfig) -> LoadedModel:
+    dtype = parse_dtype(config.dtype) if config.dtype else None
+    logger.info("loading %s on %s", config.model, config.device)
+    return load_model(config.model, config.device, dtype)
+
+
+def run_edge(config: EdgeConfig) -> None:
+    """Load the draft model and serve until SIGINT/SIGTERM: the `specedge edge` command."""
+    logging.getLogger("specedge").setLevel(logging.INFO)
+
+    async def main() -> None:
+        edge = EdgeServer(config)
+        await edge.start()
+        try:
+            await edge.wait()
+        finally:
+            await edge.stop()
+
+    asyncio.run(main())

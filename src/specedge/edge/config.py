@@ -1,0 +1,202 @@
+"""`EdgeConfig`: everything `specedge edge` needs, validated once at start-up.
+
+Sources, later ones winning: the defaults below, a YAML file (`--config edge.yaml`, keys as the
+field names, dashes or underscores), then command-line flags. `load_edge_config` merges them
+and validates the result; every message names the flag and the YAML key to fix. The config is
+frozen: nothing changes it after start-up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from specedge.draft import TreeShape
+from specedge.edge.proactive import ProactivePolicy
+from specedge.errors import SpecEdgeError
+
+MAX_PORT = 65535
+
+
+class EdgeConfigError(SpecEdgeError):
+    """The edge configuration is invalid (the message says how to fix it)."""
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    model: str = ""  # the draft model
+    server: str = ""  # HOST:PORT of `specedge serve`
+    host: str = "127.0.0.1"
+    port: int = 8000  # the OpenAI-compatible HTTP API; 0 picks a free port
+    served_model_name: str = ""  # the name /v1/models lists; default: --model
+    budget: int = 32  # draft tree nodes per round
+    depth: int = 6  # draft tree depth (draft steps per tree)
+    width: int = 4  # children proposed per expanded node
+    beams: int = 8  # nodes expanded per draft step
+    decay: float = 0.9  # score decay per tree level
+    proactive: str = "keep-depth"  # off | keep-depth | add-depth
+    proactive_budget: int = 16  # nodes of a proactive subtree
+    proactive_depth: int = 3  # depth (draft steps) of a proactive subtree
+    max_sessions: int = 8  # concurrent generations (draft KV slots); more requests wait
+    max_context: int = 2048  # prompt + generated tokens per request (capped by the model)
+    connect_timeout: float = 5.0  # seconds for the handshake with the server
+    reply_timeout: float = 60.0  # seconds to wait for one round's reply (or a prefill)
+    startup_timeout: float = 30.0  # seconds to wait at start-up for the server to answer
+    device: str = "cpu"
+    dtype: str | None = None  # float32 | bfloat16 | float16; None: best for the device
+    auth_token: str | None = None  # bearer token the server requires; None: no auth
+
+    @property
+    def tree_shape(self) -> TreeShape:
+        return TreeShape(self.budget, self.depth, self.width, self.beams, self.decay)
+
+    @property
+    def subtree_shape(self) -> TreeShape:
+        return TreeShape(
+            self.proactive_budget, self.proactive_depth, self.width, self.beams, self.decay
+        )
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def validate(self) -> EdgeConfig:
+        """Return self, or raise EdgeConfigError naming the first invalid setting."""
+        if not self.model:
+            raise EdgeConfigError("no draft model: pass --model (or `model:` in the config file)")
+        host, _, port = self.server.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) <= MAX_PORT:
+            raise EdgeConfigError(
+                f"{_where('server')} must be HOST:PORT of `specedge serve`, got {self.server!r}"
+            )
+        if not 0 <= self.port <= MAX_PORT:
+            raise EdgeConfigError(f"{_where('port')} must be in 0..{MAX_PORT}, got {self.port}")
+        for name in (
+            "budget",
+            "depth",
+            "width",
+            "beams",
+            "proactive_budget",
+            "proactive_depth",
+            "max_sessions",
+        ):
+            if getattr(self, name) < 1:
+                raise EdgeConfigError(f"{_where(name)} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.decay < 1.0:
+            raise EdgeConfigError(f"{_where('decay')} must be in (0, 1), got {self.decay}")
+        if self.proactive not in set(ProactivePolicy):
+            raise EdgeConfigError(
+                f"{_where('proactive')} must be one of "
+                f"{', '.join(p.value for p in ProactivePolicy)}, got {self.proactive!r}"
+            )
+        if self.max_context < 2:
+            raise EdgeConfigError(f"{_where('max_context')} must be >= 2, got {self.max_context}")
+        for name in ("connect_timeout", "reply_timeout", "startup_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise EdgeConfigError(f"{_where(name)} must be > 0 seconds, got {value}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise EdgeConfigError(
+                f"{_where('device')} must be cpu, cuda or cuda:N, got {self.device!r}"
+            )
+        if self.dtype is not None:
+            from specedge.model.loader import DTYPES
+
+            if self.dtype.lower() not in DTYPES:
+                raise EdgeConfigError(
+                    f"{_where('dtype')} must be one of {', '.join(DTYPES)}, got {self.dtype!r}"
+                )
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise EdgeConfigError("the auth token is empty: pass a non-empty --auth-token or file")
+        return self
+
+
+def load_edge_config(
+    config_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    auth_token_file: Path | None = None,
+) -> EdgeConfig:
+    """Defaults < YAML file < `overrides` (flags; None values are ignored), then validate.
+    `auth_token_file` (flag or the YAML key of that name) holds the token on its first line."""
+    settings: dict[str, Any] = {}
+    if config_file is not None:
+        settings.update(_read_yaml(config_file))
+    yaml_token_file = settings.pop("auth_token_file", None)
+    if yaml_token_file is not None:
+        if settings.get("auth_token") is not None:
+            raise EdgeConfigError(
+                f"{config_file}: set either auth_token or auth_token_file, not both"
+            )
+        assert config_file is not None
+        # A relative path is relative to the config file, wherever the edge starts.
+        settings["auth_token"] = _read_token(config_file.parent / str(yaml_token_file))
+    flags = {key: value for key, value in (overrides or {}).items() if value is not None}
+    if auth_token_file is not None:
+        if "auth_token" in flags:
+            raise EdgeConfigError("pass either --auth-token or --auth-token-file, not both")
+        flags["auth_token"] = _read_token(auth_token_file)
+    settings.update(flags)
+    return replace(EdgeConfig(), **_coerce(settings)).validate()
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+_FIELD_TYPES = {f.name: str(f.type) for f in fields(EdgeConfig)}
+
+
+def _where(name: str) -> str:
+    return f"--{name.replace('_', '-')} (`{name}` in the config file)"
+
+
+def _read_token(path: Path) -> str:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise EdgeConfigError(f"cannot read the auth token file {path}: {error.strerror}") from None
+    return lines[0].strip() if lines else ""
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise EdgeConfigError(f"cannot read config file {path}: {error.strerror}") from error
+    except yaml.YAMLError as error:
+        raise EdgeConfigError(f"{path} is not valid YAML: {error}") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise EdgeConfigError(
+            f"{path} must hold a mapping of settings (key: value), got {type(data).__name__}"
+        )
+    settings = {str(key).replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(set(settings) - set(_FIELD_TYPES) - {"auth_token_file"})
+    if unknown:
+        valid = ", ".join([*_FIELD_TYPES, "auth_token_file"])
+        raise EdgeConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; valid: {valid}")
+    return settings
+
+
+def _coerce(settings: dict[str, Any]) -> dict[str, Any]:
+    """Check each value's type against the field (YAML gives ints for floats, etc.)."""
+    out: dict[str, Any] = {}
+    for name, value in settings.items():
+        kind = _FIELD_TYPES[name]
+        if value is None and "None" in kind:
+            out[name] = None
+        elif kind.startswith("int"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise EdgeConfigError(f"{_where(name)} must be an integer, got {value!r}")
+            out[name] = value
+        elif kind.startswith("float"):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise EdgeConfigError(f"{_where(name)} must be a number, got {value!r}")
+            out[name] = float(value)
+        else:
+            if not isinstance(value, str):
+                raise EdgeConfigError(f"{_where(name)} must be a string, got {value!r}")
+            out[name] = value
+    return out

@@ -1,0 +1,232 @@
+"""One generation on the edge: the round loop, and the runtime all sessions share.
+
+A round: grow a draft tree (one draft step per worker job), send it, draft proactively until
+the server's reply lands (checked between draft steps), hand the emitted tokens to the caller,
+then commit them to the draft KV (or splice the proactive subtree on a hit) and start the next
+tree. Sessions interleave on the one model thread; network waits never block it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from specedge.draft import DraftEngine, DraftSequence, TreeBuilder
+from specedge.edge.client import RemoteSession, ServerUnavailableError, VerifierConnection
+from specedge.edge.proactive import ProactiveDraft, ProactiveDrafter, accepted_nodes
+from specedge.edge.worker import DraftWorker, Priority
+from specedge.errors import InvalidRequestError
+from specedge.rpc.codec import OpenSession, ServerInfo, TreeVerified, WireSampling
+from specedge.sampling import SamplingParams
+from specedge.tree import DraftTree
+
+logger = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 256  # prompt tokens per worker job, so a long prompt does not stall others
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class SessionStats:
+    """Per-request speculation statistics (DESIGN.md section 8)."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    rounds: int = 0
+    emitted: int = 0  # tokens the server emitted (accepted + bonus)
+    accepted: int = 0  # accepted draft tokens
+    proactive_attempts: int = 0  # rounds with a proactive subtree under way at the reply
+    proactive_hits: int = 0  # rounds whose next tree started from that subtree
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    finish_reason: str | None = None  # the server's: "stop" (a stop token) or "length"
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.emitted / self.rounds if self.rounds else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of emitted tokens that were accepted draft tokens."""
+        return self.accepted / self.emitted if self.emitted else 0.0
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+    def as_dict(self) -> dict[str, Any]:
+        ttft = self.ttft_s
+        return {
+            "rounds": self.rounds,
+            "tokens_per_round": round(self.tokens_per_round, 4),
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "proactive_hits": self.proactive_hits,
+            "proactive_attempts": self.proactive_attempts,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "ttft_ms": None if ttft is None else round(1000 * ttft, 3),
+        }
+
+    def record(
+        self, reply: TreeVerified, remote: RemoteSession, proactive: ProactiveDraft | None
+    ) -> None:
+        self.rounds += 1
+        self.emitted += len(reply.emitted_token_ids)
+        self.accepted += reply.num_accepted
+        self.proactive_attempts += proactive is not None and proactive.started
+        self.finish_reason = reply.finish_reason
+        self.bytes_sent, self.bytes_received = remote.bytes_sent, remote.bytes_received
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
+
+@dataclass
+class EdgeRuntime:
+    """What every session of one edge shares: the draft model (behind its one worker thread),
+    the proactive policy and the server link. `max_sessions` bounds the draft KV slots;
+    requests beyond it wait for a slot."""
+
+    worker: DraftWorker
+    draft: DraftEngine
+    drafter: ProactiveDrafter
+    connection: VerifierConnection
+    fingerprint: str
+    max_context: int
+    max_sessions: int
+
+    def __post_init__(self) -> None:
+        self._slots = asyncio.Semaphore(self.max_sessions)
+        self.active_sessions = 0
+
+    def check(self, request: GenerationRequest) -> int:
+        """Validate a request against the edge's context; returns its max new tokens."""
+        prompt = len(request.prompt_token_ids)
+        if prompt == 0:
+            raise InvalidRequestError("the prompt is empty")
+        if prompt >= self.max_context:
+            raise InvalidRequestError(
+                f"the prompt has {prompt} tokens; this edge's context limit is "
+                f"{self.max_context} (prompt + generated)"
+            )
+        if request.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        return min(request.max_tokens, self.max_context - prompt)
+
+    async def generate(
+        self, request: GenerationRequest, stats: SessionStats
+    ) -> AsyncGenerator[list[int], None]:
+        """Tokens emitted by each round of one generation (see the module docstring)."""
+        max_tokens = self.check(request)
+        async with self._slots:
+            self.active_sessions += 1
+            try:
+                async with aclosing(self._rounds(request, max_tokens, stats)) as rounds:
+                    async for tokens in rounds:
+                        yield tokens
+            finally:
+                self.active_sessions -= 1
+
+    async def _rounds(
+        self, request: GenerationRequest, max_tokens: int, stats: SessionStats
+    ) -> AsyncGenerator[list[int], None]:
+        remote = await self.connection.open_session(self._open_message(request, max_tokens))
+        seq: DraftSequence | None = None
+        reply: asyncio.Future[TreeVerified] | None = None
+        try:
+            seq = await self.worker.run(partial(self.draft.open, request.prompt_token_ids))
+            while not await self.worker.run(partial(self.draft.prefill, seq, PREFILL_CHUNK)):
+                pass
+            builder = self.draft.builder(seq)
+            while True:
+                while await self.worker.run(builder.step):
+                    pass
+                tree, node_map = builder.tree(self._max_nodes(remote.info, seq))
+                reply = asyncio.ensure_future(remote.verify(tree))
+                proactive = await self._draft_while_waiting(builder, node_map, tree, reply)
+                verdict = await reply
+                stats.record(verdict, remote, proactive)
+                yield verdict.emitted_token_ids
+                if verdict.finish_reason is not None:
+                    await remote.finish()
+                    return
+                accepted = [node_map[i] for i in self._accepted(tree, verdict)]
+                resolve = partial(
+                    self.drafter.resolve, seq, builder, proactive, accepted,
+                    verdict.emitted_token_ids, remote.info.max_tree_depth,
+                )  # fmt: skip
+                builder, hit = await self.worker.run(resolve)
+                stats.proactive_hits += hit
+        finally:
+            if reply is not None and not reply.done():
+                reply.cancel()
+            elif reply is not None and not reply.cancelled():
+                reply.exception()  # retrieved: the caller has already seen or abandoned it
+            remote.cancel()
+            if seq is not None:
+                self.worker.submit(partial(self.draft.close, seq), Priority.CLEANUP)
+
+    async def _draft_while_waiting(
+        self,
+        builder: TreeBuilder,
+        node_map: list[int],
+        tree: DraftTree,
+        reply: asyncio.Future[TreeVerified],
+    ) -> ProactiveDraft | None:
+        """Bet on the reply and grow the bet's subtree until the reply lands."""
+        if not self.drafter.enabled or tree.num_nodes == 0:
+            return None
+        arrived = threading.Event()  # read on the worker thread: skip steps queued too late
+        reply.add_done_callback(lambda _: arrived.set())
+
+        def bet() -> ProactiveDraft | None:
+            if arrived.is_set():
+                return None
+            return self.drafter.start(builder, self.drafter.choose_bet(builder, node_map, tree))
+
+        proactive = await self.worker.run(bet, Priority.PROACTIVE)
+        if proactive is None:
+            return None
+        subtree = proactive.builder
+
+        def step() -> bool:
+            return not arrived.is_set() and subtree.step()
+
+        while not reply.done() and await self.worker.run(step, Priority.PROACTIVE):
+            pass
+        return proactive
+
+    def _max_nodes(self, info: ServerInfo, seq: DraftSequence) -> int:
+        """Tree size allowed by the server's node cap and its context room left."""
+        return max(0, min(info.max_tree_nodes, info.max_context - len(seq.committed)))
+
+    def _accepted(self, tree: DraftTree, verdict: TreeVerified) -> list[int]:
+        try:
+            return accepted_nodes(tree, verdict.emitted_token_ids, verdict.num_accepted)
+        except ValueError as error:
+            raise ServerUnavailableError(
+                f"the server's reply does not fit our tree: {error}"
+            ) from None
+
+    def _open_message(self, request: GenerationRequest, max_tokens: int) -> OpenSession:
+        params = request.params
+        return OpenSession(
+            prompt_token_ids=list(request.prompt_token_ids),
+            sampling=WireSampling(params.temperature, params.top_p, params.top_k, params.seed),
+            max_tokens=max_tokens,
+            stop_token_ids=list(request.stop_token_ids),
+            tokenizer_fingerprint=self.fingerprint,
+        )

@@ -1,0 +1,210 @@
+"""The edge's round loop against the real verification server in-process over loopback gRPC
+(tiny random fp32 models sharing a tokenizer): greedy output equals the target's
+autoregressive output token for token under every proactive policy and with concurrent
+sessions; a draft that agrees with the target is accepted and its bets hit; server faults
+surface as typed errors quickly; the edge reconnects after a server restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from contextlib import aclosing
+
+import pytest
+from edge_support import (
+    TARGET_SEED,
+    async_wait_for,
+    edge_config,
+    edge_generate,
+    metric,
+    reference_tokens,
+    start_server,
+    tiny_model,
+    wait_for,
+    with_edge,
+)
+
+from specedge.bench.wan import DelayProxy
+from specedge.edge.app import Edge
+from specedge.edge.client import ServerIncompatibleError, ServerUnavailableError
+from specedge.edge.session import GenerationRequest, SessionStats
+from specedge.errors import InvalidRequestError
+from specedge.model.loader import LoadedModel
+from specedge.sampling import SamplingParams
+from specedge.server.app import BackgroundServer
+
+PROMPTS = [[1, 2, 3, 4, 5], [200, 17, 93], [7] * 12]
+MAX_TOKENS = 40
+RTT_MS = 20.0
+
+
+@pytest.fixture(scope="module")
+def target() -> LoadedModel:
+    return tiny_model(TARGET_SEED)
+
+
+@pytest.fixture(scope="module")
+def server(target: LoadedModel) -> Iterator[BackgroundServer]:
+    background = start_server(target)
+    yield background
+    background.stop()
+
+
+@pytest.fixture(scope="module")
+def wan(server: BackgroundServer) -> Iterator[DelayProxy]:
+    """Loopback with a round-trip time, so that the edge has time to draft proactively."""
+    proxy = DelayProxy("127.0.0.1", server.port, rtt_ms=RTT_MS).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def references(target: LoadedModel) -> list[list[int]]:
+    return [reference_tokens(target, prompt, MAX_TOKENS) for prompt in PROMPTS]
+
+
+@pytest.mark.parametrize("policy", ["off", "keep-depth", "add-depth"])
+@pytest.mark.parametrize("draft_seed", [TARGET_SEED, 12])
+def test_greedy_output_equals_autoregressive(
+    server: BackgroundServer,
+    wan: DelayProxy,
+    references: list[list[int]],
+    policy: str,
+    draft_seed: int,
+) -> None:
+    draft = tiny_model(draft_seed)
+
+    async def body(edge: Edge) -> list[tuple[list[int], SessionStats]]:
+        runs = [edge_generate(edge, prompt, MAX_TOKENS) for prompt in PROMPTS]
+        return await asyncio.gather(*runs)  # interleaved sessions on one model thread
+
+    results = asyncio.run(with_edge(edge_config(wan.port, proactive=policy), draft, body))
+    for (tokens, stats), reference in zip(results, references, strict=True):
+        assert tokens == reference
+        assert stats.rounds >= 1 and stats.emitted == len(tokens)
+    # Bets are placed while replies are in flight (unless proactive drafting is off).
+    attempts = sum(stats.proactive_attempts for _, stats in results)
+    assert (attempts > 0) == (policy != "off")
+    # Each finished session was closed on the server (the close crosses the delayed link).
+    wait_for(lambda: metric(server.metrics_port, "specedge_server_active_sessions") == 0)
+
+
+@pytest.mark.parametrize("policy", ["keep-depth", "add-depth"])
+def test_agreeing_draft_is_accepted_and_its_bets_hit(
+    wan: DelayProxy, references: list[list[int]], policy: str
+) -> None:
+    """A draft with the target's weights: its greedy path is accepted as deep as the tree
+    holds it, and its bet is often the true outcome, so proactive subtrees are reused."""
+    draft = tiny_model(TARGET_SEED)
+    config = edge_config(wan.port, proactive=policy)
+
+    async def body(edge: Edge) -> tuple[list[int], SessionStats]:
+        return await edge_generate(edge, PROMPTS[0], MAX_TOKENS)
+
+    tokens, stats = asyncio.run(with_edge(config, draft, body))
+    assert tokens == references[0]
+    assert stats.acceptance_rate > 0.6 and stats.tokens_per_round > 2.5
+    assert stats.proactive_hits > 0
+    assert stats.bytes_sent > 0 and stats.bytes_received > 0
+
+
+def test_stop_token_ends_the_generation(server: BackgroundServer, target: LoadedModel) -> None:
+    full = reference_tokens(target, PROMPTS[1], MAX_TOKENS)
+    stop = full[len(full) // 2]
+    expected = reference_tokens(target, PROMPTS[1], MAX_TOKENS, stop_token_ids=[stop])
+    assert expected[-1] == stop and len(expected) < len(full)
+
+    async def body(edge: Edge) -> tuple[list[int], SessionStats]:
+        return await edge_generate(edge, PROMPTS[1], MAX_TOKENS, stop_token_ids=[stop])
+
+    tokens, stats = asyncio.run(with_edge(edge_config(server), tiny_model(12), body))
+    assert tokens == expected and stats.finish_reason == "stop"
+
+
+def test_prompt_beyond_the_context_is_rejected(server: BackgroundServer) -> None:
+    async def body(edge: Edge) -> object:
+        return await edge_generate(edge, [1] * 300, 5)
+
+    with pytest.raises(InvalidRequestError, match="context limit"):
+        asyncio.run(with_edge(edge_config(server), tiny_model(12), body))
+
+
+def test_unreachable_server_fails_fast() -> None:
+    async def body(edge: Edge) -> object:
+        return await edge_generate(edge, PROMPTS[0], 5)
+
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailableError, match="unavailable"):
+        asyncio.run(with_edge(edge_config(1), tiny_model(12), body))  # nothing on port 1
+    assert time.monotonic() - started < 3.0
+
+
+def test_incompatible_server_is_refused_at_handshake(server: BackgroundServer) -> None:
+    other_tokenizer = tiny_model(12, vocab=300)
+
+    async def connect(edge: Edge) -> object:
+        return await edge.runtime.connection.wait_ready(2.0)
+
+    with pytest.raises(ServerIncompatibleError, match="tokenizer fingerprint"):
+        asyncio.run(with_edge(edge_config(server), other_tokenizer, connect))
+    with pytest.raises(ServerIncompatibleError, match="lower --depth"):
+        asyncio.run(with_edge(edge_config(server, depth=13), tiny_model(12), connect))
+
+
+def test_auth_token_is_sent(target: LoadedModel) -> None:
+    server = start_server(target, auth_token="s3cret")
+    try:
+
+        async def body(edge: Edge) -> tuple[list[int], SessionStats]:
+            return await edge_generate(edge, PROMPTS[0], 8)
+
+        tokens, _ = asyncio.run(
+            with_edge(edge_config(server, auth_token="s3cret"), tiny_model(12), body)
+        )
+        assert tokens == reference_tokens(target, PROMPTS[0], 8)
+        with pytest.raises(ServerUnavailableError, match="UNAUTHENTICATED"):
+            asyncio.run(with_edge(edge_config(server, auth_token="wrong"), tiny_model(12), body))
+    finally:
+        server.stop()
+
+
+def test_reconnects_after_the_server_restarts(target: LoadedModel) -> None:
+    first = start_server(target)
+    port = first.port
+    second: BackgroundServer | None = None
+
+    async def body(edge: Edge) -> None:
+        nonlocal second
+        tokens, _ = await edge_generate(edge, PROMPTS[0], 8)
+        assert tokens == reference_tokens(target, PROMPTS[0], 8)
+        await asyncio.to_thread(first.stop)
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailableError):
+            await edge_generate(edge, PROMPTS[0], 8)
+        assert time.monotonic() - started < 3.0
+        second = await asyncio.to_thread(start_server, target, port=port)
+        tokens, _ = await edge_generate(edge, PROMPTS[0], 8)
+        assert tokens == reference_tokens(target, PROMPTS[0], 8)
+
+    try:
+        asyncio.run(with_edge(edge_config(port), tiny_model(12), body))
+    finally:
+        if second is not None:
+            second.stop()
+
+
+def test_abandoned_generation_frees_its_server_session(server: BackgroundServer) -> None:
+    async def body(edge: Edge) -> None:
+        request = GenerationRequest(PROMPTS[2], SamplingParams(), 200)
+        async with aclosing(edge.runtime.generate(request, SessionStats())) as rounds:
+            await anext(rounds)
+            assert metric(server.metrics_port, "specedge_server_active_sessions") == 1
+        # The edge cancelled its stream: the server frees the session and its KV slot.
+        await async_wait_for(
+            lambda: metric(server.metrics_port, "specedge_server_active_sessions") == 0
+        )
+        await async_wait_for(lambda: edge.runtime.active_sessions == 0)
+
+    asyncio.run(with_edge(edge_config(server), tiny_model(12), body))
+    wait_for(lambda: metric(server.metrics_port, "specedge_server_active_sessions") == 0)

@@ -3,11 +3,11 @@
 It runs in its own process on the server's core (`python -m specedge.bench.hf_assisted JOB
 RECORDS`), one request at a time, with the same prompts, chat template, max tokens and
 temperatures as the other systems, and writes one `RequestRecord` per request as JSON Lines.
-Token arrival times come from a streamer (transformers calls it once per accepted run of
-tokens). It is a single-user system, so it runs with one client and no network. When
-transformers cannot load the pair (e.g. a distilled draft that shares tensors with its target
-or has a reduced vocabulary head), the process exits with a message and the benchmark notes
-that the peer was skipped.
+Token arrival times come from a streamer: transformers hands it each assisted step's tokens
+at once, so its calls count the verification rounds. It is a single-user system, so it runs
+with one client and no network. When transformers cannot load the pair (e.g. a distilled
+draft that shares tensors with its target or has a reduced vocabulary head), the process
+exits with a message and the benchmark notes that the peer was skipped.
 """
 
 from __future__ import annotations
@@ -164,6 +164,7 @@ def _one_request(
             **sampling,
         )
     end = streamer.times[-1] if streamer.times else time.perf_counter()
+    tokens = int(output.shape[1] - ids.shape[1])
     return RequestRecord(
         client=0,
         prompt_id=prompt.prompt_id,
@@ -171,8 +172,11 @@ def _one_request(
         start_s=start,
         first_token_s=streamer.times[0] if streamer.times else None,
         end_s=end,
-        tokens=int(output.shape[1] - ids.shape[1]),
+        tokens=tokens,
         prompt_tokens=int(ids.shape[1]),
+        # transformers streams each assisted step's tokens (accepted + bonus) in one `put`.
+        rounds=len(streamer.times),
+        accepted=max(0, tokens - len(streamer.times)),
         chunk_times_s=tuple(streamer.times),
     )
 

@@ -121,7 +121,9 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> Path:
             try:
                 runs += _run_group(group, config, settings, placement, prompts, progress, out_dir)
             except SpecEdgeError as error:
-                note = f"{group.system} ({group.clients} client slots) stopped: {error}"
+                lines = (line.strip(" │╭╮╰╯─") for line in str(error).splitlines())
+                detail = " ".join(filter(None, lines))
+                note = f"{group.system} ({group.clients} client slots) stopped: {detail}"
                 logger.warning(note)
                 meta.notes.append(note)
             progress.update(overall, completed=len(runs))

@@ -104,7 +104,8 @@ def deploy(
     system: str, clients: int, settings: SystemSettings, placement: Placement, log_dir: Path
 ) -> Iterator[Deployment]:
     """Start `system` for up to `clients` concurrent clients; stop everything on exit."""
-    with managed([]) as processes, _proxies() as proxies:
+    # Processes stop before the proxies, so that no proxy is cut mid-connection.
+    with _proxies() as proxies, managed([]) as processes:
         grpc_port, metrics_port = free_port(), free_port()
         serve = _serve_args(settings, grpc_port, metrics_port)
         if system == SPECEDGE_NO_PIPELINING:

@@ -189,10 +189,18 @@ def bench(
     out: Annotated[str | None, typer.Option(help="Output directory (bench-results).")] = None,
     config: Annotated[Path | None, typer.Option(help="bench.yaml (flags override it).")] = None,
     quick: Annotated[bool, typer.Option(help="A small run of everything (minutes).")] = False,
+    report: Annotated[
+        Path | None, typer.Option(help="Only re-render DIR's report.md and plots, run nothing.")
+    ] = None,
 ) -> None:
     """Benchmark SpecEdge against server-only baselines: JSON results, report.md and plots."""
     from specedge.bench.config import load_bench_config
+    from specedge.bench.report import rewrite_report
     from specedge.bench.runner import run_bench
+
+    if report is not None:
+        typer.echo(f"wrote {rewrite_report(report)}")
+        return
 
     flags = {
         "target": target,
@@ -213,56 +221,6 @@ def bench(
         "quick": quick or None,
     }
     typer.echo(f"wrote {run_bench(load_bench_config(config, flags))}")
-
-
-@app.command()
-def edge(
-    model: Annotated[str | None, typer.Option(help=f"Draft model: {MODEL_HELP}.")] = None,
-    server: Annotated[str | None, typer.Option(help="HOST:PORT of `specedge serve`.")] = None,
-    host: Annotated[str | None, typer.Option(help="HTTP API address [127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP API port, 0 = any free [8000].")] = None,
-    budget: Annotated[int | None, typer.Option(help="Draft tree nodes per round [32].")] = None,
-    depth: Annotated[int | None, typer.Option(help="Draft tree depth [6].")] = None,
-    width: Annotated[int | None, typer.Option(help="Children per expanded node [4].")] = None,
-    beams: Annotated[int | None, typer.Option(help="Nodes expanded per draft step [8].")] = None,
-    proactive: Annotated[
-        str | None, typer.Option(help="Proactive drafting: off | keep-depth | add-depth.")
-    ] = None,
-    proactive_budget: Annotated[int | None, typer.Option(help="Subtree nodes [16].")] = None,
-    proactive_depth: Annotated[int | None, typer.Option(help="Subtree depth [3].")] = None,
-    max_sessions: Annotated[int | None, typer.Option(help="Concurrent generations [8].")] = None,
-    max_context: Annotated[int | None, typer.Option(help="Prompt + generated tokens.")] = None,
-    served_model_name: Annotated[str | None, typer.Option(help="Name in /v1/models.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32|bfloat16|float16.")] = None,
-    auth_token: Annotated[str | None, typer.Option(help="Bearer token for the server.")] = None,
-    auth_token_file: Annotated[Path | None, typer.Option(help="File holding the token.")] = None,
-    config: Annotated[Path | None, typer.Option(help="edge.yaml (flags override it).")] = None,
-) -> None:
-    """Run an edge: draft with MODEL, verify on SERVER, serve an OpenAI-compatible API."""
-    from specedge.edge.app import run_edge
-    from specedge.edge.config import load_edge_config
-
-    flags = {
-        "model": model,
-        "server": server,
-        "host": host,
-        "port": port,
-        "budget": budget,
-        "depth": depth,
-        "width": width,
-        "beams": beams,
-        "proactive": proactive,
-        "proactive_budget": proactive_budget,
-        "proactive_depth": proactive_depth,
-        "max_sessions": max_sessions,
-        "max_context": max_context,
-        "served_model_name": served_model_name,
-        "device": device,
-        "dtype": dtype,
-        "auth_token": auth_token,
-    }
-    run_edge(load_edge_config(config, flags, auth_token_file))
 
 
 def _read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:

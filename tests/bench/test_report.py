@@ -207,8 +207,12 @@ def test_report_sections_and_ratios(tmp_path: Path) -> None:
     assert "server on core 0" in report and "hf-assisted skipped" in report
     # specedge at 2 clients, 15 ms: twice server-spec's throughput, 3x server-ar's.
     assert "| specedge | 2 | 15 | 2.00x |" in report
+    assert "## Discussion" not in report
     (tmp_path / "report.md").unlink()
     assert rewrite_report(tmp_path).read_text() == report
+    (tmp_path / "discussion.md").write_text("Throughput misses because of one core.\n")
+    rewritten = rewrite_report(tmp_path).read_text()
+    assert "## Discussion\n\nThroughput misses because of one core." in rewritten
 
 
 def test_lookups_prefer_the_nearest_rtt() -> None:

@@ -30,6 +30,7 @@ from specedge.bench.results import (
 )
 
 REPORT_FILE = "report.md"
+DISCUSSION_FILE = "discussion.md"
 MISSING = "–"
 
 
@@ -234,7 +235,9 @@ def ratios_table(runs: Sequence[RunResult], temperature: float) -> list[str]:
     return lines
 
 
-def render_report(runs: Sequence[RunResult], meta: BenchMeta, plots: Sequence[str]) -> str:
+def render_report(
+    runs: Sequence[RunResult], meta: BenchMeta, plots: Sequence[str], discussion: str = ""
+) -> str:
     temperatures = sorted({r.spec.temperature for r in runs})
     out = ["# SpecEdge benchmark report", ""]
     if meta.started_at:
@@ -263,6 +266,8 @@ def render_report(runs: Sequence[RunResult], meta: BenchMeta, plots: Sequence[st
                 f"{row.shown(row.value)} | {row.shown(row.paper)} | {row.verdict()} |"
             )
         out.append("")
+    if discussion.strip():
+        out += ["## Discussion", "", discussion.strip(), ""]
     titles = {
         THROUGHPUT_PLOT: "Server throughput vs clients",
         ITL_PLOT: "Inter-token latency vs RTT",
@@ -299,16 +304,22 @@ alone. Ratios compare runs at the same clients and temperature and the nearest R
 def write_report(out_dir: Path, runs: Sequence[RunResult], meta: BenchMeta) -> Path:
     """results.json, requests.jsonl, meta.json, the plots and report.md into `out_dir`."""
     write_results(out_dir, runs, meta)
-    plots = write_plots(runs, out_dir)
-    path = out_dir / REPORT_FILE
-    path.write_text(render_report(runs, meta, plots))
-    return path
+    return _render(out_dir, runs, meta)
 
 
 def rewrite_report(out_dir: Path) -> Path:
-    """Re-render plots and report.md from an existing results directory."""
+    """Re-render the plots and report.md of an existing results directory (e.g. after writing
+    its discussion.md)."""
     runs, meta = read_results(out_dir)
+    return _render(out_dir, runs, meta)
+
+
+def _render(out_dir: Path, runs: Sequence[RunResult], meta: BenchMeta) -> Path:
+    """Plots and report.md; a hand-written `discussion.md` in `out_dir` (why a number misses,
+    what limits this machine) goes in after the headline."""
     plots = write_plots(runs, out_dir)
+    discussion_path = out_dir / DISCUSSION_FILE
+    discussion = discussion_path.read_text() if discussion_path.exists() else ""
     path = out_dir / REPORT_FILE
-    path.write_text(render_report(runs, meta, plots))
+    path.write_text(render_report(runs, meta, plots, discussion))
     return path

@@ -38,8 +38,21 @@ from specedge.bench.metrics import (
 from specedge.bench.processes import Placement
 from specedge.bench.prompts import BenchPrompt, load_prompts, sample_prompts
 from specedge.bench.report import write_report
-from specedge.bench.results import HF_ASSISTED, BenchMeta, RunResult, RunSpec, write_results
-from specedge.bench.systems import Deployment, SystemSettings, deploy, deployment_key
+from specedge.bench.results import (
+    HF_ASSISTED,
+    SPECEDGE_NO_PIPELINING,
+    BenchMeta,
+    RunResult,
+    RunSpec,
+    write_results,
+)
+from specedge.bench.systems import (
+    LOCKSTEP_BATCH_WAIT_MS,
+    Deployment,
+    SystemSettings,
+    deploy,
+    deployment_key,
+)
 from specedge.errors import SpecEdgeError
 
 logger = logging.getLogger(__name__)
@@ -96,6 +109,13 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> Path:
         placement=placement.describe(),
         started_at=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     )
+    if SPECEDGE_NO_PIPELINING in config.systems:
+        meta.notes.append(
+            f"{SPECEDGE_NO_PIPELINING}: server --max-batch = clients and a batch wait of "
+            f"{LOCKSTEP_BATCH_WAIT_MS / 1000:g} s for predicted arrivals, so batches form when "
+            "every edge is ready (the server has no barrier mode: a tree later than predicted "
+            "is not waited for)"
+        )
     depth = _resolve_depth(config, placement, prompts, meta)
     plan = plan_runs(config, depth)
     settings = SystemSettings(

@@ -131,23 +131,26 @@ class EdgeRuntime:
     ) -> AsyncGenerator[list[int], None]:
         """Tokens emitted by each round of one generation (see the module docstring)."""
         max_tokens = self.check(request)
-        async with self._slots:
-            self.active_sessions += 1
-            try:
-                async with aclosing(self._rounds(request, max_tokens, stats)) as rounds:
-                    async for tokens in rounds:
-                        yield tokens
-            finally:
-                self.active_sessions -= 1
+        self.active_sessions += 1
+        try:
+            async with aclosing(self._rounds(request, max_tokens, stats)) as rounds:
+                async for tokens in rounds:
+                    yield tokens
+        finally:
+            self.active_sessions -= 1
 
     async def _rounds(
         self, request: GenerationRequest, max_tokens: int, stats: SessionStats
     ) -> AsyncGenerator[list[int], None]:
-        remote = await self.connection.open_session(self._open_message(request, max_tokens))
+        await self._slots.acquire()
+        remote: RemoteSession | None = None
         seq: DraftSequence | None = None
         reply: asyncio.Future[TreeVerified] | None = None
         try:
-            seq = await self.worker.run(partial(self.draft.open, request.prompt_token_ids))
+            remote = await self.connection.open_session(self._open_message(request, max_tokens))
+            # Taking a free slot is bookkeeping, not model work: done here, it cannot be lost
+            # to a cancellation between the job and this frame.
+            seq = self.draft.open(request.prompt_token_ids)
             while not await self.worker.run(partial(self.draft.prefill, seq, PREFILL_CHUNK)):
                 pass
             builder = self.draft.builder(seq)
@@ -175,9 +178,19 @@ class EdgeRuntime:
                 reply.cancel()
             elif reply is not None and not reply.cancelled():
                 reply.exception()  # retrieved: the caller has already seen or abandoned it
-            remote.cancel()
-            if seq is not None:
-                self.worker.submit(partial(self.draft.close, seq), Priority.CLEANUP)
+            if remote is not None:
+                remote.cancel()
+            self._release(seq)
+
+    def _release(self, seq: DraftSequence | None) -> None:
+        """Free the draft slot after any job the session left queued, then admit the next
+        request waiting for a slot."""
+        if seq is None:
+            self._slots.release()
+            return
+        loop = asyncio.get_running_loop()
+        freed = self.worker.submit(partial(self.draft.close, seq), Priority.CLEANUP)
+        freed.add_done_callback(lambda _: loop.call_soon_threadsafe(self._slots.release))
 
     async def _draft_while_waiting(
         self,

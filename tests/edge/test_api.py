@@ -1,0 +1,246 @@
+"""The edge's OpenAI-compatible API on loopback (uvicorn), driven by the `openai` package and
+httpx, over the real verification server: completions equal the target's greedy output,
+streaming and non-streaming agree, stop strings cut the text, invalid parameters get OpenAI's
+error JSON with status 400, concurrent requests all complete, a client that disconnects
+mid-stream frees its server session, and a dead server means 503 quickly, then recovery."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from edge_support import (
+    TARGET_SEED,
+    CharTokenizer,
+    edge_config,
+    metric,
+    reference_tokens,
+    start_server,
+    tiny_model,
+    wait_for,
+)
+
+from specedge.bench.wan import DelayProxy
+from specedge.edge.app import BackgroundEdge
+from specedge.model.loader import LoadedModel
+from specedge.server.app import BackgroundServer
+
+MESSAGES = [{"role": "user", "content": "Say something."}]
+MAX_TOKENS = 30
+
+
+@dataclass
+class Stack:
+    target: LoadedModel
+    server: BackgroundServer
+    edge: BackgroundEdge
+
+    @property
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.edge.url}/v1", api_key="unused", max_retries=0)
+
+    def expected_text(self, prompt_ids: list[int], max_tokens: int = MAX_TOKENS) -> str:
+        return self.target.tokenizer.decode(reference_tokens(self.target, prompt_ids, max_tokens))
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    target = tiny_model(TARGET_SEED, char_tokenizer=True)
+    server = start_server(target)
+    edge = BackgroundEdge(edge_config(server), tiny_model(TARGET_SEED, char_tokenizer=True))
+    edge.start()
+    yield Stack(target, server, edge)
+    edge.stop()
+    server.stop()
+
+
+def chat_prompt_ids() -> list[int]:
+    return CharTokenizer().apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+
+
+def test_models_health_and_metrics(stack: Stack) -> None:
+    models = stack.client.models.list()
+    assert [model.id for model in models.data] == ["tiny-draft"]
+    health = httpx.get(f"{stack.edge.url}/health").json()
+    assert health["status"] == "ok" and health["server_connected"] is True
+    stack.client.completions.create(model="x", prompt=[1, 2, 3], max_tokens=4, temperature=0)
+    text = httpx.get(f"{stack.edge.url}/metrics").text
+    assert "specedge_edge_rounds_total" in text and "specedge_edge_ttft_seconds" in text
+
+
+def test_chat_equals_greedy_target_and_streaming_agrees(stack: Stack) -> None:
+    client = stack.client
+    full = client.chat.completions.create(
+        model="whatever",
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=MAX_TOKENS,  # type: ignore[arg-type]
+    )
+    assert full.model == "whatever" and full.object == "chat.completion"
+    choice = full.choices[0]
+    assert choice.message.content == stack.expected_text(chat_prompt_ids())
+    assert choice.finish_reason == "length"
+    assert full.usage is not None and full.usage.completion_tokens == MAX_TOKENS
+    speculative = full.usage.model_extra["speculative"]  # type: ignore[index]
+    assert speculative["rounds"] >= 1 and speculative["acceptance_rate"] > 0
+    assert {"tokens_per_round", "proactive_hits", "proactive_attempts"} <= set(speculative)
+
+    chunks = list(
+        client.chat.completions.create(
+            model="whatever",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            temperature=0,
+            max_tokens=MAX_TOKENS,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and not any(finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == MAX_TOKENS
+
+
+def test_completions_with_text_and_token_prompts(stack: Stack) -> None:
+    client = stack.client
+    prompt_ids = [5, 6, 7, 8]
+    expected = stack.expected_text(prompt_ids)
+    by_ids = client.completions.create(model="m", prompt=prompt_ids, temperature=0, max_tokens=30)
+    assert by_ids.choices[0].text == expected and by_ids.object == "text_completion"
+    as_text = CharTokenizer().decode(prompt_ids)
+    by_text = client.completions.create(model="m", prompt=as_text, temperature=0, max_tokens=30)
+    assert by_text.choices[0].text == expected
+    stream = client.completions.create(
+        model="m", prompt=prompt_ids, temperature=0, max_tokens=30, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in stream) == expected
+
+
+def test_stop_strings_cut_the_text(stack: Stack) -> None:
+    client = stack.client
+    full = stack.expected_text([9, 10, 11], max_tokens=40)
+    stop = full[20:23]
+    expected = full[: full.index(stop)]
+    kwargs: dict[str, Any] = dict(model="m", prompt=[9, 10, 11], temperature=0, max_tokens=40)
+    cut = client.completions.create(stop=[stop, "never-seen"], **kwargs)
+    assert cut.choices[0].text == expected and cut.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(stop=stop, stream=True, **kwargs))
+    assert "".join(chunk.choices[0].text for chunk in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"seed": -3}, "seed"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logprobs": True}, "logprobs"),
+        ({"tools": []}, "tools"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ],
+)
+def test_invalid_parameters_get_openai_errors(
+    stack: Stack, body: dict[str, Any], param: str
+) -> None:
+    request = {"model": "m", "messages": MESSAGES, "max_tokens": 4} | body
+    response = httpx.post(f"{stack.edge.url}/v1/chat/completions", json=request)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param
+
+
+def test_malformed_requests_get_openai_errors(stack: Stack) -> None:
+    url = f"{stack.edge.url}/v1/completions"
+    bad_json = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
+    too_long = httpx.post(url, json={"prompt": [1] * 300, "max_tokens": 4})
+    bad_token = httpx.post(url, json={"prompt": [1, 999], "max_tokens": 4})
+    two_prompts = httpx.post(url, json={"prompt": ["a", "b"], "max_tokens": 4})
+    for response in (bad_json, too_long, bad_token, two_prompts):
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    assert "context limit" in too_long.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError):
+        stack.client.completions.create(model="m", prompt="hi", n=3)
+    assert httpx.get(f"{stack.edge.url}/v1/nothing").json()["error"]["message"]
+
+
+def test_concurrent_requests_all_complete(stack: Stack) -> None:
+    prompts = [[i, i + 1, i + 2] for i in range(20, 26)]
+
+    def complete(prompt: list[int]) -> str:
+        answer = stack.client.completions.create(
+            model="m", prompt=prompt, temperature=0, max_tokens=20
+        )
+        return answer.choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        texts = list(pool.map(complete, prompts))
+    assert texts == [stack.expected_text(prompt, 20) for prompt in prompts]
+
+
+def test_client_disconnect_cancels_the_server_session() -> None:
+    """Through a delayed link the generation takes seconds; the client leaves after the first
+    tokens, and the edge cancels its stream so the server frees the session."""
+    target = tiny_model(TARGET_SEED, char_tokenizer=True)
+    server = start_server(target)
+    proxy = DelayProxy("127.0.0.1", server.port, rtt_ms=20).start()
+    edge = BackgroundEdge(edge_config(proxy.port), tiny_model(12, char_tokenizer=True)).start()
+    try:
+        request = {"prompt": [1, 2, 3], "max_tokens": 200, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{edge.url}/v1/completions", json=request) as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            assert json.loads(first.removeprefix("data: "))["choices"]
+            assert metric(server.metrics_port, "specedge_server_active_sessions") == 1
+        wait_for(lambda: metric(server.metrics_port, "specedge_server_active_sessions") == 0)
+        wait_for(lambda: edge.runtime.active_sessions == 0)
+    finally:
+        edge.stop()
+        proxy.stop()
+        server.stop()
+
+
+def test_dead_server_means_503_quickly_then_recovery() -> None:
+    target = tiny_model(TARGET_SEED, char_tokenizer=True)
+    server = start_server(target)
+    port = server.port
+    edge = BackgroundEdge(edge_config(server), tiny_model(12, char_tokenizer=True)).start()
+    request = {"prompt": [1, 2, 3], "max_tokens": 5, "temperature": 0}
+    try:
+        assert httpx.post(f"{edge.url}/v1/completions", json=request).status_code == 200
+        server.stop()
+        for stream in (False, True):
+            started = time.monotonic()
+            response = httpx.post(
+                f"{edge.url}/v1/completions", json=request | {"stream": stream}, timeout=10
+            )
+            assert response.status_code == 503, response.text
+            assert "unavailable" in response.json()["error"]["message"]
+            assert time.monotonic() - started < 3.0
+        assert httpx.get(f"{edge.url}/health").json()["server_connected"] is False
+        server = start_server(target, port=port)
+        answer = httpx.post(f"{edge.url}/v1/completions", json=request).json()
+        assert answer["choices"][0]["text"] == target.tokenizer.decode(
+            reference_tokens(target, [1, 2, 3], 5)
+        )
+    finally:
+        edge.stop()
+        server.stop()

@@ -7,6 +7,7 @@ mid-stream frees its server session, and a dead server means 503 quickly, then r
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ from edge_support import (
 )
 
 from specedge.bench.wan import DelayProxy
+from specedge.edge.api import StopMatcher
 from specedge.edge.app import BackgroundEdge
 from specedge.model.loader import LoadedModel
 from specedge.server.app import BackgroundServer
@@ -244,3 +246,41 @@ def test_dead_server_means_503_quickly_then_recovery() -> None:
     finally:
         edge.stop()
         server.stop()
+
+
+def test_readiness_line_is_logged_once_serving(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="specedge")
+    config = edge_config(stack.server, served_model_name="my-edge")
+    edge = BackgroundEdge(config, tiny_model(12, char_tokenizer=True)).start()
+    try:
+        lines = [
+            r.getMessage() for r in caplog.records if r.getMessage().startswith("edge serving")
+        ]
+        assert lines == [f"edge serving my-edge at {edge.url}"]
+        assert httpx.get(f"{edge.url}/v1/models").json()["data"][0]["id"] == "my-edge"
+    finally:
+        edge.stop()
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stops", "expected", "stopped"),
+    [
+        (["hel", "lo wor", "ld"], ["wor"], "hello ", True),
+        (["ab", "c"], ["bcd"], "abc", False),  # a partial match is released at the end
+        (["a", "b", "c", "d", "e"], ["cd", "b"], "a", True),  # the earliest match wins
+        (["xyz"], [], "xyz", False),
+    ],
+)
+def test_stop_matcher(pieces: list[str], stops: list[str], expected: str, stopped: bool) -> None:
+    matcher = StopMatcher(stops)
+    out, matched = "", False
+    for piece in pieces:
+        text, matched = matcher.feed(piece)
+        out += text
+        if matched:
+            break
+    if not matched:
+        out += matcher.flush()
+    assert (out, matched) == (expected, stopped)

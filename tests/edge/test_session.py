@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 
+import grpc
 import pytest
 from edge_support import (
     TARGET_SEED,
+    VOCAB,
     async_wait_for,
     edge_config,
     edge_generate,
@@ -30,7 +32,15 @@ from specedge.edge.app import Edge
 from specedge.edge.client import ServerIncompatibleError, ServerUnavailableError
 from specedge.edge.session import GenerationRequest, SessionStats
 from specedge.errors import InvalidRequestError
-from specedge.model.loader import LoadedModel
+from specedge.model.loader import LoadedModel, tokenizer_fingerprint
+from specedge.rpc.codec import (
+    PROTOCOL_VERSION,
+    EdgeRequest,
+    ServerInfo,
+    ServerReply,
+    SessionOpened,
+    add_verifier_service,
+)
 from specedge.sampling import SamplingParams
 from specedge.server.app import BackgroundServer
 
@@ -208,3 +218,40 @@ def test_abandoned_generation_frees_its_server_session(server: BackgroundServer)
 
     asyncio.run(with_edge(edge_config(server), tiny_model(12), body))
     wait_for(lambda: metric(server.metrics_port, "specedge_server_active_sessions") == 0)
+
+
+def test_silent_server_times_out_instead_of_hanging(target: LoadedModel) -> None:
+    """A server that opens the session but never answers a tree: the round fails with a typed
+    error after the reply timeout."""
+
+    async def body() -> None:
+        server = grpc.aio.server()
+
+        async def info(context: object) -> ServerInfo:
+            return ServerInfo(
+                PROTOCOL_VERSION, "silent", tokenizer_fingerprint(target.tokenizer), VOCAB,
+                32, 12, 256,
+            )  # fmt: skip
+
+        async def session(
+            requests: AsyncIterator[EdgeRequest | None], context: object
+        ) -> AsyncIterator[ServerReply]:
+            await anext(requests)
+            yield SessionOpened("s1", 8)
+            await asyncio.Event().wait()  # never answers
+
+        add_verifier_service(server, info, session)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            config = edge_config(port, reply_timeout=0.5)
+            started = time.monotonic()
+            with pytest.raises(
+                ServerUnavailableError, match="no reply during a round within 0.5 s"
+            ):
+                await with_edge(config, tiny_model(12), lambda e: edge_generate(e, PROMPTS[0], 8))
+            assert time.monotonic() - started < 3.0
+        finally:
+            await server.stop(0)
+
+    asyncio.run(body())

@@ -15,179 +15,48 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specedge.edge.client import ServerUnavailableError
 from specedge.edge.metrics import EdgeMetrics
+from specedge.edge.openai_types import (
+    ChatCompletionBody,
+    ChatFormat,
+    CompletionBody,
+    CompletionFormat,
+    GenerationBody,
+    OpenAIError,
+    ResponseFormat,
+    validation_error,
+)
 from specedge.edge.session import EdgeRuntime, GenerationRequest, SessionStats
 from specedge.errors import InvalidRequestError
-from specedge.sampling import SamplingParams
 from specedge.text import IncrementalDecoder, encode_chat, encode_prompt
 
 logger = logging.getLogger(__name__)
 
-MAX_STOP_STRINGS = 4
-MAX_SEED = 2**64 - 1
-
-
-# ---- request bodies ---------------------------------------------------------------------------
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
-
-
-class _GenerationBody(BaseModel):
-    """Fields both endpoints share; unknown fields are rejected (400)."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)  # extension; 0 or -1 disables it
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    max_tokens: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-
-    def unsupported(self) -> list[tuple[str, str]]:
-        """(param, message) for each accepted-but-unsupported setting."""
-        problems = []
-        if self.n != 1:
-            problems.append(("n", f"only n=1 is supported, got n={self.n}"))
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                problems.append((name, f"{name} is not supported (only 0)"))
-        if self.logit_bias:
-            problems.append(("logit_bias", "logit_bias is not supported"))
-        return problems
-
-    def stop_strings(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > MAX_STOP_STRINGS:
-            raise OpenAIError(400, f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
-        return [stop for stop in stops if stop]
-
-    def sampling(self) -> SamplingParams:
-        temperature = 1.0 if self.temperature is None else self.temperature
-        top_k = 0 if self.top_k is None or self.top_k < 0 else self.top_k
-        top_p = 1.0 if self.top_p is None else self.top_p
-        return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=self.seed)
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    def as_template_message(self) -> dict[str, str]:
-        content = self.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
-
-
-class ChatCompletionBody(_GenerationBody):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-
-    def unsupported(self) -> list[tuple[str, str]]:
-        problems = super().unsupported()
-        if self.logprobs:
-            problems.append(("logprobs", "logprobs are not supported"))
-        if self.top_logprobs:
-            problems.append(("top_logprobs", "top_logprobs are not supported"))
-        return problems
-
-
-class CompletionBody(_GenerationBody):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-    logprobs: int | None = None
-
-    def unsupported(self) -> list[tuple[str, str]]:
-        problems = super().unsupported()
-        if self.echo:
-            problems.append(("echo", "echo is not supported"))
-        if self.suffix:
-            problems.append(("suffix", "suffix is not supported"))
-        if self.best_of not in (None, 1):
-            problems.append(("best_of", "only best_of=1 is supported"))
-        if self.logprobs:
-            problems.append(("logprobs", "logprobs are not supported"))
-        return problems
-
 
 # ---- errors -----------------------------------------------------------------------------------
-class OpenAIError(Exception):
-    """An error answered as OpenAI's JSON: {"error": {message, type, param, code}}."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-    @classmethod
-    def from_exception(cls, error: Exception) -> OpenAIError:
-        if isinstance(error, OpenAIError):
-            return error
-        if isinstance(error, InvalidRequestError):
-            return cls(400, str(error))
-        if isinstance(error, ServerUnavailableError):
-            return cls(503, str(error), type="server_error", code="server_unavailable")
-        logger.exception("request failed", exc_info=error)
-        return cls(500, f"internal error: {type(error).__name__}: {error}", type="server_error")
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body, status_code=self.status)
-
-
-def _validation_error(error: RequestValidationError) -> OpenAIError:
-    first = error.errors()[0] if error.errors() else {}
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(location) or None
-    if first.get("type") == "extra_forbidden":
-        return OpenAIError(400, f"Unrecognized request argument supplied: {param}", param=param)
-    if first.get("type") == "json_invalid":
-        return OpenAIError(400, "the request body is not valid JSON")
-    message = str(first.get("msg", "invalid request"))
-    return OpenAIError(400, f"{param}: {message}" if param else message, param=param)
+def as_openai_error(error: Exception) -> OpenAIError:
+    """Any failure as OpenAI's error JSON: 400 for a bad request, 503 when the verification
+    server is unavailable, 500 (logged) otherwise."""
+    if isinstance(error, OpenAIError):
+        return error
+    if isinstance(error, InvalidRequestError):
+        return OpenAIError(400, str(error))
+    if isinstance(error, ServerUnavailableError):
+        return OpenAIError(503, str(error), type="server_error", code="server_unavailable")
+    logger.exception("request failed", exc_info=error)
+    return OpenAIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error")
 
 
 # ---- generation -------------------------------------------------------------------------------
@@ -245,7 +114,7 @@ class Generation:
         runtime: EdgeRuntime,
         served: ServedModel,
         prompt_token_ids: list[int],
-        body: _GenerationBody,
+        body: GenerationBody,
         max_tokens: int | None,
     ) -> None:
         self.runtime = runtime
@@ -304,7 +173,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        return _validation_error(error).response()
+        return validation_error(error).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -313,7 +182,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _any(request: Request, error: Exception) -> JSONResponse:
-        return OpenAIError.from_exception(error).response()
+        return as_openai_error(error).response()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -344,7 +213,7 @@ def create_app(
             max_tokens = body.max_completion_tokens or body.max_tokens
             return Generation(runtime, served, prompt, body, max_tokens)
 
-        return await _respond("chat", body, start, _ChatFormat(body.model or served.name))
+        return await _respond("chat", body, start, ChatFormat(body.model or served.name))
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionBody) -> Response:
@@ -353,11 +222,11 @@ def create_app(
             return Generation(runtime, served, prompt, body, body.max_tokens)
 
         return await _respond(
-            "completions", body, start, _CompletionFormat(body.model or served.name)
+            "completions", body, start, CompletionFormat(body.model or served.name)
         )
 
     async def _respond(
-        endpoint: str, body: _GenerationBody, start: Callable[[], Generation], form: _Format
+        endpoint: str, body: GenerationBody, start: Callable[[], Generation], form: ResponseFormat
     ) -> Response:
         try:
             for param, message in body.unsupported():
@@ -377,7 +246,7 @@ def create_app(
             text = "".join(delta.text for delta in pieces)
             answer = form.complete(text, pieces[-1].finish_reason, generation.usage())
         except Exception as error:  # every failure leaves as OpenAI's error JSON
-            failure = OpenAIError.from_exception(error)
+            failure = as_openai_error(error)
             metrics.requests.labels(endpoint, str(failure.status)).inc()
             return failure.response()
         metrics.requests.labels(endpoint, "200").inc()
@@ -387,7 +256,11 @@ def create_app(
 
 
 async def _sse(
-    generation: Generation, form: _Format, include_usage: bool, metrics: EdgeMetrics, endpoint: str
+    generation: Generation,
+    form: ResponseFormat,
+    include_usage: bool,
+    metrics: EdgeMetrics,
+    endpoint: str,
 ) -> AsyncGenerator[str, None]:
     """Server-sent events of a generation. The first delta is awaited before the response
     starts, so that a failure to reach the server is still an HTTP error status."""
@@ -418,7 +291,7 @@ async def _sse(
                 yield _event(form.usage_chunk(generation.usage()))
             yield "data: [DONE]\n\n"
         except Exception as error:  # headers are out: report in-band, as OpenAI does
-            failure = OpenAIError.from_exception(error)
+            failure = as_openai_error(error)
             outcome = str(failure.status)
             yield _event(failure.body)
         except BaseException:  # the client went away: closing `deltas` cancels the session
@@ -452,74 +325,3 @@ def _completion_prompt(
             400, f"prompt token id {bad[0]} outside vocab [0, {served.vocab_size})", param="prompt"
         )
     return token_ids
-
-
-# ---- response shapes --------------------------------------------------------------------------
-class _Format:
-    """Builds one endpoint's response objects (ids, object names, choice shapes)."""
-
-    object_name = ""
-    chunk_name = ""
-    id_prefix = ""
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        self.id = f"{self.id_prefix}{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-
-    def _envelope(self, name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": name,
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": None,
-            "choices": choices,
-        }
-
-    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
-        return self._envelope(self.chunk_name, []) | {"usage": usage}
-
-    def complete(self, text: str, finish: str | None, usage: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def chunk(self, text: str | None, finish: str | None) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def opening_chunk(self) -> dict[str, Any] | None:
-        return None
-
-
-class _ChatFormat(_Format):
-    object_name = "chat.completion"
-    chunk_name = "chat.completion.chunk"
-    id_prefix = "chatcmpl-"
-
-    def complete(self, text: str, finish: str | None, usage: dict[str, Any]) -> dict[str, Any]:
-        message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-        return self._envelope(self.object_name, [choice]) | {"usage": usage}
-
-    def chunk(self, text: str | None, finish: str | None) -> dict[str, Any]:
-        delta = {} if text is None else {"content": text}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return self._envelope(self.chunk_name, [choice])
-
-    def opening_chunk(self) -> dict[str, Any]:
-        delta = {"role": "assistant", "content": ""}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
-        return self._envelope(self.chunk_name, [choice])
-
-
-class _CompletionFormat(_Format):
-    object_name = "text_completion"
-    chunk_name = "text_completion"
-    id_prefix = "cmpl-"
-
-    def complete(self, text: str, finish: str | None, usage: dict[str, Any]) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return self._envelope(self.object_name, [choice]) | {"usage": usage}
-
-    def chunk(self, text: str | None, finish: str | None) -> dict[str, Any]:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return self._envelope(self.chunk_name, [choice])

@@ -3,73 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fake_openai import CHUNK_DELAY_S, CHUNKS, running_fake_api
 
 from specedge.bench.client import RequestSettings, run_clients
 from specedge.bench.prompts import BenchPrompt
 from specedge.bench.wan import DelayProxy
 
-CHUNK_DELAY_S = 0.02
-TOKENS_PER_CHUNK = 3
-CHUNKS = 4
-
-
-def _fake_api() -> FastAPI:
-    """Streams CHUNKS chunks of TOKENS_PER_CHUNK tokens (one per round), then usage; answers
-    400 for a prompt saying 'bad'."""
-    app = FastAPI()
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):  # type: ignore[no-untyped-def]
-        body = await request.json()
-        if body["messages"][0]["content"] == "bad":
-            return JSONResponse({"error": {"message": "bad prompt"}}, status_code=400)
-        assert body["stream"] and body["stream_options"] == {"include_usage": True}
-
-        async def events() -> AsyncIterator[str]:
-            for _ in range(CHUNKS):
-                await asyncio.sleep(CHUNK_DELAY_S)
-                delta = {"choices": [{"index": 0, "delta": {"content": "abc"}}]}
-                yield f"data: {json.dumps(delta)}\n\n"
-            yield 'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}\n\n'
-            usage = {
-                "prompt_tokens": 7,
-                "completion_tokens": CHUNKS * TOKENS_PER_CHUNK,
-                "speculative": {
-                    "rounds": CHUNKS,
-                    "tokens_per_round": TOKENS_PER_CHUNK,
-                    "acceptance_rate": 2 / 3,
-                    "proactive_hits": 1,
-                    "proactive_attempts": 3,
-                },
-            }
-            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    return app
-
 
 @pytest.fixture(scope="module")
 def api_url() -> Iterator[str]:
-    server = uvicorn.Server(uvicorn.Config(_fake_api(), port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=5)
+    with running_fake_api() as url:
+        yield url
 
 
 PROMPTS = [BenchPrompt(str(i), "qa", f"question {i}") for i in range(3)]

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
+from fake_openai import BUSY_PER_REQUEST_S, running_fake_api
+from rich.progress import Progress
+
 from specedge.bench.config import load_bench_config
 from specedge.bench.metrics import RequestRecord
-from specedge.bench.runner import plan_runs, rebase
+from specedge.bench.prompts import BenchPrompt
+from specedge.bench.results import RunSpec
+from specedge.bench.runner import measure_run, plan_runs, rebase
+from specedge.bench.systems import Deployment
+from specedge.bench.wan import DelayProxy
 
 
 def test_plan_groups_runs_by_deployment() -> None:
@@ -40,3 +48,38 @@ def test_rebase_counts_from_the_first_start() -> None:
     assert [r.client for r in rebased] == [0, 1]
     assert rebased[1].start_s == 5.0 and rebased[1].first_token_s == 5.5
     assert rebased[1].chunk_times_s == (5.5, 6.0) and rebased[0].first_token_s is None
+
+
+def test_measure_one_run_through_proxies() -> None:
+    """A run against a fake server-only API behind two 20 ms proxies: every metric source
+    (client records, busy counter, proxy bytes) reaches the run's metrics."""
+    config = load_bench_config(None, {"num_prompts": 3, "max_tokens": 12})
+    prompts = [BenchPrompt(str(i), "qa", f"question {i}") for i in range(3)]
+    with running_fake_api() as url:
+        port = int(url.rsplit(":", 1)[1])
+        proxies = [DelayProxy("127.0.0.1", port).start() for _ in range(2)]
+        try:
+            deployment = Deployment(
+                system="server-ar",
+                client_urls=[f"http://{p.address}" for p in proxies],
+                proxies=proxies,
+                metrics_url=url + "/metrics",
+                has_edges=False,
+            )
+            spec = RunSpec("server-ar", clients=2, rtt_ms=20.0, temperature=0.0)
+            with Progress(disable=True) as progress:
+                task = progress.add_task("run")
+                run = measure_run(deployment, spec, prompts, config, progress, task)
+        finally:
+            for proxy in proxies:
+                proxy.stop()
+    assert all(proxy.rtt_ms == 20.0 for proxy in proxies)
+    metrics = run.metrics
+    assert metrics.requests == 3 and metrics.failed_requests == 0 and metrics.tokens == 36
+    assert len(run.records) == 3 and run.records[0].start_s == 0.0
+    assert metrics.wall_s == max(r.end_s for r in run.records)
+    assert metrics.ttft_ms_mean is not None and metrics.ttft_ms_mean >= 20.0 + 20.0
+    assert metrics.server_busy_s == pytest.approx(3 * BUSY_PER_REQUEST_S)
+    assert metrics.bytes_per_token is not None and metrics.bytes_per_token > 0
+    assert metrics.edge_engaged_s == 0.0  # server-only: no edges to pay for
+    assert metrics.tokens_per_round == pytest.approx(3.0)

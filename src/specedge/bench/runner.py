@@ -177,7 +177,7 @@ def _run_group(
             _warm_up(deployment, config)
             results = []
             for spec in group.specs:
-                results.append(_measure(deployment, spec, prompts, config, progress, task))
+                results.append(measure_run(deployment, spec, prompts, config, progress, task))
             return results
     finally:
         progress.remove_task(task)
@@ -193,7 +193,7 @@ def _warm_up(deployment: Deployment, config: BenchConfig) -> None:
             raise SpecEdgeError(f"{deployment.system}: warm-up request failed: {records[0].error}")
 
 
-def _measure(
+def measure_run(
     deployment: Deployment,
     spec: RunSpec,
     prompts: Sequence[BenchPrompt],

@@ -216,7 +216,8 @@ class VerifierConnection:
 
 
 class RemoteSession:
-    """One generation's stream: `opened()`, then `verify(tree)` per round, then `end()`."""
+    """One generation's stream: `start(open)`, `verify(tree)` per round, then `finish()` after
+    the final reply, or `cancel()` to abandon it."""
 
     def __init__(self, connection: VerifierConnection, link: _Link, call: SessionCall) -> None:
         self._connection = connection
@@ -253,7 +254,7 @@ class RemoteSession:
         """Tell the server we are done (after its final reply), best effort."""
         if not self._ended:
             try:
-                await self._call.send(CloseSession())
+                self.bytes_sent += await self._call.send(CloseSession())
                 await self._call.done_writing()
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 pass
@@ -261,8 +262,11 @@ class RemoteSession:
 
     def cancel(self) -> None:
         """Abandon the session (client gone, stop string, error): the server frees it."""
-        if self._opened is not None and not self._opened.done():
-            self._opened.cancel()
+        if self._opened is not None:
+            if not self._opened.done():
+                self._opened.cancel()
+            elif not self._opened.cancelled():
+                self._opened.exception()  # a failed Open was already reported, or is moot
         self._call.cancel()
         self._end(lost=False)
 

@@ -99,7 +99,7 @@ def test_chat_equals_greedy_target_and_streaming_agrees(stack: Stack) -> None:
             model="whatever",
             messages=MESSAGES,  # type: ignore[arg-type]
             temperature=0,
-            max_tokens=MAX_TOKENS,
+            max_completion_tokens=MAX_TOKENS,
             stream=True,
             stream_options={"include_usage": True},
         )
@@ -127,6 +127,11 @@ def test_completions_with_text_and_token_prompts(stack: Stack) -> None:
         model="m", prompt=prompt_ids, temperature=0, max_tokens=30, stream=True
     )
     assert "".join(chunk.choices[0].text for chunk in stream) == expected
+    sampled = client.completions.create(
+        model="m", prompt=prompt_ids, temperature=0.9, top_p=0.9, seed=3, max_tokens=30,
+        extra_body={"top_k": 50},
+    )  # fmt: skip
+    assert sampled.usage is not None and sampled.usage.completion_tokens == 30
 
 
 def test_stop_strings_cut_the_text(stack: Stack) -> None:

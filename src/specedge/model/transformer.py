@@ -144,10 +144,15 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        head = config.head_token_ids
+        self.lm_head = nn.Linear(
+            config.hidden_size, len(head or ()) or config.vocab_size, bias=False
+        )
+        if config.tie_word_embeddings and head is None:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        head_ids = torch.tensor(head) if head is not None else None  # [K_head] int64
+        self.register_buffer("head_token_ids", head_ids, persistent=False)
 
     def hidden_states(
         self,
@@ -166,7 +171,12 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: Tensor) -> Tensor:  # [..., E] -> [..., V] float32
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        if self.head_token_ids is None:
+            return logits
+        # Reduced head: scatter its [..., K_head] logits into the vocabulary, -inf elsewhere.
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), -math.inf)
+        return full.index_copy_(-1, self.head_token_ids, logits)
 
     def forward(
         self,

@@ -1,0 +1,192 @@
+"""`specedge distill` end to end on a tiny random target, and its building blocks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from specedge.distill import DistillConfig, run_distill
+from specedge.distill.prompts import builtin_prompts
+from specedge.distill.student import layer_sources, select_head_tokens
+from specedge.distill.teacher import TeacherSample
+from specedge.draft import TreeShape
+from specedge.generate import LocalGenerator
+from specedge.model.loader import build_model, convert_hf_state_dict, load_model, resolve_model_dir
+from specedge.sampling import SamplingParams
+from specedge.text import encode_prompt
+
+SPECBENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "specbench_prompts.jsonl"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-layer, 64-wide random Llama with SmolLM2's tokenizer (vocab 49152)."""
+    directory = tmp_path_factory.mktemp("tiny-target")
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    source = resolve_model_dir("smollm2-135m")
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, directory / name)
+    return directory
+
+
+def tiny_config(target: Path, out: Path, **overrides: object) -> DistillConfig:
+    settings: dict[str, object] = {
+        "target": str(target),
+        "out": out,
+        "layers": 2,
+        "frozen_layers": 1,
+        "max_minutes": 0.2,
+        "dtype": "float32",
+        "head_tokens": 512,
+        "max_new_tokens": 24,
+        "generate_batch": 16,
+        "max_teacher_tokens": 2000,
+        "heldout_fraction": 0.005,
+        "acceptance_prompts": 2,
+        "acceptance_tokens": 16,
+    }
+    settings.update(overrides)
+    return DistillConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_distill_writes_a_loadable_draft_that_generates_losslessly(
+    tiny_target: Path, tmp_path: Path
+) -> None:
+    out = run_distill(tiny_config(tiny_target, tmp_path / "draft"))
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md"):
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "specedge_draft.json").read_text())
+    stored = load_file(out / "model.safetensors")
+    # Shared tensors (embeddings, the frozen bottom layer) come from the target, not the file.
+    assert "model.embed_tokens.weight" in meta["shared_from_target"]
+    assert "model.layers.0.mlp.up_proj.weight" in meta["shared_from_target"]
+    assert not set(meta["shared_from_target"]) & set(stored)
+    assert len(meta["head_token_ids"]) == 512
+    card = (out / "README.md").read_text()
+    assert "held-out top-1 agreement" in card and "tokens per verification round" in card
+
+    target = load_model(str(tiny_target), dtype=torch.float32)
+    draft = load_model(str(out), dtype=torch.float32)
+    assert draft.config.num_layers == 2 and draft.config.head_token_ids is not None
+    assert torch.equal(
+        draft.model.layers[0].feed_forward.w2.weight, target.model.layers[0].feed_forward.w2.weight
+    )
+    prompt = encode_prompt(target.tokenizer, "Tell me about the sea.", chat=True)
+    params = SamplingParams(temperature=0.0)
+    shape = TreeShape(budget=8, depth=3)
+    spec = LocalGenerator(target, draft, shape).generate(prompt, params, 12, ())
+    ar = LocalGenerator(target).generate(prompt, params, 12, ())
+    assert spec.token_ids == ar.token_ids
+
+
+def test_distill_resumes_from_its_work_directory(tiny_target: Path, tmp_path: Path) -> None:
+    config = tiny_config(tiny_target, tmp_path / "draft", max_minutes=0.1)
+    run_distill(config)
+    work = tmp_path / "draft" / ".distill"
+    shards = {p.name: p.stat().st_mtime_ns for p in (work / "data").glob("shard-*.pt")}
+    step = torch.load(work / "checkpoint.pt")["state"]["step"]
+    run_distill(tiny_config(tiny_target, tmp_path / "draft", max_minutes=0.15))
+    after = {p.name: p.stat().st_mtime_ns for p in (work / "data").glob("shard-*.pt")}
+    assert {name: after[name] for name in shards} == shards  # kept, not regenerated
+    assert torch.load(work / "checkpoint.pt")["state"]["step"] >= step
+
+
+def test_reduced_head_gives_full_vocab_logits_with_minus_inf_outside(tiny_target: Path) -> None:
+    full = load_model(str(tiny_target), dtype=torch.float32)
+    head = (0, 2, 7, 100, 49151)
+    state = convert_hf_state_dict(load_file(tiny_target / "model.safetensors"), full.config)
+    from dataclasses import replace
+
+    reduced = build_model(replace(full.config, head_token_ids=head), state, "cpu", torch.float32)
+    hidden = torch.randn(3, full.config.hidden_size)
+    expected = full.model.logits(hidden)
+    logits = reduced.logits(hidden)
+    assert logits.shape == expected.shape
+    torch.testing.assert_close(logits[:, list(head)], expected[:, list(head)])
+    outside = torch.ones(full.config.vocab_size, dtype=torch.bool)
+    outside[list(head)] = False
+    assert torch.isneginf(logits[:, outside]).all()
+
+
+def test_builtin_prompts_do_not_overlap_the_evaluation_set() -> None:
+    prompts = builtin_prompts(760)
+    assert len(set(prompts)) == 760
+    if not SPECBENCH.exists():
+        pytest.skip(f"{SPECBENCH} not present")
+    turns = {
+        turn.strip()
+        for line in SPECBENCH.read_text().splitlines()
+        for turn in json.loads(line)["turns"]
+    }
+    assert not {p.strip() for p in prompts} & turns
+
+
+def test_layer_sources_take_bottom_and_top_layers() -> None:
+    assert layer_sources(30, 4) == [0, 1, 28, 29]
+    assert layer_sources(30, 3) == [0, 1, 29]
+    assert layer_sources(30, 1) == [0]
+
+
+def test_head_tokens_are_the_most_frequent_plus_stop_tokens() -> None:
+    sample = TeacherSample(
+        tokens=[5, 9, 9, 9, 4, 4],
+        num_prompt=1,
+        topk_ids=torch.tensor([[9], [9], [9], [4], [4]], dtype=torch.int32),
+        topk_logits=torch.zeros(5, 1, dtype=torch.bfloat16),
+    )
+    assert select_head_tokens([sample], vocab_size=20, count=3, always=[2]) == [2, 4, 9]
+    assert select_head_tokens([sample], vocab_size=20, count=0, always=[2]) == list(range(20))
+
+
+def test_cli_builds_the_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from specedge import cli
+
+    seen: list[DistillConfig] = []
+
+    def fake_run(config: DistillConfig) -> Path:
+        seen.append(config)
+        return config.out
+
+    monkeypatch.setattr("specedge.distill.run_distill", fake_run)
+    args = [
+        "distill",
+        "--target",
+        "t",
+        "--out",
+        str(tmp_path),
+        "--layers",
+        "3",
+        "--max-minutes",
+        "5",
+        "--seed",
+        "7",
+        "--no-init-from-target",
+    ]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    (config,) = seen
+    assert (config.layers, config.max_minutes, config.seed) == (3, 5.0, 7)
+    assert not config.init_from_target

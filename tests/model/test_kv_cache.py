@@ -1,0 +1,203 @@
+"""KV slots: allocation, capacity errors, compaction; and the compaction property: after any
+sequence of accept/reject rounds, a slot's keys and values for its committed positions equal a
+fresh prefill of the committed tokens (target side through TargetEngine, draft side through
+DraftEngine)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import (
+    causal_forward,
+    plant_path,
+    random_tree,
+    shuffle_tree,
+    tiny_hf_config,
+    tiny_loaded_model,
+)
+
+from specedge.draft import DraftEngine, TreeShape
+from specedge.engine import TargetEngine, TargetSequence
+from specedge.errors import CapacityError
+from specedge.model.config import ModelConfig
+from specedge.model.kv_cache import KVCache
+from specedge.model.loader import LoadedModel
+from specedge.runner import ModelRunner
+from specedge.sampling import SamplingParams
+from specedge.tree import DraftTree
+
+ATOL = 1e-5
+VOCAB = 24  # small, so that random trees often contain the target's sample
+
+
+def small_config(num_slots_layers: int = 2) -> ModelConfig:
+    return ModelConfig.from_hf(tiny_hf_config("llama", num_hidden_layers=num_slots_layers))
+
+
+def test_allocate_until_full_then_capacity_error() -> None:
+    kv = KVCache(small_config(), num_slots=3, max_len=8)
+    slots = [kv.allocate() for _ in range(3)]
+    assert sorted(slots) == [0, 1, 2] and kv.num_free == 0
+    with pytest.raises(CapacityError, match="all 3 KV slots are in use"):
+        kv.allocate()
+    kv.set_length(slots[1], 5)
+    kv.free(slots[1])
+    assert kv.num_free == 1
+    assert kv.allocate() == slots[1]
+    assert kv.lengths[slots[1]] == 0
+
+
+def test_double_free_is_an_error() -> None:
+    kv = KVCache(small_config(), num_slots=2, max_len=8)
+    slot = kv.allocate()
+    kv.free(slot)
+    with pytest.raises(AssertionError):
+        kv.free(slot)
+
+
+def test_compact_moves_kept_positions_and_leaves_other_slots_alone() -> None:
+    config = small_config()
+    kv = KVCache(config, num_slots=2, max_len=12)
+    for layer in range(config.num_layers):
+        # Position p of slot s holds the value 100 s + p (+ 0.5 in values), in every lane.
+        code = torch.arange(12, dtype=torch.float32)[None, None, :, None]
+        for slot in range(2):
+            kv.keys[layer][slot] = (100 * slot + code + layer)[0]
+            kv.values[layer][slot] = (100 * slot + code + layer + 0.5)[0]
+    kv.compact(1, start=3, kept_positions=[3, 5, 8, 9])
+    assert kv.lengths[1] == 7
+    for layer in range(config.num_layers):
+        positions = kv.keys[layer][1, 0, :, 0] - 100 - layer
+        assert positions[:7].tolist() == [0, 1, 2, 3, 5, 8, 9]
+        assert (kv.values[layer][1, :, :7] - kv.keys[layer][1, :, :7] == 0.5).all()
+        untouched = kv.keys[layer][0, 0, :, 0] - layer
+        assert untouched.tolist() == list(range(12))
+
+
+def assert_slot_matches_fresh_prefill(
+    loaded: LoadedModel, kv: KVCache, slot: int, tokens: list[int]
+) -> None:
+    """Positions [0, len(tokens)) of `slot` hold the K/V of a plain prefill of `tokens`."""
+    length = len(tokens)
+    assert kv.lengths[slot] == length
+    if not length:
+        return
+    _, fresh = causal_forward(loaded.model, torch.tensor([tokens]))
+    for layer in range(loaded.config.num_layers):
+        torch.testing.assert_close(
+            kv.keys[layer][slot, :, :length], fresh.keys[layer][0], atol=ATOL, rtol=0
+        )
+        torch.testing.assert_close(
+            kv.values[layer][slot, :, :length], fresh.values[layer][0], atol=ATOL, rtol=0
+        )
+
+
+@pytest.fixture(scope="module")
+def target() -> LoadedModel:
+    return tiny_loaded_model(tiny_hf_config("llama", vocab_size=VOCAB), seed=11)
+
+
+@pytest.fixture(scope="module")
+def draft() -> LoadedModel:
+    return tiny_loaded_model(tiny_hf_config("llama", vocab_size=VOCAB), seed=12)
+
+
+def open_sequence(engine: TargetEngine, rng: random.Random, seed: int) -> TargetSequence:
+    """A random prompt, greedy or at temperature 1, prefilled in chunks (as the server does)."""
+    prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 20))]
+    params = SamplingParams(temperature=rng.choice([0.0, 1.0]), seed=seed)
+    seq = engine.open(prompt, params, max_new_tokens=40)
+    while not engine.prefill_chunk(seq, chunk=7):
+        pass
+    return seq
+
+
+def greedy_continuation(loaded: LoadedModel, tokens: list[int], length: int) -> list[int]:
+    out: list[int] = []
+    for _ in range(length):
+        logits = causal_forward(loaded.model, torch.tensor([tokens + out]))[0]
+        out.append(int(logits[0, -1].argmax()))
+    return out
+
+
+def random_round_tree(rng: random.Random, loaded: LoadedModel, seq: TargetSequence) -> DraftTree:
+    """A random tree; for a greedy sequence it holds the target's next 0-5 tokens as a path,
+    so acceptance lengths vary from 0 to 5 (random trees alone rarely match more than one)."""
+    tokens, parents = random_tree(rng, VOCAB, rng.randint(0, 20))
+    if seq.params.greedy:
+        path = greedy_continuation(loaded, seq.committed, rng.randint(0, 5))
+        tokens, parents = plant_path(tokens, parents, path)
+    tokens, parents = shuffle_tree(rng, tokens, parents)
+    return DraftTree(tuple(tokens), tuple(parents))
+
+
+def test_target_kv_after_random_rounds_equals_fresh_prefill(target: LoadedModel) -> None:
+    """Three sequences share one batched verify per round, each with its own random tree.
+    Finished sequences leave and new ones take their (dirty) slots."""
+    rng = random.Random(5)
+    runner = ModelRunner(target, num_slots=3, max_context=96, max_block=32)
+    engine = TargetEngine(runner)
+    active = [open_sequence(engine, rng, seed) for seed in range(3)]
+    accepted_per_round: list[int] = []
+    num_opened = 3
+    for _ in range(30):
+        batch = []
+        for seq in active:
+            tree = random_round_tree(rng, target, seq)
+            engine.validate(seq, tree)
+            batch.append((seq, tree))
+        results = engine.verify(batch)
+        accepted_per_round.extend(result.num_accepted for result in results)
+        for seq in active:
+            # Between rounds the root has no KV; a finished sequence may hold its last token's.
+            assert seq.prefilled == len(seq.committed) - 1 or seq.finish_reason is not None
+            with_kv = seq.committed[: seq.prefilled]
+            assert_slot_matches_fresh_prefill(target, runner.kv, seq.slot, with_kv)
+        for i, seq in enumerate(active):
+            if seq.finish_reason is not None:
+                engine.close(seq)
+                active[i] = open_sequence(engine, rng, seed=num_opened)
+                num_opened += 1
+                assert_slot_matches_fresh_prefill(
+                    target, runner.kv, active[i].slot, active[i].committed[:-1]
+                )
+    # The property was exercised: rejections at the root, and paths several nodes deep.
+    assert accepted_per_round.count(0) >= 5
+    assert len({n for n in accepted_per_round if n > 0}) >= 4
+    assert num_opened >= 4
+
+
+def test_draft_kv_after_rounds_equals_fresh_prefill(
+    target: LoadedModel, draft: LoadedModel
+) -> None:
+    """Draft trees grown by DraftEngine, verified at temperature 1 by the target: after each
+    commit the draft slot holds exactly the K/V of its committed tokens with KV."""
+    shape = TreeShape(budget=10, depth=4, width=3, beams=3)
+    target_engine = TargetEngine(ModelRunner(target, num_slots=1, max_context=96, max_block=16))
+    draft_runner = ModelRunner(draft, num_slots=1, max_context=96, max_block=shape.max_block)
+    draft_engine = DraftEngine(draft_runner, shape)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    seq = target_engine.open(prompt, SamplingParams(temperature=1.0, seed=0), max_new_tokens=48)
+    target_engine.prefill(seq)
+    draft_seq = draft_engine.open(prompt)
+    draft_engine.prefill(draft_seq)
+    accepted = []
+    while seq.finish_reason is None:
+        builder = draft_engine.builder(draft_seq)
+        builder.grow()
+        tree, node_map = builder.tree()
+        result = target_engine.verify([(seq, tree)])[0]
+        draft_engine.commit(
+            draft_seq, builder, [node_map[n] for n in result.accepted_nodes], result.emitted_tokens
+        )
+        accepted.append(result.num_accepted)
+        assert draft_seq.committed == seq.committed
+        assert_slot_matches_fresh_prefill(
+            draft, draft_runner.kv, draft_seq.slot, draft_seq.committed[: draft_seq.kv_len]
+        )
+        assert_slot_matches_fresh_prefill(
+            target, target_engine.runner.kv, seq.slot, seq.committed[:-1]
+        )
+    assert 0 in accepted and max(accepted) >= 2

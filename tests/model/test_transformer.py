@@ -1,0 +1,131 @@
+"""Our transformer against Hugging Face transformers on the same random weights: prefill and
+KV-cached decode logits agree within 1e-4 for every supported family and feature (Llama-3 rope
+scaling, Qwen2 qkv bias, Qwen3 q/k norm, tied embeddings, GQA); unknown architectures are
+rejected with a message naming the supported ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import (
+    LLAMA3_ROPE_SCALING,
+    TINY_VOCAB,
+    causal_logits,
+    random_hf_model,
+    tiny_hf_config,
+    to_specedge,
+)
+from transformers import GPT2Config, PretrainedConfig
+
+from specedge.errors import ModelLoadError
+from specedge.model.config import ModelConfig
+from specedge.model.kv_cache import KVCache, KVWrite
+from specedge.model.loader import load_model
+
+ATOL = 1e-4
+
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("llama", {}),
+    "llama3-rope-scaling": ("llama", {"rope_scaling": LLAMA3_ROPE_SCALING, "rope_theta": 5e5}),
+    "llama-tied": ("llama", {"tie_word_embeddings": True}),
+    "mistral": ("mistral", {"sliding_window": None}),
+    "qwen2-qkv-bias": ("qwen2", {}),
+    "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
+    # head_dim 32 != hidden / heads (16), as in Qwen3: the projections are not square.
+    "qwen3-qk-norm": ("qwen3", {"head_dim": 32}),
+}
+
+
+def case_config(case: str) -> PretrainedConfig:
+    model_type, overrides = CASES[case]
+    return tiny_hf_config(model_type, **overrides)
+
+
+def test_cases_exercise_each_feature() -> None:
+    """The parsed configs carry the features the cases are named after."""
+    configs = {case: ModelConfig.from_hf(case_config(case)) for case in CASES}
+    assert configs["llama3-rope-scaling"].rope_scaling is not None
+    assert configs["llama3-rope-scaling"].rope_scaling.factor == 8.0
+    assert configs["llama3-rope-scaling"].rope_theta == 5e5
+    assert configs["llama-tied"].tie_word_embeddings and configs["qwen2-tied"].tie_word_embeddings
+    assert configs["qwen2-qkv-bias"].qkv_bias and not configs["llama"].qkv_bias
+    assert configs["qwen3-qk-norm"].qk_norm and configs["qwen3-qk-norm"].head_dim == 32
+    assert all(c.num_kv_heads < c.num_heads for c in configs.values())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_prefill_logits_match_transformers(case: str) -> None:
+    hf_model = random_hf_model(case_config(case), seed=1)
+    _, model = to_specedge(hf_model)
+    tokens = torch.randint(
+        0, hf_model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2)
+    )
+    with torch.no_grad():
+        expected = hf_model(tokens).logits
+    actual = causal_logits(model, tokens)
+    assert expected.std() > 0.5, "reference logits too flat to discriminate"
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_decode_with_kv_cache_matches_transformers(case: str) -> None:
+    """Prefill a prompt, then decode one token at a time through the KV cache; each step's
+    logits equal transformers' full forward over the sequence so far."""
+    hf_model = random_hf_model(case_config(case), seed=3)
+    config, model = to_specedge(hf_model)
+    generator = torch.Generator().manual_seed(4)
+    num_prompt, num_steps = 12, 10
+    sequence = torch.randint(0, config.vocab_size, (1, num_prompt), generator=generator)
+    kv = KVCache(config, num_slots=2, max_len=num_prompt + num_steps)
+    slot = 1  # not slot 0, so that slot indexing matters
+    write = KVWrite(slots=(slot,), starts=(0,))
+    prompt_mask = torch.ones(num_prompt, num_prompt, dtype=torch.bool).tril()[None]
+    with torch.inference_mode():
+        logits = model(sequence, torch.arange(num_prompt)[None], prompt_mask, kv, write)[0, -1]
+    for step in range(num_steps):
+        with torch.no_grad():
+            expected = hf_model(sequence).logits[0, -1]
+        torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
+        next_token = torch.randint(0, config.vocab_size, (1, 1), generator=generator)
+        position = num_prompt + step
+        sequence = torch.cat([sequence, next_token], dim=1)
+        mask = torch.ones(1, 1, position + 1, dtype=torch.bool)
+        write = KVWrite(slots=(slot,), starts=(position,))
+        with torch.inference_mode():
+            logits = model(next_token, torch.tensor([[position]]), mask, kv, write)[0, -1]
+    assert logits.shape == (config.vocab_size,)
+
+
+def test_rope_scaling_changes_logits() -> None:
+    """Control for the rope-scaling case: at these positions, dropping the Llama-3 scaling
+    would move the logits far beyond the tolerance, so the equality above is meaningful."""
+    scaled = random_hf_model(case_config("llama3-rope-scaling"), seed=1)
+    unscaled = random_hf_model(tiny_hf_config("llama", rope_theta=5e5), seed=1)
+    tokens = torch.randint(0, TINY_VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        difference = (scaled(tokens).logits - unscaled(tokens).logits).abs().max()
+    assert difference > 100 * ATOL
+
+
+def test_unknown_architecture_names_the_supported_ones() -> None:
+    with pytest.raises(ModelLoadError) as error:
+        ModelConfig.from_hf(GPT2Config())
+    message = str(error.value)
+    assert "gpt2" in message
+    for expected in ("llama", "mistral", "qwen2", "qwen3"):
+        assert expected in message
+
+
+def test_load_model_rejects_unknown_architecture_directory(tmp_path: Path) -> None:
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="expected one of llama, mistral, qwen2, qwen3"):
+        load_model(str(tmp_path))
+
+
+def test_unsupported_rope_type_is_rejected() -> None:
+    config = tiny_hf_config("llama", rope_scaling={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(ModelLoadError, match="rope_type 'linear'"):
+        ModelConfig.from_hf(config)

@@ -1,0 +1,182 @@
+"""Sampling: temperature / top-k / top-p kept sets equal transformers' logits warpers (ties and
+extreme values included), samples follow `probabilities`, seeded generators are deterministic
+and independent, and invalid parameters are rejected."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from specedge.errors import InvalidRequestError
+from specedge.sampling import (
+    SamplingParams,
+    filter_logits,
+    make_generator,
+    probabilities,
+    sample,
+)
+
+VOCAB = 50
+
+
+def reference_filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """transformers' warpers in generate()'s order: temperature, top-k, top-p."""
+    dummy_ids = torch.zeros(logits.shape[0], 1, dtype=torch.long)
+    scores = TemperatureLogitsWarper(params.temperature)(dummy_ids, logits.clone())
+    if params.top_k > 0:
+        scores = TopKLogitsWarper(params.top_k)(dummy_ids, scores)
+    if params.top_p < 1.0:
+        scores = TopPLogitsWarper(params.top_p)(dummy_ids, scores)
+    return scores
+
+
+def random_logits(
+    seed: int, rows: int = 64, vocab: int = VOCAB, ties: bool = False
+) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    logits = 3.0 * torch.randn(rows, vocab, generator=generator)
+    if ties:  # few distinct values: many exact ties at every rank
+        logits = logits.round()
+    return logits
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 1.7])
+@pytest.mark.parametrize("top_k", [0, 1, 3, 10, VOCAB - 1, VOCAB, VOCAB + 5])
+@pytest.mark.parametrize("top_p", [1.0, 0.95, 0.5, 0.1])
+@pytest.mark.parametrize("ties", [False, True])
+def test_kept_sets_match_transformers(
+    temperature: float, top_k: int, top_p: float, ties: bool
+) -> None:
+    logits = random_logits(seed=top_k * 7 + int(100 * top_p), ties=ties)
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    ours = filter_logits(logits, params)
+    reference = reference_filter(logits, params)
+    kept = torch.isfinite(ours)
+    assert torch.equal(kept, torch.isfinite(reference))
+    torch.testing.assert_close(ours[kept], reference[kept])
+    assert kept.any(dim=-1).all(), "every row keeps at least one token"
+
+
+def test_top_p_is_the_smallest_set_reaching_the_mass() -> None:
+    """Independently of transformers: top-p keeps the most likely tokens, in order, until their
+    mass reaches top_p (the published prototype sorted the wrong way and kept the least likely)."""
+    logits = random_logits(seed=3, rows=32)
+    for top_p in (0.2, 0.6, 0.9):
+        kept = torch.isfinite(filter_logits(logits, SamplingParams(1.0, top_p=top_p)))
+        probs = logits.softmax(dim=-1)
+        for row in range(logits.shape[0]):
+            order = probs[row].argsort(descending=True)
+            mass = probs[row][order].cumsum(dim=0)
+            num_kept = int((mass < top_p).sum()) + 1  # up to and including the crossing token
+            assert set(order[:num_kept].tolist()) == set(kept[row].nonzero().flatten().tolist())
+
+
+def test_top_k_keeps_the_k_largest_and_all_ties_at_the_boundary() -> None:
+    logits = torch.tensor([[1.0, 5.0, 3.0, 3.0, 3.0, -2.0, 4.0]])
+    kept = torch.isfinite(filter_logits(logits, SamplingParams(1.0, top_k=2)))
+    assert kept[0].tolist() == [False, True, False, False, False, False, True]
+    kept = torch.isfinite(filter_logits(logits, SamplingParams(1.0, top_k=3)))
+    assert kept[0].tolist() == [False, True, True, True, True, False, True]  # tie at rank 3
+
+
+def test_tiny_top_p_keeps_only_the_most_likely_token() -> None:
+    logits = random_logits(seed=4)
+    probs = probabilities(logits, SamplingParams(temperature=1.0, top_p=1e-9))
+    assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), VOCAB).float())
+    # Even when the top two are almost tied.
+    near_tie = torch.tensor([[2.0, 2.0 - 1e-6, 0.0]])
+    assert probabilities(near_tie, SamplingParams(1.0, top_p=0.01)).tolist() == [[1.0, 0.0, 0.0]]
+
+
+def test_probabilities() -> None:
+    logits = random_logits(seed=5)
+    params = SamplingParams(temperature=0.7, top_p=0.8, top_k=12)
+    probs = probabilities(logits, params)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(logits.shape[0]))
+    expected = reference_filter(logits, params).softmax(-1)
+    torch.testing.assert_close(probs, expected)
+    assert ((probs > 0).sum(-1) <= 12).all()
+    greedy = probabilities(logits, SamplingParams(temperature=0.0))
+    assert torch.equal(greedy.argmax(-1), logits.argmax(-1)) and torch.equal(
+        greedy.sum(-1), torch.ones(64)
+    )
+
+
+def test_greedy_sample_is_argmax_and_ignores_the_generator() -> None:
+    logits = random_logits(seed=6)
+    generator = make_generator(0)
+    state = generator.get_state()
+    assert torch.equal(sample(logits, SamplingParams(0.0), generator), logits.argmax(-1))
+    assert torch.equal(generator.get_state(), state)
+
+
+def test_samples_follow_probabilities() -> None:
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]])
+    params = SamplingParams(temperature=1.3, top_p=0.9, top_k=6)
+    probs = probabilities(logits, params)[0]
+    num_samples = 20_000
+    draws = sample(logits.expand(num_samples, -1), params, make_generator(7))
+    counts = torch.bincount(draws, minlength=8)
+    kept = probs > 0
+    assert counts[~kept].sum() == 0, "a filtered token was sampled"
+    result = chisquare(counts[kept].numpy(), (num_samples * probs[kept]).double().numpy())
+    assert result.pvalue > 1e-3
+
+
+def test_same_seed_same_samples_different_seed_different_samples() -> None:
+    logits = random_logits(seed=8, rows=200)
+    params = SamplingParams(temperature=1.0, seed=42)
+    first = sample(logits, params, make_generator(params.seed))
+    again = sample(logits, params, make_generator(params.seed))
+    other = sample(logits, params, make_generator(43))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_generators_are_independent() -> None:
+    """Draws from one request's generator do not depend on other requests' draws."""
+    logits = random_logits(seed=9, rows=4)
+    params = SamplingParams(temperature=1.0)
+    alone = make_generator(1)
+    expected = [sample(logits, params, alone) for _ in range(20)]
+    mine, theirs = make_generator(1), make_generator(2)
+    interleaved = []
+    for _ in range(20):
+        sample(logits, params, theirs)
+        interleaved.append(sample(logits, params, mine))
+        sample(logits.repeat(3, 1), params, theirs)
+    assert all(torch.equal(a, b) for a, b in zip(expected, interleaved, strict=True))
+
+
+def test_unseeded_generators_differ() -> None:
+    logits = random_logits(seed=10, rows=200)
+    params = SamplingParams(temperature=1.0)
+    assert not torch.equal(
+        sample(logits, params, make_generator(None)), sample(logits, params, make_generator(None))
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"temperature": math.nan}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": -0.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": math.nan}, r"top_p must be in \(0, 1\]"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+    ],
+)
+def test_invalid_params_are_rejected(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        SamplingParams(**kwargs)

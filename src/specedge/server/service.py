@@ -121,6 +121,8 @@ class VerifierService:
                 message = await self._receive(requests, stats)
                 if isinstance(message, _StreamEnded | CloseSession):
                     outcome = "finished" if session.finished else "closed"
+                    if isinstance(message, _StreamEnded) and context.cancelled():
+                        outcome = "cancelled"  # a cancelled call ends its request stream too
                     return
                 reply = await self._round(session, message)
                 yield self._sent(reply, stats)

@@ -105,6 +105,11 @@ class VerificationExecutor:
     def num_sessions(self) -> int:
         return len(self._sessions)
 
+    @property
+    def idle(self) -> bool:
+        """No model work running or ready to run."""
+        return not self._in_flight and not self.scheduler.has_work()
+
     # ---- producer API (event loop) -------------------------------------------------------------
     def open_session(
         self,

@@ -1,0 +1,209 @@
+"""The executor with a tiny real target but no network: batching, prefill interleaving, slot
+lifetimes under close / cancel / finish / shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from server_harness import reference_tokens, tiny_target
+
+from specedge.engine import GenerationLimits, TargetEngine
+from specedge.errors import CapacityError, InvalidRequestError
+from specedge.model.loader import LoadedModel
+from specedge.runner import ModelRunner
+from specedge.sampling import SamplingParams
+from specedge.server.scheduler import SchedulerPolicy
+from specedge.server.verifier import (
+    ServerClosingError,
+    SessionStateError,
+    VerificationExecutor,
+    fit_to_context,
+)
+from specedge.tree import DraftTree
+
+GREEDY = SamplingParams()
+PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
+
+
+@pytest.fixture(scope="module")
+def target() -> LoadedModel:
+    return tiny_target()
+
+
+def make_executor(target: LoadedModel, num_slots: int = 4, **policy: Any) -> VerificationExecutor:
+    runner = ModelRunner(target, num_slots=num_slots, max_context=256, max_block=24)
+    engine = TargetEngine(runner, GenerationLimits(max_tree_nodes=16, max_tree_depth=6))
+    return VerificationExecutor(engine, SchedulerPolicy(prefill_chunk=16, **policy))
+
+
+def with_executor(
+    target: LoadedModel,
+    body: Callable[[VerificationExecutor], Awaitable[Any]],
+    **kwargs: Any,
+) -> Any:
+    async def main() -> Any:
+        executor = make_executor(target, **kwargs)
+        executor.start()
+        try:
+            return await body(executor)
+        finally:
+            await executor.stop()
+
+    return asyncio.run(main())
+
+
+async def settle(executor: VerificationExecutor) -> None:
+    while not executor.idle:
+        await asyncio.sleep(0.001)
+
+
+def free_slots(executor: VerificationExecutor) -> int:
+    return executor.engine.runner.kv.num_free
+
+
+async def generate(executor: VerificationExecutor, prompt: list[int], max_tokens: int) -> list[int]:
+    session = executor.open_session(prompt, GREEDY, max_tokens)
+    tokens: list[int] = []
+    while not session.finished:
+        tokens += (await executor.verify(session.session_id, DraftTree())).emitted_tokens
+    executor.close_session(session.session_id)
+    return tokens
+
+
+def test_ready_requests_share_one_forward(target: LoadedModel) -> None:
+    async def body(executor: VerificationExecutor) -> None:
+        sessions = [executor.open_session(PROMPT[i:], GREEDY, 8) for i in range(3)]
+        await settle(executor)  # let the prefills run
+        forwards = executor.engine.runner.num_forwards
+        trees = [DraftTree((7, 8), (-1, 0)), DraftTree(), DraftTree((1,), (-1,))]
+        results = await asyncio.gather(
+            *(executor.verify(s.session_id, tree) for s, tree in zip(sessions, trees, strict=True))
+        )
+        assert executor.engine.runner.num_forwards == forwards + 1
+        assert [len(r.emitted_tokens) >= 1 for r in results] == [True] * 3
+        registry = executor.metrics.registry
+        assert registry.get_sample_value("specedge_server_verify_batch_size_count") == 1
+        assert registry.get_sample_value("specedge_server_verify_batch_size_sum") == 3
+
+    with_executor(target, body)
+
+
+def test_long_prefill_does_not_stall_a_running_session(target: LoadedModel) -> None:
+    """While a 100-token prompt prefills in chunks of 16, a running session gets a reply every
+    iteration: the new session advances at most one chunk per reply."""
+    long_prompt = [(i * 5 + 2) % 256 for i in range(100)]
+
+    async def body(executor: VerificationExecutor) -> list[int]:
+        running = executor.open_session(PROMPT, GREEDY, 64)
+        await executor.verify(running.session_id, DraftTree())
+        newcomer = executor.open_session(long_prompt, GREEDY, 4)
+        progress = [newcomer.seq.prefilled]
+        while newcomer.seq.needs_prefill:
+            await executor.verify(running.session_id, DraftTree())
+            progress.append(newcomer.seq.prefilled)
+        return progress
+
+    progress = with_executor(target, body)
+    steps = [b - a for a, b in zip(progress, progress[1:], strict=False)]
+    assert max(steps) <= 16 and len(progress) >= 99 // 16
+
+
+def test_executor_output_matches_local_target(target: LoadedModel) -> None:
+    expected = [reference_tokens(target, PROMPT[i:], 10) for i in range(3)]
+
+    async def body(executor: VerificationExecutor) -> list[list[int]]:
+        return list(await asyncio.gather(*(generate(executor, PROMPT[i:], 10) for i in range(3))))
+
+    assert with_executor(target, body) == expected
+
+
+def test_finished_session_frees_its_slot_at_once(target: LoadedModel) -> None:
+    async def body(executor: VerificationExecutor) -> None:
+        session = executor.open_session(PROMPT, GREEDY, 1)
+        assert free_slots(executor) == 3
+        result = await executor.verify(session.session_id, DraftTree())
+        assert result.finish_reason == "length" and session.finished
+        assert free_slots(executor) == 4  # before the producer closes it
+        with pytest.raises(SessionStateError, match="finished"):
+            await executor.verify(session.session_id, DraftTree())
+        executor.close_session(session.session_id)
+        executor.close_session(session.session_id)  # idempotent, no double free
+        assert free_slots(executor) == 4 and executor.num_sessions == 0
+
+    with_executor(target, body)
+
+
+def test_close_during_the_forward_frees_after_the_batch(target: LoadedModel) -> None:
+    async def body(executor: VerificationExecutor) -> None:
+        session = executor.open_session(PROMPT, GREEDY, 8)
+        await executor.verify(session.session_id, DraftTree())
+        pending = asyncio.ensure_future(executor.verify(session.session_id, DraftTree((1,), (-1,))))
+        while session.session_id not in executor._in_flight:
+            await asyncio.sleep(0)
+        executor.close_session(session.session_id)
+        assert free_slots(executor) == 3  # still in the running forward
+        with pytest.raises(SessionStateError, match="closed"):
+            await pending
+        await settle(executor)
+        assert free_slots(executor) == 4
+
+    with_executor(target, body)
+
+
+def test_cancelled_verify_closes_the_session(target: LoadedModel) -> None:
+    async def body(executor: VerificationExecutor) -> None:
+        session = executor.open_session(PROMPT, GREEDY, 8)
+        pending = asyncio.ensure_future(executor.verify(session.session_id, DraftTree()))
+        await asyncio.sleep(0)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        assert executor.session(session.session_id) is None
+        await settle(executor)
+        assert free_slots(executor) == 4
+
+    with_executor(target, body)
+
+
+def test_bad_tree_and_full_server_raise_before_any_work(target: LoadedModel) -> None:
+    async def body(executor: VerificationExecutor) -> None:
+        first = executor.open_session(PROMPT, GREEDY, 8)
+        executor.open_session(PROMPT, GREEDY, 8)
+        with pytest.raises(CapacityError):
+            executor.open_session(PROMPT, GREEDY, 8)
+        with pytest.raises(InvalidRequestError, match="stop token"):
+            executor.open_session(PROMPT, GREEDY, 8, stop_token_ids=[999])
+        forwards = executor.engine.runner.num_forwards
+        with pytest.raises(InvalidRequestError, match="parent"):
+            await executor.verify(first.session_id, DraftTree((1, 2), (1, -1)))
+        with pytest.raises(SessionStateError, match="closed"):
+            await executor.verify("no-such-session", DraftTree())
+        assert executor.engine.runner.num_forwards == forwards
+
+    with_executor(target, body, num_slots=2)
+
+
+def test_stop_fails_pending_work_and_frees_everything(target: LoadedModel) -> None:
+    async def main() -> None:
+        executor = make_executor(target)
+        executor.start()
+        session = executor.open_session(PROMPT, GREEDY, 8)
+        pending = asyncio.ensure_future(executor.verify(session.session_id, DraftTree()))
+        await asyncio.sleep(0)
+        await executor.stop()
+        with pytest.raises(ServerClosingError):
+            await pending
+        with pytest.raises(ServerClosingError):
+            executor.open_session(PROMPT, GREEDY, 8)
+        assert free_slots(executor) == 4
+
+    asyncio.run(main())
+
+
+def test_fit_to_context_keeps_a_prefix() -> None:
+    tree = DraftTree((1, 2, 3, 4), (-1, 0, 1, -1))
+    assert fit_to_context(tree, context_len=10, max_context=20) is tree
+    assert fit_to_context(tree, context_len=18, max_context=20) == DraftTree((1, 2), (-1, 0))

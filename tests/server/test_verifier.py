@@ -20,6 +20,7 @@ from specedge.server.verifier import (
     ServerClosingError,
     SessionStateError,
     VerificationExecutor,
+    VerificationFailedError,
     fit_to_context,
 )
 from specedge.tree import DraftTree
@@ -207,3 +208,25 @@ def test_fit_to_context_keeps_a_prefix() -> None:
     tree = DraftTree((1, 2, 3, 4), (-1, 0, 1, -1))
     assert fit_to_context(tree, context_len=10, max_context=20) is tree
     assert fit_to_context(tree, context_len=18, max_context=20) == DraftTree((1, 2), (-1, 0))
+
+
+def test_model_failure_fails_that_batch_only(target: LoadedModel) -> None:
+    """An exception in the forward (e.g. out of memory) closes the batch's sessions with a
+    typed error; the executor keeps serving new sessions."""
+
+    async def body(executor: VerificationExecutor) -> None:
+        session = executor.open_session(PROMPT, GREEDY, 8)
+        await settle(executor)
+        real_verify = executor.engine.verify
+
+        def broken(batch: Any) -> Any:
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+        executor.engine.verify = broken  # type: ignore[method-assign]
+        with pytest.raises(VerificationFailedError, match="out of memory"):
+            await executor.verify(session.session_id, DraftTree())
+        assert executor.session(session.session_id) is None and free_slots(executor) == 4
+        executor.engine.verify = real_verify  # type: ignore[method-assign]
+        assert await generate(executor, PROMPT, 5) == reference_tokens(target, PROMPT, 5)
+
+    with_executor(target, body)

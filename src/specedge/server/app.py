@@ -98,11 +98,14 @@ class SpecEdgeServer:
             loaded = await asyncio.to_thread(_load_target, config)
         self._model_name = loaded.name
         engine = _build_engine(loaded, config)
+        kv = engine.runner.kv
+        kv_bytes = sum(t.numel() * t.element_size() for t in [*kv.keys, *kv.values])
         logger.info(
-            "KV cache: %d slots x %d positions (%s)",
-            engine.runner.kv.num_slots,
-            engine.runner.kv.max_len,
+            "KV cache: %d sessions x %d positions, %s, %.2f GB (--max-sessions, --max-context)",
+            kv.num_slots,
+            kv.max_len,
             loaded.dtype,
+            kv_bytes / 1e9,
         )
         policy = SchedulerPolicy(
             max_batch=config.max_batch,
@@ -168,8 +171,11 @@ class SpecEdgeServer:
 
     def _health(self) -> tuple[bool, dict[str, Any]]:
         executor = self.executor
-        return self._status == "ok", {
-            "status": self._status,
+        status = self._status
+        if executor is not None and executor.failed:
+            status = "failed"
+        return status == "ok", {
+            "status": status,
             "model": self._model_name,
             "active_sessions": executor.num_sessions if executor is not None else 0,
             "max_sessions": self.config.max_sessions,

@@ -42,6 +42,7 @@ from specedge.server.verifier import (
     ServerSession,
     SessionStateError,
     VerificationExecutor,
+    VerificationFailedError,
 )
 from specedge.tree import DraftTree
 
@@ -223,6 +224,8 @@ class VerifierService:
             ) from None
         except ServerClosingError as error:
             raise _SessionAborted(grpc.StatusCode.UNAVAILABLE, str(error), "failed") from None
+        except VerificationFailedError as error:
+            raise _SessionAborted(grpc.StatusCode.INTERNAL, str(error), "failed") from None
         return TreeVerified(
             round=message.round,
             emitted_token_ids=result.emitted_tokens,
@@ -249,17 +252,20 @@ class VerifierService:
         self, session: ServerSession, stats: SessionStats, outcome: str, seconds: float
     ) -> None:
         seq = session.seq
+        rounds = max(seq.rounds, 1)
         logger.info(
             "session %s %s after %.2f s: %d rounds, %d tokens (%.2f per round; %d of %d draft "
-            "nodes accepted), %d B in, %d B out",
+            "nodes accepted), mean batch %.1f, %.3f s verifying, %d B in, %d B out",
             session.session_id[:8],
             outcome,
             seconds,
             seq.rounds,
             seq.num_generated,
-            seq.num_generated / max(seq.rounds, 1),
+            seq.num_generated / rounds,
             seq.accepted,
             seq.drafted,
+            session.batched_with / rounds,
+            session.verify_seconds,
             stats.bytes_received,
             stats.bytes_sent,
         )

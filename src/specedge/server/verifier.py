@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from specedge.engine import TargetEngine, TargetSequence
 from specedge.errors import InvalidRequestError, SpecEdgeError
@@ -44,6 +44,10 @@ class ServerClosingError(SpecEdgeError):
     """The server is shutting down and takes no more work."""
 
 
+class VerificationFailedError(SpecEdgeError):
+    """The model failed on a batch (e.g. out of memory); its sessions are closed."""
+
+
 @dataclass
 class ServerSession:
     """A session's server-side state: its target sequence plus the round in progress."""
@@ -56,7 +60,7 @@ class ServerSession:
     slot_released: bool = False
     closed: bool = False
     verify_seconds: float = 0.0  # time this session's rounds spent in batched forwards
-    batch_sizes: list[int] = field(default_factory=list)
+    batched_with: int = 0  # sum over rounds of the batch size (mean = batched_with / rounds)
 
     @property
     def finished(self) -> bool:
@@ -87,6 +91,17 @@ class VerificationExecutor:
     def start(self) -> None:
         assert self._task is None
         self._task = asyncio.get_running_loop().create_task(self._run(), name="specedge-executor")
+        self._task.add_done_callback(self._on_loop_exit)
+
+    def _on_loop_exit(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.critical("the executor loop died", exc_info=task.exception())
+
+    @property
+    def failed(self) -> bool:
+        """The loop died of a bug: the server cannot verify anything any more."""
+        task = self._task
+        return task is not None and task.done() and not task.cancelled() and not self._closing
 
     async def stop(self) -> None:
         """Fail queued work, close every session, stop the loop and the worker thread."""
@@ -174,20 +189,21 @@ class VerificationExecutor:
             self.close_session(session_id)
             raise
 
-    def close_session(self, session_id: str) -> None:
+    def close_session(self, session_id: str, error: SpecEdgeError | None = None) -> None:
         """Forget the session and free its slot (after the running batch if it is in it).
-        Idempotent; a pending `verify` fails with SessionStateError."""
+        Idempotent; a pending `verify` fails with `error` (default: SessionStateError)."""
         session = self._sessions.pop(session_id, None)
         if session is None:
             return
         session.closed = True
         self.scheduler.remove_session(session_id)
         if session.future is not None and not session.future.done():
-            error: SpecEdgeError = (
-                ServerClosingError("the server is shutting down")
-                if self._closing
-                else SessionStateError("the session was closed")
-            )
+            if error is None:
+                error = (
+                    ServerClosingError("the server is shutting down")
+                    if self._closing
+                    else SessionStateError("the session was closed")
+                )
             session.future.set_exception(error)
             session.future.exception()  # retrieved: nobody may be awaiting it any more
         if session_id in self._in_flight:
@@ -242,10 +258,12 @@ class VerificationExecutor:
         except Exception as error:  # a model failure fails this batch's sessions, not the server
             logger.exception("verification of a batch of %d failed", len(sessions))
             self._in_flight = set()
+            failure = VerificationFailedError(
+                f"the server failed to verify this round ({type(error).__name__}: {error}); "
+                "the session is closed, open a new one"
+            )
             for session in sessions:
-                if session.future is not None and not session.future.done():
-                    session.future.set_exception(error)
-                self.close_session(session.session_id)
+                self.close_session(session.session_id, failure)
             self._release_deferred()
             return
         elapsed = time.perf_counter() - start
@@ -275,10 +293,14 @@ class VerificationExecutor:
             await asyncio.get_running_loop().run_in_executor(
                 self._pool, self.engine.prefill_chunk, session.seq, chunk.num_tokens
             )
-        except Exception:
+        except Exception as error:
             logger.exception("prefill of session %s failed", chunk.session_id)
             self._in_flight = set()
-            self.close_session(chunk.session_id)
+            failure = VerificationFailedError(
+                f"the server failed to prefill the prompt ({type(error).__name__}: {error}); "
+                "the session is closed"
+            )
+            self.close_session(chunk.session_id, failure)
             self._release_deferred()
             return
         self._in_flight = set()
@@ -300,7 +322,7 @@ class VerificationExecutor:
         metrics.accepted_tokens.inc(sum(r.num_accepted for r in results))
         for session in sessions:
             session.verify_seconds += elapsed
-            session.batch_sizes.append(len(sessions))
+            session.batched_with += len(sessions)
 
     def _release(self, session: ServerSession) -> None:
         if not session.slot_released:

@@ -28,7 +28,13 @@ from server_harness import (
 )
 
 from specedge.model.loader import LoadedModel
-from specedge.rpc.codec import SessionOpened, TreeVerified, VerifierClient, VerifyTree
+from specedge.rpc.codec import (
+    CloseSession,
+    SessionOpened,
+    TreeVerified,
+    VerifierClient,
+    VerifyTree,
+)
 from specedge.server.app import BackgroundServer
 
 PROMPT = [9, 8, 7, 6, 5, 4, 3, 2, 1, 100, 101, 102]
@@ -287,3 +293,30 @@ def test_stop_ends_running_sessions_and_closes_ports(target: LoadedModel) -> Non
     assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     with pytest.raises(OSError):
         http_get(server.metrics_port, "/health")
+
+
+def test_drain_refuses_new_sessions_and_lets_running_ones_finish(target: LoadedModel) -> None:
+    server = start_server(target)
+
+    async def main() -> None:
+        async with channel(server.port) as chan:
+            call = await open_session(server.port, target, chan)
+            stopping = asyncio.ensure_future(asyncio.to_thread(server.stop, 10.0))
+            await asyncio.sleep(0.2)
+            assert (await asyncio.to_thread(health, server.metrics_port))["status"] == "draining"
+            refused = VerifierClient(chan).session()
+
+            async def try_open() -> None:
+                await refused.send(open_message(target, PROMPT, 4))
+                await refused.receive()
+
+            assert (await expect_status(try_open())).code() == grpc.StatusCode.UNAVAILABLE
+            for round_number in range(1, 4):  # the running session goes on
+                await call.send(VerifyTree(round_number, [], []))  # type: ignore[attr-defined]
+                assert isinstance(await call.receive(), TreeVerified)  # type: ignore[attr-defined]
+            await call.send(CloseSession())  # type: ignore[attr-defined]
+            await call.done_writing()  # type: ignore[attr-defined]
+            assert await call.receive() is None  # type: ignore[attr-defined]
+            await stopping
+
+    run(main())

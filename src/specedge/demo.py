@@ -12,6 +12,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,16 +53,23 @@ def specedge_command(*args: str) -> list[str]:
 
 @contextlib.contextmanager
 def running(command: list[str], name: str) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a subprocess (output to the terminal's stderr) and stop it on exit."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=sys.stderr)
-    try:
-        yield process
-    finally:
-        process.terminate()
+    """Start a subprocess with its log in a temporary file, stop it on exit, and show the
+    log's tail if anything failed meanwhile."""
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            yield process
+        except BaseException:
+            log.seek(0)
+            tail = log.read().decode(errors="replace").splitlines()[-15:]
+            sys.stderr.write(f"--- {name} log (last lines) ---\n" + "\n".join(tail) + "\n")
+            raise
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def wait_healthy(url: str, process: subprocess.Popen[bytes], name: str) -> None:
@@ -83,7 +91,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict[str, An
     dtype_args = ["--dtype", config.dtype] if config.dtype else []
     serve = specedge_command(
         "serve", "--model", config.target, "--port", str(grpc_port),
-        "--metrics-port", str(metrics_port), *dtype_args,
+        "--metrics-port", str(metrics_port), "--max-sessions", "2", *dtype_args,
     )  # fmt: skip
     console.print(f"[bold]server[/] {config.target} on 127.0.0.1:{grpc_port}")
     with running(serve, "server") as server:

@@ -109,9 +109,27 @@ def serve(
     session_timeout: Annotated[
         float | None, typer.Option(help="Evict a session silent for this many seconds [60].")
     ] = None,
+    api_port: Annotated[
+        int | None,
+        typer.Option(help="Also serve the OpenAI-compatible HTTP API here, 0 = any free [off]."),
+    ] = None,
+    draft: Annotated[
+        str | None,
+        typer.Option(
+            help="Draft model for the HTTP API: speculative decoding on the server "
+            "[off: autoregressive]."
+        ),
+    ] = None,
+    budget: Annotated[
+        int | None, typer.Option(help="Server-side tree nodes per round [32].")
+    ] = None,
+    depth: Annotated[int | None, typer.Option(help="Server-side tree depth [6].")] = None,
+    width: Annotated[int | None, typer.Option(help="Children per expanded node [4].")] = None,
+    beams: Annotated[int | None, typer.Option(help="Nodes expanded per draft step [8].")] = None,
     config: Annotated[Path | None, typer.Option(help="server.yaml (flags override it).")] = None,
 ) -> None:
-    """Run the verification server: batched tree verification for many edges over gRPC."""
+    """Run the verification server: batched tree verification for many edges over gRPC, and
+    with --api-port an OpenAI-compatible API for users with no edge."""
     from specedge.server.app import run_server
     from specedge.server.config import load_server_config
 
@@ -129,6 +147,12 @@ def serve(
         "dtype": dtype,
         "auth_token": auth_token,
         "session_timeout": session_timeout,
+        "api_port": api_port,
+        "draft": draft,
+        "budget": budget,
+        "depth": depth,
+        "width": width,
+        "beams": beams,
     }
     logging.getLogger("specedge").setLevel(logging.INFO)
     run_server(load_server_config(config, flags, auth_token_file))

@@ -19,3 +19,7 @@ class InvalidRequestError(SpecEdgeError):
 
 class CapacityError(SpecEdgeError):
     """No free KV slot or context room for the request."""
+
+
+class ServiceUnavailableError(SpecEdgeError):
+    """The request cannot be served now (server unreachable, full or shutting down); retry."""

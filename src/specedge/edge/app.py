@@ -13,8 +13,6 @@ import logging
 import threading
 from dataclasses import dataclass
 
-import uvicorn
-
 from specedge.draft import DraftEngine, TreeShape
 from specedge.edge.api import ServedModel, create_app
 from specedge.edge.client import ClientIdentity, VerifierConnection
@@ -23,8 +21,8 @@ from specedge.edge.metrics import EdgeMetrics
 from specedge.edge.proactive import ProactiveDrafter, ProactivePolicy
 from specedge.edge.session import EdgeRuntime
 from specedge.edge.worker import DraftWorker
-from specedge.errors import SpecEdgeError
 from specedge.model.loader import LoadedModel, load_model, parse_dtype, tokenizer_fingerprint
+from specedge.openai_api.serving import HttpApiServer
 from specedge.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -94,8 +92,7 @@ class EdgeServer:
         self._draft = draft
         self.edge: Edge | None = None
         self.url = ""
-        self._http: uvicorn.Server | None = None
-        self._serving: asyncio.Task[None] | None = None
+        self._http: HttpApiServer | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -107,33 +104,24 @@ class EdgeServer:
             info = await edge.runtime.connection.wait_ready(config.startup_timeout)
             logger.info("verification server %s: target %r", config.server, info.model_name)
             app = create_app(edge.runtime, edge.served, edge.metrics)
-            self._http = uvicorn.Server(
-                uvicorn.Config(app, host=config.host, port=config.port, log_level="warning")
-            )
-            self._serving = asyncio.create_task(self._http.serve())
-            while not self._http.started:
-                if self._serving.done():
-                    self._serving.result()  # uvicorn's start-up error, if it raised one
-                    raise SpecEdgeError(
-                        f"cannot serve HTTP on {config.host}:{config.port}; pick another --port"
-                    )
-                await asyncio.sleep(0.02)
+            self._http = HttpApiServer(config.host, config.port)
+            await self._http.start(app)
         except BaseException:
+            if self._http is not None:
+                await self._http.stop(0.0)
             await edge.close()
             raise
-        port = self._http.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://{config.host}:{port}"
+        self.url = self._http.url
         logger.info("edge serving %s at %s", edge.served.name, self.url)
 
     async def wait(self) -> None:
         """Until the API stops (SIGINT/SIGTERM in the main thread, or `stop`)."""
-        assert self._serving is not None
-        await self._serving
+        assert self._http is not None
+        await self._http.wait()
 
     async def stop(self) -> None:
-        if self._http is not None and self._serving is not None:
-            self._http.should_exit = True
-            await self._serving
+        if self._http is not None:
+            await self._http.stop()
         if self.edge is not None:
             await self.edge.close()
 

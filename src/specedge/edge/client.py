@@ -20,7 +20,7 @@ from typing import TypeVar
 import grpc
 
 from specedge.draft import TreeShape
-from specedge.errors import InvalidRequestError, SpecEdgeError
+from specedge.errors import InvalidRequestError, ServiceUnavailableError, SpecEdgeError
 from specedge.rpc.codec import (
     PROTOCOL_VERSION,
     CloseSession,
@@ -51,7 +51,7 @@ LINK_LOST = frozenset({grpc.StatusCode.UNAVAILABLE})
 REQUEST_REJECTED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
 
 
-class ServerUnavailableError(SpecEdgeError):
+class ServerUnavailableError(ServiceUnavailableError):
     """The verification server cannot be reached, refused us, or dropped the session."""
 
 

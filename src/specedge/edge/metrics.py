@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from specedge.edge.session import SessionStats
+from specedge.openai_api.backend import SessionStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -41,6 +41,9 @@ class EdgeMetrics:
             "specedge_edge_ttft_seconds", "Request start to first token", registry=r,
             buckets=LATENCY_BUCKETS,
         )  # fmt: skip
+
+    def count_request(self, endpoint: str, outcome: str) -> None:
+        self.requests.labels(endpoint, outcome).inc()
 
     def observe(self, stats: SessionStats) -> None:
         """Add one finished (or abandoned) generation's statistics."""

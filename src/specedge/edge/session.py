@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import AsyncGenerator
-from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -22,9 +20,13 @@ from specedge.draft import DraftEngine, DraftSequence, TreeBuilder
 from specedge.edge.client import RemoteSession, ServerUnavailableError, VerifierConnection
 from specedge.edge.proactive import ProactiveDraft, ProactiveDrafter, accepted_nodes
 from specedge.edge.worker import DraftWorker, Priority
-from specedge.errors import InvalidRequestError
+from specedge.openai_api.backend import (
+    GenerationRequest,
+    RoundLoopBackend,
+    SessionStats,
+    check_request,
+)
 from specedge.rpc.codec import OpenSession, ServerInfo, TreeVerified, WireSampling
-from specedge.sampling import SamplingParams
 from specedge.tree import DraftTree
 
 logger = logging.getLogger(__name__)
@@ -32,70 +34,20 @@ logger = logging.getLogger(__name__)
 PREFILL_CHUNK = 256  # prompt tokens per worker job, so a long prompt does not stall others
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
-    stop_token_ids: tuple[int, ...] = ()
+def record_round(
+    stats: SessionStats,
+    reply: TreeVerified,
+    remote: RemoteSession,
+    proactive: ProactiveDraft | None,
+) -> None:
+    """Add one round's reply, proactive attempt and wire traffic to the request's stats."""
+    stats.record_round(len(reply.emitted_token_ids), reply.num_accepted, reply.finish_reason)
+    stats.proactive_attempts += proactive is not None and proactive.started
+    stats.bytes_sent, stats.bytes_received = remote.bytes_sent, remote.bytes_received
 
 
 @dataclass
-class SessionStats:
-    """Per-request speculation statistics (DESIGN.md section 8)."""
-
-    started: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    rounds: int = 0
-    emitted: int = 0  # tokens the server emitted (accepted + bonus)
-    accepted: int = 0  # accepted draft tokens
-    proactive_attempts: int = 0  # rounds with a proactive subtree under way at the reply
-    proactive_hits: int = 0  # rounds whose next tree started from that subtree
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    finish_reason: str | None = None  # the server's: "stop" (a stop token) or "length"
-
-    @property
-    def tokens_per_round(self) -> float:
-        return self.emitted / self.rounds if self.rounds else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Share of emitted tokens that were accepted draft tokens."""
-        return self.accepted / self.emitted if self.emitted else 0.0
-
-    @property
-    def ttft_s(self) -> float | None:
-        return None if self.first_token_at is None else self.first_token_at - self.started
-
-    def as_dict(self) -> dict[str, Any]:
-        ttft = self.ttft_s
-        return {
-            "rounds": self.rounds,
-            "tokens_per_round": round(self.tokens_per_round, 4),
-            "acceptance_rate": round(self.acceptance_rate, 4),
-            "proactive_hits": self.proactive_hits,
-            "proactive_attempts": self.proactive_attempts,
-            "bytes_sent": self.bytes_sent,
-            "bytes_received": self.bytes_received,
-            "ttft_ms": None if ttft is None else round(1000 * ttft, 3),
-        }
-
-    def record(
-        self, reply: TreeVerified, remote: RemoteSession, proactive: ProactiveDraft | None
-    ) -> None:
-        self.rounds += 1
-        self.emitted += len(reply.emitted_token_ids)
-        self.accepted += reply.num_accepted
-        self.proactive_attempts += proactive is not None and proactive.started
-        self.finish_reason = reply.finish_reason
-        self.bytes_sent, self.bytes_received = remote.bytes_sent, remote.bytes_received
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-
-
-@dataclass
-class EdgeRuntime:
+class EdgeRuntime(RoundLoopBackend):
     """What every session of one edge shares: the draft model (behind its one worker thread),
     the proactive policy and the server link. `max_sessions` bounds the draft KV slots;
     requests beyond it wait for a slot."""
@@ -112,32 +64,17 @@ class EdgeRuntime:
         self._slots = asyncio.Semaphore(self.max_sessions)
         self.active_sessions = 0
 
+    def health(self) -> dict[str, Any]:
+        connection = self.connection
+        return {
+            "server": connection.address,
+            "server_connected": connection.connected,
+            "active_sessions": self.active_sessions,
+        }
+
     def check(self, request: GenerationRequest) -> int:
         """Validate a request against the edge's context; returns its max new tokens."""
-        prompt = len(request.prompt_token_ids)
-        if prompt == 0:
-            raise InvalidRequestError("the prompt is empty")
-        if prompt >= self.max_context:
-            raise InvalidRequestError(
-                f"the prompt has {prompt} tokens; this edge's context limit is "
-                f"{self.max_context} (prompt + generated)"
-            )
-        if request.max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be >= 1, got {request.max_tokens}")
-        return min(request.max_tokens, self.max_context - prompt)
-
-    async def generate(
-        self, request: GenerationRequest, stats: SessionStats
-    ) -> AsyncGenerator[list[int], None]:
-        """Tokens emitted by each round of one generation (see the module docstring)."""
-        max_tokens = self.check(request)
-        self.active_sessions += 1
-        try:
-            async with aclosing(self._rounds(request, max_tokens, stats)) as rounds:
-                async for tokens in rounds:
-                    yield tokens
-        finally:
-            self.active_sessions -= 1
+        return check_request(request, self.max_context, "this edge's")
 
     async def _rounds(
         self, request: GenerationRequest, max_tokens: int, stats: SessionStats
@@ -161,7 +98,7 @@ class EdgeRuntime:
                 reply = asyncio.ensure_future(remote.verify(tree))
                 proactive = await self._draft_while_waiting(builder, node_map, tree, reply)
                 verdict = await reply
-                stats.record(verdict, remote, proactive)
+                record_round(stats, verdict, remote, proactive)
                 yield verdict.emitted_token_ids
                 if verdict.finish_reason is not None:
                     await remote.finish()

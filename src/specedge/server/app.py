@@ -1,10 +1,13 @@
-"""`specedge serve`: wires the model, the executor, the gRPC service and the metrics endpoint.
+"""`specedge serve`: wires the model, the executor, the gRPC service and the metrics endpoint,
+and with `--api-port` the server's own OpenAI-compatible API (server-side drafting with
+`--draft`, autoregressive decoding without).
 
-Start-up order: bind the gRPC and HTTP ports, load the target (`GET /health` answers 503
-"loading" meanwhile), allocate the KV slots, start the executor and the gRPC service, then log
-`serving MODEL on HOST:PORT`; from that line on, `/health` answers 200 and so does Info.
-SIGINT/SIGTERM drain: new sessions are refused, running ones get `shutdown_grace` seconds to
-finish, then everything stops (a second signal skips the grace).
+Start-up order: bind the gRPC, metrics and API ports, load the target and the draft (`GET
+/health` answers 503 "loading" meanwhile), allocate the KV slots, start the executor, the gRPC
+service and the API, then log `serving MODEL on HOST:PORT`; from that line on, `/health`
+answers 200 and so does Info. SIGINT/SIGTERM drain: new sessions and API requests are refused,
+running ones get `shutdown_grace` seconds to finish, then everything stops (a second signal
+skips the grace).
 """
 
 from __future__ import annotations
@@ -17,12 +20,17 @@ from typing import Any
 
 import grpc
 
+from specedge.draft import DraftEngine
 from specedge.engine import GenerationLimits, TargetEngine
 from specedge.errors import SpecEdgeError
+from specedge.generate import check_same_tokenizer
 from specedge.model.loader import LoadedModel, load_model, parse_dtype, tokenizer_fingerprint
+from specedge.openai_api.api import ServedModel, create_app
+from specedge.openai_api.serving import HttpApiServer
 from specedge.rpc.codec import PROTOCOL_VERSION, ServerInfo, add_verifier_service
 from specedge.runner import ModelRunner
 from specedge.server.config import ServerConfig
+from specedge.server.local_sessions import LocalSessions
 from specedge.server.metrics import MetricsHttpServer, ServerMetrics
 from specedge.server.scheduler import SchedulerPolicy
 from specedge.server.service import VerifierService
@@ -43,17 +51,27 @@ GRPC_OPTIONS = [
 
 class SpecEdgeServer:
     """One verification server. `start` binds everything (ports 0 pick free ones; read
-    `port` / `metrics_port` afterwards); `stop` drains and releases."""
+    `port` / `metrics_port` / `api_port` afterwards); `stop` drains and releases. `loaded`
+    and `draft` are preloaded models (tests, demos), else `config` names them."""
 
-    def __init__(self, config: ServerConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        loaded: LoadedModel | None = None,
+        draft: LoadedModel | None = None,
+    ) -> None:
         self.config = config
         self._loaded = loaded
+        self._draft = draft
         self.metrics = ServerMetrics()
         self.port = 0
         self.metrics_port = 0
+        self.api_port = 0
         self.executor: VerificationExecutor | None = None
+        self.local_sessions: LocalSessions | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: MetricsHttpServer | None = None
+        self._api: HttpApiServer | None = None
         self._status = "starting"
         self._model_name = config.model
 
@@ -80,6 +98,9 @@ class SpecEdgeServer:
                 f"({error.strerror}); pick another --metrics-port"
             ) from None
         self.metrics_port = self._http.port
+        if config.api_port is not None:
+            self._api = HttpApiServer(config.host, config.api_port, "--api-port")
+            self.api_port = self._api.port
         self._status = "loading"
         self._http.start()
         try:
@@ -90,12 +111,16 @@ class SpecEdgeServer:
         self._status = "ok"
         logger.info("serving %s on %s:%d", self._model_name, config.host, self.port)
         logger.info("metrics on http://%s:%d/metrics", config.host, self.metrics_port)
+        if self._api is not None and self.local_sessions is not None:
+            logger.info(
+                "OpenAI API on %s/v1 (%s decoding)", self._api.url, self.local_sessions.mode
+            )
 
     async def _start_serving(self) -> None:
         config = self.config
         loaded = self._loaded
         if loaded is None:
-            loaded = await asyncio.to_thread(_load_target, config)
+            loaded = await asyncio.to_thread(_load_model, config.model, config)
         self._model_name = loaded.name
         engine = _build_engine(loaded, config)
         kv = engine.runner.kv
@@ -133,13 +158,46 @@ class SpecEdgeServer:
         assert self._grpc is not None
         add_verifier_service(self._grpc, service.info, service.session)
         await self._grpc.start()
+        if self._api is not None:
+            await self._start_api(loaded)
+
+    async def _start_api(self, target: LoadedModel) -> None:
+        """The OpenAI-compatible API over server-side sessions (drafting with `--draft`)."""
+        config = self.config
+        assert self.executor is not None and self._api is not None
+        draft_engine = None
+        if config.draft is not None:
+            draft = self._draft
+            if draft is None:
+                draft = await asyncio.to_thread(_load_model, config.draft, config)
+            check_same_tokenizer(target, draft)
+            draft_engine = _build_draft(draft, config, self.executor.engine.runner.max_context)
+        self.local_sessions = LocalSessions(
+            self.executor,
+            draft_engine,
+            max_sessions=config.max_sessions,
+            slot_wait=config.session_timeout,
+            status=lambda: self._status,
+        )
+        served = ServedModel(
+            name=target.name,
+            tokenizer=target.tokenizer,
+            stop_token_ids=target.stop_token_ids,
+            vocab_size=self.executor.engine.vocab_size,
+        )
+        app = create_app(self.local_sessions, served, self.metrics, title="SpecEdge server")
+        await self._api.start(app, handle_signals=False)
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new sessions, give running ones `grace` seconds, then release everything."""
         grace = self.config.shutdown_grace if grace is None else grace
         self._status = "draining"
+        stopping = []
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            stopping.append(self._grpc.stop(grace))
+        if self._api is not None:
+            stopping.append(self._api.stop(grace))
+        await asyncio.gather(*stopping)
         if self.executor is not None:
             await self.executor.stop()
         if self._http is not None:
@@ -165,6 +223,8 @@ class SpecEdgeServer:
             logger.info("stopping now")
             if self._grpc is not None:
                 await self._grpc.stop(0)
+            if self._api is not None:
+                await self._api.stop(0.0)
             await stopping
         second.cancel()
         logger.info("stopped")
@@ -198,8 +258,13 @@ class BackgroundServer:
 
     `start()` returns once it serves; `stop()` drains and joins the thread."""
 
-    def __init__(self, config: ServerConfig, loaded: LoadedModel | None = None) -> None:
-        self.server = SpecEdgeServer(config, loaded)
+    def __init__(
+        self,
+        config: ServerConfig,
+        loaded: LoadedModel | None = None,
+        draft: LoadedModel | None = None,
+    ) -> None:
+        self.server = SpecEdgeServer(config, loaded, draft)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
@@ -210,6 +275,10 @@ class BackgroundServer:
     @property
     def metrics_port(self) -> int:
         return self.server.metrics_port
+
+    @property
+    def api_port(self) -> int:
+        return self.server.api_port
 
     def start(self) -> BackgroundServer:
         self._thread.start()
@@ -231,10 +300,10 @@ class BackgroundServer:
 
 
 # ---- construction ------------------------------------------------------------------------------
-def _load_target(config: ServerConfig) -> LoadedModel:
+def _load_model(name: str, config: ServerConfig) -> LoadedModel:
     dtype = parse_dtype(config.dtype) if config.dtype else None
-    logger.info("loading %s on %s", config.model, config.device)
-    return load_model(config.model, config.device, dtype)
+    logger.info("loading %s on %s", name, config.device)
+    return load_model(name, config.device, dtype)
 
 
 def _build_engine(loaded: LoadedModel, config: ServerConfig) -> TargetEngine:
@@ -257,3 +326,21 @@ def _build_engine(loaded: LoadedModel, config: ServerConfig) -> TargetEngine:
         max_tree_nodes=config.max_tree_nodes, max_tree_depth=config.max_tree_depth
     )
     return TargetEngine(runner, limits)
+
+
+def _build_draft(draft: LoadedModel, config: ServerConfig, max_context: int) -> DraftEngine:
+    """The server-side draft: one KV slot per API session, as long as the target's context."""
+    shape = config.tree_shape
+    runner = ModelRunner(
+        draft,
+        num_slots=config.max_sessions,
+        max_context=min(max_context, draft.config.max_context),
+        max_block=shape.max_block,
+    )
+    logger.info(
+        "server-side drafting with %s: trees of %d nodes, depth %d (--budget, --depth)",
+        draft.name,
+        shape.budget,
+        shape.depth,
+    )
+    return DraftEngine(runner, shape)

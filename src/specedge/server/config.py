@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from specedge.draft import TreeShape
 from specedge.errors import SpecEdgeError
 
 MAX_PORT = 65535
@@ -43,20 +44,42 @@ class ServerConfig:
     device: str = "cpu"
     dtype: str | None = None  # float32 | bfloat16 | float16; None: best for the device
     auth_token: str | None = None  # bearer token required from clients; None: no auth
+    # The OpenAI-compatible HTTP API served by the server itself, for users with no edge: None
+    # serves none, 0 picks a free port. With a `draft` model the server drafts the trees
+    # itself (server-only speculative decoding); without one it decodes autoregressively.
+    api_port: int | None = None
+    draft: str | None = None
+    budget: int = 32  # server-side draft tree: nodes per round
+    depth: int = 6  # draft tree depth (draft steps per tree)
+    width: int = 4  # children proposed per expanded node
+    beams: int = 8  # nodes expanded per draft step
+
+    @property
+    def tree_shape(self) -> TreeShape:
+        return TreeShape(self.budget, self.depth, self.width, self.beams)
 
     def validate(self) -> ServerConfig:
         """Return self, or raise ConfigError naming the first invalid setting."""
         if not self.model:
             raise ConfigError("no target model: pass --model (or `model:` in the config file)")
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "api_port"):
             value = getattr(self, name)
-            if not 0 <= value <= MAX_PORT:
+            if value is not None and not 0 <= value <= MAX_PORT:
                 raise ConfigError(
                     f"{_where(name)} must be a port in 0..{MAX_PORT} (0 = any free "
                     f"port), got {value}"
                 )
-        if self.port == self.metrics_port != 0:
-            raise ConfigError(f"--port and --metrics-port are both {self.port}; pick two ports")
+        ports = {
+            "--port": self.port,
+            "--metrics-port": self.metrics_port,
+            "--api-port": self.api_port,
+        }
+        taken: dict[int, str] = {}
+        for flag, value in ports.items():
+            if value in taken and value != 0:
+                raise ConfigError(f"{taken[value]} and {flag} are both {value}; pick two ports")
+            if value is not None:
+                taken[value] = flag
         for name in (
             "max_batch",
             "max_batch_tokens",
@@ -64,6 +87,10 @@ class ServerConfig:
             "max_tree_nodes",
             "max_tree_depth",
             "prefill_chunk",
+            "budget",
+            "depth",
+            "width",
+            "beams",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_where(name)} must be >= 1, got {getattr(self, name)}")
@@ -94,7 +121,29 @@ class ServerConfig:
                 )
         if self.auth_token is not None and not self.auth_token.strip():
             raise ConfigError("the auth token is empty: pass a non-empty --auth-token or file")
+        self._validate_drafting()
         return self
+
+    def _validate_drafting(self) -> None:
+        if self.draft is None:
+            return
+        if not self.draft:
+            raise ConfigError(f"{_where('draft')} is empty; name a draft model or leave it out")
+        if self.api_port is None:
+            raise ConfigError(
+                "--draft drafts for the server's own HTTP API; add --api-port (`api_port` in "
+                "the config file)"
+            )
+        if self.budget > self.max_tree_nodes:
+            raise ConfigError(
+                f"{_where('budget')} ({self.budget}) exceeds --max-tree-nodes "
+                f"({self.max_tree_nodes}); lower the budget or raise the cap"
+            )
+        if self.depth > self.max_tree_depth:
+            raise ConfigError(
+                f"{_where('depth')} ({self.depth}) exceeds --max-tree-depth "
+                f"({self.max_tree_depth}); lower the depth or raise the cap"
+            )
 
 
 def load_server_config(

@@ -8,11 +8,15 @@ Every metric lives in the server's own `CollectorRegistry`, so several servers i
 - `specedge_server_verify_batch_size`, `specedge_server_verify_seconds`: per batched forward;
 - `specedge_server_rounds_total`, `specedge_server_emitted_tokens_total`,
   `specedge_server_accepted_tokens_total`, `specedge_server_draft_nodes_total`: per round;
-- `specedge_server_busy_seconds_total`: time the model was running (verify + prefill);
+- `specedge_server_busy_seconds_total`: time the model thread was running (verify, prefill and
+  server-side drafting), of which `specedge_server_draft_seconds_total` drafting;
 - `specedge_server_prefill_tokens_total`;
 - `specedge_server_received_bytes_total`, `specedge_server_sent_bytes_total`: serialized
   protobuf messages of the session streams (before gRPC framing);
-- `specedge_server_sessions_total{outcome}`: sessions by how they ended, and refused ones.
+- `specedge_server_sessions_total{outcome}`: sessions by how they ended, and refused ones
+  (edge sessions and the server's own HTTP API sessions alike);
+- `specedge_server_api_requests_total{endpoint,outcome}`: requests to the server's own
+  OpenAI-compatible API (`--api-port`), by HTTP status.
 
 The HTTP endpoint runs in its own thread (prometheus_client's threading WSGI server), so it
 answers even while the event loop is busy.
@@ -28,6 +32,8 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
+
+from specedge.openai_api.backend import SessionStats
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 VERIFY_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -71,7 +77,12 @@ class ServerMetrics:
         )
         self.busy_seconds = Counter(
             "specedge_server_busy_seconds",
-            "Seconds the target model was running (verification and prefill).",
+            "Seconds the model thread was running (verification, prefill, server-side drafting).",
+            registry=r,
+        )
+        self.draft_seconds = Counter(
+            "specedge_server_draft_seconds",
+            "Seconds of server-side drafting for the HTTP API (included in busy seconds).",
             registry=r,
         )
         self.prefill_tokens = Counter(
@@ -92,6 +103,20 @@ class ServerMetrics:
             ["outcome"],
             registry=r,
         )
+        self.api_requests = Counter(
+            "specedge_server_api_requests",
+            "Requests to the server's OpenAI-compatible API by endpoint and outcome.",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+
+    # ---- the HTTP API's reports (`openai_api.backend.ApiMetrics`) ---------------------------
+    def count_request(self, endpoint: str, outcome: str) -> None:
+        self.api_requests.labels(endpoint, outcome).inc()
+
+    def observe(self, stats: SessionStats) -> None:
+        """Nothing to add: rounds and tokens of every session are counted as they are
+        verified, whoever drafted them."""
 
 
 # ---- HTTP: /metrics and /health -------------------------------------------------------------

@@ -1,22 +1,26 @@
 """The verification executor: one loop that owns the target model and every session's KV slot.
 
-Producers (the gRPC service today; an in-process HTTP API with server-side drafting later) call
-`open_session`, `verify` and `close_session` on the event loop. `verify` queues the tree with the
-`Scheduler` and awaits its result. The executor loop takes every ready request (after a short
-bounded wait when the scheduler predicts more within a few ms), runs one batched
-`TargetEngine.verify` in its single worker thread, resolves each request's future at once, and
-only then does its bookkeeping (scheduler, metrics, freeing slots) and runs at most one prefill
-chunk of a new session. It sleeps on an `asyncio.Event` when there is nothing to do.
+Producers (the gRPC service for edges; `local_sessions.LocalSessions` for the server's own
+HTTP API) call `open_session`, `verify` and `close_session` on the event loop. `verify` queues
+the tree with the `Scheduler` and awaits its result. The executor loop takes every ready
+request (after a short bounded wait when the scheduler predicts more within a few ms), runs one
+batched `TargetEngine.verify` in its single worker thread, resolves each request's future at
+once, and only then does its bookkeeping (scheduler, metrics, freeing slots) and runs at most
+one prefill chunk of a new session. It sleeps on an `asyncio.Event` when there is nothing to
+do. Server-side drafting runs its draft-model jobs on the same worker thread
+(`run_model_job`), serialized with verification; every job's time, measured in the thread, is
+busy time.
 
-Invariant: model work (forwards, compaction) runs only in the worker thread, and only on the
-sessions of the running batch. The event loop opens sessions (taking free slots) and closes
-them; a session closed while in flight keeps its slot until the batch is over, so a slot is
-never reused under a running forward.
+Invariant: model work (forwards, compaction) runs only in the worker thread, and target work
+only on the sessions of the running batch. The event loop opens sessions (taking free slots)
+and closes them; a session closed while in flight keeps its slot until the batch is over, so a
+slot is never reused under a running forward.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -24,9 +28,11 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 from specedge.engine import TargetEngine, TargetSequence
-from specedge.errors import InvalidRequestError, SpecEdgeError
+from specedge.errors import InvalidRequestError, ServiceUnavailableError, SpecEdgeError
 from specedge.sampling import SamplingParams
 from specedge.server.metrics import ServerMetrics
 from specedge.server.scheduler import Batch, PrefillChunk, Scheduler, SchedulerPolicy
@@ -34,13 +40,14 @@ from specedge.tree import DraftTree, validate_tree
 from specedge.verify import VerifyResult
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class SessionStateError(SpecEdgeError):
     """The request does not fit the session's state (finished, closed, one already queued)."""
 
 
-class ServerClosingError(SpecEdgeError):
+class ServerClosingError(ServiceUnavailableError):
     """The server is shutting down and takes no more work."""
 
 
@@ -83,6 +90,7 @@ class VerificationExecutor:
         self._in_flight: set[str] = set()
         self._deferred_release: list[ServerSession] = []
         self._wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()  # replaced by a fresh one each time it is set
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specedge-verify")
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -151,6 +159,14 @@ class VerificationExecutor:
         self._wake.set()
         return session
 
+    async def wait_for_free_slot(self, timeout: float) -> bool:
+        """Wait until some session frees its KV slot; False after `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._slot_freed.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     def session(self, session_id: str) -> ServerSession | None:
         return self._sessions.get(session_id)
 
@@ -213,6 +229,30 @@ class VerificationExecutor:
         self.metrics.active_sessions.set(len(self._sessions))
         self.metrics.queued_requests.set(self.scheduler.num_queued)
 
+    async def run_model_job(self, job: Callable[[], T]) -> T:
+        """Run draft-model work (never a target session's) on the model thread, after the work
+        already queued there; its time counts as busy and draft time. Cancelling the call skips
+        a job that has not started."""
+        if self._closing:
+            raise ServerClosingError("the server is shutting down")
+        return await asyncio.wrap_future(self._pool.submit(self._draft_job, job))
+
+    def submit_model_job(self, job: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Queue `job` like `run_model_job`, without awaiting it (clean-up in `finally`). Once
+        the thread is gone the job runs at once: no forward can be running any more."""
+        try:
+            return self._pool.submit(self._draft_job, job)
+        except RuntimeError:  # the pool is shut down
+            future: concurrent.futures.Future[T] = concurrent.futures.Future()
+            future.set_result(job())
+            return future
+
+    def _draft_job(self, job: Callable[[], T]) -> T:
+        result, elapsed = _timed(job)
+        self.metrics.busy_seconds.inc(elapsed)
+        self.metrics.draft_seconds.inc(elapsed)
+        return result
+
     # ---- the loop ------------------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
@@ -250,10 +290,10 @@ class VerificationExecutor:
             assert session.tree is not None
             work.append((session.seq, session.tree))
         self._in_flight = set(batch.session_ids)
-        start = time.perf_counter()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self.engine.verify, work
+            # Timed in the thread: a draft job queued before the batch is not verify time.
+            results, elapsed = await asyncio.get_running_loop().run_in_executor(
+                self._pool, _timed, partial(self.engine.verify, work)
             )
         except Exception as error:  # a model failure fails this batch's sessions, not the server
             logger.exception("verification of a batch of %d failed", len(sessions))
@@ -266,7 +306,6 @@ class VerificationExecutor:
                 self.close_session(session.session_id, failure)
             self._release_deferred()
             return
-        elapsed = time.perf_counter() - start
         # Replies first: each producer resumes as soon as the loop is free.
         for session, result in zip(sessions, results, strict=True):
             if session.future is not None and not session.future.done():
@@ -288,10 +327,11 @@ class VerificationExecutor:
             return
         assert session.seq.prefilled == chunk.start
         self._in_flight = {chunk.session_id}
-        start = time.perf_counter()
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._pool, self.engine.prefill_chunk, session.seq, chunk.num_tokens
+            _, elapsed = await asyncio.get_running_loop().run_in_executor(
+                self._pool,
+                _timed,
+                partial(self.engine.prefill_chunk, session.seq, chunk.num_tokens),
             )
         except Exception as error:
             logger.exception("prefill of session %s failed", chunk.session_id)
@@ -304,7 +344,7 @@ class VerificationExecutor:
             self._release_deferred()
             return
         self._in_flight = set()
-        self.metrics.busy_seconds.inc(time.perf_counter() - start)
+        self.metrics.busy_seconds.inc(elapsed)
         self.metrics.prefill_tokens.inc(chunk.num_tokens)
         self.scheduler.complete_prefill(chunk)
         self._release_deferred()
@@ -328,11 +368,20 @@ class VerificationExecutor:
         if not session.slot_released:
             session.slot_released = True
             self.engine.close(session.seq)
+            self._slot_freed.set()
+            self._slot_freed = asyncio.Event()
 
     def _release_deferred(self) -> None:
         deferred, self._deferred_release = self._deferred_release, []
         for session in deferred:
             self._release(session)
+
+
+def _timed(job: Callable[[], T]) -> tuple[T, float]:
+    """Run `job`; its result and its wall time in seconds."""
+    start = time.perf_counter()
+    result = job()
+    return result, time.perf_counter() - start
 
 
 def fit_to_context(tree: DraftTree, context_len: int, max_context: int) -> DraftTree:

@@ -1,6 +1,6 @@
-"""The OpenAI API's shapes as the edge speaks them: request bodies (pydantic, unknown fields
-rejected), the error JSON, and the response / stream-chunk objects of the chat and text
-completion endpoints."""
+"""The OpenAI API's shapes as SpecEdge speaks them (edge and server alike): request bodies
+(pydantic, unknown fields rejected), the error JSON, and the response / stream-chunk objects of
+the chat and text completion endpoints."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API, shared by the edge and the server (imports neither)."""

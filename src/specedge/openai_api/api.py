@@ -1,0 +1,325 @@
+"""The OpenAI-compatible HTTP API (FastAPI), over any `GenerationBackend`.
+
+`POST /v1/chat/completions` and `POST /v1/completions` (`stream: true` for server-sent events,
+`stream_options.include_usage`, `data: [DONE]`), `GET /v1/models`, `GET /health`, `/metrics`.
+Supported parameters: temperature, top_p, top_k (extension), seed, max_tokens (and
+max_completion_tokens), stop, n=1. Anything else, or an invalid value, gets OpenAI's error JSON
+with status 400; a backend that cannot serve now (`ServiceUnavailableError`: the verification
+server unreachable, full or shutting down) gets 503. Every response carries
+`usage.speculative` (rounds, tokens_per_round, acceptance_rate, proactive_hits,
+proactive_attempts, bytes_sent, bytes_received, ttft_ms). Streaming and non-streaming answers
+come from the same delta stream, so they agree. The edge and the server serve this same app.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from specedge.errors import InvalidRequestError, ServiceUnavailableError
+from specedge.openai_api.backend import (
+    ApiMetrics,
+    GenerationBackend,
+    GenerationRequest,
+    SessionStats,
+)
+from specedge.openai_api.types import (
+    ChatCompletionBody,
+    ChatFormat,
+    CompletionBody,
+    CompletionFormat,
+    GenerationBody,
+    OpenAIError,
+    ResponseFormat,
+    validation_error,
+)
+from specedge.text import IncrementalDecoder, encode_chat, encode_prompt
+
+logger = logging.getLogger(__name__)
+
+
+# ---- errors -----------------------------------------------------------------------------------
+def as_openai_error(error: Exception) -> OpenAIError:
+    """Any failure as OpenAI's error JSON: 400 for a bad request, 503 when the backend cannot
+    serve now, 500 (logged) otherwise."""
+    if isinstance(error, OpenAIError):
+        return error
+    if isinstance(error, InvalidRequestError):
+        return OpenAIError(400, str(error))
+    if isinstance(error, ServiceUnavailableError):
+        return OpenAIError(503, str(error), type="server_error", code="server_unavailable")
+    logger.exception("request failed", exc_info=error)
+    return OpenAIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error")
+
+
+# ---- generation -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServedModel:
+    name: str  # what /v1/models lists
+    tokenizer: Any
+    stop_token_ids: tuple[int, ...]
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    finish_reason: str | None = None  # set on the last delta only
+
+
+class StopMatcher:
+    """Cuts streamed text at the first stop string, holding back a tail that could still
+    become one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string matched (nothing follows it)."""
+        buffer = self.held + text
+        matches = [index for stop in self.stops if (index := buffer.find(stop)) >= 0]
+        if matches:
+            self.held = ""
+            return buffer[: min(matches)], True
+        keep = max((self._partial(buffer, stop) for stop in self.stops), default=0)
+        self.held = buffer[len(buffer) - keep :] if keep else ""
+        return buffer[: len(buffer) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+    @staticmethod
+    def _partial(buffer: str, stop: str) -> int:
+        """Length of the longest suffix of `buffer` that is a proper prefix of `stop`."""
+        for length in range(min(len(stop) - 1, len(buffer)), 0, -1):
+            if buffer.endswith(stop[:length]):
+                return length
+        return 0
+
+
+class Generation:
+    """One request's text: `deltas()` yields text pieces, the last with the finish reason."""
+
+    def __init__(
+        self,
+        backend: GenerationBackend,
+        served: ServedModel,
+        prompt_token_ids: list[int],
+        body: GenerationBody,
+        max_tokens: int | None,
+    ) -> None:
+        self.backend = backend
+        self.served = served
+        self.stops = StopMatcher(body.stop_strings())
+        limit = backend.max_context - len(prompt_token_ids)
+        self.request = GenerationRequest(
+            prompt_token_ids=prompt_token_ids,
+            params=body.sampling(),
+            max_tokens=max_tokens if max_tokens is not None else max(limit, 1),
+            stop_token_ids=served.stop_token_ids,
+        )
+        backend.check(self.request)
+        self.stats = SessionStats()
+        self.completion_tokens = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "speculative": self.stats.as_dict(),
+        }
+
+    async def deltas(self) -> AsyncGenerator[Delta, None]:
+        decoder = IncrementalDecoder(self.served.tokenizer)
+        async with aclosing(self.backend.generate(self.request, self.stats)) as rounds:
+            async for tokens in rounds:
+                self.completion_tokens += len(tokens)
+                text, matched = self.stops.feed(decoder.add(tokens))
+                if matched:
+                    yield Delta(text, "stop")
+                    return
+                if text:
+                    yield Delta(text)
+        text, matched = self.stops.feed(decoder.text()[decoder.emitted :])
+        tail = text if matched else text + self.stops.flush()
+        yield Delta(tail, "stop" if matched or self.stats.finish_reason == "stop" else "length")
+
+
+# ---- the app ----------------------------------------------------------------------------------
+def create_app(
+    backend: GenerationBackend,
+    served: ServedModel,
+    metrics: ApiMetrics,
+    *,
+    title: str = "SpecEdge",
+    lifespan: Any = None,
+) -> FastAPI:
+    """The HTTP app over a running backend."""
+    app = FastAPI(title=title, lifespan=lifespan)
+    started = int(time.time())
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        return validation_error(error).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+        return OpenAIError(error.status_code, str(error.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def _any(request: Request, error: Exception) -> JSONResponse:
+        return as_openai_error(error).response()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        body = {"status": "ok", "model": served.name} | backend.health()
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {"id": served.name, "object": "model", "created": started, "owned_by": "specedge"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(body: ChatCompletionBody) -> Response:
+        def start() -> Generation:
+            messages = [message.as_template_message() for message in body.messages]
+            prompt = encode_chat(served.tokenizer, messages)
+            max_tokens = body.max_completion_tokens or body.max_tokens
+            return Generation(backend, served, prompt, body, max_tokens)
+
+        return await _respond("chat", body, start, ChatFormat(body.model or served.name))
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionBody) -> Response:
+        def start() -> Generation:
+            prompt = _completion_prompt(body.prompt, served)
+            return Generation(backend, served, prompt, body, body.max_tokens)
+
+        return await _respond(
+            "completions", body, start, CompletionFormat(body.model or served.name)
+        )
+
+    async def _respond(
+        endpoint: str, body: GenerationBody, start: Callable[[], Generation], form: ResponseFormat
+    ) -> Response:
+        try:
+            for param, message in body.unsupported():
+                raise OpenAIError(400, message, param=param)
+            generation = start()
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                stream = await _sse(generation, form, include_usage, metrics, endpoint)
+                return StreamingResponse(stream, media_type="text/event-stream")
+            pieces = []
+            try:
+                async with aclosing(generation.deltas()) as deltas:
+                    async for delta in deltas:
+                        pieces.append(delta)
+            finally:
+                metrics.observe(generation.stats)
+            text = "".join(delta.text for delta in pieces)
+            answer = form.complete(text, pieces[-1].finish_reason, generation.usage())
+        except Exception as error:  # every failure leaves as OpenAI's error JSON
+            failure = as_openai_error(error)
+            metrics.count_request(endpoint, str(failure.status))
+            return failure.response()
+        metrics.count_request(endpoint, "200")
+        return JSONResponse(answer)
+
+    return app
+
+
+async def _sse(
+    generation: Generation,
+    form: ResponseFormat,
+    include_usage: bool,
+    metrics: ApiMetrics,
+    endpoint: str,
+) -> AsyncGenerator[str, None]:
+    """Server-sent events of a generation. The first delta is awaited before the response
+    starts, so that a failure to reach the server is still an HTTP error status."""
+    deltas = generation.deltas()
+    try:
+        first = await anext(deltas)
+    except BaseException:
+        await deltas.aclose()
+        metrics.observe(generation.stats)
+        raise
+
+    async def events() -> AsyncGenerator[str, None]:
+        usage_field = {"usage": None} if include_usage else {}
+        outcome = "200"
+        try:
+            opening = form.opening_chunk()
+            if opening is not None:
+                yield _event(opening | usage_field)
+            delta: Delta | None = first
+            while delta is not None:
+                if delta.text:
+                    yield _event(form.chunk(delta.text, None) | usage_field)
+                if delta.finish_reason is not None:
+                    yield _event(form.chunk(None, delta.finish_reason) | usage_field)
+                    break
+                delta = await anext(deltas, None)
+            if include_usage:
+                yield _event(form.usage_chunk(generation.usage()))
+            yield "data: [DONE]\n\n"
+        except Exception as error:  # headers are out: report in-band, as OpenAI does
+            failure = as_openai_error(error)
+            outcome = str(failure.status)
+            yield _event(failure.body)
+        except BaseException:  # the client went away: closing `deltas` cancels the session
+            outcome = "disconnected"
+            raise
+        finally:
+            await deltas.aclose()
+            metrics.observe(generation.stats)
+            metrics.count_request(endpoint, outcome)
+
+    return events()
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _completion_prompt(
+    prompt: str | list[int] | list[str] | list[list[int]], served: ServedModel
+) -> list[int]:
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) != 1:
+            raise OpenAIError(400, "only one prompt per request is supported", param="prompt")
+        prompt = prompt[0]  # type: ignore[assignment]
+    if isinstance(prompt, str):
+        return encode_prompt(served.tokenizer, prompt, chat=False)
+    token_ids = [int(token) for token in prompt]  # type: ignore[union-attr, arg-type]
+    bad = [token for token in token_ids if not 0 <= token < served.vocab_size]
+    if bad:
+        raise OpenAIError(
+            400, f"prompt token id {bad[0]} outside vocab [0, {served.vocab_size})", param="prompt"
+        )
+    return token_ids

@@ -1,0 +1,164 @@
+"""What the OpenAI-compatible API needs from whoever generates: the backend protocol.
+
+A *backend* turns a `GenerationRequest` (prompt token ids, sampling parameters, limits) into
+the tokens each verification round emits, filling a `SessionStats` as it goes. Two backends
+exist: the edge's (`edge.session.EdgeRuntime`: draft here, verify on a remote server) and the
+server's own (`server.local_sessions.LocalSessions`: draft on the server, or decode
+autoregressively). The API module knows neither; it only speaks this protocol.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry
+
+from specedge.errors import InvalidRequestError
+from specedge.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class SessionStats:
+    """Per-request speculation statistics (DESIGN.md section 8), `usage.speculative` of every
+    response. Backends without proactive drafting or a wire leave those counters at 0."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    rounds: int = 0
+    emitted: int = 0  # tokens the verifier emitted (accepted + bonus)
+    accepted: int = 0  # accepted draft tokens
+    proactive_attempts: int = 0  # rounds with a proactive subtree under way at the reply
+    proactive_hits: int = 0  # rounds whose next tree started from that subtree
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    finish_reason: str | None = None  # the verifier's: "stop" (a stop token) or "length"
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.emitted / self.rounds if self.rounds else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of emitted tokens that were accepted draft tokens."""
+        return self.accepted / self.emitted if self.emitted else 0.0
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+    def record_round(self, emitted: int, accepted: int, finish_reason: str | None) -> None:
+        """One verification round's outcome (the first round also stamps the first token)."""
+        self.rounds += 1
+        self.emitted += emitted
+        self.accepted += accepted
+        self.finish_reason = finish_reason
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
+    def as_dict(self) -> dict[str, Any]:
+        ttft = self.ttft_s
+        return {
+            "rounds": self.rounds,
+            "tokens_per_round": round(self.tokens_per_round, 4),
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "proactive_hits": self.proactive_hits,
+            "proactive_attempts": self.proactive_attempts,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "ttft_ms": None if ttft is None else round(1000 * ttft, 3),
+        }
+
+
+def check_request(request: GenerationRequest, max_context: int, owner: str) -> int:
+    """Validate a request against a context limit (`owner` says whose, e.g. "this edge's");
+    returns its max new tokens."""
+    prompt = len(request.prompt_token_ids)
+    if prompt == 0:
+        raise InvalidRequestError("the prompt is empty")
+    if prompt >= max_context:
+        raise InvalidRequestError(
+            f"the prompt has {prompt} tokens; {owner} context limit is {max_context} "
+            "(prompt + generated)"
+        )
+    if request.max_tokens < 1:
+        raise InvalidRequestError(f"max_tokens must be >= 1, got {request.max_tokens}")
+    return min(request.max_tokens, max_context - prompt)
+
+
+class RoundLoopBackend(ABC):
+    """The `generate` both backends share: validate the request, then count the generation
+    as active while the backend's round loop (`_rounds`) runs."""
+
+    active_sessions: int = 0
+
+    @abstractmethod
+    def check(self, request: GenerationRequest) -> int: ...
+
+    @abstractmethod
+    def _rounds(
+        self, request: GenerationRequest, max_tokens: int, stats: SessionStats
+    ) -> AsyncGenerator[list[int], None]: ...
+
+    async def generate(
+        self, request: GenerationRequest, stats: SessionStats
+    ) -> AsyncGenerator[list[int], None]:
+        """The tokens each round emits (see `GenerationBackend.generate`)."""
+        max_tokens = self.check(request)
+        self.active_sessions += 1
+        try:
+            async with aclosing(self._rounds(request, max_tokens, stats)) as rounds:
+                async for tokens in rounds:
+                    yield tokens
+        finally:
+            self.active_sessions -= 1
+
+
+class GenerationBackend(Protocol):
+    @property
+    def max_context(self) -> int:
+        """Prompt + generated tokens a request may use."""
+        ...
+
+    @property
+    def active_sessions(self) -> int:
+        """Generations in progress."""
+        ...
+
+    def check(self, request: GenerationRequest) -> int:
+        """Validate a request (InvalidRequestError); returns its max new tokens."""
+        ...
+
+    def generate(
+        self, request: GenerationRequest, stats: SessionStats
+    ) -> AsyncGenerator[list[int], None]:
+        """The tokens emitted by each round, until a finish reason; closing the generator
+        cancels the generation and frees what it holds."""
+        ...
+
+    def health(self) -> dict[str, Any]:
+        """Fields of `GET /health`; a "status" other than "ok" makes it answer 503."""
+        ...
+
+
+class ApiMetrics(Protocol):
+    """Where the API reports: the registry `GET /metrics` serves, a counter of requests by
+    endpoint and outcome (HTTP status or "disconnected"), and each generation's statistics."""
+
+    registry: CollectorRegistry
+
+    def count_request(self, endpoint: str, outcome: str) -> None: ...
+
+    def observe(self, stats: SessionStats) -> None: ...

@@ -9,6 +9,7 @@ share the target's tokenizer; the flags the benchmark passes parse."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -243,6 +244,23 @@ def test_a_request_waits_for_a_slot_an_edge_holds(target: LoadedModel) -> None:
         assert asyncio.run(body()) == expected_text(target, PROMPTS[0])
     finally:
         server.stop()
+
+
+def test_stopping_ends_a_running_stream_with_an_error_event() -> None:
+    """Past the drain's grace, a stream still running gets OpenAI's error JSON in-band and
+    ends, instead of a dropped connection; new requests are refused meanwhile."""
+    server = start_api_server(None)
+    url = f"http://127.0.0.1:{server.api_port}/v1/completions"
+    request = {"prompt": [1, 2, 3], "max_tokens": 250, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url, json=request, timeout=10) as response:
+        lines = (line for line in response.iter_lines() if line.startswith("data: "))
+        assert json.loads(next(lines).removeprefix("data: "))["choices"]
+        server.stop(grace=0.0)
+        events = [line.removeprefix("data: ") for line in lines]
+    error = json.loads(events[-1])["error"]
+    assert error["type"] == "server_error" and "shutting down" in error["message"]
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(url, json=request)
 
 
 # ---- the HTTP surface ----------------------------------------------------------------------------

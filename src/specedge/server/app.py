@@ -13,6 +13,7 @@ skips the grace).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -38,6 +39,7 @@ from specedge.server.verifier import VerificationExecutor
 
 logger = logging.getLogger(__name__)
 
+API_FAREWELL_S = 1.0  # seconds API clients get, after the grace, to receive their errors
 # Keepalive pings find dead edges (power loss, lost network) that never close their stream;
 # the silent-session timeout catches live ones that stop sending.
 GRPC_OPTIONS = [
@@ -189,17 +191,23 @@ class SpecEdgeServer:
         await self._api.start(app, handle_signals=False)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Refuse new sessions, give running ones `grace` seconds, then release everything."""
+        """Refuse new sessions and API requests, give running ones `grace` seconds, then fail
+        what is left (an edge gets UNAVAILABLE, an API client a 503 or, mid-stream, an
+        in-band error event) and release everything."""
         grace = self.config.shutdown_grace if grace is None else grace
         self._status = "draining"
-        stopping = []
+        services = []
         if self._grpc is not None:
-            stopping.append(self._grpc.stop(grace))
+            services.append(self._grpc.stop(grace))
         if self._api is not None:
-            stopping.append(self._api.stop(grace))
-        await asyncio.gather(*stopping)
+            # Past the grace, the failed rounds still have to reach their clients.
+            services.append(self._api.stop(grace + API_FAREWELL_S))
+        stopping = asyncio.gather(*services)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(stopping), grace)
         if self.executor is not None:
             await self.executor.stop()
+        await stopping
         if self._http is not None:
             self._http.stop()
         self._status = "stopped"
@@ -223,8 +231,8 @@ class SpecEdgeServer:
             logger.info("stopping now")
             if self._grpc is not None:
                 await self._grpc.stop(0)
-            if self._api is not None:
-                await self._api.stop(0.0)
+            if self.executor is not None:
+                await self.executor.stop()
             await stopping
         second.cancel()
         logger.info("stopped")

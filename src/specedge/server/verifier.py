@@ -175,6 +175,8 @@ class VerificationExecutor:
         SessionStateError (closed, finished, a tree already queued) or ServerClosingError.
         Cancelling the call closes the session."""
         session = self._sessions.get(session_id)
+        if session is None and self._closing:
+            raise ServerClosingError("the server is shutting down")
         if session is None:
             raise SessionStateError(f"session {session_id} is closed")
         if session.finished:

@@ -192,9 +192,11 @@ def test_report_sections_and_ratios(tmp_path: Path) -> None:
         machine={"cpu": "2 cores"},
         placement=["server on core 0", "edges and clients on core 1"],
         notes=["hf-assisted skipped: no draft"],
+        timeline=[{"systems": "server-ar", "client_slots": 2, "startup_s": 5.0, "runs_s": 9.5}],
     )
     report = write_report(tmp_path, _synthetic_runs(), meta).read_text()
     for heading in (
+        "## Benchmark timeline",
         "## Machine",
         "## Resource placement",
         "## Headline",
@@ -205,6 +207,7 @@ def test_report_sections_and_ratios(tmp_path: Path) -> None:
     ):
         assert heading in report
     assert "server on core 0" in report and "hf-assisted skipped" in report
+    assert "| server-ar | 2 | 5.0 | – | 9.5 | – |" in report
     # specedge at 2 clients, 15 ms: twice server-spec's throughput, 3x server-ar's.
     assert "| specedge | 2 | 15 | 2.00x |" in report
     assert "## Discussion" not in report

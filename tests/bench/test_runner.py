@@ -20,23 +20,25 @@ def test_plan_groups_runs_by_deployment() -> None:
         None, {"clients": "1,2", "rtt_ms": "0,15,30", "temperatures": "0,0.7", "jitter_ms": 2}
     )
     groups = plan_runs(config, depth=5)
-    by_system: dict[str, list] = {}
-    for group in groups:
-        by_system.setdefault(group.system, []).append(group)
-    # One deployment serves every SpecEdge run; the lockstep server is per client count.
-    assert [g.clients for g in by_system["specedge"]] == [2]
-    assert len(by_system["specedge"][0].specs) == 2 * 2 * 3
-    assert [g.clients for g in by_system["specedge-no-pipelining"]] == [1, 2]
-    assert {s.rtt_ms for s in by_system["specedge-no-proactive"][0].specs} == {15.0}
-    assert {s.rtt_ms for s in by_system["server-spec"][0].specs} == {0.0, 15.0}
-    hf = by_system["hf-assisted"][0]
-    assert [(s.clients, s.rtt_ms) for s in hf.specs] == [(1, 0.0), (1, 0.0)]
-    ar = by_system["server-ar"][0].specs[0]
+    assert [(g.systems, g.clients) for g in groups] == [
+        (("specedge", "specedge-no-proactive"), 2),  # one server, both sets of edges
+        (("specedge-no-pipelining",), 1),  # the lockstep server's batch is the client count
+        (("specedge-no-pipelining",), 2),
+        (("server-spec",), 2),
+        (("server-ar",), 2),
+        (("hf-assisted",), 1),
+    ]
+    edges = groups[0].specs
+    assert len([s for s in edges if s.system == "specedge"]) == 2 * 2 * 3
+    assert {s.rtt_ms for s in edges if s.system == "specedge-no-proactive"} == {15.0}
+    assert {s.rtt_ms for s in groups[3].specs} == {0.0, 15.0}
+    assert [(s.clients, s.rtt_ms) for s in groups[5].specs] == [(1, 0.0), (1, 0.0)]
+    ar = groups[4].specs[0]
     assert ar.depth is None and ar.budget is None
-    spec = by_system["specedge"][0].specs[0]
+    spec = edges[0]
     assert spec.depth == 5 and spec.budget == config.budget
     assert spec.jitter_ms == 0.0  # no jitter without delay
-    assert by_system["specedge"][0].specs[1].jitter_ms == 2.0
+    assert edges[1].jitter_ms == 2.0
 
 
 def test_rebase_counts_from_the_first_start() -> None:
@@ -60,11 +62,9 @@ def test_measure_one_run_through_proxies() -> None:
         proxies = [DelayProxy("127.0.0.1", port).start() for _ in range(2)]
         try:
             deployment = Deployment(
-                system="server-ar",
-                client_urls=[f"http://{p.address}" for p in proxies],
-                proxies=proxies,
+                client_urls={"server-ar": [f"http://{p.address}" for p in proxies]},
+                proxies={"server-ar": proxies},
                 metrics_url=url + "/metrics",
-                has_edges=False,
             )
             spec = RunSpec("server-ar", clients=2, rtt_ms=20.0, temperature=0.0)
             with Progress(disable=True) as progress:

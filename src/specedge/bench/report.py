@@ -281,6 +281,14 @@ def render_report(
         out += runs_table(runs, temperature)
         out += ["", f"### Ratios against the baselines, temperature {temperature:g}", ""]
         out += ratios_table(runs, temperature)
+    if meta.timeline:
+        out += ["", "## Benchmark timeline", ""]
+        out += ["| deployment | client slots | start-up s | warm-up s | measured s | total s |"]
+        out += ["|---|---|---|---|---|---|"]
+        for step in meta.timeline:
+            cells = [step.get(k) for k in ("startup_s", "warmup_s", "runs_s", "total_s")]
+            shown = [_num(c) if isinstance(c, int | float) else MISSING for c in cells]
+            out.append(f"| {step['systems']} | {step['client_slots']} | {' | '.join(shown)} |")
     if meta.notes:
         out += ["", "## Notes", ""]
         out += [f"- {note}" for note in meta.notes]

@@ -83,6 +83,8 @@ class BenchMeta:
     notes: list[str] = field(default_factory=list)
     started_at: str = ""
     duration_s: float = 0.0
+    # Per deployment: {"systems", "client_slots", "startup_s", "warmup_s", "runs_s"}.
+    timeline: list[dict[str, Any]] = field(default_factory=list)
 
 
 def write_results(out_dir: Path, runs: Sequence[RunResult], meta: BenchMeta) -> None:

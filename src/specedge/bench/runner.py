@@ -39,7 +39,9 @@ from specedge.bench.processes import Placement
 from specedge.bench.prompts import BenchPrompt, load_prompts, sample_prompts
 from specedge.bench.report import write_report
 from specedge.bench.results import (
+    EDGE_SYSTEMS,
     HF_ASSISTED,
+    SERVER_AR,
     SPECEDGE_NO_PIPELINING,
     BenchMeta,
     RunResult,
@@ -62,11 +64,15 @@ WARMUP_TOKENS = 4
 
 @dataclasses.dataclass(frozen=True)
 class RunGroup:
-    """Runs that share one deployment."""
+    """Runs that share one deployment (one server, and the edges of its systems)."""
 
-    system: str
-    clients: int  # client slots the deployment provides
+    systems: tuple[str, ...]
+    clients: int  # client slots the deployment provides per system
     specs: tuple[RunSpec, ...]
+
+    @property
+    def name(self) -> str:
+        return " + ".join(self.systems)
 
 
 def plan_runs(config: BenchConfig, depth: int) -> list[RunGroup]:
@@ -74,11 +80,14 @@ def plan_runs(config: BenchConfig, depth: int) -> list[RunGroup]:
     groups: dict[tuple[str, int], list[RunSpec]] = {}
     for system in config.systems:
         clients = config.clients_for(system)
-        drafts = system != "server-ar"
+        drafts = system != SERVER_AR
         for temperature in config.temperatures:
             for count in clients:
                 for rtt in config.rtts_for(system):
-                    key = (system, deployment_key(system, count, max(clients)))
+                    if system == HF_ASSISTED:
+                        key = (HF_ASSISTED, 1)
+                    else:
+                        key = deployment_key(system, count, max(clients))
                     groups.setdefault(key, []).append(
                         RunSpec(
                             system=system,
@@ -90,7 +99,10 @@ def plan_runs(config: BenchConfig, depth: int) -> list[RunGroup]:
                             budget=config.budget if drafts else None,
                         )
                     )
-    return [RunGroup(system, slots, tuple(specs)) for (system, slots), specs in groups.items()]
+    return [
+        RunGroup(tuple(dict.fromkeys(s.system for s in specs)), slots, tuple(specs))
+        for (_, slots), specs in groups.items()
+    ]
 
 
 def run_bench(config: BenchConfig, console: Console | None = None) -> Path:
@@ -139,11 +151,13 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> Path:
         overall = progress.add_task("benchmark runs", total=sum(len(g.specs) for g in plan))
         for group in plan:
             try:
-                runs += _run_group(group, config, settings, placement, prompts, progress, out_dir)
+                runs += _run_group(
+                    group, config, settings, placement, prompts, progress, out_dir, meta
+                )
             except SpecEdgeError as error:
                 lines = (line.strip(" │╭╮╰╯─") for line in str(error).splitlines())
                 detail = " ".join(filter(None, lines))
-                note = f"{group.system} ({group.clients} client slots) stopped: {detail}"
+                note = f"{group.name} ({group.clients} client slots) stopped: {detail}"
                 logger.warning(note)
                 meta.notes.append(note)
             progress.update(overall, completed=len(runs))
@@ -160,37 +174,48 @@ def _run_group(
     prompts: Sequence[BenchPrompt],
     progress: Progress,
     out_dir: Path,
+    meta: BenchMeta,
 ) -> list[RunResult]:
-    if group.system == HF_ASSISTED:
+    """Deploy, warm up and measure every run of `group`; its timings go to `meta.timeline`."""
+    clock = time.monotonic()
+    timeline: dict[str, Any] = {"systems": group.name, "client_slots": group.clients}
+    meta.timeline.append(timeline)
+    if group.systems == (HF_ASSISTED,):
         task = progress.add_task(f"{HF_ASSISTED}: loading", total=None)
         try:
             return run_hf_assisted(
                 group.specs, config, prompts, placement, out_dir / "logs", config.price_table
             )
         finally:
+            timeline["runs_s"] = time.monotonic() - clock
             progress.remove_task(task)
-    task = progress.add_task(f"{group.system}: starting {group.clients} client slots", total=None)
+    task = progress.add_task(f"{group.name}: starting {group.clients} client slots", total=None)
     try:
         with deploy(
-            group.system, group.clients, settings, placement, out_dir / "logs"
+            group.systems, group.clients, settings, placement, out_dir / "logs"
         ) as deployment:
+            timeline["startup_s"] = time.monotonic() - clock
             _warm_up(deployment, config)
+            timeline["warmup_s"] = time.monotonic() - clock - timeline["startup_s"]
             results = []
             for spec in group.specs:
                 results.append(measure_run(deployment, spec, prompts, config, progress, task))
+            timeline["runs_s"] = sum(r.metrics.wall_s for r in results)
             return results
     finally:
+        timeline["total_s"] = time.monotonic() - clock
         progress.remove_task(task)
 
 
 def _warm_up(deployment: Deployment, config: BenchConfig) -> None:
-    """One short request per client slot, not measured (first-use costs, connections)."""
+    """One short request per client slot, all at once, not measured (first-use costs,
+    connections)."""
+    urls = [url for system_urls in deployment.client_urls.values() for url in system_urls]
     warm = [BenchPrompt("warmup", "warmup", "Say hello.")]
     settings = RequestSettings(WARMUP_TOKENS, 0.0, timeout_s=config.request_timeout_s)
-    for url in deployment.client_urls:
-        records = asyncio.run(run_clients([url], warm, settings))
-        if records[0].error:
-            raise SpecEdgeError(f"{deployment.system}: warm-up request failed: {records[0].error}")
+    for record in asyncio.run(run_clients(urls, warm, settings)):
+        if record.error:
+            raise SpecEdgeError(f"warm-up request to {urls[record.client]} failed: {record.error}")
 
 
 def measure_run(
@@ -211,25 +236,27 @@ def measure_run(
         total=total,
         completed=0,
     )
-    busy_before, bytes_before = deployment.busy_seconds(), deployment.wire_bytes()
+    busy_before = deployment.busy_seconds()
+    bytes_before = deployment.wire_bytes(spec.system)
     settings = RequestSettings(
         config.max_tokens, spec.temperature, seed=config.seed, timeout_s=config.request_timeout_s
     )
     records = asyncio.run(
         run_clients(
-            deployment.client_urls[: spec.clients],
+            deployment.client_urls[spec.system][: spec.clients],
             prompts,
             settings,
             on_done=lambda _: progress.advance(task),
         )
     )
-    busy_after, bytes_after = deployment.busy_seconds(), deployment.wire_bytes()
+    busy_after = deployment.busy_seconds()
+    bytes_after = deployment.wire_bytes(spec.system)
     busy = None if busy_before is None or busy_after is None else busy_after - busy_before
     records = rebase(records)
     usage = ServerUsage(
         wall_s=run_window(records),
         busy_s=busy,
-        edge_engaged_s=engaged_times(records) if deployment.has_edges else (),
+        edge_engaged_s=engaged_times(records) if spec.system in EDGE_SYSTEMS else (),
         wire_bytes=bytes_after - bytes_before,
     )
     metrics = compute_run_metrics(records, usage, config.price_table)

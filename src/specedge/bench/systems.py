@@ -12,14 +12,17 @@
   tree speculation); each client reaches the API through its own delaying proxy (the WAN).
 - `hf-assisted`: see `hf_assisted.py` (not a deployment: one process, one request at a time).
 
-A `Deployment` is what the runner needs from a running system: the clients' base URLs, the
-proxies whose RTT it sets per run and whose bytes it counts, and the server's metrics URL.
+A `Deployment` is one server and the edges of the systems that share it (`specedge` and
+`specedge-no-proactive` differ only in their edges, so they share a server; idle edges cost
+nothing). It gives the runner each system's client URLs, the proxies whose RTT it sets per run
+and whose bytes it counts, and the server's metrics URL. All processes start at once (the
+edges wait for the server), so start-up costs one model load per core, not one per process.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +35,10 @@ from specedge.bench.processes import (
     specedge_args,
 )
 from specedge.bench.results import (
+    EDGE_SYSTEMS,
     SERVER_AR,
     SERVER_SPEC,
+    SPECEDGE,
     SPECEDGE_NO_PIPELINING,
     SPECEDGE_NO_PROACTIVE,
 )
@@ -42,6 +47,14 @@ from specedge.bench.wan import DelayProxy
 LOCALHOST = "127.0.0.1"
 BUSY_COUNTER = "specedge_server_busy_seconds_total"
 LOCKSTEP_BATCH_WAIT_MS = 5000.0  # longer than any edge's turnaround here
+# Systems served by one kind of server; the lockstep server is per client count.
+SERVER_KINDS = {
+    SPECEDGE: "edges",
+    SPECEDGE_NO_PROACTIVE: "edges",
+    SPECEDGE_NO_PIPELINING: "lockstep",
+    SERVER_SPEC: "api-spec",
+    SERVER_AR: "api-ar",
+}
 
 
 @dataclass(frozen=True)
@@ -59,21 +72,22 @@ class SystemSettings:
 
 @dataclass
 class Deployment:
-    system: str
-    client_urls: list[str]  # one base URL per client slot, e.g. http://127.0.0.1:8001
-    proxies: list[DelayProxy]  # the WAN links, one per client slot
+    client_urls: dict[str, list[str]]  # per system: one base URL per client slot
+    proxies: dict[str, list[DelayProxy]]  # per system: its WAN links, one per client slot
     metrics_url: str
-    has_edges: bool
     processes: list[ManagedProcess] = field(default_factory=list)
 
     def set_network(self, rtt_ms: float, jitter_ms: float) -> None:
         """Every WAN link gets this RTT from now on (the proxies read it per chunk)."""
-        for proxy in self.proxies:
-            proxy.rtt_ms = rtt_ms
-            proxy.jitter_ms = jitter_ms
+        for proxies in self.proxies.values():
+            for proxy in proxies:
+                proxy.rtt_ms = rtt_ms
+                proxy.jitter_ms = jitter_ms
 
-    def wire_bytes(self) -> int:
-        return sum(p.counters.uplink_bytes + p.counters.downlink_bytes for p in self.proxies)
+    def wire_bytes(self, system: str) -> int:
+        return sum(
+            p.counters.uplink_bytes + p.counters.downlink_bytes for p in self.proxies[system]
+        )
 
     def busy_seconds(self) -> float | None:
         return scrape_counter(self.metrics_url, BUSY_COUNTER)
@@ -83,81 +97,98 @@ class Deployment:
             process.check_alive()
 
 
-def deployment_key(system: str, clients: int, max_clients: int) -> int:
-    """Runs with equal keys share one deployment: one per client count for the lockstep
-    server (its batch size is the client count), otherwise one for all counts."""
-    return clients if system == SPECEDGE_NO_PIPELINING else max_clients
+def deployment_key(system: str, clients: int, max_clients: int) -> tuple[str, int]:
+    """Runs with equal keys share one deployment: (server kind, client slots)."""
+    kind = SERVER_KINDS[system]
+    return kind, clients if kind == "lockstep" else max_clients
 
 
-def _serve_args(settings: SystemSettings, grpc_port: int, metrics_port: int) -> list[str]:
+def _serve_args(
+    kind: str, settings: SystemSettings, clients: int, ports: dict[str, int], log_dir: Path
+) -> list[str]:
     args = [
         "serve",
         "--model", settings.target,
-        "--port", str(grpc_port),
-        "--metrics-port", str(metrics_port),
+        "--port", str(ports["grpc"]),
+        "--metrics-port", str(ports["metrics"]),
         "--max-tree-nodes", str(max(64, settings.budget)),
         "--max-tree-depth", str(max(16, 2 * settings.depth)),
+        *(["--dtype", settings.dtype] if settings.dtype else []),
     ]  # fmt: skip
-    return args + (["--dtype", settings.dtype] if settings.dtype else [])
+    if kind == "lockstep":
+        # `batch_wait_ms` has no flag; the server takes it from its config file.
+        server_yaml = log_dir / f"lockstep-{clients}-server.yaml"
+        server_yaml.write_text(f"batch_wait_ms: {LOCKSTEP_BATCH_WAIT_MS}\n")
+        args += ["--max-batch", str(clients), "--config", str(server_yaml)]
+    if kind in ("api-spec", "api-ar"):
+        args += ["--api-port", str(ports["api"])]
+    if kind == "api-spec":
+        args += ["--draft", settings.draft]
+        args += ["--budget", str(settings.budget), "--depth", str(settings.depth)]
+    return args
+
+
+def _edge_args(
+    system: str, settings: SystemSettings, server: str, port: int, edge_yaml: Path
+) -> list[str]:
+    proactive = "off" if system == SPECEDGE_NO_PROACTIVE else settings.proactive
+    return specedge_args(
+        "edge", "--model", settings.draft, "--server", server, "--port", str(port),
+        "--proactive", proactive, "--budget", str(settings.budget),
+        "--depth", str(settings.depth), "--config", str(edge_yaml),
+        *(["--dtype", settings.dtype] if settings.dtype else []),
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
 def deploy(
-    system: str, clients: int, settings: SystemSettings, placement: Placement, log_dir: Path
+    systems: Sequence[str],
+    clients: int,
+    settings: SystemSettings,
+    placement: Placement,
+    log_dir: Path,
 ) -> Iterator[Deployment]:
-    """Start `system` for up to `clients` concurrent clients; stop everything on exit."""
+    """Start the server of `systems` (one kind) and, for edge systems, `clients` edges each;
+    wait until every process answers; stop everything on exit."""
+    kinds = {SERVER_KINDS[system] for system in systems}
+    assert len(kinds) == 1, f"{systems} need different servers"
+    kind = kinds.pop()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ports = {"grpc": free_port(), "metrics": free_port(), "api": free_port()}
+    name = f"{kind}-{clients}"
     # Processes stop before the proxies, so that no proxy is cut mid-connection.
-    with _proxies() as proxies, managed([]) as processes:
-        grpc_port, metrics_port = free_port(), free_port()
-        serve = _serve_args(settings, grpc_port, metrics_port)
-        if system == SPECEDGE_NO_PIPELINING:
-            # `batch_wait_ms` has no flag; the server takes it from its config file.
-            server_yaml = log_dir / f"{system}-{clients}-server.yaml"
-            server_yaml.parent.mkdir(parents=True, exist_ok=True)
-            server_yaml.write_text(f"batch_wait_ms: {LOCKSTEP_BATCH_WAIT_MS}\n")
-            serve += ["--max-batch", str(clients), "--config", str(server_yaml)]
-        api_port = free_port()
-        if system in (SERVER_SPEC, SERVER_AR):
-            serve += ["--api-port", str(api_port)]
-        if system == SERVER_SPEC:
-            serve += ["--draft", settings.draft]
-            serve += ["--budget", str(settings.budget), "--depth", str(settings.depth)]
-        server = ManagedProcess(
-            "server",
-            specedge_args(*serve),
-            log_dir / f"{system}-{clients}-server.log",
-            placement.server_cpus,
-        )
+    with _proxies() as all_proxies, managed([]) as processes:
+        serve = _serve_args(kind, settings, clients, ports, log_dir)
+        server_log = log_dir / f"{name}-server.log"
+        server = ManagedProcess("server", specedge_args(*serve), server_log, placement.server_cpus)
         processes.append(server)
-        metrics_url = f"http://{LOCALHOST}:{metrics_port}"
-        server.wait_healthy(metrics_url + "/health", settings.startup_timeout_s)
-        if system in (SERVER_SPEC, SERVER_AR):
-            server.wait_healthy(f"http://{LOCALHOST}:{api_port}/health", settings.startup_timeout_s)
-            proxies += [DelayProxy(LOCALHOST, api_port).start() for _ in range(clients)]
-            urls = [f"http://{proxy.address}" for proxy in proxies]
-            yield Deployment(system, urls, proxies, metrics_url + "/metrics", False, processes)
-            return
-        proactive = "off" if system == SPECEDGE_NO_PROACTIVE else settings.proactive
-        edges = []
-        for number in range(clients):
-            proxy = DelayProxy(LOCALHOST, grpc_port).start()
-            proxies.append(proxy)
-            http_port = free_port()
-            args = specedge_args(
-                "edge", "--model", settings.draft, "--server", proxy.address,
-                "--port", str(http_port), "--proactive", proactive,
-                "--budget", str(settings.budget), "--depth", str(settings.depth),
-                *(["--dtype", settings.dtype] if settings.dtype else []),
-            )  # fmt: skip
-            log = log_dir / f"{system}-edge{number}.log"
-            edges.append(
-                (ManagedProcess(f"edge {number}", args, log, placement.edge_cpus), http_port)
-            )
-            processes.append(edges[-1][0])
-        for edge, http_port in edges:
-            edge.wait_healthy(f"http://{LOCALHOST}:{http_port}/health", settings.startup_timeout_s)
-        urls = [f"http://{LOCALHOST}:{port}" for _, port in edges]
-        yield Deployment(system, urls, proxies, metrics_url + "/metrics", True, processes)
+        edge_yaml = log_dir / "edge.yaml"  # settings with no flag
+        edge_yaml.write_text(f"startup_timeout: {settings.startup_timeout_s}\n")
+        urls: dict[str, list[str]] = {}
+        proxies: dict[str, list[DelayProxy]] = {}
+        health = [(server, f"http://{LOCALHOST}:{ports['metrics']}/health")]
+        for system in systems:
+            upstream = ports["grpc"] if system in EDGE_SYSTEMS else ports["api"]
+            proxies[system] = [DelayProxy(LOCALHOST, upstream).start() for _ in range(clients)]
+            all_proxies += proxies[system]
+            if system not in EDGE_SYSTEMS:
+                urls[system] = [f"http://{proxy.address}" for proxy in proxies[system]]
+                continue
+            urls[system] = []
+            for number, proxy in enumerate(proxies[system]):
+                port = free_port()
+                args = _edge_args(system, settings, proxy.address, port, edge_yaml)
+                log = log_dir / f"{name}-{system}-edge{number}.log"
+                edge = ManagedProcess(f"{system} edge {number}", args, log, placement.edge_cpus)
+                processes.append(edge)
+                urls[system].append(f"http://{LOCALHOST}:{port}")
+                health.append((edge, urls[system][-1] + "/health"))
+        if kind in ("api-spec", "api-ar"):
+            health.append((server, f"http://{LOCALHOST}:{ports['api']}/health"))
+        for process, url in health:
+            process.wait_healthy(url, settings.startup_timeout_s)
+        metrics_url = f"http://{LOCALHOST}:{ports['metrics']}/metrics"
+        yield Deployment(urls, proxies, metrics_url, processes)
 
 
 @contextlib.contextmanager

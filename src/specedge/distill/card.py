@@ -121,7 +121,8 @@ def write_card(
         "",
         f"- prompts: {source}",
         f"- training: {len(train)} target generations, {train_tokens} generated tokens "
-        f"(greedy over all prompts first, then sampled at temperature 0.8 while the data budget lasts), up to "
+        "(greedy over all prompts first, then sampled at temperature 0.8 while the data "
+        f"budget lasts), up to "
         f"{config.max_new_tokens} new tokens each, top-{config.top_k} target logits kept",
         f"- held out: {len(heldout_prompts)} prompts ({sum(s.num_generated for s in heldout)} "
         "greedy target tokens), used only for the measurements below",

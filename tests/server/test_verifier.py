@@ -109,7 +109,10 @@ def test_long_prefill_does_not_stall_a_running_session(target: LoadedModel) -> N
 
     progress = with_executor(target, body)
     steps = [b - a for a, b in zip(progress, progress[1:], strict=False)]
-    assert max(steps) <= 16 and len(progress) >= 99 // 16
+    # The reply is sent before the iteration's prefill chunk runs on the model thread, so one
+    # read may land before or after that chunk: allow two chunks between consecutive reads.
+    # The property itself is the count: the running session kept getting replies throughout.
+    assert max(steps) <= 2 * 16 and len(progress) >= 99 // 16
 
 
 def test_executor_output_matches_local_target(target: LoadedModel) -> None:

@@ -116,11 +116,22 @@ def _generate_all(job: dict[str, Any], out: Path) -> None:
     tokenizer = load_tokenizer(target_dir)
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).eval()
     try:
-        draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=dtype).eval()
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            draft_dir, dtype=dtype, output_loading_info=True
+        )
+        draft, info = loaded
+        # transformers fills missing tensors with random ones: refuse rather than measure that.
+        absent = [*info["missing_keys"], *(str(k) for k in info["mismatched_keys"])]
+        if absent:
+            raise ValueError(
+                f"{len(absent)} tensors are not in its checkpoint (e.g. {sorted(absent)[0]}); "
+                "a SpecEdge draft may share tensors with its target or have a reduced head"
+            )
         if draft.config.vocab_size != target.config.vocab_size:
             raise ValueError(
                 f"vocab {draft.config.vocab_size} vs the target's {target.config.vocab_size}"
             )
+        draft.eval()
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         print(f"transformers cannot load the draft {job['draft']!r}: {error}", file=sys.stderr)
         sys.exit(CANNOT_LOAD_EXIT)

@@ -204,8 +204,8 @@ def bench(
     jitter_ms: Annotated[float | None, typer.Option(help="RTT jitter, ms (0).")] = None,
     prompts: Annotated[str | None, typer.Option(help="Spec-Bench style JSON Lines.")] = None,
     categories: Annotated[str | None, typer.Option(help="Comma-separated (all).")] = None,
-    num_prompts: Annotated[int | None, typer.Option(help="Requests per run (16).")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Tokens per request (64).")] = None,
+    num_prompts: Annotated[int | None, typer.Option(help="Requests per run (8).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Tokens per request (32).")] = None,
     temperature: Annotated[str | None, typer.Option(help="One or a list (0,0.7).")] = None,
     budget: Annotated[int | None, typer.Option(help="Draft tree nodes (32).")] = None,
     depth: Annotated[str | None, typer.Option(help="Draft tree depth, or auto (6).")] = None,
@@ -245,49 +245,6 @@ def bench(
         "quick": quick or None,
     }
     typer.echo(f"wrote {run_bench(load_bench_config(config, flags))}")
-
-
-@app.command()
-def distill(
-    target: Annotated[str, typer.Option(help=f"Target model: {MODEL_HELP}.")],
-    out: Annotated[Path, typer.Option(help="Output model directory (also holds the checkpoint).")],
-    layers: Annotated[int, typer.Option(help="Draft decoder layers.")] = 4,
-    frozen_layers: Annotated[
-        int, typer.Option(help="Bottom layers kept equal to the target's (not stored).")
-    ] = 0,
-    hidden: Annotated[int | None, typer.Option(help="Hidden size (default: the target's).")] = None,
-    init_from_target: Annotated[
-        bool, typer.Option(help="Start from the target's bottom and top layers.")
-    ] = True,
-    prompts: Annotated[
-        Path | None, typer.Option(help="Training prompts (default: built-in).")
-    ] = None,
-    max_minutes: Annotated[float, typer.Option(help="Teacher data + training time.")] = 30.0,
-    head_tokens: Annotated[int, typer.Option(help="LM head size, 0 = full vocabulary.")] = 8192,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    dtype: Annotated[str | None, typer.Option(help="Default: best for device.")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
-) -> None:
-    """Train a small draft for TARGET by distillation on its own generations (resumable)."""
-    from specedge.distill import DistillConfig, run_distill
-
-    command = " ".join(["specedge", *sys.argv[1:]])
-    config = DistillConfig(
-        target=target,
-        out=out,
-        layers=layers,
-        frozen_layers=frozen_layers,
-        hidden=hidden,
-        init_from_target=init_from_target,
-        prompts=prompts,
-        max_minutes=max_minutes,
-        head_tokens=head_tokens,
-        device=device,
-        dtype=dtype,
-        seed=seed,
-        command=command,
-    )
-    typer.echo(f"wrote {run_distill(config)}")
 
 
 def _read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:

@@ -38,8 +38,8 @@ class BenchConfig:
     jitter_ms: float = 0.0
     prompts: str = "../shared/data/specbench_prompts.jsonl"
     categories: tuple[str, ...] = ()  # () = all
-    num_prompts: int = 16  # requests per run, shared by the run's clients
-    max_tokens: int = 64
+    num_prompts: int = 8  # requests per run, shared by the run's clients
+    max_tokens: int = 32
     temperatures: tuple[float, ...] = (0.0, 0.7)
     budget: int = 32
     depth: str = "6"  # an integer, or "auto" (calibrated: see calibrate.py)
@@ -122,7 +122,7 @@ QUICK: dict[str, Any] = {
     "clients": (2,),
     "rtt_ms": (0.0, 15.0),
     "num_prompts": 4,
-    "max_tokens": 24,
+    "max_tokens": 16,
     "temperatures": (0.0,),
     "budget": 16,
     "depth": "4",

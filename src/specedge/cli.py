@@ -189,6 +189,99 @@ def demo(
 
 
 @app.command()
+def distill(
+    target: Annotated[str, typer.Option(help=f"Target model: {MODEL_HELP}.")],
+    out: Annotated[Path, typer.Option(help="Output model directory (also holds the checkpoint).")],
+    layers: Annotated[int, typer.Option(help="Draft decoder layers.")] = 4,
+    frozen_layers: Annotated[
+        int, typer.Option(help="Bottom layers kept equal to the target's (not stored).")
+    ] = 0,
+    hidden: Annotated[int | None, typer.Option(help="Hidden size (default: the target's).")] = None,
+    init_from_target: Annotated[
+        bool, typer.Option(help="Start from the target's bottom and top layers.")
+    ] = True,
+    prompts: Annotated[
+        Path | None, typer.Option(help="Training prompts (default: built-in).")
+    ] = None,
+    max_minutes: Annotated[float, typer.Option(help="Teacher data + training time.")] = 30.0,
+    head_tokens: Annotated[int, typer.Option(help="LM head size, 0 = full vocabulary.")] = 8192,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str | None, typer.Option(help="Default: best for device.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train a small draft for TARGET by distillation on its own generations (resumable)."""
+    from specedge.distill import DistillConfig, run_distill
+
+    command = " ".join(["specedge", *sys.argv[1:]])
+    config = DistillConfig(
+        target=target,
+        out=out,
+        layers=layers,
+        frozen_layers=frozen_layers,
+        hidden=hidden,
+        init_from_target=init_from_target,
+        prompts=prompts,
+        max_minutes=max_minutes,
+        head_tokens=head_tokens,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        command=command,
+    )
+    typer.echo(f"wrote {run_distill(config)}")
+
+
+@app.command()
+def edge(
+    model: Annotated[str | None, typer.Option(help=f"Draft model: {MODEL_HELP}.")] = None,
+    server: Annotated[str | None, typer.Option(help="HOST:PORT of `specedge serve`.")] = None,
+    host: Annotated[str | None, typer.Option(help="HTTP API address [127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP API port, 0 = any free [8000].")] = None,
+    budget: Annotated[int | None, typer.Option(help="Draft tree nodes per round [32].")] = None,
+    depth: Annotated[int | None, typer.Option(help="Draft tree depth [6].")] = None,
+    width: Annotated[int | None, typer.Option(help="Children per expanded node [4].")] = None,
+    beams: Annotated[int | None, typer.Option(help="Nodes expanded per draft step [8].")] = None,
+    proactive: Annotated[
+        str | None, typer.Option(help="Proactive drafting: off | keep-depth | add-depth.")
+    ] = None,
+    proactive_budget: Annotated[int | None, typer.Option(help="Subtree nodes [16].")] = None,
+    proactive_depth: Annotated[int | None, typer.Option(help="Subtree depth [3].")] = None,
+    max_sessions: Annotated[int | None, typer.Option(help="Concurrent generations [8].")] = None,
+    max_context: Annotated[int | None, typer.Option(help="Prompt + generated tokens.")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Name in /v1/models.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32|bfloat16|float16.")] = None,
+    auth_token: Annotated[str | None, typer.Option(help="Bearer token for the server.")] = None,
+    auth_token_file: Annotated[Path | None, typer.Option(help="File holding the token.")] = None,
+    config: Annotated[Path | None, typer.Option(help="edge.yaml (flags override it).")] = None,
+) -> None:
+    """Run an edge: draft with MODEL, verify on SERVER, serve an OpenAI-compatible API."""
+    from specedge.edge.app import run_edge
+    from specedge.edge.config import load_edge_config
+
+    flags = {
+        "model": model,
+        "server": server,
+        "host": host,
+        "port": port,
+        "budget": budget,
+        "depth": depth,
+        "width": width,
+        "beams": beams,
+        "proactive": proactive,
+        "proactive_budget": proactive_budget,
+        "proactive_depth": proactive_depth,
+        "max_sessions": max_sessions,
+        "max_context": max_context,
+        "served_model_name": served_model_name,
+        "device": device,
+        "dtype": dtype,
+        "auth_token": auth_token,
+    }
+    run_edge(load_edge_config(config, flags, auth_token_file))
+
+
+@app.command()
 def bench(
     target: Annotated[str | None, typer.Option(help="Target model (smollm2-135m).")] = None,
     draft: Annotated[str | None, typer.Option(help="Draft model (smollm2-135m-draft).")] = None,

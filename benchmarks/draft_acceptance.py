@@ -1,0 +1,169 @@
+"""Acceptance of the bundled draft on SpecBench: mean tokens per verification round.
+
+For each SpecBench prompt (first turn, chat template) and temperature, runs tree speculative
+decoding in-process (`LocalGenerator`) with the target and (a) the distilled draft, (b) an
+untrained shallow draft (the target's embeddings, head and layers [0, 1, L-2, L-1], no
+training), and reports tokens per round (accepted + bonus) per category and overall.
+
+    python benchmarks/draft_acceptance.py --every 8 --baseline-every 24
+
+writes benchmarks/results/draft_acceptance.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from specedge.distill.student import layer_sources
+from specedge.draft import TreeShape
+from specedge.generate import LocalGenerator
+from specedge.model.loader import (
+    LoadedModel,
+    build_model,
+    convert_hf_state_dict,
+    load_model,
+    parse_dtype,
+)
+from specedge.model.loader import _load_state_dict as load_state_dict
+from specedge.sampling import SamplingParams
+from specedge.text import encode_prompt
+
+ROOT = Path(__file__).resolve().parent
+DATA = ROOT.parent.parent / "shared" / "data" / "specbench_prompts.jsonl"
+
+
+def shallow_untrained_draft(target: LoadedModel, num_layers: int = 4) -> LoadedModel:
+    """The target's embeddings, final norm, head and layers [0, 1, L-2, L-1], untrained."""
+    config = replace(target.config, num_layers=num_layers)
+    hf = load_state_dict(target.directory, target.config)
+    state = convert_hf_state_dict(hf, target.config)
+    sources = layer_sources(target.config.num_layers, num_layers)
+    picked = {k: v for k, v in state.items() if not k.startswith("layers.")}
+    for dst, src in enumerate(sources):
+        for key, value in state.items():
+            if key.startswith(f"layers.{src}."):
+                picked[f"layers.{dst}." + key.removeprefix(f"layers.{src}.")] = value
+    model = build_model(config, picked, "cpu", target.dtype)
+    return replace(target, name="shallow-untrained", model=model, config=config)
+
+
+def read_prompts(every: int) -> list[dict[str, str]]:
+    records = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
+    return [
+        {"id": str(r["question_id"]), "category": r["category"], "prompt": r["turns"][0]}
+        for r in records[::every]
+    ]
+
+
+def run(
+    target: LoadedModel,
+    draft: LoadedModel,
+    prompts: list[dict[str, str]],
+    temperature: float,
+    shape: TreeShape,
+    max_tokens: int,
+) -> dict[str, object]:
+    generator = LocalGenerator(target, draft, shape)
+    per_category: dict[str, list[float]] = defaultdict(list)
+    rounds = tokens = 0
+    start = time.perf_counter()
+    for index, record in enumerate(prompts):
+        ids = encode_prompt(target.tokenizer, record["prompt"], chat=True)
+        params = SamplingParams(temperature=temperature, seed=index)
+        output = generator.generate(ids, params, max_tokens, target.stop_token_ids)
+        per_category[record["category"]].append(output.stats.tokens_per_round)
+        rounds += output.stats.rounds
+        tokens += output.completion_tokens
+    every_prompt = [v for values in per_category.values() for v in values]
+    return {
+        "draft": draft.name,
+        "temperature": temperature,
+        "num_prompts": len(prompts),
+        "mean_tokens_per_round": statistics.fmean(every_prompt),
+        "pooled_tokens_per_round": tokens / max(rounds, 1),
+        "per_category": {k: statistics.fmean(v) for k, v in sorted(per_category.items())},
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def write_report(results: list[dict[str, object]], args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "draft_acceptance.json").write_text(
+        json.dumps({"settings": vars(args), "results": results}, indent=2) + "\n"
+    )
+    categories = sorted({c for r in results for c in r["per_category"]})  # type: ignore[attr-defined]
+    header = "| draft | T | prompts | mean | " + " | ".join(categories) + " |"
+    lines = [
+        "# Draft acceptance on SpecBench",
+        "",
+        f"Mean tokens per verification round (accepted + bonus; mean over prompts) of tree "
+        f"speculative decoding, target `{args.target}`, tree budget {args.budget}, depth "
+        f"{args.depth}, {args.max_tokens} new tokens, chat template, first turn of each "
+        f"prompt, dtype {args.dtype}. Distilled draft: every {args.every}th SpecBench prompt; "
+        f"untrained shallow draft (target layers [0, 1, L-2, L-1] + target embeddings/head, "
+        f"no training): every {args.baseline_every}th. Per-category columns are means over "
+        "that category's prompts in the subsample (few prompts each: indicative only).",
+        "",
+        header,
+        "|" + "---|" * (4 + len(categories)),
+    ]
+    for r in results:
+        cells = [f"{r['per_category'].get(c, float('nan')):.2f}" for c in categories]  # type: ignore[attr-defined]
+        lines.append(
+            f"| {r['draft']} | {r['temperature']} | {r['num_prompts']} | "
+            f"**{r['mean_tokens_per_round']:.2f}** | " + " | ".join(cells) + " |"
+        )
+    lines.append("")
+    (out / "draft_acceptance.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="smollm2-135m")
+    parser.add_argument("--draft", default="smollm2-135m-draft")
+    parser.add_argument("--every", type=int, default=8, help="take every n-th prompt")
+    parser.add_argument("--baseline-every", type=int, default=24)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.7])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--budget", type=int, default=32)
+    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--which", choices=["both", "draft", "baseline"], default="both")
+    parser.add_argument("--out", default=str(ROOT / "results"))
+    args = parser.parse_args()
+    dtype = parse_dtype(args.dtype)
+    target = load_model(args.target, dtype=dtype)
+    drafts = []
+    if args.which in ("both", "draft"):
+        drafts.append((load_model(args.draft, dtype=dtype), read_prompts(args.every)))
+    if args.which in ("both", "baseline"):
+        drafts.append((shallow_untrained_draft(target), read_prompts(args.baseline_every)))
+    shape = TreeShape(budget=args.budget, depth=args.depth)
+    # Results of the other draft from an earlier (e.g. concurrent) run are kept.
+    previous = Path(args.out) / "draft_acceptance.json"
+    names = {draft.name for draft, _ in drafts}
+    results = []
+    if args.which != "both" and previous.exists():
+        results = [
+            r for r in json.loads(previous.read_text())["results"] if r["draft"] not in names
+        ]
+    for draft, prompts in drafts:
+        for temperature in args.temperatures:
+            result = run(target, draft, prompts, temperature, shape, args.max_tokens)
+            print(json.dumps(result), flush=True)
+            results.append(result)
+            write_report(results, args)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

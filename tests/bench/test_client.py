@@ -49,6 +49,8 @@ def test_more_clients_than_prompts_repeat_them(api_url: str) -> None:
     settings = RequestSettings(max_tokens=12, temperature=0.7, seed=5)
     records = asyncio.run(run_clients([api_url] * 3, PROMPTS[:1], settings))
     assert len(records) == 3 and {r.client for r in records} == {0, 1, 2}
+    records = asyncio.run(run_clients([api_url] * 2, PROMPTS, settings, num_requests=5))
+    assert sorted(r.prompt_id for r in records) == ["0", "0", "1", "1", "2"]
 
 
 def test_errors_are_recorded_not_raised(api_url: str) -> None:

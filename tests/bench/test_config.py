@@ -70,3 +70,13 @@ def test_bad_files(tmp_path: Path) -> None:
     with pytest.raises(BenchConfigError, match="cannot read"):
         load_bench_config(tmp_path / "missing.yaml")
     assert load_bench_config(None, {"depth": "auto"}).auto_depth
+
+
+def test_requests_per_run() -> None:
+    config = load_bench_config()
+    assert config.requests_for(clients=2, num_prompts=8) == 8  # every prompt once
+    assert config.requests_for(clients=16, num_prompts=8) == 16  # every client sends one
+    per_client = load_bench_config(None, {"requests_per_client": 3})
+    assert per_client.requests_for(clients=2, num_prompts=8) == 6
+    with pytest.raises(BenchConfigError, match="requests-per-client"):
+        load_bench_config(None, {"requests_per_client": -1})

@@ -143,9 +143,12 @@ def calibrate_depth(
     rtt_ms: float,
     batch: int,
     placement: Placement,
+    edges_per_core: int = 1,
 ) -> tuple[int, Timings]:
     """Load the pair, time them on their roles' cores (one torch thread) and suggest a depth.
-    Timed with a tree of `budget` nodes grown to the deepest useful depth."""
+    Timed with a tree of `budget` nodes grown to the deepest useful depth. When
+    `edges_per_core` edges draft at once on one core (a benchmark on a small machine, unlike
+    edges with a GPU each), each one's draft step takes that many times longer."""
     import torch
 
     from specedge.model.loader import load_model
@@ -165,4 +168,5 @@ def calibrate_depth(
         target_cpus=placement.server_cpus,
         draft_cpus=placement.edge_cpus,
     )
-    return suggest_depth(timings.verify_ms, timings.draft_step_ms, rtt_ms), timings
+    shared_step_ms = timings.draft_step_ms * edges_per_core
+    return suggest_depth(timings.verify_ms, shared_step_ms, rtt_ms), timings

@@ -125,10 +125,12 @@ async def run_clients(
     prompts: Sequence[BenchPrompt],
     settings: RequestSettings,
     on_done: Callable[[RequestRecord], None] | None = None,
+    num_requests: int | None = None,
 ) -> list[RequestRecord]:
-    """One client per base URL, all at once, sharing the prompt queue. Every prompt is sent
-    once; with more clients than prompts the prompts repeat so that every client sends one."""
-    total = max(len(prompts), len(base_urls))
+    """One client per base URL, all at once, sharing the prompt queue of `num_requests`
+    requests (default: every prompt once, and at least one per client), cycling through the
+    prompts."""
+    total = num_requests or max(len(prompts), len(base_urls))
     queue: asyncio.Queue[tuple[int, BenchPrompt]] = asyncio.Queue()
     for index in range(total):
         queue.put_nowait((index, prompts[index % len(prompts)]))

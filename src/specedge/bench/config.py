@@ -38,7 +38,8 @@ class BenchConfig:
     jitter_ms: float = 0.0
     prompts: str = "../shared/data/specbench_prompts.jsonl"
     categories: tuple[str, ...] = ()  # () = all
-    num_prompts: int = 8  # requests per run, shared by the run's clients
+    num_prompts: int = 8  # prompts sampled; each run sends them all, shared by its clients
+    requests_per_client: int = 0  # > 0: each run sends clients x this many, cycling the prompts
     max_tokens: int = 32
     temperatures: tuple[float, ...] = (0.0, 0.7)
     budget: int = 32
@@ -79,6 +80,12 @@ class BenchConfig:
     def clients_for(self, system: str) -> tuple[int, ...]:
         return (1,) if system == HF_ASSISTED else self.clients
 
+    def requests_for(self, clients: int, num_prompts: int) -> int:
+        """Requests in a run of `clients` clients (every client sends at least one)."""
+        if self.requests_per_client:
+            return clients * self.requests_per_client
+        return max(num_prompts, clients)
+
     def validate(self) -> BenchConfig:
         unknown = [s for s in self.systems if s not in ALL_SYSTEMS]
         if unknown or not self.systems:
@@ -98,6 +105,8 @@ class BenchConfig:
             raise BenchConfigError(f"{_where('jitter_ms')} must be >= 0, got {self.jitter_ms}")
         if any(t < 0 for t in self.temperatures):
             raise BenchConfigError(f"{_where('temperatures')} must be >= 0")
+        if self.requests_per_client < 0:
+            raise BenchConfigError(f"{_where('requests_per_client')} must be >= 0 (0 = off)")
         for name in ("num_prompts", "max_tokens", "budget"):
             if getattr(self, name) < 1:
                 raise BenchConfigError(f"{_where(name)} must be >= 1, got {getattr(self, name)}")

@@ -46,6 +46,8 @@ def run_hf_assisted(
 ) -> list[RunResult]:
     """One subprocess for every temperature; returns one run per spec."""
     log_dir.mkdir(parents=True, exist_ok=True)
+    count = config.requests_for(1, len(prompts))
+    prompts = [prompts[i % len(prompts)] for i in range(count)]
     job_path, records_path = log_dir / "hf-assisted-job.json", log_dir / "hf-assisted.jsonl"
     job = {
         "target": config.target,

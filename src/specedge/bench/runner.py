@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import datetime
 import logging
+import math
 import os
 import platform
 import time
@@ -228,7 +229,7 @@ def measure_run(
 ) -> RunResult:
     deployment.check_alive()
     deployment.set_network(spec.rtt_ms, spec.jitter_ms)
-    total = max(len(prompts), spec.clients)
+    total = config.requests_for(spec.clients, len(prompts))
     progress.update(
         task,
         description=f"{spec.system}: {spec.clients} clients, {spec.rtt_ms:g} ms, "
@@ -247,6 +248,7 @@ def measure_run(
             prompts,
             settings,
             on_done=lambda _: progress.advance(task),
+            num_requests=total,
         )
     )
     busy_after = deployment.busy_seconds()
@@ -294,13 +296,23 @@ def _resolve_depth(
 
     rtt = min(config.rtt_ms, key=lambda r: (abs(r - REFERENCE_RTT_MS), r))
     batch = max(1, max(config.clients) // 2)  # one of the two pipelined groups
+    edge_cores = len(placement.edge_cpus or os.sched_getaffinity(0))
+    edges_per_core = math.ceil(batch / edge_cores)  # a group's edges draft at the same time
     depth, timings = calibrate_depth(
-        config.target, config.draft, prompts[0].text, config.budget, rtt, batch, placement
+        config.target,
+        config.draft,
+        prompts[0].text,
+        config.budget,
+        rtt,
+        batch,
+        placement,
+        edges_per_core,
     )
     meta.notes.append(
         f"--depth auto: verify {timings.verify_ms:.1f} ms (batch {batch} x {config.budget} "
-        f"nodes, server core), draft step {timings.draft_step_ms:.1f} ms (edge core), RTT "
-        f"{rtt:g} ms -> depth {depth} (depth x draft step + RTT ~= verify)"
+        f"nodes, server core), draft step {timings.draft_step_ms:.1f} ms (edge core) x "
+        f"{edges_per_core} edges drafting at once per edge core, RTT {rtt:g} ms -> depth "
+        f"{depth} (depth x draft step + RTT ~= verify)"
     )
     return depth
 
@@ -319,6 +331,9 @@ def _config_summary(config: BenchConfig, prompts: Sequence[BenchPrompt]) -> dict
         "temperatures": ", ".join(f"{t:g}" for t in config.temperatures),
         "prompts": f"{len(prompts)} from {config.prompts} (first turn, chat template), "
         f"categories: {', '.join(categories)}",
+        "requests per run": f"{config.requests_per_client} per client"
+        if config.requests_per_client
+        else f"{len(prompts)} (all prompts, shared by the clients)",
         "max tokens per request": config.max_tokens,
         "draft tree": f"budget {config.budget}, depth {config.depth}, proactive {config.proactive}",
         "prices ($/h)": f"server {config.price_table.server_per_hour:g}, "

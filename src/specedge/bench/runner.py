@@ -366,7 +366,7 @@ def describe_machine() -> dict[str, Any]:
 
     return {
         "CPU": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?",
+        "cores": os.cpu_count() or "?",
         "native bf16": "yes" if cpu_has_native_bf16() else "no (fp32 by default)",
         "memory": memory,
         "GPU": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)",

@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from specedge.config_file import coerce_settings, read_yaml_settings
+from specedge.config_file import flag_and_key as _where
 from specedge.draft import TreeShape
 from specedge.edge.proactive import ProactivePolicy
 from specedge.errors import SpecEdgeError
@@ -124,7 +124,11 @@ def load_edge_config(
     `auth_token_file` (flag or the YAML key of that name) holds the token on its first line."""
     settings: dict[str, Any] = {}
     if config_file is not None:
-        settings.update(_read_yaml(config_file))
+        settings.update(
+            read_yaml_settings(
+                config_file, _FIELD_TYPES, EdgeConfigError, extra_keys=("auth_token_file",)
+            )
+        )
     yaml_token_file = settings.pop("auth_token_file", None)
     if yaml_token_file is not None:
         if settings.get("auth_token") is not None:
@@ -140,15 +144,13 @@ def load_edge_config(
             raise EdgeConfigError("pass either --auth-token or --auth-token-file, not both")
         flags["auth_token"] = _read_token(auth_token_file)
     settings.update(flags)
-    return replace(EdgeConfig(), **_coerce(settings)).validate()
+    return replace(
+        EdgeConfig(), **coerce_settings(settings, _FIELD_TYPES, EdgeConfigError)
+    ).validate()
 
 
 # ---- helpers ------------------------------------------------------------------------------------
 _FIELD_TYPES = {f.name: str(f.type) for f in fields(EdgeConfig)}
-
-
-def _where(name: str) -> str:
-    return f"--{name.replace('_', '-')} (`{name}` in the config file)"
 
 
 def _read_token(path: Path) -> str:
@@ -157,46 +159,3 @@ def _read_token(path: Path) -> str:
     except OSError as error:
         raise EdgeConfigError(f"cannot read the auth token file {path}: {error.strerror}") from None
     return lines[0].strip() if lines else ""
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise EdgeConfigError(f"cannot read config file {path}: {error.strerror}") from error
-    except yaml.YAMLError as error:
-        raise EdgeConfigError(f"{path} is not valid YAML: {error}") from error
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise EdgeConfigError(
-            f"{path} must hold a mapping of settings (key: value), got {type(data).__name__}"
-        )
-    settings = {str(key).replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(set(settings) - set(_FIELD_TYPES) - {"auth_token_file"})
-    if unknown:
-        valid = ", ".join([*_FIELD_TYPES, "auth_token_file"])
-        raise EdgeConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; valid: {valid}")
-    return settings
-
-
-def _coerce(settings: dict[str, Any]) -> dict[str, Any]:
-    """Check each value's type against the field (YAML gives ints for floats, etc.)."""
-    out: dict[str, Any] = {}
-    for name, value in settings.items():
-        kind = _FIELD_TYPES[name]
-        if value is None and "None" in kind:
-            out[name] = None
-        elif kind.startswith("int"):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise EdgeConfigError(f"{_where(name)} must be an integer, got {value!r}")
-            out[name] = value
-        elif kind.startswith("float"):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise EdgeConfigError(f"{_where(name)} must be a number, got {value!r}")
-            out[name] = float(value)
-        else:
-            if not isinstance(value, str):
-                raise EdgeConfigError(f"{_where(name)} must be a string, got {value!r}")
-            out[name] = value
-    return out

@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from specedge.config_file import coerce_settings, read_yaml_settings
+from specedge.config_file import flag_and_key as _where
 from specedge.draft import TreeShape
 from specedge.errors import SpecEdgeError
 
@@ -155,7 +155,11 @@ def load_server_config(
     `auth_token_file` (flag or the YAML key of that name) holds the token on its first line."""
     settings: dict[str, Any] = {}
     if config_file is not None:
-        settings.update(_read_yaml(config_file))
+        settings.update(
+            read_yaml_settings(
+                config_file, _FIELD_TYPES, ConfigError, extra_keys=("auth_token_file",)
+            )
+        )
     yaml_token_file = settings.pop("auth_token_file", None)
     if yaml_token_file is not None:
         if settings.get("auth_token") is not None:
@@ -169,59 +173,12 @@ def load_server_config(
             raise ConfigError("pass either --auth-token or --auth-token-file, not both")
         flags["auth_token"] = _read_token(auth_token_file)
     settings.update(flags)
-    config = replace(ServerConfig(), **_coerce(settings))
+    config = replace(ServerConfig(), **coerce_settings(settings, _FIELD_TYPES, ConfigError))
     return config.validate()
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-_FIELD_TYPES = {f.name: f.type for f in fields(ServerConfig)}
-
-
-def _where(name: str) -> str:
-    return f"--{name.replace('_', '-')} (`{name}` in the config file)"
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path} must hold a mapping of settings (key: value), got {type(data).__name__}"
-        )
-    settings = {str(key).replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(set(settings) - set(_FIELD_TYPES) - {"auth_token_file"})
-    if unknown:
-        valid = ", ".join([*_FIELD_TYPES, "auth_token_file"])
-        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; valid: {valid}")
-    return settings
-
-
-def _coerce(settings: dict[str, Any]) -> dict[str, Any]:
-    """Check each value's type against the field (YAML gives ints for floats, etc.)."""
-    out: dict[str, Any] = {}
-    for name, value in settings.items():
-        kind = str(_FIELD_TYPES[name])
-        if value is None and "None" in kind:
-            out[name] = None
-        elif kind.startswith("int"):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{_where(name)} must be an integer, got {value!r}")
-            out[name] = value
-        elif kind.startswith("float"):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"{_where(name)} must be a number, got {value!r}")
-            out[name] = float(value)
-        else:
-            if not isinstance(value, str):
-                raise ConfigError(f"{_where(name)} must be a string, got {value!r}")
-            out[name] = value
-    return out
+_FIELD_TYPES = {f.name: str(f.type) for f in fields(ServerConfig)}
 
 
 def _read_token(path: Path) -> str:

@@ -84,13 +84,17 @@ def validate_tree(
         raise InvalidRequestError(f"tree has {len(tokens)} nodes, the limit is {max_nodes}")
     for node, (token, parent) in enumerate(zip(tokens, parents, strict=True)):
         if not 0 <= token < vocab_size:
-            raise InvalidRequestError(f"node {node}: token id {token} outside vocab [0, {vocab_size})")
+            raise InvalidRequestError(
+                f"node {node}: token id {token} outside vocab [0, {vocab_size})"
+            )
         if not ROOT_PARENT <= parent < node:
             raise InvalidRequestError(
                 f"node {node}: parent index {parent} must be -1 (the root) or an earlier node"
             )
     if tokens and max(depths(parents)) > max_depth:
-        raise InvalidRequestError(f"tree depth {max(depths(parents))} exceeds the limit {max_depth}")
+        raise InvalidRequestError(
+            f"tree depth {max(depths(parents))} exceeds the limit {max_depth}"
+        )
     seen: set[tuple[int, int]] = set()
     for token, parent in zip(tokens, parents, strict=True):
         if (parent, token) in seen:
@@ -148,7 +152,9 @@ class ForwardInputs:
     num_new: list[int] = field(default_factory=list)  # real new tokens per row
 
 
-def build_forward_inputs(rows: Sequence[TreeRow], device: torch.device | str = "cpu") -> ForwardInputs:
+def build_forward_inputs(
+    rows: Sequence[TreeRow], device: torch.device | str = "cpu"
+) -> ForwardInputs:
     """Tokens, positions, masks and KV write locations for a batch of blocks."""
     num_rows = len(rows)
     width = max(len(row.new_tokens) for row in rows)

@@ -40,8 +40,12 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         shape = (num_slots, config.num_kv_heads, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.keys = [
+            torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)
+        ]
+        self.values = [
+            torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)
+        ]
         self.num_slots = num_slots
         self.max_len = max_len
         self.lengths = [0] * num_slots
@@ -83,9 +87,9 @@ class KVCache:
     def read(self, layer: int, slots: Sequence[int], length: int) -> tuple[Tensor, Tensor]:
         """Keys and values of positions 0..length-1 of each slot: two [B, H_kv, S, D]."""
         keys, values = self.keys[layer], self.values[layer]
-        if len(slots) == 1:
-            slot = slots[0]
-            return keys[slot : slot + 1, :, :length], values[slot : slot + 1, :, :length]
+        first, end = slots[0], slots[0] + len(slots)
+        if list(slots) == list(range(first, end)):  # consecutive slots: a view, no copy
+            return keys[first:end, :, :length], values[first:end, :, :length]
         index = torch.tensor(slots, device=keys.device)
         return keys[index, :, :length], values[index, :, :length]
 

@@ -11,6 +11,7 @@ and value go. Whoever builds the mask decides what attends to what (see `specedg
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,27 @@ from specedge.model.config import ModelConfig
 from specedge.model.kv_cache import KVCache, KVWrite
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` that sends a single bf16/fp16 row through torch's matrix-vector kernel.
+
+    Decoding one token multiplies every weight by one vector. For bf16, `torch.mv` takes a
+    kernel about 1.4x faster on CPU than the matrix-matrix path `F.linear` takes for one row,
+    with the same result bit for bit; fp32 gains nothing from it, so keeps `F.linear` (see
+    benchmarks/results/core_perf.md).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
+        if x.numel() != self.in_features or x.dtype == torch.float32:
+            return F.linear(x, self.weight, self.bias)
+        row = x.reshape(-1)
+        out = (
+            torch.mv(self.weight, row)
+            if self.bias is None
+            else torch.addmv(self.bias, self.weight, row)
+        )
+        return out.view(*x.shape[:-1], self.out_features)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -27,9 +49,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:  # [..., dim] -> [..., dim]
-        # Normalise in float32 (as the reference implementations do), scale in the input dtype.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return self.weight * normed
+        # F.rms_norm normalises bf16/fp16 inputs in float32 and rounds once, exactly as the
+        # reference implementations' explicit upcast does (without the copy); the scale is
+        # applied in the input dtype, as theirs is.
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> Tensor:  # [D/2] float32
@@ -57,6 +80,28 @@ def rotate_half(x: Tensor) -> Tensor:  # [..., D] -> [..., D]
     return torch.cat((-x2, x1), dim=-1)
 
 
+@dataclass(frozen=True)
+class LayerInputs:
+    """What every layer of one forward shares, derived once from the forward's arguments."""
+
+    cos: Tensor  # [B, N, 1, D]
+    sin: Tensor  # [B, N, 1, D]
+    attn_bias: Tensor | None  # [B, 1, N, S] additive; None = every query attends all S
+    num_kv: int  # S: slot positions attended
+    kv: KVCache
+    kv_write: KVWrite
+
+
+def attention_bias(attn_mask: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """The boolean mask as `scaled_dot_product_attention` takes it, converted once per forward
+    instead of once per layer: None when every query attends every slot position (a one-token
+    decode step), else an additive [B, 1, N, S] mask (0 = attend, -inf = not)."""
+    if bool(attn_mask.all()):
+        return None
+    bias = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device)
+    return bias.masked_fill_(~attn_mask, -math.inf).unsqueeze(1)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -65,51 +110,43 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         qkv_dim = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
-        self.wqkv = nn.Linear(config.hidden_size, qkv_dim, bias=config.qkv_bias)
-        self.wo = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.wqkv = Linear(config.hidden_size, qkv_dim, bias=config.qkv_bias)
+        self.wo = Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
-    def forward(
-        self,
-        x: Tensor,  # [B, N, E]
-        cos: Tensor,  # [B, N, D]
-        sin: Tensor,  # [B, N, D]
-        attn_mask: Tensor,  # [B, N, S] bool, True = attend
-        kv: KVCache,
-        kv_write: KVWrite,
-    ) -> Tensor:  # [B, N, E]
+    def forward(self, x: Tensor, inputs: LayerInputs) -> Tensor:  # [B, N, E] -> [B, N, E]
         batch, num_new, _ = x.shape
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(batch, num_new, self.num_heads, self.head_dim)
-        k = k.view(batch, num_new, self.num_kv_heads, self.head_dim)
-        v = v.view(batch, num_new, self.num_kv_heads, self.head_dim)
+        num_heads, num_kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.wqkv(x)  # [B, N, (H + 2 H_kv) D]
+        # Queries and keys side by side, so that RoPE is one set of element-wise kernels.
+        qk = qkv[..., : (num_heads + num_kv_heads) * head_dim]
+        qk = qk.view(batch, num_new, num_heads + num_kv_heads, head_dim)
+        v = qkv[..., (num_heads + num_kv_heads) * head_dim :]
+        v = v.view(batch, num_new, num_kv_heads, head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        cos_h, sin_h = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, N, 1, D]
-        q = q * cos_h + rotate_half(q) * sin_h
-        k = k * cos_h + rotate_half(k) * sin_h
+            q, k = qk.split([num_heads, num_kv_heads], dim=2)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2)
+        qk = qk * inputs.cos + rotate_half(qk) * inputs.sin
+        q, k = qk.split([num_heads, num_kv_heads], dim=2)  # [B, N, H, D], [B, N, H_kv, D]
 
-        kv.write(self.layer_index, kv_write, k, v)
-        keys, values = kv.read(self.layer_index, kv_write.slots, attn_mask.shape[-1])
+        inputs.kv.write(self.layer_index, inputs.kv_write, k, v)
+        keys, values = inputs.kv.read(self.layer_index, inputs.kv_write.slots, inputs.num_kv)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # [B, H, N, D]
             keys,  # [B, H_kv, S, D]
             values,
-            attn_mask=attn_mask.unsqueeze(1),
-            enable_gqa=self.num_heads != self.num_kv_heads,
+            attn_mask=inputs.attn_bias,
+            enable_gqa=num_heads != num_kv_heads,
         )  # [B, H, N, D]
-        return self.wo(out.transpose(1, 2).reshape(batch, num_new, q_size))
+        return self.wo(out.transpose(1, 2).reshape(batch, num_new, num_heads * head_dim))
 
 
 class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.w13 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.w13 = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.w2 = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:  # [B, N, E] -> [B, N, E]
         gate, up = self.w13(x).chunk(2, dim=-1)
@@ -124,20 +161,15 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(
-        self,
-        x: Tensor,  # [B, N, E]
-        cos: Tensor,  # [B, N, D]
-        sin: Tensor,  # [B, N, D]
-        attn_mask: Tensor,  # [B, N, S]
-        kv: KVCache,
-        kv_write: KVWrite,
-    ) -> Tensor:  # [B, N, E]
-        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, kv, kv_write)
+    def forward(self, x: Tensor, inputs: LayerInputs) -> Tensor:  # [B, N, E] -> [B, N, E]
+        x = x + self.attention(self.attention_norm(x), inputs)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
 class Transformer(nn.Module):
+    inv_freq: Tensor  # [D/2] float32 buffer
+    head_token_ids: Tensor | None  # [K_head] int64 buffer, for a reduced head
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -145,9 +177,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         head = config.head_token_ids
-        self.lm_head = nn.Linear(
-            config.hidden_size, len(head or ()) or config.vocab_size, bias=False
-        )
+        self.lm_head = Linear(config.hidden_size, len(head or ()) or config.vocab_size, bias=False)
         if config.tie_word_embeddings and head is None:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
@@ -164,10 +194,17 @@ class Transformer(nn.Module):
     ) -> Tensor:  # [B, N, E], after the final norm
         x = self.embed_tokens(tokens)
         freqs = positions.unsqueeze(-1).float() * self.inv_freq  # [B, N, D/2]
-        angles = torch.cat((freqs, freqs), dim=-1)  # [B, N, D]
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)  # [B, N, 1, D]
+        inputs = LayerInputs(
+            cos=angles.cos().to(x.dtype),
+            sin=angles.sin().to(x.dtype),
+            attn_bias=attention_bias(attn_mask, x.dtype),
+            num_kv=attn_mask.shape[-1],
+            kv=kv,
+            kv_write=kv_write,
+        )
         for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask, kv, kv_write)
+            x = layer(x, inputs)
         return self.norm(x)
 
     def logits(self, hidden: Tensor) -> Tensor:  # [..., E] -> [..., V] float32

@@ -1,0 +1,463 @@
+"""Core performance report: decode speed against transformers, the memory-bandwidth floor, and
+the cost of one batched verification as a function of batch and tree size.
+
+    .venv/bin/python benchmarks/core_perf.py [--quick] [--out benchmarks/results/core_perf.md]
+
+Writes a Markdown report and the raw numbers as JSON next to it (same name, `.json`).
+
+- *Autoregressive decoding*: our engine (`LocalGenerator` without a draft) against
+  transformers' `generate` on SmolLM2-135M, batch 1, greedy, a fixed number of new tokens after
+  a chat prompt (EOS ignored by both), in fp32 and bf16. Repetitions are interleaved (ours,
+  theirs, theirs, ours, ...) so that load from other processes hits both alike; we report
+  medians. The *floor* is the time to stream the weights once from memory at the bandwidth of a
+  large tensor copy measured between the repetitions: its inverse bounds decode tokens/s.
+- *Verification cost*: one `TargetEngine.verify` call (batched forward over root + tree, logits
+  of every node, greedy samples, acceptance, KV compaction) for B sequences with random trees of
+  n nodes after a context of about `CONTEXT` tokens; n = 0 is a batched decode step. Ratios are
+  to the single-token step (B = 1, n = 0) of the same dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import AutoModelForCausalLM
+
+from specedge.engine import GenerationLimits, TargetEngine, TargetSequence
+from specedge.generate import LocalGenerator
+from specedge.model.loader import LoadedModel, load_model
+from specedge.runner import ModelRunner
+from specedge.sampling import SamplingParams
+from specedge.text import encode_prompt
+from specedge.tree import DraftTree
+
+MODEL = "smollm2-135m"
+PROMPT = "Explain in a few paragraphs how a CPU cache works and why it matters for performance."
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CONTEXT = 256
+BATCH_SIZES = (1, 2, 4, 8, 16)
+TREE_SIZES = (0, 8, 16, 32, 64)  # draft nodes; 0 = a decode step
+COPY_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Settings:
+    new_tokens: int
+    ar_repetitions: int
+    verify_repetitions: int
+    batch_sizes: tuple[int, ...]
+    tree_sizes: tuple[int, ...]
+
+
+FULL = Settings(128, 9, 5, BATCH_SIZES, TREE_SIZES)
+QUICK = Settings(32, 2, 1, (1, 16), (0, 64))
+
+
+# ---- machine ---------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = dict(
+        line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line and "flags" not in line
+    )
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {
+        "cpu": fields.get("model name\t", platform.processor() or "unknown").strip(),
+        "cpu_flags": [flag for flag in wanted if f" {flag}" in flags],
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "load_average_start": os.getloadavg(),
+    }
+
+
+def copy_bandwidth(source: torch.Tensor, target: torch.Tensor) -> float:
+    """Bytes moved per second (read + write) by one large tensor copy."""
+    start = time.perf_counter()
+    target.copy_(source)
+    elapsed = time.perf_counter() - start
+    return 2 * source.numel() * source.element_size() / elapsed
+
+
+def weight_bytes(loaded: LoadedModel) -> int:
+    """Bytes of weights one decode step reads (tied embeddings counted once: the head reads
+    them all, the embedding lookup one row)."""
+    unique = {p.data_ptr(): p.numel() * p.element_size() for p in loaded.model.parameters()}
+    return sum(unique.values())
+
+
+@dataclass
+class Timings:
+    """Wall-clock and CPU seconds (all threads of this process) of repeated calls. On a shared
+    machine CPU time leaves out the time other processes held the cores."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    def measure(self, call: Callable[[], Any]) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        call()
+        self.cpu.append(time.process_time() - cpu)
+        self.wall.append(time.perf_counter() - wall)
+
+
+# ---- autoregressive decoding -----------------------------------------------------------------
+
+
+@dataclass
+class DecodeRun:
+    """One system decoding in one dtype: a callable that generates and returns the tokens."""
+
+    system: str
+    dtype: str
+    generate: Callable[[], list[int]]
+    timings: Timings = field(default_factory=Timings)
+    tokens: list[int] | None = None
+
+
+def ours(loaded: LoadedModel, prompt: list[int], new_tokens: int) -> Callable[[], list[int]]:
+    generator = LocalGenerator(loaded, max_context=len(prompt) + new_tokens + 8)
+    greedy = SamplingParams(temperature=0.0)
+    return lambda: generator.generate(prompt, greedy, new_tokens, stop_token_ids=()).token_ids
+
+
+def theirs(loaded: LoadedModel, prompt: list[int], new_tokens: int) -> Callable[[], list[int]]:
+    model = AutoModelForCausalLM.from_pretrained(loaded.directory, dtype=loaded.dtype).eval()
+    config = copy.deepcopy(model.generation_config)
+    config.update(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+    config.pad_token_id = loaded.tokenizer.pad_token_id or loaded.stop_token_ids[0]
+    ids = torch.tensor([prompt])
+
+    def generate() -> list[int]:
+        with torch.inference_mode():
+            output = model.generate(
+                ids, attention_mask=torch.ones_like(ids), generation_config=config
+            )
+        return [int(t) for t in output[0, len(prompt) :]]
+
+    return generate
+
+
+def bench_decoding(
+    models: dict[str, LoadedModel], settings: Settings
+) -> tuple[list[DecodeRun], list[float]]:
+    prompt = encode_prompt(models["fp32"].tokenizer, PROMPT, chat=True)
+    runs = []
+    for dtype, loaded in models.items():
+        runs.append(DecodeRun("specedge", dtype, ours(loaded, prompt, settings.new_tokens)))
+        runs.append(DecodeRun("transformers", dtype, theirs(loaded, prompt, settings.new_tokens)))
+    for run in runs:  # warm-up: first-call allocations, oneDNN primitive caches
+        run.tokens = run.generate()
+    source = torch.ones(COPY_BYTES // 4)
+    target = torch.empty_like(source)
+    bandwidths = []
+    for repetition in range(settings.ar_repetitions):
+        order = runs if repetition % 2 == 0 else runs[::-1]
+        for run in order:
+            run.timings.measure(run.generate)
+        bandwidths.extend(copy_bandwidth(source, target) for _ in range(3))
+        print(f"  decode repetition {repetition + 1}/{settings.ar_repetitions}", file=sys.stderr)
+    return runs, bandwidths
+
+
+# ---- kernels ---------------------------------------------------------------------------------
+
+
+def bench_matrix_vector(loaded: LoadedModel, repetitions: int) -> dict[str, list[float]]:
+    """Seconds for one decode step's weight products (every projection and the head) on one
+    row: through `F.linear` (the matrix-matrix path) and through `torch.mv`, interleaved."""
+    weights = [m.weight for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
+    rows = {w.shape[1]: torch.randn(w.shape[1], dtype=loaded.dtype) for w in weights}
+    kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        "linear": lambda w, x: F.linear(x.unsqueeze(0), w),
+        "mv": torch.mv,
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in kernels}
+    with torch.inference_mode():
+        for repetition in range(repetitions + 1):  # the first is a warm-up
+            for name, kernel in kernels.items():
+                start = time.perf_counter()
+                for weight in weights:
+                    kernel(weight, rows[weight.shape[1]])
+                if repetition:
+                    seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+# ---- verification ----------------------------------------------------------------------------
+
+
+def random_tree(rng: random.Random, vocab_size: int, num_nodes: int) -> DraftTree:
+    """A random tree in parents-first order: half the nodes extend the previous node, the rest
+    hang under a random earlier node (or the root); siblings are distinct (random tokens)."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    while len(tokens) < num_nodes:
+        node = len(tokens)
+        parent = node - 1 if node and rng.random() < 0.5 else rng.randrange(-1, node)
+        token = rng.randrange(vocab_size)
+        siblings = [tokens[i] for i in range(node) if parents[i] == parent]
+        if token not in siblings:
+            tokens.append(token)
+            parents.append(parent)
+    return DraftTree(tuple(tokens), tuple(parents))
+
+
+def bench_verification(
+    loaded: LoadedModel, settings: Settings, rng: random.Random
+) -> dict[tuple[int, int], Timings]:
+    """Timings of `TargetEngine.verify` calls for every (batch, tree size)."""
+    max_batch, max_nodes = max(settings.batch_sizes), max(settings.tree_sizes)
+    runner = ModelRunner(
+        loaded, num_slots=max_batch, max_context=CONTEXT + max_nodes + 2, max_block=max_nodes + 8
+    )
+    engine = TargetEngine(runner, GenerationLimits(max_tree_nodes=max_nodes, max_tree_depth=64))
+    vocab = loaded.config.vocab_size
+    sequences = []
+    for _ in range(max_batch):
+        prompt = [rng.randrange(vocab) for _ in range(CONTEXT + 1)]
+        seq = engine.open(prompt, SamplingParams(), max_new_tokens=10**6)
+        engine.prefill(seq)
+        sequences.append(seq)
+    engine.verify([(seq, DraftTree()) for seq in sequences])  # warm-up
+    rewind(engine, sequences)
+    configs = [(b, n) for b in settings.batch_sizes for n in settings.tree_sizes]
+    timings = {config: Timings() for config in configs}
+    for _ in range(settings.verify_repetitions):
+        for batch, num_nodes in rng.sample(configs, len(configs)):
+            trees = [random_tree(rng, vocab, num_nodes) for _ in range(batch)]
+            work = list(zip(sequences[:batch], trees, strict=True))
+            timings[(batch, num_nodes)].measure(lambda: engine.verify(work))  # noqa: B023
+            rewind(engine, sequences[:batch])
+    return timings
+
+
+def rewind(engine: TargetEngine, sequences: list[TargetSequence]) -> None:
+    """Undo the last round, so that every call sees the same context: committing only ever
+    moves KV at or past the root's position (CONTEXT), so positions before it stay valid."""
+    for seq in sequences:
+        del seq.committed[CONTEXT + 1 :]
+        seq.prefilled = CONTEXT
+        seq.finish_reason = None
+        engine.runner.kv.set_length(seq.slot, CONTEXT)
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+
+def summarise(
+    machine_info: dict[str, Any],
+    settings: Settings,
+    models: dict[str, LoadedModel],
+    runs: list[DecodeRun],
+    bandwidths: list[float],
+    kernels: dict[str, dict[str, list[float]]],
+    verify: dict[str, dict[tuple[int, int], Timings]],
+) -> dict[str, Any]:
+    bandwidth = statistics.median(bandwidths)
+    decode: dict[str, Any] = {}
+    for dtype, loaded in models.items():
+        mine, peer = (
+            next(r for r in runs if r.dtype == dtype and r.system == s)
+            for s in ("specedge", "transformers")
+        )
+        mine_wall, peer_wall = (
+            statistics.median(mine.timings.wall),
+            statistics.median(peer.timings.wall),
+        )
+        mine_cpu, peer_cpu = (
+            statistics.median(mine.timings.cpu),
+            statistics.median(peer.timings.cpu),
+        )
+        decode[dtype] = {
+            "specedge_tokens_per_s": settings.new_tokens / mine_wall,
+            "transformers_tokens_per_s": settings.new_tokens / peer_wall,
+            "ratio": peer_wall / mine_wall,
+            "cpu_time_ratio": peer_cpu / mine_cpu,
+            "specedge_seconds": mine.timings.wall,
+            "transformers_seconds": peer.timings.wall,
+            "specedge_cpu_seconds": mine.timings.cpu,
+            "transformers_cpu_seconds": peer.timings.cpu,
+            "weight_bytes": weight_bytes(loaded),
+            "floor_tokens_per_s": bandwidth / weight_bytes(loaded),
+            "tokens_agreeing": common_prefix(mine.tokens or [], peer.tokens or []),
+        }
+    verification = []
+    for dtype, table in verify.items():
+        step = statistics.median(table[(1, 0)].wall)
+        for (batch, num_nodes), timings in sorted(table.items()):
+            verification.append(
+                {
+                    "dtype": dtype,
+                    "batch": batch,
+                    "tree_nodes": num_nodes,
+                    "context": CONTEXT,
+                    "ms_median": 1000 * statistics.median(timings.wall),
+                    "ratio_to_step": statistics.median(timings.wall) / step,
+                    "cpu_ms_median": 1000 * statistics.median(timings.cpu),
+                    "ms_all": [1000 * s for s in timings.wall],
+                }
+            )
+    machine_info = dict(machine_info, load_average_end=os.getloadavg())
+    return {
+        "machine": machine_info,
+        "settings": asdict(settings),
+        "model": MODEL,
+        "prompt": PROMPT,
+        "copy_bandwidth_gb_per_s": {
+            "median": bandwidth / 1e9,
+            "max": max(bandwidths) / 1e9,
+            "all": [b / 1e9 for b in bandwidths],
+        },
+        "decode": decode,
+        "matrix_vector_ms": {
+            dtype: {name: 1000 * statistics.median(s) for name, s in by_kernel.items()}
+            for dtype, by_kernel in kernels.items()
+        },
+        "verification": verification,
+    }
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m, s = results["machine"], results["settings"]
+    bw = results["copy_bandwidth_gb_per_s"]
+    lines = [
+        "# Core performance",
+        "",
+        "Written by `benchmarks/core_perf.py`; raw numbers in `core_perf.json` next to this file.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['logical_cores']} logical cores",
+        f"- torch {m['torch']} ({m['torch_cpu_capability']}), {m['torch_threads']} threads; "
+        f"transformers {m['transformers']}; Python {m['python']}",
+        f"- load average (1, 5, 15 min) at start {fmt_load(m['load_average_start'])}, at end "
+        f"{fmt_load(m['load_average_end'])}: other processes shared the CPU, hence the "
+        "interleaved repetitions and medians",
+        f"- copy bandwidth (256 MiB tensor copy, read + write): median {bw['median']:.1f} GB/s, "
+        f"best {bw['max']:.1f} GB/s",
+        "",
+        "## Autoregressive decoding",
+        "",
+        f"{results['model']}, batch 1, greedy, {s['new_tokens']} new tokens after a chat prompt "
+        f"(EOS ignored), prefill included; median of {s['ar_repetitions']} interleaved "
+        "repetitions. Ratio: specedge over transformers, by wall-clock time and by CPU time of "
+        "the process (which leaves out the time other processes held the cores). Floor: weight "
+        "bytes / median copy bandwidth, as a tokens/s upper bound. Agreeing: leading tokens "
+        "equal in both outputs.",
+        "",
+        "| dtype | specedge tok/s | transformers tok/s | ratio | ratio (CPU time) "
+        "| floor tok/s | weights MB | agreeing |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for dtype, d in results["decode"].items():
+        lines.append(
+            f"| {dtype} | {d['specedge_tokens_per_s']:.1f} | {d['transformers_tokens_per_s']:.1f} "
+            f"| **{d['ratio']:.2f}x** | {d['cpu_time_ratio']:.2f}x | {d['floor_tokens_per_s']:.1f} "
+            f"| {d['weight_bytes'] / 1e6:.0f} | {d['tokens_agreeing']}/{s['new_tokens']} |"
+        )
+    lines += [
+        "",
+        "One decode step's weight products on one row (every projection of every layer and the "
+        "head; ms, median): `F.linear` takes the matrix-matrix path, `torch.mv` (what our "
+        "`Linear` uses for one row) the matrix-vector kernel.",
+        "",
+        "| dtype | F.linear ms | torch.mv ms | speed-up |",
+        "|---|---|---|---|",
+    ]
+    for dtype, k in results["matrix_vector_ms"].items():
+        lines.append(
+            f"| {dtype} | {k['linear']:.1f} | {k['mv']:.1f} | {k['linear'] / k['mv']:.2f}x |"
+        )
+    lines += [
+        "",
+        "## Verification cost",
+        "",
+        f"One `TargetEngine.verify` call: B sequences, each root + a random tree of n nodes after "
+        f"~{CONTEXT} context tokens (forward, logits of every node, greedy samples, acceptance, "
+        "KV compaction); n = 0 is a batched decode step. Median ms, and in parentheses the ratio "
+        f"to the single-token step (B = 1, n = 0); {s['verify_repetitions']} repetitions, "
+        "configurations shuffled.",
+    ]
+    for dtype in results["decode"]:
+        rows = [r for r in results["verification"] if r["dtype"] == dtype]
+        batches = sorted({r["batch"] for r in rows})
+        step = next(r["ms_median"] for r in rows if r["batch"] == 1 and r["tree_nodes"] == 0)
+        lines += [
+            "",
+            f"### {dtype}: single-token step {step:.1f} ms",
+            "",
+            "| n \\ B | " + " | ".join(map(str, batches)) + " |",
+            "|---" * (len(batches) + 1) + "|",
+        ]
+        for num_nodes in sorted({r["tree_nodes"] for r in rows}):
+            cells = [
+                f"{r['ms_median']:.1f} ({r['ratio_to_step']:.1f}x)"
+                for b in batches
+                for r in rows
+                if r["batch"] == b and r["tree_nodes"] == num_nodes
+            ]
+            lines.append(f"| {num_nodes} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def fmt_load(load: list[float] | tuple[float, ...]) -> str:
+    return ", ".join(f"{x:.1f}" for x in load)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and repetitions")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/core_perf.md"))
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = QUICK if args.quick else FULL
+    machine_info = machine()
+    models = {name: load_model(MODEL, dtype=dtype) for name, dtype in DTYPES.items()}
+    print("decoding ...", file=sys.stderr)
+    runs, bandwidths = bench_decoding(models, settings)
+    kernels = {
+        name: bench_matrix_vector(loaded, settings.ar_repetitions)
+        for name, loaded in models.items()
+    }
+    verify = {}
+    for name, loaded in models.items():
+        print(f"verification ({name}) ...", file=sys.stderr)
+        verify[name] = bench_verification(loaded, settings, random.Random(0))
+    results = summarise(machine_info, settings, models, runs, bandwidths, kernels, verify)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(markdown(results))
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,13 +3,15 @@ the cost of one batched verification as a function of batch and tree size.
 
     .venv/bin/python benchmarks/core_perf.py [--quick] [--out benchmarks/results/core_perf.md]
 
-Writes a Markdown report and the raw numbers as JSON next to it (same name, `.json`).
+Writes a Markdown report and the raw numbers as JSON next to it (same name, `.json`). On a
+machine shared with other work, `--threads 1` measures more steadily than torch's default.
 
 - *Autoregressive decoding*: our engine (`LocalGenerator` without a draft) against
   transformers' `generate` on SmolLM2-135M, batch 1, greedy, a fixed number of new tokens after
   a chat prompt (EOS ignored by both), in fp32 and bf16. Repetitions are interleaved (ours,
   theirs, theirs, ours, ...) so that load from other processes hits both alike; we report
-  medians. The *floor* is the time to stream the weights once from memory at the bandwidth of a
+  medians, by wall-clock and by CPU time (which leaves out time other processes held the
+  cores). The *floor* is the time to stream the weights once from memory at the bandwidth of a
   large tensor copy measured between the repetitions: its inverse bounds decode tokens/s.
 - *Verification cost*: one `TargetEngine.verify` call (batched forward over root + tree, logits
   of every node, greedy samples, acceptance, KV compaction) for B sequences with random trees of
@@ -73,14 +75,17 @@ QUICK = Settings(32, 2, 1, (1, 16), (0, 64))
 
 def machine() -> dict[str, Any]:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    fields = dict(
-        line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line and "flags" not in line
-    )
-    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    fields = {  # the first processor's entry wins
+        key.strip(): value.strip()
+        for key, value in reversed(
+            [line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line]
+        )
+    }
+    flags = set(fields.get("flags", "").split())
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
     return {
-        "cpu": fields.get("model name\t", platform.processor() or "unknown").strip(),
-        "cpu_flags": [flag for flag in wanted if f" {flag}" in flags],
+        "cpu": fields.get("model name", platform.processor() or "unknown"),
+        "cpu_flags": [flag for flag in wanted if flag in flags],
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -358,8 +363,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"- torch {m['torch']} ({m['torch_cpu_capability']}), {m['torch_threads']} threads; "
         f"transformers {m['transformers']}; Python {m['python']}",
         f"- load average (1, 5, 15 min) at start {fmt_load(m['load_average_start'])}, at end "
-        f"{fmt_load(m['load_average_end'])}: other processes shared the CPU, hence the "
-        "interleaved repetitions and medians",
+        f"{fmt_load(m['load_average_end'])} (above 1 per core, other processes were "
+        "competing for the CPU)",
         f"- copy bandwidth (256 MiB tensor copy, read + write): median {bw['median']:.1f} GB/s, "
         f"best {bw['max']:.1f} GB/s",
         "",
@@ -370,7 +375,8 @@ def markdown(results: dict[str, Any]) -> str:
         "repetitions. Ratio: specedge over transformers, by wall-clock time and by CPU time of "
         "the process (which leaves out the time other processes held the cores). Floor: weight "
         "bytes / median copy bandwidth, as a tokens/s upper bound. Agreeing: leading tokens "
-        "equal in both outputs.",
+        "equal in both outputs (in bf16 the two implementations round differently somewhere, "
+        "which sooner or later changes a greedy choice).",
         "",
         "| dtype | specedge tok/s | transformers tok/s | ratio | ratio (CPU time) "
         "| floor tok/s | weights MB | agreeing |",
@@ -385,8 +391,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "One decode step's weight products on one row (every projection of every layer and the "
-        "head; ms, median): `F.linear` takes the matrix-matrix path, `torch.mv` (what our "
-        "`Linear` uses for one row) the matrix-vector kernel.",
+        "head; ms, median), through `F.linear` (the matrix-matrix path) and through `torch.mv` "
+        "(the matrix-vector kernel). Our `Linear` takes `torch.mv` for a single bf16/fp16 row; "
+        "fp32 gains nothing from it and keeps `F.linear`.",
         "",
         "| dtype | F.linear ms | torch.mv ms | speed-up |",
         "|---|---|---|---|",

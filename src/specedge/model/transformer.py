@@ -50,8 +50,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # [..., dim] -> [..., dim]
         # F.rms_norm normalises bf16/fp16 inputs in float32 and rounds once, exactly as the
-        # reference implementations' explicit upcast does (without the copy); the scale is
-        # applied in the input dtype, as theirs is.
+        # reference implementations' explicit upcast does (without the copy). They then scale
+        # in the input dtype: a separate rounding in bf16, the same product in fp32, where
+        # F.rms_norm can apply the weight itself (one kernel fewer).
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 

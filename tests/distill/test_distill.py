@@ -132,16 +132,25 @@ def test_reduced_head_gives_full_vocab_logits_with_minus_inf_outside(tiny_target
 
 
 def test_builtin_prompts_do_not_overlap_the_evaluation_set() -> None:
-    prompts = builtin_prompts(760)
-    assert len(set(prompts)) == 760
+    prompts = builtin_prompts()
+    assert len(set(prompts)) == len(prompts) > 1500
+    assert builtin_prompts(100, seed=1) == builtin_prompts(100, seed=1) != builtin_prompts(100)
     if not SPECBENCH.exists():
         pytest.skip(f"{SPECBENCH} not present")
-    turns = {
+    turns = [
         turn.strip()
         for line in SPECBENCH.read_text().splitlines()
         for turn in json.loads(line)["turns"]
-    }
-    assert not {p.strip() for p in prompts} & turns
+    ]
+    assert not {p.strip() for p in prompts} & set(turns)
+    evaluation_runs = set().union(*(word_runs(turn) for turn in turns))
+    shared = [p for p in prompts if word_runs(p) & evaluation_runs]
+    assert not shared, shared[:3]
+
+
+def word_runs(text: str, length: int = 8) -> set[str]:
+    words = text.split()
+    return {" ".join(words[i : i + length]) for i in range(len(words) - length + 1)}
 
 
 def test_layer_sources_take_bottom_and_top_layers() -> None:

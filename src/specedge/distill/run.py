@@ -52,7 +52,6 @@ from specedge.model.loader import (
 logger = logging.getLogger(__name__)
 
 WORK_DIR = ".distill"
-NUM_BUILTIN_PROMPTS = 760
 SAMPLED_TEMPERATURE = 0.8  # teacher passes after the first (greedy) one sample at this
 MAX_PASSES = 4
 CHECKPOINT_EVERY_S = 120.0
@@ -182,11 +181,7 @@ def run_distill(config: DistillConfig) -> Path:
 
 
 def _split_prompts(config: DistillConfig) -> tuple[list[str], list[str]]:
-    prompts = (
-        read_prompts(config.prompts)
-        if config.prompts
-        else builtin_prompts(NUM_BUILTIN_PROMPTS, config.seed)
-    )
+    prompts = read_prompts(config.prompts) if config.prompts else builtin_prompts(seed=config.seed)
     prompts = list(prompts)
     random.Random(config.seed).shuffle(prompts)
     num_heldout = max(1, round(config.heldout_fraction * len(prompts)))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from dataclasses import dataclass
 
+from specedge.background import LoopThread
 from specedge.draft import DraftEngine, TreeShape
 from specedge.edge.api import ServedModel, create_app
 from specedge.edge.client import ClientIdentity, VerifierConnection
@@ -132,8 +132,7 @@ class BackgroundEdge:
 
     def __init__(self, config: EdgeConfig, draft: LoadedModel | None = None) -> None:
         self.server = EdgeServer(config, draft)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._loop = LoopThread()
 
     @property
     def url(self) -> str:
@@ -145,21 +144,11 @@ class BackgroundEdge:
         return self.server.edge.runtime
 
     def start(self) -> BackgroundEdge:
-        self._thread.start()
-        try:
-            asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result()
-        except BaseException:
-            self._close_loop()
-            raise
+        self._loop.start(self.server.start())
         return self
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result()
-        self._close_loop()
-
-    def _close_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10.0)
+        self._loop.run(self.server.stop())
         self._loop.close()
 
 

@@ -16,11 +16,11 @@ import asyncio
 import contextlib
 import logging
 import signal
-import threading
 from typing import Any
 
 import grpc
 
+from specedge.background import LoopThread
 from specedge.draft import DraftEngine
 from specedge.engine import GenerationLimits, TargetEngine
 from specedge.errors import SpecEdgeError
@@ -273,8 +273,7 @@ class BackgroundServer:
         draft: LoadedModel | None = None,
     ) -> None:
         self.server = SpecEdgeServer(config, loaded, draft)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._loop = LoopThread()
 
     @property
     def port(self) -> int:
@@ -289,22 +288,12 @@ class BackgroundServer:
         return self.server.api_port
 
     def start(self) -> BackgroundServer:
-        self._thread.start()
-        try:
-            asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result()
-        except BaseException:
-            self._close_loop()
-            raise
+        self._loop.start(self.server.start())
         return self
 
-    def _close_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10.0)
-        self._loop.close()
-
     def stop(self, grace: float = 0.0) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result()
-        self._close_loop()
+        self._loop.run(self.server.stop(grace))
+        self._loop.close()
 
 
 # ---- construction ------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Role configuration files: reading a YAML mapping of settings and checking value types.
 
 Each role (server, edge) keeps a frozen dataclass of its settings; these helpers read its
-YAML file (keys with dashes or underscores) and coerce values to the fields' types, raising
-the role's own error type with a message that names both the flag and the YAML key.
+YAML file (keys with dashes or underscores), merge the command-line flags and the auth token
+file, and coerce values to the fields' types, raising the role's own error type with a
+message that names both the flag and the YAML key.
 """
 
 from __future__ import annotations
@@ -43,6 +44,48 @@ def read_yaml_settings(
         valid = ", ".join([*field_names, *extra_keys])
         raise error(f"{path}: unknown setting(s) {', '.join(unknown)}; valid: {valid}")
     return settings
+
+
+def role_settings(
+    config_file: Path | None,
+    overrides: Mapping[str, Any] | None,
+    auth_token_file: Path | None,
+    field_types: Mapping[str, str],
+    error: type[Exception],
+) -> dict[str, Any]:
+    """Defaults < YAML file < `overrides` (flags; None values are ignored), coerced.
+    `auth_token_file` (flag or the YAML key of that name) holds the token on its first line;
+    in YAML a relative path is relative to the config file, wherever the role starts."""
+    settings: dict[str, Any] = {}
+    if config_file is not None:
+        settings.update(
+            read_yaml_settings(config_file, field_types, error, extra_keys=("auth_token_file",))
+        )
+    yaml_token_file = settings.pop("auth_token_file", None)
+    if yaml_token_file is not None:
+        if settings.get("auth_token") is not None:
+            raise error(f"{config_file}: set either auth_token or auth_token_file, not both")
+        assert config_file is not None
+        settings["auth_token"] = read_token(config_file.parent / str(yaml_token_file), error)
+    flags = {key: value for key, value in (overrides or {}).items() if value is not None}
+    if auth_token_file is not None:
+        if "auth_token" in flags:
+            raise error("pass either --auth-token or --auth-token-file, not both")
+        flags["auth_token"] = read_token(auth_token_file, error)
+    settings.update(flags)
+    return coerce_settings(settings, field_types, error)
+
+
+def read_token(path: Path, error: type[Exception]) -> str:
+    """The first line of an auth token file, which must not be empty."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as cause:
+        raise error(f"cannot read --auth-token-file {path}: {cause.strerror}") from None
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise error(f"--auth-token-file {path} is empty; put the token on its first line")
+    return token
 
 
 def coerce_settings(

@@ -12,10 +12,9 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from specedge.bench.metrics import Prices
 from specedge.bench.results import ALL_SYSTEMS, BASELINES, EDGE_SYSTEMS, HF_ASSISTED
+from specedge.config_file import read_yaml_settings
 from specedge.errors import SpecEdgeError
 
 AUTO = "auto"
@@ -146,7 +145,7 @@ def load_bench_config(
     what neither set when `quick`; then validate."""
     settings: dict[str, Any] = {}
     if config_file is not None:
-        settings.update(_read_yaml(config_file))
+        settings.update(read_yaml_settings(config_file, _FIELD_TYPES, BenchConfigError))
     settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
     settings = {name: _coerce(name, value) for name, value in settings.items()}
     if settings.get("quick"):
@@ -159,26 +158,6 @@ _FIELD_TYPES = {f.name: str(f.type) for f in fields(BenchConfig)}
 
 def _where(name: str) -> str:
     return f"--{name.replace('_', '-')} (`{name}` in bench.yaml)"
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise BenchConfigError(f"cannot read {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise BenchConfigError(f"{path} is not valid YAML: {error}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise BenchConfigError(f"{path} must hold a mapping of settings (key: value)")
-    settings = {str(key).replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(set(settings) - set(_FIELD_TYPES))
-    if unknown:
-        raise BenchConfigError(
-            f"{path}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(_FIELD_TYPES)}"
-        )
-    return settings
 
 
 def _coerce(name: str, value: Any) -> Any:

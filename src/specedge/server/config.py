@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from specedge.config_file import coerce_settings, read_yaml_settings
 from specedge.config_file import flag_and_key as _where
+from specedge.config_file import role_settings
 from specedge.draft import TreeShape
 from specedge.errors import SpecEdgeError
 
@@ -153,40 +153,9 @@ def load_server_config(
 ) -> ServerConfig:
     """Defaults < YAML file < `overrides` (flags; None values are ignored), then validate.
     `auth_token_file` (flag or the YAML key of that name) holds the token on its first line."""
-    settings: dict[str, Any] = {}
-    if config_file is not None:
-        settings.update(
-            read_yaml_settings(
-                config_file, _FIELD_TYPES, ConfigError, extra_keys=("auth_token_file",)
-            )
-        )
-    yaml_token_file = settings.pop("auth_token_file", None)
-    if yaml_token_file is not None:
-        if settings.get("auth_token") is not None:
-            raise ConfigError(f"{config_file}: set either auth_token or auth_token_file, not both")
-        assert config_file is not None
-        # A relative path is relative to the config file, wherever the server starts.
-        settings["auth_token"] = _read_token(config_file.parent / str(yaml_token_file))
-    flags = {key: value for key, value in (overrides or {}).items() if value is not None}
-    if auth_token_file is not None:
-        if "auth_token" in flags:
-            raise ConfigError("pass either --auth-token or --auth-token-file, not both")
-        flags["auth_token"] = _read_token(auth_token_file)
-    settings.update(flags)
-    config = replace(ServerConfig(), **coerce_settings(settings, _FIELD_TYPES, ConfigError))
-    return config.validate()
+    settings = role_settings(config_file, overrides, auth_token_file, _FIELD_TYPES, ConfigError)
+    return replace(ServerConfig(), **settings).validate()
 
 
 # ---- helpers ------------------------------------------------------------------------------------
 _FIELD_TYPES = {f.name: str(f.type) for f in fields(ServerConfig)}
-
-
-def _read_token(path: Path) -> str:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as error:
-        raise ConfigError(f"cannot read --auth-token-file {path}: {error.strerror}") from error
-    token = lines[0].strip() if lines else ""
-    if not token:
-        raise ConfigError(f"--auth-token-file {path} is empty; put the token on its first line")
-    return token

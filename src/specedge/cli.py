@@ -3,7 +3,6 @@ collects them and turns the package's typed errors into one-line messages."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Annotated
 import typer
 
 from specedge.errors import InvalidRequestError, SpecEdgeError
+from specedge.text import read_prompt_file
 
 app = typer.Typer(
     name="specedge",
@@ -346,29 +346,7 @@ def _read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
     if prompt is not None:
         return [prompt]
     assert prompt_file is not None
-    try:
-        lines = prompt_file.read_text().splitlines()
-    except OSError as error:
-        raise InvalidRequestError(
-            f"cannot read --prompt-file {prompt_file}: {error.strerror}"
-        ) from None
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                record = json.loads(line)
-                prompts.append(str(record["prompt"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InvalidRequestError(
-                    f"{prompt_file}:{number}: expected a JSON object with a 'prompt' field"
-                ) from None
-        else:
-            prompts.append(line)
-    if not prompts:
-        raise InvalidRequestError(f"{prompt_file} holds no prompts")
-    return prompts
+    return read_prompt_file(prompt_file, "--prompt-file")
 
 
 def main() -> None:

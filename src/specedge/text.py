@@ -1,12 +1,39 @@
-"""Text <-> token ids: prompt encoding (with or without the chat template) and incremental
-decoding for streaming (emits only text that can no longer change)."""
+"""Text <-> token ids: prompt files, prompt encoding (with or without the chat template) and
+incremental decoding for streaming (emits only text that can no longer change)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from specedge.errors import InvalidRequestError
+
+
+def read_prompt_file(path: Path, flag: str) -> list[str]:
+    """One prompt per line, or JSON Lines with a 'prompt' field (blank lines skipped); `flag`
+    names the option that gave the file in error messages."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise InvalidRequestError(f"cannot read {flag} {path}: {error.strerror}") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                prompts.append(str(json.loads(line)["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InvalidRequestError(
+                    f"{path}:{number}: expected a JSON object with a 'prompt' field"
+                ) from None
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise InvalidRequestError(f"{flag} {path} holds no prompts")
+    return prompts
 
 
 def encode_prompt(tokenizer: Any, prompt: str, *, chat: bool) -> list[int]:

@@ -15,11 +15,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import itertools
-import json
 import random
 from pathlib import Path
 
 from specedge.errors import InvalidRequestError
+from specedge.text import read_prompt_file
 
 TOPICS = [
     "the ocean",
@@ -148,23 +148,7 @@ def builtin_prompts(count: int | None = None, seed: int = 0) -> list[str]:
 
 def read_prompts(path: Path) -> list[str]:
     """One prompt per line, or JSON Lines with a 'prompt' field (blank lines skipped)."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as error:
-        raise InvalidRequestError(f"cannot read --prompts {path}: {error.strerror}") from None
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                prompts.append(str(json.loads(line)["prompt"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InvalidRequestError(
-                    f"{path}:{number}: expected a JSON object with a 'prompt' field"
-                ) from None
-        else:
-            prompts.append(line)
+    prompts = read_prompt_file(path, "--prompts")
     if len(prompts) < 2:
         raise InvalidRequestError(f"{path} holds {len(prompts)} prompts; need at least 2")
     return prompts

@@ -29,6 +29,7 @@ from specedge.runner import ModelRunner
 from specedge.tree import ROOT_PARENT, DraftTree, TreeRow
 
 NOT_CACHED = -1  # slot position of a node that has not been forwarded
+TopLogprobs = tuple[torch.Tensor, torch.Tensor]  # [n, width] log q values, [n, width] token ids
 
 
 @dataclass(frozen=True)
@@ -108,9 +109,9 @@ class TreeBuilder:
         if self.steps >= self.shape.depth:
             return False
         if not self.root_expanded:
-            logprobs = self._forward_pending()
+            top = self._forward_pending()
             self.root_expanded = True
-            entered = self._propose([ROOT_PARENT], logprobs)
+            entered = self._propose([ROOT_PARENT], top)
         else:
             frontier = self._frontier()
             if not frontier:
@@ -140,7 +141,7 @@ class TreeBuilder:
         candidates.sort(key=lambda i: -self.nodes[i].score)
         return candidates[: self.shape.beams]
 
-    def _forward_pending(self) -> torch.Tensor:  # [1, V] root log-probs
+    def _forward_pending(self) -> TopLogprobs:  # one row: the root
         if not self.pending:
             raise AssertionError("the root is cached but has no children: nothing to expand")
         start = len(self.block_parents)
@@ -155,9 +156,9 @@ class TreeBuilder:
         )
         hidden = self.runner.forward([row])[0][-1:]
         self.num_forwarded += len(self.pending)
-        return self.runner.logits(hidden).log_softmax(dim=-1)
+        return self.runner.top_logprobs(hidden, self.shape.width)
 
-    def _forward_nodes(self, frontier: Sequence[int]) -> torch.Tensor:  # [F, V] log-probs
+    def _forward_nodes(self, frontier: Sequence[int]) -> TopLogprobs:  # one row per node
         num_cached = len(self.block_parents)
         for offset, i in enumerate(frontier):
             self.block_parents.append(self._block_parent(self.nodes[i]))
@@ -171,19 +172,17 @@ class TreeBuilder:
         )
         hidden = self.runner.forward([row])[0]
         self.num_forwarded += len(frontier)
-        return self.runner.logits(hidden).log_softmax(dim=-1)
+        return self.runner.top_logprobs(hidden, self.shape.width)
 
-    def _propose(self, parents: Sequence[int], logprobs: torch.Tensor) -> int:
+    def _propose(self, parents: Sequence[int], top: TopLogprobs) -> int:
         """Add each parent's top-`width` children that rank within the budget; count them."""
-        top = torch.topk(logprobs, self.shape.width, dim=-1)
+        values, tokens = top
         log_decay = math.log(self.shape.decay)
         added = []
         for row, parent in enumerate(parents):
             base_score = 0.0 if parent == ROOT_PARENT else self.nodes[parent].score
             base_depth = 0 if parent == ROOT_PARENT else self.nodes[parent].depth
-            for logq, token in zip(
-                top.values[row].tolist(), top.indices[row].tolist(), strict=True
-            ):
+            for logq, token in zip(values[row].tolist(), tokens[row].tolist(), strict=True):
                 self.nodes.append(
                     DraftNode(token, parent, base_score + logq + log_decay, base_depth + 1)
                 )

@@ -60,6 +60,11 @@ class ModelRunner:
     def logits(self, hidden: Tensor) -> Tensor:  # [n, E] -> [n, V] float32
         return self.model.logits(hidden)
 
+    @torch.inference_mode()
+    def top_logprobs(self, hidden: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """[n, E] -> the k best log-probabilities per row and their token ids, [n, k] each."""
+        return self.model.top_logprobs(hidden, k)
+
     def prefill(
         self, slot: int, tokens: Sequence[int], start: int, chunk: int = DEFAULT_PREFILL_CHUNK
     ) -> Tensor | None:

@@ -35,9 +35,14 @@ from specedge.tree import TreeRow
 ROOT = Path(__file__).resolve().parent
 DATA = ROOT.parent.parent / "shared" / "data" / "specbench_prompts.jsonl"
 SHAPES = [  # (budget, depth, width, beams)
-    (16, 4, 4, 4),
-    (10, 4, 2, 3),
-    (6, 4, 1, 1),
+    (32, 6, 4, 8),
+    (16, 6, 4, 4),
+    (12, 6, 2, 3),
+    (8, 6, 2, 2),
+    (8, 5, 2, 2),
+    (6, 5, 1, 1),
+    (5, 4, 1, 1),
+    (4, 3, 2, 1),
 ]
 
 
@@ -112,6 +117,7 @@ def main() -> None:
     parser.add_argument("--cli-prompts", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "results"))
+    parser.add_argument("--note", default="", help="how the machine was used, for the report")
     args = parser.parse_args()
     dtype = parse_dtype("bfloat16")
     target = load_model("smollm2-135m", dtype=dtype)
@@ -168,8 +174,7 @@ def main() -> None:
     lines = [
         "# Draft speed on this CPU (bf16)",
         "",
-        f"torch threads: {torch.get_num_threads()}; the machine's 2 cores were shared with "
-        "other jobs during the run, so absolute numbers are noisy; ratios come from the same "
+        f"torch threads: {torch.get_num_threads()}. {args.note} Ratios come from the same "
         "process (latency) or alternated runs (generate).",
         "",
         "## Single-step latency (64-token context, forward + logits, median)",

@@ -119,9 +119,8 @@ class LocalGenerator:
                 self.draft.close(draft_seq)
         elapsed = time.perf_counter() - start
         generated = seq.committed[seq.num_prompt :]
-        spec = self.draft is not None
         stats = GenerationStats(
-            rounds=seq.rounds if spec else 0,
+            rounds=seq.rounds,  # target forwards after prefill: one per token without a draft
             tokens_per_round=len(generated) / max(seq.rounds, 1),
             acceptance_rate=seq.accepted / max(len(generated), 1),
             tokens_per_s=len(generated) / elapsed if elapsed > 0 else 0.0,

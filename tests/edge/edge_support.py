@@ -4,16 +4,12 @@ HTTP API has real text), and the local autoregressive reference."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
 from conftest import tiny_hf_config, tiny_loaded_model
-from prometheus_client.parser import text_string_to_metric_families
 
 from specedge.edge.app import Edge, build_edge
 from specedge.edge.config import EdgeConfig
@@ -149,31 +145,3 @@ async def with_edge(config: EdgeConfig, draft: LoadedModel, body: Callable[[Edge
         return await body(edge)
     finally:
         await edge.close()
-
-
-# ---- observation ---------------------------------------------------------------------------------
-def metric(port: int, name: str) -> float:
-    """The value of an unlabelled sample from a server's /metrics (0 when absent)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and not sample.labels:
-                return float(sample.value)
-    return 0.0
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
-
-
-async def async_wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)

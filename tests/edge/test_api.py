@@ -21,12 +21,11 @@ from edge_support import (
     TARGET_SEED,
     CharTokenizer,
     edge_config,
-    metric,
     reference_tokens,
     start_server,
     tiny_model,
-    wait_for,
 )
+from observe import metric, wait_for
 
 from specedge.bench.wan import DelayProxy
 from specedge.edge.api import StopMatcher

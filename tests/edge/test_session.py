@@ -16,16 +16,14 @@ import pytest
 from edge_support import (
     TARGET_SEED,
     VOCAB,
-    async_wait_for,
     edge_config,
     edge_generate,
-    metric,
     reference_tokens,
     start_server,
     tiny_model,
-    wait_for,
     with_edge,
 )
+from observe import async_wait_for, metric, wait_for
 
 from specedge.bench.wan import DelayProxy
 from specedge.edge.app import Edge

@@ -1,20 +1,15 @@
 """Helpers for server tests: a tiny random-weight target, an in-process server on loopback
-ports, a scripted edge over real gRPC, and metric reads over real HTTP."""
+ports and a scripted edge over real gRPC (reading /health and /metrics: `observe`)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
 from conftest import tiny_hf_config, tiny_loaded_model
-from prometheus_client.parser import text_string_to_metric_families
 
 from specedge.generate import LocalGenerator
 from specedge.model.loader import LoadedModel, tokenizer_fingerprint
@@ -183,33 +178,3 @@ async def expect_status(call_coro: Any) -> grpc.aio.AioRpcError:
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
-
-
-# ---- HTTP ------------------------------------------------------------------------------------
-def http_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-def health(port: int) -> dict[str, Any]:
-    return dict(json.loads(http_get(port, "/health")[1]))
-
-
-def metric(port: int, name: str, labels: dict[str, str] | None = None) -> float:
-    """The value of one sample from /metrics (0 when absent)."""
-    for family in text_string_to_metric_families(http_get(port, "/metrics")[1]):
-        for sample in family.samples:
-            if sample.name == name and (labels is None or sample.labels == labels):
-                return float(sample.value)
-    return 0.0
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)

@@ -20,15 +20,14 @@ import httpx
 import openai
 import pytest
 from conftest import TinyTokenizer, tiny_hf_config, tiny_loaded_model
+from observe import metric, wait_for
 from server_harness import (
     BASE_CONFIG,
     channel,
-    metric,
     open_message,
     oracle_tree,
     reference_tokens,
     run_session,
-    wait_for,
 )
 from typer.testing import CliRunner
 

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_harness import empty_tree, health, open_message, run, run_session
+from observe import health
+from server_harness import empty_tree, open_message, run, run_session
 
 from specedge.generate import LocalGenerator
 from specedge.model.loader import LoadedModel

@@ -9,6 +9,7 @@ from dataclasses import replace
 import grpc
 import pytest
 from conftest import tiny_hf_config, tiny_loaded_model
+from observe import metric, wait_for
 from server_harness import (
     VOCAB,
     SessionResult,
@@ -16,7 +17,6 @@ from server_harness import (
     empty_tree,
     expect_status,
     junk_tree,
-    metric,
     open_message,
     oracle_tree,
     reference_tokens,
@@ -24,7 +24,6 @@ from server_harness import (
     run_session,
     start_server,
     tiny_target,
-    wait_for,
 )
 
 from specedge.model.loader import LoadedModel

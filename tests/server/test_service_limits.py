@@ -9,22 +9,19 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from observe import health, http_get, metric, wait_for
 from server_harness import (
     SessionResult,
     channel,
     empty_tree,
     expect_status,
-    health,
-    http_get,
     junk_tree,
-    metric,
     open_message,
     reference_tokens,
     run,
     run_session,
     start_server,
     tiny_target,
-    wait_for,
 )
 
 from specedge.model.loader import LoadedModel

@@ -107,8 +107,9 @@ def write_report(results: list[dict[str, object]], args: argparse.Namespace) -> 
         "",
         f"Mean tokens per verification round (accepted + bonus; mean over prompts) of tree "
         f"speculative decoding, target `{args.target}`, tree budget {args.budget}, depth "
-        f"{args.depth}, {args.max_tokens} new tokens, chat template, first turn of each "
-        f"prompt, dtype {args.dtype}. Distilled draft: every {args.every}th SpecBench prompt; "
+        f"{args.depth}, decay {args.decay}, {args.max_tokens} new tokens, chat template, "
+        f"first turn of each prompt, dtype {args.dtype}. Distilled draft: every "
+        f"{args.every}th SpecBench prompt; "
         f"untrained shallow draft (target layers [0, 1, L-2, L-1] + target embeddings/head, "
         f"no training): every {args.baseline_every}th. Per-category columns are means over "
         "that category's prompts in the subsample (few prompts each: indicative only).",
@@ -122,7 +123,7 @@ def write_report(results: list[dict[str, object]], args: argparse.Namespace) -> 
             f"| {r['draft']} | {r['temperature']} | {r['num_prompts']} | "
             f"**{r['mean_tokens_per_round']:.2f}** | " + " | ".join(cells) + " |"
         )
-    lines.append("")
+    lines += ["", args.note, ""] if args.note else [""]
     (out / "draft_acceptance.md").write_text("\n".join(lines))
 
 
@@ -136,6 +137,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--budget", type=int, default=32)
     parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--decay", type=float, default=TreeShape.decay)
+    parser.add_argument("--note", default="", help="appended to the report")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--which", choices=["both", "draft", "baseline"], default="both")
     parser.add_argument("--out", default=str(ROOT / "results"))
@@ -147,7 +150,7 @@ def main() -> None:
         drafts.append((load_model(args.draft, dtype=dtype), read_prompts(args.every)))
     if args.which in ("both", "baseline"):
         drafts.append((shallow_untrained_draft(target), read_prompts(args.baseline_every)))
-    shape = TreeShape(budget=args.budget, depth=args.depth)
+    shape = TreeShape(budget=args.budget, depth=args.depth, decay=args.decay)
     # Results of the other draft from an earlier (e.g. concurrent) run are kept.
     previous = Path(args.out) / "draft_acceptance.json"
     names = {draft.name for draft, _ in drafts}

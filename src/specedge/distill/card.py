@@ -49,7 +49,9 @@ def measure_acceptance(
     from specedge.text import encode_prompt
 
     target_model = load_model(target, device, dtype)
-    draft_model = load_model(str(draft_dir), device, dtype)
+    # Absolute: a relative --out named like an alias ("smollm2-135m-draft") must load the new
+    # draft, not the bundled one.
+    draft_model = load_model(str(draft_dir.resolve()), device, dtype)
     generator = LocalGenerator(target_model, draft_model, TreeShape(budget=ACCEPTANCE_BUDGET))
     chat = bool(getattr(target_model.tokenizer, "chat_template", None))
     per_prompt = []
@@ -107,7 +109,7 @@ def write_card(
         "",
         "## Model",
         "",
-        f"- {config.layers} decoder layers ({config.frozen_layers} bottom ones frozen), "
+        f"- {config.layers} decoder layers ({config.frozen_layers} frozen at the bottom), "
         f"hidden size {config.hidden or 'as the target'}; "
         + (
             "layers initialised from the target's layers (bottom and top halves)"

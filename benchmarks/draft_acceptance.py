@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=32)
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--decay", type=float, default=TreeShape.decay)
+    parser.add_argument("--lookup", type=int, default=TreeShape.lookup)
     parser.add_argument("--note", default="", help="appended to the report")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--which", choices=["both", "draft", "baseline"], default="both")
@@ -150,7 +151,7 @@ def main() -> None:
         drafts.append((load_model(args.draft, dtype=dtype), read_prompts(args.every)))
     if args.which in ("both", "baseline"):
         drafts.append((shallow_untrained_draft(target), read_prompts(args.baseline_every)))
-    shape = TreeShape(budget=args.budget, depth=args.depth, decay=args.decay)
+    shape = TreeShape(budget=args.budget, depth=args.depth, decay=args.decay, lookup=args.lookup)
     # Results of the other draft from an earlier (e.g. concurrent) run are kept.
     previous = Path(args.out) / "draft_acceptance.json"
     names = {draft.name for draft, _ in drafts}

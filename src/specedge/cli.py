@@ -52,6 +52,9 @@ def generate(
     depth: Annotated[int, typer.Option(help="Draft tree depth.")] = 6,
     width: Annotated[int, typer.Option(help="Children per expanded node.")] = 4,
     beams: Annotated[int, typer.Option(help="Nodes expanded per draft step.")] = 8,
+    lookup: Annotated[
+        int, typer.Option(help="Context lookup chain length (prompt lookup), 0 = off.")
+    ] = 8,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     dtype: Annotated[
         str | None, typer.Option(help="float32|bfloat16|float16 (default: best for device).")
@@ -75,7 +78,7 @@ def generate(
         top_k=top_k,
         seed=seed,
         mode=mode or ("spec" if draft else "ar"),
-        shape=TreeShape(budget=budget, depth=depth, width=width, beams=beams),
+        shape=TreeShape(budget=budget, depth=depth, width=width, beams=beams, lookup=lookup),
         device=device,
         dtype=dtype,
         json_output=json_output,
@@ -126,6 +129,7 @@ def serve(
     depth: Annotated[int | None, typer.Option(help="Server-side tree depth [6].")] = None,
     width: Annotated[int | None, typer.Option(help="Children per expanded node [4].")] = None,
     beams: Annotated[int | None, typer.Option(help="Nodes expanded per draft step [8].")] = None,
+    lookup: Annotated[int | None, typer.Option(help="Context lookup chain, 0 = off [8].")] = None,
     config: Annotated[Path | None, typer.Option(help="server.yaml (flags override it).")] = None,
 ) -> None:
     """Run the verification server: batched tree verification for many edges over gRPC, and
@@ -153,6 +157,7 @@ def serve(
         "depth": depth,
         "width": width,
         "beams": beams,
+        "lookup": lookup,
     }
     logging.getLogger("specedge").setLevel(logging.INFO)
     run_server(load_server_config(config, flags, auth_token_file))
@@ -241,6 +246,7 @@ def edge(
     depth: Annotated[int | None, typer.Option(help="Draft tree depth [6].")] = None,
     width: Annotated[int | None, typer.Option(help="Children per expanded node [4].")] = None,
     beams: Annotated[int | None, typer.Option(help="Nodes expanded per draft step [8].")] = None,
+    lookup: Annotated[int | None, typer.Option(help="Context lookup chain, 0 = off [8].")] = None,
     proactive: Annotated[
         str | None, typer.Option(help="Proactive drafting: off | keep-depth | add-depth.")
     ] = None,
@@ -268,6 +274,7 @@ def edge(
         "depth": depth,
         "width": width,
         "beams": beams,
+        "lookup": lookup,
         "proactive": proactive,
         "proactive_budget": proactive_budget,
         "proactive_depth": proactive_depth,

@@ -5,6 +5,13 @@ child always scores below its parent and the best `budget` nodes never orphan on
 forwards the <= `beams` best unexpanded nodes (the *frontier*) with tree attention over the
 draft's own KV and lets each propose its top-`width` children.
 
+With `TreeShape.lookup` > 0 the first step also hangs the *context lookup chain* from the root
+(`specedge.lookup`): the tokens that followed an earlier occurrence of the context's last few
+tokens, each scored parent score + log p(lookup right) + log(decay) from the sequence's own
+record. A candidate proposed twice (by the draft and the lookup) is one node with the better
+score. Lookup nodes are not forwarded when added; a draft step that picks one forwards its
+not-yet-forwarded ancestors along with it.
+
 Draft KV layout of a sequence's slot: committed tokens with KV at 0..kv_len-1, then the growing
 *block*: layout nodes already cached by an earlier builder (`cached_parents`), the *pending*
 chain (committed tokens without KV yet; the last is the root), then expanded nodes in the order
@@ -25,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specedge.errors import InvalidRequestError
+from specedge.lookup import LookupStats, lookup_chain
 from specedge.runner import ModelRunner
 from specedge.tree import ROOT_PARENT, DraftTree, TreeRow
 
@@ -39,19 +47,23 @@ class TreeShape:
     width: int = 4  # children proposed per expanded node
     beams: int = 8  # nodes forwarded per draft step
     decay: float = 0.9
+    lookup: int = 8  # context lookup chain length (specedge.lookup; capped by depth), 0 = off
 
     def __post_init__(self) -> None:
         for name in ("budget", "depth", "width", "beams"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"tree {name} must be >= 1, got {getattr(self, name)}")
+        if self.lookup < 0:
+            raise InvalidRequestError(f"tree lookup must be >= 0, got {self.lookup}")
         if not 0.0 < self.decay < 1.0:
             raise InvalidRequestError(f"tree decay must be in (0, 1), got {self.decay}")
 
     @property
     def max_block(self) -> int:
         """Slot positions a round may lay out past the committed prefix (with slack for the
-        pending chain and a proactive subtree)."""
-        return 4 * (self.budget + self.depth * self.beams) + 64
+        pending chain and a proactive subtree): forwarded nodes, at most `beams` per step
+        plus the lookup chain."""
+        return 4 * (self.budget + self.depth * self.beams) + min(self.lookup, self.depth) + 64
 
 
 @dataclass
@@ -61,6 +73,7 @@ class DraftNode:
     score: float
     depth: int
     block_index: int = NOT_CACHED  # index in the block once forwarded (expanded)
+    lookup: bool = False  # the score comes from the context lookup, not from log q
 
 
 @dataclass
@@ -68,6 +81,7 @@ class DraftSequence:
     slot: int
     committed: list[int]
     kv_len: int = 0  # committed tokens whose draft KV is in the slot
+    lookup_stats: LookupStats = field(default_factory=LookupStats)
 
 
 @dataclass
@@ -84,10 +98,16 @@ class TreeBuilder:
     steps: int = 0
     root_expanded: bool = False
     num_forwarded: int = 0
+    use_lookup: bool = False  # add a context lookup chain (the root is the last committed token)
 
     def __post_init__(self) -> None:
         self.block_parents: list[int] = list(self.cached_parents)
         self.root_expanded = self.root_expanded or bool(self.nodes)
+        self.child_of: dict[tuple[int, int], int] = {
+            (node.parent, node.token): i for i, node in enumerate(self.nodes)
+        }
+        self.lookup: tuple[list[int], int] = ([], 0)  # the chain and its matched suffix length
+        self.lookup_added = False
 
     # -- layout --------------------------------------------------------------------------------
     @property
@@ -108,15 +128,22 @@ class TreeBuilder:
         """One draft forward; False when the tree cannot grow further."""
         if self.steps >= self.shape.depth:
             return False
+        entered = 0
         if not self.root_expanded:
             top = self._forward_pending()
             self.root_expanded = True
             entered = self._propose([ROOT_PARENT], top)
+            entered += self._add_lookup()
+        elif not self.lookup_added:
+            entered = self._add_lookup()
+            frontier = self._frontier()
+            if frontier:
+                entered += self._propose(*self._forward_nodes(frontier))
         else:
             frontier = self._frontier()
             if not frontier:
                 return False
-            entered = self._propose(frontier, self._forward_nodes(frontier))
+            entered = self._propose(*self._forward_nodes(frontier))
         self.steps += 1
         return entered > 0
 
@@ -129,7 +156,7 @@ class TreeBuilder:
         top-`width` children as candidates, outside the best-first order: proactive drafting
         uses it to score its bets on a tree that has already been sent."""
         if nodes:
-            self._propose(nodes, self._forward_nodes(nodes))
+            self._propose(*self._forward_nodes(nodes))
 
     def _frontier(self) -> list[int]:
         alive = set(self._best(self.shape.budget))
@@ -158,21 +185,74 @@ class TreeBuilder:
         self.num_forwarded += len(self.pending)
         return self.runner.top_logprobs(hidden, self.shape.width)
 
-    def _forward_nodes(self, frontier: Sequence[int]) -> TopLogprobs:  # one row per node
+    def _forward_nodes(self, frontier: Sequence[int]) -> tuple[list[int], TopLogprobs]:
+        """Forward the frontier and any of its ancestors not forwarded yet (lookup nodes), in
+        one draft step; the forwarded nodes, parents first, and each one's top children."""
+        todo: set[int] = set()
+        for i in frontier:
+            while i != ROOT_PARENT and i not in todo and self.nodes[i].block_index == NOT_CACHED:
+                todo.add(i)
+                i = self.nodes[i].parent
+        rows = sorted(todo)  # creation order puts parents first
         num_cached = len(self.block_parents)
-        for offset, i in enumerate(frontier):
+        for offset, i in enumerate(rows):
             self.block_parents.append(self._block_parent(self.nodes[i]))
             self.nodes[i].block_index = num_cached + offset
         row = TreeRow(
             self.seq.slot,
             self.seq.kv_len,
             self.block_parents,
-            [self.nodes[i].token for i in frontier],
+            [self.nodes[i].token for i in rows],
             num_cached=num_cached,
         )
         hidden = self.runner.forward([row])[0]
-        self.num_forwarded += len(frontier)
-        return self.runner.top_logprobs(hidden, self.shape.width)
+        self.num_forwarded += len(rows)
+        return rows, self.runner.top_logprobs(hidden, self.shape.width)
+
+    def _add(self, token: int, parent: int, score: float, lookup: bool = False) -> tuple[int, bool]:
+        """Add a candidate, or raise the score of the sibling with the same token (siblings
+        stay distinct); the node's index and whether it is new or better."""
+        existing = self.child_of.get((parent, token))
+        if existing is not None:
+            node = self.nodes[existing]
+            if score <= node.score:
+                return existing, False
+            self._raise(existing, score - node.score)
+            node.lookup = lookup
+            return existing, True
+        depth = 1 if parent == ROOT_PARENT else self.nodes[parent].depth + 1
+        self.nodes.append(DraftNode(token, parent, score, depth, lookup=lookup))
+        self.child_of[(parent, token)] = len(self.nodes) - 1
+        return len(self.nodes) - 1, True
+
+    def _raise(self, index: int, delta: float) -> None:
+        """Add `delta` to a node's score and its descendants' (a score is a sum along the
+        path, so the subtree keeps its ranking below the node)."""
+        raised = {index}
+        self.nodes[index].score += delta
+        for i in range(index + 1, len(self.nodes)):  # descendants come after their ancestors
+            if self.nodes[i].parent in raised:
+                raised.add(i)
+                self.nodes[i].score += delta
+
+    def _add_lookup(self) -> int:
+        """Hang the context lookup chain from the root; count its nodes within the budget."""
+        self.lookup_added = True
+        if not self.use_lookup or self.shape.lookup == 0:
+            return 0
+        length = min(self.shape.lookup, self.shape.depth)
+        chain, ngram = lookup_chain(self.seq.committed, length)
+        self.lookup = (chain, ngram)
+        step_score = self.seq.lookup_stats.log_p(ngram) + math.log(self.shape.decay)
+        parent, score, added = ROOT_PARENT, 0.0, []
+        for token in chain:
+            score += step_score
+            parent, changed = self._add(token, parent, score, lookup=True)
+            score = self.nodes[parent].score
+            if changed:
+                added.append(parent)
+        best = set(self._best(self.shape.budget))
+        return sum(1 for i in added if i in best)
 
     def _propose(self, parents: Sequence[int], top: TopLogprobs) -> int:
         """Add each parent's top-`width` children that rank within the budget; count them."""
@@ -181,12 +261,10 @@ class TreeBuilder:
         added = []
         for row, parent in enumerate(parents):
             base_score = 0.0 if parent == ROOT_PARENT else self.nodes[parent].score
-            base_depth = 0 if parent == ROOT_PARENT else self.nodes[parent].depth
             for logq, token in zip(values[row].tolist(), tokens[row].tolist(), strict=True):
-                self.nodes.append(
-                    DraftNode(token, parent, base_score + logq + log_decay, base_depth + 1)
-                )
-                added.append(len(self.nodes) - 1)
+                node, changed = self._add(token, parent, base_score + logq + log_decay)
+                if changed:
+                    added.append(node)
         best = set(self._best(self.shape.budget))
         return sum(1 for i in added if i in best)
 
@@ -246,7 +324,9 @@ class DraftEngine:
         return seq.kv_len >= len(seq.committed) - 1
 
     def builder(self, seq: DraftSequence) -> TreeBuilder:
-        return TreeBuilder(self.runner, seq, self.shape, pending=seq.committed[seq.kv_len :])
+        return TreeBuilder(
+            self.runner, seq, self.shape, pending=seq.committed[seq.kv_len :], use_lookup=True
+        )
 
     def commit(
         self,
@@ -257,6 +337,7 @@ class DraftEngine:
     ) -> None:
         """Keep the root chain (committed tokens in the block) and the cached prefix of the
         accepted path, compacted after the committed prefix; drop the rest."""
+        seq.lookup_stats.record(*builder.lookup, emitted_tokens)
         start = seq.kv_len
         kept = [start + index for index in builder.root_chain()]
         for node in accepted_nodes:
@@ -294,7 +375,14 @@ class DraftEngine:
         assert seq.kv_len == len(seq.committed), "the emitted tokens must end at the root"
         new_index = {old: new for new, old in enumerate(forwarded)}
         nodes = [
-            DraftNode(node.token, node.parent, node.score, node.depth, new_index.get(i, NOT_CACHED))
+            DraftNode(
+                node.token,
+                node.parent,
+                node.score,
+                node.depth,
+                new_index.get(i, NOT_CACHED),
+                node.lookup,
+            )
             for i, node in enumerate(builder.nodes)
         ]
         cached_parents = [
@@ -309,6 +397,7 @@ class DraftEngine:
             nodes=nodes,
             steps=builder.steps,
             root_expanded=True,
+            use_lookup=True,
         )
 
     def close(self, seq: DraftSequence) -> None:

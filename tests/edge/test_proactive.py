@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -33,9 +34,9 @@ def draft_model() -> LoadedModel:
     return tiny_loaded_model(tiny_hf_config("llama"), seed=5)
 
 
-def make_engine(model: LoadedModel) -> DraftEngine:
+def make_engine(model: LoadedModel, shape: TreeShape = SHAPE) -> DraftEngine:
     runner = ModelRunner(model, num_slots=3, max_context=256, max_block=512)
-    return DraftEngine(runner, SHAPE)
+    return DraftEngine(runner, shape)
 
 
 def path_to(builder: TreeBuilder, node: int) -> list[int]:
@@ -68,10 +69,13 @@ def assert_kv_matches_recompute(engine: DraftEngine, seq: DraftSequence) -> None
 
 
 def assert_scores_match_recompute(model: LoadedModel, builder: TreeBuilder) -> None:
-    """Every node's draft log q(token | prefix + path) equals a plain causal forward's."""
+    """Every model-proposed node's draft log q(token | prefix + path) equals a plain causal
+    forward's (lookup-scored nodes: tests/test_lookup.py)."""
     log_decay = math.log(builder.shape.decay)
     reference: dict[int, torch.Tensor] = {}
     for node in builder.nodes:
+        if node.lookup:
+            continue
         if node.parent not in reference:
             path = [] if node.parent == ROOT_PARENT else path_to(builder, node.parent)
             tokens = builder.seq.committed + [builder.nodes[i].token for i in path]
@@ -201,13 +205,15 @@ def random_reply(
 
 @pytest.mark.parametrize("policy", [ProactivePolicy.KEEP_DEPTH, ProactivePolicy.ADD_DEPTH])
 @pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("lookup", [0, 3])
 def test_kv_equals_recompute_after_any_hits_and_misses(
-    draft_model: LoadedModel, policy: ProactivePolicy, seed: int
+    draft_model: LoadedModel, policy: ProactivePolicy, seed: int, lookup: int
 ) -> None:
+    """With context lookup too: its nodes enter trees, bets and accepted paths unforwarded."""
     rng = random.Random(seed)
-    engine = make_engine(draft_model)
+    engine = make_engine(draft_model, replace(SHAPE, lookup=lookup))
     drafter = ProactiveDrafter(engine, policy, SUBTREE)
-    seq = engine.open(PROMPT)
+    seq = engine.open(PROMPT * 3 if lookup else PROMPT)
     engine.prefill(seq)
     builder = engine.builder(seq)
     hits = misses = 0

@@ -45,7 +45,7 @@ def build_edge(config: EdgeConfig, draft: LoadedModel) -> Edge:
     max_context = min(config.max_context, draft.config.max_context)
     # Room past the context: the tree (at its deepest, add-depth) plus a proactive subtree.
     deepest = TreeShape(config.budget, config.depth + config.proactive_depth, config.width,
-                        config.beams)  # fmt: skip
+                        config.beams, lookup=config.lookup)  # fmt: skip
     runner = ModelRunner(
         draft,
         num_slots=config.max_sessions,

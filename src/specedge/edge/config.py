@@ -38,6 +38,7 @@ class EdgeConfig:
     width: int = 4  # children proposed per expanded node
     beams: int = 8  # nodes expanded per draft step
     decay: float = 0.9  # score decay per tree level
+    lookup: int = 8  # context lookup chain length, 0 = off
     proactive: str = "keep-depth"  # off | keep-depth | add-depth
     proactive_budget: int = 16  # nodes of a proactive subtree
     proactive_depth: int = 3  # depth (draft steps) of a proactive subtree
@@ -52,13 +53,13 @@ class EdgeConfig:
 
     @property
     def tree_shape(self) -> TreeShape:
-        return TreeShape(self.budget, self.depth, self.width, self.beams, self.decay)
+        return TreeShape(self.budget, self.depth, self.width, self.beams, self.decay, self.lookup)
 
     @property
     def subtree_shape(self) -> TreeShape:
         return TreeShape(
-            self.proactive_budget, self.proactive_depth, self.width, self.beams, self.decay
-        )
+            self.proactive_budget, self.proactive_depth, self.width, self.beams, self.decay, 0
+        )  # a subtree hangs from a bet, not from committed context: no lookup
 
     @property
     def model_name(self) -> str:
@@ -86,6 +87,8 @@ class EdgeConfig:
         ):
             if getattr(self, name) < 1:
                 raise EdgeConfigError(f"{_where(name)} must be >= 1, got {getattr(self, name)}")
+        if self.lookup < 0:
+            raise EdgeConfigError(f"{_where('lookup')} must be >= 0, got {self.lookup}")
         if not 0.0 < self.decay < 1.0:
             raise EdgeConfigError(f"{_where('decay')} must be in (0, 1), got {self.decay}")
         if self.proactive not in set(ProactivePolicy):

@@ -152,6 +152,7 @@ class ProactiveDrafter:
     ) -> tuple[TreeBuilder, bool]:
         """Commit a round's reply and return the next tree's builder and whether the bet hit."""
         if proactive is not None and self.is_hit(proactive, accepted, emitted_tokens):
+            seq.lookup_stats.record(*builder.lookup, emitted_tokens)  # commit does it on a miss
             shape = self._next_shape(proactive.builder, max_depth)
             return self.draft.splice(seq, proactive.builder, emitted_tokens, shape), True
         self.draft.commit(seq, builder, accepted, emitted_tokens)

@@ -53,10 +53,11 @@ class ServerConfig:
     depth: int = 6  # draft tree depth (draft steps per tree)
     width: int = 4  # children proposed per expanded node
     beams: int = 8  # nodes expanded per draft step
+    lookup: int = 8  # context lookup chain length, 0 = off
 
     @property
     def tree_shape(self) -> TreeShape:
-        return TreeShape(self.budget, self.depth, self.width, self.beams)
+        return TreeShape(self.budget, self.depth, self.width, self.beams, lookup=self.lookup)
 
     def validate(self) -> ServerConfig:
         """Return self, or raise ConfigError naming the first invalid setting."""
@@ -94,6 +95,8 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_where(name)} must be >= 1, got {getattr(self, name)}")
+        if self.lookup < 0:
+            raise ConfigError(f"{_where('lookup')} must be >= 0, got {self.lookup}")
         if self.max_context < 2:
             raise ConfigError(f"{_where('max_context')} must be >= 2, got {self.max_context}")
         if self.max_batch_tokens < self.max_tree_nodes + 1:

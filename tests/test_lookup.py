@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import causal_logits, tiny_hf_config, tiny_loaded_model
 
-from specedge.draft import NOT_CACHED, DraftEngine, TreeShape, score_temperature
+from specedge.draft import NOT_CACHED, DraftEngine, TreeShape
 from specedge.errors import InvalidRequestError
 from specedge.lookup import LookupStats, lookup_chain
 from specedge.model.loader import LoadedModel
@@ -112,17 +112,12 @@ def test_tree_carries_the_lookup_chain(draft_model: LoadedModel) -> None:
     assert any(builder.nodes[i].block_index != NOT_CACHED for i in path)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_scores_and_kv_equal_a_recompute_over_rounds(
-    draft_model: LoadedModel, temperature: float
-) -> None:
-    """Model-proposed nodes score parent + log q + log decay with q from a causal forward at
-    the scoring temperature; lookup-scored ones parent + the record's log p + log decay; after
-    each commit the draft KV equals a fresh prefill, and the record counts the chain against
-    the reply."""
+def test_scores_and_kv_equal_a_recompute_over_rounds(draft_model: LoadedModel) -> None:
+    """Model-proposed nodes score parent + log q + log decay with q from a causal forward;
+    lookup-scored ones parent + the record's log p + log decay; after each commit the draft KV
+    equals a fresh prefill, and the record counts the chain against the reply."""
     engine = make_engine(draft_model)
-    seq = engine.open(REPEATING, temperature)
-    assert seq.temperature == score_temperature(temperature)
+    seq = engine.open(REPEATING)
     engine.prefill(seq)
     log_decay = math.log(SHAPE.decay)
     for round_ in range(4):
@@ -141,8 +136,7 @@ def test_scores_and_kv_equal_a_recompute_over_rounds(
                     i = builder.nodes[i].parent
                 tokens = seq.committed + path[::-1]
                 logits = causal_logits(draft_model.model, torch.tensor([tokens]))
-                logq = (logits[0, -1] / seq.temperature).log_softmax(-1)
-                expected = logq[node.token].item()
+                expected = logits[0, -1].log_softmax(-1)[node.token].item()
             assert node.score - base - log_decay == pytest.approx(expected, abs=1e-4)
         # The target accepts the first two chain tokens, then emits a context token off it.
         assert len(chain) >= 3, round_

@@ -81,9 +81,6 @@ class DraftSequence:
     slot: int
     committed: list[int]
     kv_len: int = 0  # committed tokens whose draft KV is in the slot
-    # Temperature of the draft's log q in scores: the request's sampling temperature, or
-    # GREEDY_SCORE_TEMPERATURE at temperature 0 (see `score_temperature`).
-    temperature: float = 1.0
     lookup_stats: LookupStats = field(default_factory=LookupStats)
 
 
@@ -186,7 +183,7 @@ class TreeBuilder:
         )
         hidden = self.runner.forward([row])[0][-1:]
         self.num_forwarded += len(self.pending)
-        return self.runner.top_logprobs(hidden, self.shape.width, self.seq.temperature)
+        return self.runner.top_logprobs(hidden, self.shape.width)
 
     def _forward_nodes(self, frontier: Sequence[int]) -> tuple[list[int], TopLogprobs]:
         """Forward the frontier and any of its ancestors not forwarded yet (lookup nodes), in
@@ -210,7 +207,7 @@ class TreeBuilder:
         )
         hidden = self.runner.forward([row])[0]
         self.num_forwarded += len(rows)
-        return rows, self.runner.top_logprobs(hidden, self.shape.width, self.seq.temperature)
+        return rows, self.runner.top_logprobs(hidden, self.shape.width)
 
     def _add(self, token: int, parent: int, score: float, lookup: bool = False) -> tuple[int, bool]:
         """Add a candidate, or raise the score of the sibling with the same token (siblings
@@ -305,28 +302,14 @@ class TreeBuilder:
         return chain[::-1]
 
 
-GREEDY_SCORE_TEMPERATURE = 1.0
-
-
-def score_temperature(temperature: float) -> float:
-    """The temperature of the draft distribution whose log q scores a tree for a request
-    sampled at `temperature`: a node is accepted about as often as the target, at the request's
-    temperature, draws its token, so the draft is read at that temperature too; greedy
-    requests (a sharp target) use GREEDY_SCORE_TEMPERATURE."""
-    return temperature if temperature > 0 else GREEDY_SCORE_TEMPERATURE
-
-
 class DraftEngine:
     def __init__(self, runner: ModelRunner, shape: TreeShape) -> None:
         self.runner = runner
         self.shape = shape
 
-    def open(self, prompt_tokens: Sequence[int], temperature: float = 0.0) -> DraftSequence:
-        """A sequence for a request sampled at `temperature` (0 = greedy)."""
+    def open(self, prompt_tokens: Sequence[int]) -> DraftSequence:
         slot = self.runner.kv.allocate()
-        return DraftSequence(
-            slot=slot, committed=list(prompt_tokens), temperature=score_temperature(temperature)
-        )
+        return DraftSequence(slot=slot, committed=list(prompt_tokens))
 
     def prefill(self, seq: DraftSequence, max_tokens: int | None = None) -> bool:
         """KV for the committed tokens but the root, at most `max_tokens` of them per call (so

@@ -92,7 +92,7 @@ class LocalGenerator:
     ) -> GenerationOutput:
         start = time.perf_counter()
         seq = self.target.open(prompt_tokens, params, max_new_tokens, stop_token_ids)
-        draft_seq = self.draft.open(prompt_tokens, params.temperature) if self.draft else None
+        draft_seq = self.draft.open(prompt_tokens) if self.draft else None
         first_token_at = None
         try:
             self.target.prefill(seq)

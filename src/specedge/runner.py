@@ -61,12 +61,9 @@ class ModelRunner:
         return self.model.logits(hidden)
 
     @torch.inference_mode()
-    def top_logprobs(
-        self, hidden: Tensor, k: int, temperature: float = 1.0
-    ) -> tuple[Tensor, Tensor]:
-        """[n, E] -> the k best log-probabilities per row (of softmax(logits / temperature))
-        and their token ids, [n, k] each."""
-        return self.model.top_logprobs(hidden, k, temperature)
+    def top_logprobs(self, hidden: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """[n, E] -> the k best log-probabilities per row and their token ids, [n, k] each."""
+        return self.model.top_logprobs(hidden, k)
 
     def prefill(
         self, slot: int, tokens: Sequence[int], start: int, chunk: int = DEFAULT_PREFILL_CHUNK

@@ -87,7 +87,7 @@ class EdgeRuntime(RoundLoopBackend):
             remote = await self.connection.open_session(self._open_message(request, max_tokens))
             # Taking a free slot is bookkeeping, not model work: done here, it cannot be lost
             # to a cancellation between the job and this frame.
-            seq = self.draft.open(request.prompt_token_ids, request.params.temperature)
+            seq = self.draft.open(request.prompt_token_ids)
             while not await self.worker.run(partial(self.draft.prefill, seq, PREFILL_CHUNK)):
                 pass
             builder = self.draft.builder(seq)

@@ -218,16 +218,11 @@ class Transformer(nn.Module):
         full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), -math.inf)
         return full.index_copy_(-1, self.head_token_ids, logits)
 
-    def top_logprobs(
-        self, hidden: Tensor, k: int, temperature: float = 1.0
-    ) -> tuple[Tensor, Tensor]:
+    def top_logprobs(self, hidden: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """The `k` largest log-probabilities of each row ([..., k] float32) and their token
-        ids; equal to `(logits(...) / temperature).log_softmax(-1).topk(k)` but, with a reduced
-        head, computed over the head's columns only (the -inf columns add nothing)."""
-        logits = self.lm_head(hidden).float()
-        if temperature != 1.0:
-            logits = logits / temperature
-        logprobs = logits.log_softmax(dim=-1)
+        ids; equal to `logits(...).log_softmax(-1).topk(k)` but, with a reduced head, computed
+        over the head's columns only (the -inf columns add nothing to the softmax)."""
+        logprobs = self.lm_head(hidden).float().log_softmax(dim=-1)
         top = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
         if self.head_token_ids is None:
             return top.values, top.indices

@@ -87,7 +87,7 @@ class LocalSessions(RoundLoopBackend):
         try:
             session = await self._open(request, max_tokens)
             if self.draft is not None:  # taking a slot is bookkeeping: done on the loop
-                seq = self.draft.open(request.prompt_token_ids, request.params.temperature)
+                seq = self.draft.open(request.prompt_token_ids)
                 await self._prefill_draft(seq)
             while True:
                 builder, tree, node_map = await self._draft_tree(seq, len(session.seq.committed))

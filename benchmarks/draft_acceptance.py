@@ -1,9 +1,10 @@
 """Acceptance of the bundled draft on SpecBench: mean tokens per verification round.
 
-For each SpecBench prompt (first turn, chat template) and temperature, runs tree speculative
-decoding in-process (`LocalGenerator`) with the target and (a) the distilled draft, (b) an
-untrained shallow draft (the target's embeddings, head and layers [0, 1, L-2, L-1], no
-training), and reports tokens per round (accepted + bonus) per category and overall.
+For each SpecBench prompt (first turn, chat template), temperature and context lookup length,
+runs tree speculative decoding in-process (`LocalGenerator`) with the target and (a) the
+distilled draft, (b) an untrained shallow draft (the target's embeddings, head and layers
+[0, 1, L-2, L-1], no training), and reports tokens per round (accepted + bonus) per category
+and overall. `--lookups 0 12` measures each draft alone and with context lookup side by side.
 
     python benchmarks/draft_acceptance.py --every 8 --baseline-every 24
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from specedge.bench.prompts import load_prompts
 from specedge.distill.student import layer_sources
 from specedge.draft import TreeShape
 from specedge.generate import LocalGenerator
@@ -56,10 +58,9 @@ def shallow_untrained_draft(target: LoadedModel, num_layers: int = 4) -> LoadedM
 
 
 def read_prompts(every: int) -> list[dict[str, str]]:
-    records = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
     return [
-        {"id": str(r["question_id"]), "category": r["category"], "prompt": r["turns"][0]}
-        for r in records[::every]
+        {"id": p.prompt_id, "category": p.category, "prompt": p.text}
+        for p in load_prompts(DATA)[::every]
     ]
 
 
@@ -85,6 +86,7 @@ def run(
     every_prompt = [v for values in per_category.values() for v in values]
     return {
         "draft": draft.name,
+        "lookup": shape.lookup,
         "temperature": temperature,
         "num_prompts": len(prompts),
         "mean_tokens_per_round": statistics.fmean(every_prompt),
@@ -101,13 +103,16 @@ def write_report(results: list[dict[str, object]], args: argparse.Namespace) -> 
         json.dumps({"settings": vars(args), "results": results}, indent=2) + "\n"
     )
     categories = sorted({c for r in results for c in r["per_category"]})  # type: ignore[attr-defined]
-    header = "| draft | T | prompts | mean | " + " | ".join(categories) + " |"
+    header = "| draft | lookup | T | prompts | mean | pooled | " + " | ".join(categories) + " |"
     lines = [
         "# Draft acceptance on SpecBench",
         "",
-        f"Mean tokens per verification round (accepted + bonus; mean over prompts) of tree "
-        f"speculative decoding, target `{args.target}`, tree budget {args.budget}, depth "
-        f"{args.depth}, decay {args.decay}, {args.max_tokens} new tokens, chat template, "
+        f"Mean tokens per verification round (accepted + bonus; mean over prompts; pooled = "
+        f"all tokens / all rounds) of tree speculative decoding, target `{args.target}`, tree "
+        f"budget {args.budget}, depth {args.depth}, decay {args.decay}, context lookup chain "
+        f"length as in the "
+        f"`lookup` column (0 = the draft model alone), {args.max_tokens} new tokens, chat "
+        "template, "
         f"first turn of each prompt, dtype {args.dtype}. Distilled draft: every "
         f"{args.every}th SpecBench prompt; "
         f"untrained shallow draft (target layers [0, 1, L-2, L-1] + target embeddings/head, "
@@ -115,13 +120,15 @@ def write_report(results: list[dict[str, object]], args: argparse.Namespace) -> 
         "that category's prompts in the subsample (few prompts each: indicative only).",
         "",
         header,
-        "|" + "---|" * (4 + len(categories)),
+        "|" + "---|" * (6 + len(categories)),
     ]
     for r in results:
         cells = [f"{r['per_category'].get(c, float('nan')):.2f}" for c in categories]  # type: ignore[attr-defined]
         lines.append(
-            f"| {r['draft']} | {r['temperature']} | {r['num_prompts']} | "
-            f"**{r['mean_tokens_per_round']:.2f}** | " + " | ".join(cells) + " |"
+            f"| {r['draft']} | {r.get('lookup', 0)} | {r['temperature']} | {r['num_prompts']} | "
+            f"**{r['mean_tokens_per_round']:.2f}** | {r['pooled_tokens_per_round']:.2f} | "
+            + " | ".join(cells)
+            + " |"
         )
     lines += ["", args.note, ""] if args.note else [""]
     (out / "draft_acceptance.md").write_text("\n".join(lines))
@@ -138,12 +145,18 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=32)
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--decay", type=float, default=TreeShape.decay)
-    parser.add_argument("--lookup", type=int, default=TreeShape.lookup)
+    parser.add_argument("--lookups", type=int, nargs="+", default=[0, TreeShape.lookup])
     parser.add_argument("--note", default="", help="appended to the report")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--which", choices=["both", "draft", "baseline"], default="both")
     parser.add_argument("--out", default=str(ROOT / "results"))
+    parser.add_argument(
+        "--report-only", action="store_true", help="re-render the report (e.g. a new --note)"
+    )
     args = parser.parse_args()
+    if args.report_only:
+        write_report(other_results(Path(args.out), []), args)
+        return
     dtype = parse_dtype(args.dtype)
     target = load_model(args.target, dtype=dtype)
     drafts = []
@@ -151,21 +164,32 @@ def main() -> None:
         drafts.append((load_model(args.draft, dtype=dtype), read_prompts(args.every)))
     if args.which in ("both", "baseline"):
         drafts.append((shallow_untrained_draft(target), read_prompts(args.baseline_every)))
-    shape = TreeShape(budget=args.budget, depth=args.depth, decay=args.decay, lookup=args.lookup)
-    # Results of the other draft from an earlier (e.g. concurrent) run are kept.
-    previous = Path(args.out) / "draft_acceptance.json"
-    names = {draft.name for draft, _ in drafts}
-    results = []
-    if args.which != "both" and previous.exists():
-        results = [
-            r for r in json.loads(previous.read_text())["results"] if r["draft"] not in names
-        ]
+    shape = TreeShape(budget=args.budget, depth=args.depth, decay=args.decay)
+    mine: list[dict[str, object]] = []
     for draft, prompts in drafts:
-        for temperature in args.temperatures:
-            result = run(target, draft, prompts, temperature, shape, args.max_tokens)
-            print(json.dumps(result), flush=True)
-            results.append(result)
-            write_report(results, args)
+        for lookup in args.lookups:
+            for temperature in args.temperatures:
+                result = run(
+                    target, draft, prompts, temperature, replace(shape, lookup=lookup),
+                    args.max_tokens,
+                )  # fmt: skip
+                print(json.dumps(result), flush=True)
+                mine.append(result)
+                write_report(other_results(Path(args.out), mine) + mine, args)
+
+
+def key(result: dict[str, object]) -> tuple[object, ...]:
+    return result["draft"], result.get("lookup", 0), result["temperature"]
+
+
+def other_results(out: Path, mine: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Results already in the report for other settings (an earlier run, or a concurrent one
+    on the other core: it is re-read before every write)."""
+    path = out / "draft_acceptance.json"
+    if not path.exists():
+        return []
+    done = {key(r) for r in mine}
+    return [r for r in json.loads(path.read_text())["results"] if key(r) not in done]
 
 
 if __name__ == "__main__":

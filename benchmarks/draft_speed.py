@@ -3,10 +3,11 @@ autoregressive `specedge generate` tokens/s on this machine.
 
 1. Latency: one decode step (1 token over a 64-token context, forward + logits) of the target
    and of the draft, and one draft frontier step (8 tokens), same dtype, same process.
-2. Tuning: in-process greedy tokens/s of a few tree shapes on a few prompts, to pick
-   budget/depth/width/beams for this CPU.
+2. Tuning: in-process greedy tokens/s of a few tree shapes (with and without context lookup)
+   on a few of the distillation's held-out prompts (never SpecBench), to pick
+   budget/depth/width/beams/lookup for this CPU.
 3. The user's view: `specedge generate --mode ar` (target alone) and `--mode spec` (bundled
-   pair, tuned shape) on the same prompts, alternated, tokens/s from `--json`.
+   pair, tuned shape) on the same SpecBench prompts, alternated, tokens/s from `--json`.
 
     python benchmarks/draft_speed.py   # writes benchmarks/results/draft_speed.{md,json}
 """
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from specedge.bench.prompts import load_prompts
+from specedge.distill.run import DistillConfig, split_prompts
 from specedge.draft import TreeShape
 from specedge.generate import LocalGenerator
 from specedge.model.loader import LoadedModel, load_model, parse_dtype
@@ -34,15 +37,19 @@ from specedge.tree import TreeRow
 
 ROOT = Path(__file__).resolve().parent
 DATA = ROOT.parent.parent / "shared" / "data" / "specbench_prompts.jsonl"
-SHAPES = [  # (budget, depth, width, beams)
-    (32, 6, 4, 8),
-    (16, 6, 4, 4),
-    (12, 6, 2, 3),
-    (8, 6, 2, 2),
-    (8, 5, 2, 2),
-    (6, 5, 1, 1),
-    (5, 4, 1, 1),
-    (4, 3, 2, 1),
+SHAPES = [  # (budget, depth, width, beams, lookup)
+    (32, 6, 4, 8, 0),
+    (16, 6, 4, 4, 0),
+    (8, 6, 2, 2, 0),
+    (5, 4, 1, 1, 0),
+    (4, 3, 2, 1, 0),
+    (16, 8, 2, 2, 8),
+    (8, 6, 2, 2, 6),
+    (6, 5, 1, 1, 5),
+    (6, 4, 2, 1, 4),
+    (4, 3, 2, 1, 3),
+    (4, 4, 1, 1, 4),
+    (3, 3, 1, 1, 3),
 ]
 
 
@@ -61,14 +68,24 @@ def step_latency(model: LoadedModel, num_new: int, repeats: int = 30) -> float:
 
 
 def prompts(count: int) -> list[str]:
-    records = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
-    return [r["turns"][0] for r in records[:: len(records) // count][:count]]
+    """`count` SpecBench prompts spread over the set."""
+    records = load_prompts(DATA)
+    return [r.text for r in records[:: len(records) // count][:count]]
+
+
+def heldout_prompts(count: int) -> list[str]:
+    """The bundled draft's held-out prompts (its distillation's defaults): tuning data that is
+    neither the draft's training data nor SpecBench."""
+    return split_prompts(DistillConfig(target="smollm2-135m", out=Path()))[1][:count]
 
 
 def tune(target: LoadedModel, draft: LoadedModel, texts: list[str], max_tokens: int) -> list[dict]:
     rows = []
     for shape in [None, *SHAPES]:
-        tree = TreeShape(*shape) if shape else None
+        tree = None
+        if shape:
+            budget, depth, width, beams, lookup = shape
+            tree = TreeShape(budget, depth, width, beams, lookup=lookup)
         generator = LocalGenerator(target, draft if shape else None, tree)
         rates, per_round = [], []
         for text in texts:
@@ -113,7 +130,7 @@ def cli_rate(args: list[str], prompt_file: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tune-prompts", type=int, default=3)
+    parser.add_argument("--tune-prompts", type=int, default=4)
     parser.add_argument("--cli-prompts", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "results"))
@@ -132,9 +149,9 @@ def main() -> None:
         latency["draft_1_token_ms"] / latency["target_1_token_ms"]
     )
     print(json.dumps(latency), flush=True)
-    tuning = tune(target, draft, prompts(args.tune_prompts), 96)
+    tuning = tune(target, draft, heldout_prompts(args.tune_prompts), 96)
     best = max(tuning[1:], key=lambda r: r["tokens_per_s"])["shape"]
-    budget, depth, width, beams = best
+    budget, depth, width, beams, lookup = best
     spec_args = [
         "--draft",
         "smollm2-135m-draft",
@@ -148,6 +165,8 @@ def main() -> None:
         str(width),
         "--beams",
         str(beams),
+        "--lookup",
+        str(lookup),
     ]
     ar_rates, spec_rates = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,9 +204,10 @@ def main() -> None:
         f"- draft, 8 tokens (a frontier step): {latency['draft_8_tokens_ms']:.1f} ms",
         f"- target, 33 tokens (a budget-32 verify): {latency['target_33_tokens_ms']:.1f} ms",
         "",
-        "## Tree shape tuning (in-process, greedy, 96 new tokens)",
+        f"## Tree shape tuning (in-process, greedy, 96 new tokens, {args.tune_prompts} held-out "
+        "prompts of the distillation)",
         "",
-        "| budget, depth, width, beams | tokens/s | tokens/round |",
+        "| budget, depth, width, beams, lookup | tokens/s | tokens/round |",
         "|---|---|---|",
     ]
     for row in tuning:
@@ -198,7 +218,8 @@ def main() -> None:
         "## `specedge generate`, 128 new tokens, chat, temperature 0, bf16",
         "",
         f"- `--mode ar` (target alone): {cli['ar_tokens_per_s']:.1f} tokens/s",
-        f"- `--mode spec --budget {budget} --depth {depth} --width {width} --beams {beams}`: "
+        f"- `--mode spec --budget {budget} --depth {depth} --width {width} --beams {beams} "
+        f"--lookup {lookup}`: "
         f"{cli['spec_tokens_per_s']:.1f} tokens/s",
         f"- speed-up: **{cli['speedup']:.2f}x**",
         "",

@@ -111,7 +111,7 @@ def run_distill(config: DistillConfig) -> Path:
     tokenizer = load_tokenizer(target_dir)
     stops = stop_token_ids(tokenizer, target_dir)
     teacher = load_teacher(target_dir, config.device, dtype)
-    train_prompts, heldout_prompts = _split_prompts(config)
+    train_prompts, heldout_prompts = split_prompts(config)
 
     with _progress() as progress:
         with _timed(timing, "data_seconds", work):
@@ -180,7 +180,9 @@ def run_distill(config: DistillConfig) -> Path:
 # ---- teacher data -----------------------------------------------------------------------------
 
 
-def _split_prompts(config: DistillConfig) -> tuple[list[str], list[str]]:
+def split_prompts(config: DistillConfig) -> tuple[list[str], list[str]]:
+    """The training and held-out prompts of a run (a seeded shuffle of --prompts or the
+    built-in set); the held-out ones also tune tree shapes, never SpecBench."""
     prompts = read_prompts(config.prompts) if config.prompts else builtin_prompts(seed=config.seed)
     prompts = list(prompts)
     random.Random(config.seed).shuffle(prompts)

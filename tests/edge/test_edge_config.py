@@ -18,7 +18,7 @@ def test_yaml_then_flags(tmp_path: Path) -> None:
     config_file = tmp_path / "edge.yaml"
     config_file.write_text(
         "model: tiny\nserver: 10.0.0.5:50051\nbudget: 16\nproactive: add-depth\n"
-        "reply-timeout: 5\nauth_token_file: token\n"
+        "reply-timeout: 5\nauth_token_file: token\nlookup: 4\n"
     )
     config = load_edge_config(config_file, {"budget": 24, "depth": None, "port": 0})
     assert (config.model, config.server, config.budget, config.depth) == (
@@ -30,6 +30,7 @@ def test_yaml_then_flags(tmp_path: Path) -> None:
     assert config.proactive == "add-depth" and config.reply_timeout == 5.0 and config.port == 0
     assert config.auth_token == "s3cret"  # the file is relative to the YAML file
     assert config.tree_shape.budget == 24 and config.subtree_shape.depth == 3
+    assert config.tree_shape.lookup == 4 and config.subtree_shape.lookup == 0
     assert config.model_name == "tiny"
 
 
@@ -55,6 +56,11 @@ def test_yaml_then_flags(tmp_path: Path) -> None:
             "--depth (`depth` in the config file) must be an integer",
         ),
         ("model: m\nserver: h:1\ndecay: 1.5\n", {}, "must be in (0, 1)"),
+        (
+            "model: m\nserver: h:1\n",
+            {"lookup": -1},
+            "--lookup (`lookup` in the config file) must be >= 0",
+        ),
         ("model: m\nserver: h:1\ndevice: tpu\n", {}, "cpu, cuda or cuda:N"),
         ("- a list\n", {}, "must hold a mapping"),
     ],

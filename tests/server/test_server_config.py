@@ -67,6 +67,7 @@ def test_auth_token_sources(tmp_path: Path) -> None:
         ({"max_tree_nodes": 64, "max_batch_tokens": 10}, "one full tree"),
         ({"session_timeout": 0.0}, "--session-timeout"),
         ({"batch_wait_ms": -1.0}, "--batch-wait-ms"),
+        ({"lookup": -2}, "--lookup .* >= 0"),
         ({"device": "tpu"}, "cpu, cuda or cuda:N"),
         ({"dtype": "int8"}, "--dtype"),
         ({"auth_token": "  "}, "auth token is empty"),

@@ -32,7 +32,9 @@ def lookup_chain(
     best_end, best_key = -1, (0, 0)
     # Occurrences end at `end` < size - 1 (a token must follow). Prefer the longest match,
     # then the longest continuation (up to `length`), then the most recent.
-    for end in range(size - 2, -1, -1):
+    last = context[-1]
+    ends = [i for i, token in enumerate(context[: size - 1]) if token == last]
+    for end in reversed(ends):
         n = 0
         while n < max_ngram and n <= end and context[end - n] == context[size - 1 - n]:
             n += 1

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from specedge.errors import ModelLoadError
 from specedge.model.config import ModelConfig
-from specedge.model.transformer import Transformer, rope_inv_freq
+from specedge.model.transformer import Linear, Transformer, rope_inv_freq
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,12 @@ def build_model(
     model.inv_freq = rope_inv_freq(config).to(device)
     if config.head_token_ids is not None:
         model.head_token_ids = torch.tensor(config.head_token_ids, device=device)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if torch.device(device).type == "cpu" and dtype == torch.bfloat16:
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.pack()
+    return model
 
 
 def convert_hf_state_dict(hf: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:

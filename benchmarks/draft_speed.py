@@ -7,7 +7,8 @@ autoregressive `specedge generate` tokens/s on this machine.
    on a few of the distillation's held-out prompts (never SpecBench), to pick
    budget/depth/width/beams/lookup for this CPU.
 3. The user's view: `specedge generate --mode ar` (target alone) and `--mode spec` (bundled
-   pair, tuned shape) on the same SpecBench prompts, alternated, tokens/s from `--json`.
+   pair, tuned shape; and the tuned shape with context lookup if the tuning chose none) on
+   the same SpecBench prompts, alternated, tokens/s from `--json`.
 
     python benchmarks/draft_speed.py   # writes benchmarks/results/draft_speed.{md,json}
 """
@@ -41,15 +42,13 @@ SHAPES = [  # (budget, depth, width, beams, lookup)
     (32, 6, 4, 8, 0),
     (16, 6, 4, 4, 0),
     (8, 6, 2, 2, 0),
-    (5, 4, 1, 1, 0),
-    (4, 3, 2, 1, 0),
-    (16, 8, 2, 2, 8),
     (8, 6, 2, 2, 6),
+    (6, 5, 1, 1, 0),
     (6, 5, 1, 1, 5),
-    (6, 4, 2, 1, 4),
+    (5, 4, 1, 1, 0),
+    (5, 4, 1, 1, 4),
+    (4, 3, 2, 1, 0),
     (4, 3, 2, 1, 3),
-    (4, 4, 1, 1, 4),
-    (3, 3, 1, 1, 3),
 ]
 
 
@@ -128,6 +127,15 @@ def cli_rate(args: list[str], prompt_file: Path) -> float:
     return tokens / seconds
 
 
+def spec_flags(shape: tuple[int, ...]) -> list[str]:
+    budget, depth, width, beams, lookup = shape
+    return [
+        "--draft", "smollm2-135m-draft", "--mode", "spec", "--budget", str(budget),
+        "--depth", str(depth), "--width", str(width), "--beams", str(beams),
+        "--lookup", str(lookup),
+    ]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tune-prompts", type=int, default=4)
@@ -152,40 +160,30 @@ def main() -> None:
     tuning = tune(target, draft, heldout_prompts(args.tune_prompts), 96)
     best = max(tuning[1:], key=lambda r: r["tokens_per_s"])["shape"]
     budget, depth, width, beams, lookup = best
-    spec_args = [
-        "--draft",
-        "smollm2-135m-draft",
-        "--mode",
-        "spec",
-        "--budget",
-        str(budget),
-        "--depth",
-        str(depth),
-        "--width",
-        str(width),
-        "--beams",
-        str(beams),
-        "--lookup",
-        str(lookup),
-    ]
-    ar_rates, spec_rates = [], []
+    variants = {"spec": best}
+    if lookup == 0:
+        variants["spec + lookup"] = (budget, depth, width, beams, depth)
+    rates: dict[str, list[float]] = {"ar": [], **{name: [] for name in variants}}
     with tempfile.TemporaryDirectory() as tmp:
         prompt_file = Path(tmp) / "prompts.jsonl"
         prompt_file.write_text(
             "".join(json.dumps({"prompt": p}) + "\n" for p in prompts(args.cli_prompts))
         )
         for _ in range(args.repeats):
-            ar_rates.append(cli_rate(["--mode", "ar"], prompt_file))
-            spec_rates.append(cli_rate(spec_args, prompt_file))
-            print(json.dumps({"ar": ar_rates[-1], "spec": spec_rates[-1]}), flush=True)
+            rates["ar"].append(cli_rate(["--mode", "ar"], prompt_file))
+            for name, shape in variants.items():
+                rates[name].append(cli_rate(spec_flags(shape), prompt_file))
+            print(json.dumps({name: runs[-1] for name, runs in rates.items()}), flush=True)
+    ar = statistics.fmean(rates["ar"])
     cli = {
-        "shape": best,
-        "ar_tokens_per_s": statistics.fmean(ar_rates),
-        "spec_tokens_per_s": statistics.fmean(spec_rates),
-        "ar_runs": ar_rates,
-        "spec_runs": spec_rates,
+        name: {
+            "shape": variants.get(name),
+            "tokens_per_s": statistics.fmean(runs),
+            "runs": runs,
+            "speedup": statistics.fmean(runs) / ar,
+        }
+        for name, runs in rates.items()
     }
-    cli["speedup"] = cli["spec_tokens_per_s"] / cli["ar_tokens_per_s"]
     report = {"latency": latency, "tuning": tuning, "cli": cli, "threads": torch.get_num_threads()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -215,15 +213,19 @@ def main() -> None:
         lines.append(f"| {name} | {row['tokens_per_s']:.1f} | {row['tokens_per_round']:.2f} |")
     lines += [
         "",
-        "## `specedge generate`, 128 new tokens, chat, temperature 0, bf16",
+        f"## `specedge generate`, 128 new tokens, chat, temperature 0, bf16, "
+        f"{args.cli_prompts} SpecBench prompts, {args.repeats} alternated repeats",
         "",
-        f"- `--mode ar` (target alone): {cli['ar_tokens_per_s']:.1f} tokens/s",
-        f"- `--mode spec --budget {budget} --depth {depth} --width {width} --beams {beams} "
-        f"--lookup {lookup}`: "
-        f"{cli['spec_tokens_per_s']:.1f} tokens/s",
-        f"- speed-up: **{cli['speedup']:.2f}x**",
-        "",
+        "| mode | tokens/s | runs | vs ar |",
+        "|---|---|---|---|",
     ]
+    for row in cli.values():
+        flags = "--mode ar" if row["shape"] is None else " ".join(spec_flags(row["shape"])[4:])
+        runs = " / ".join(f"{r:.1f}" for r in row["runs"])
+        lines.append(
+            f"| `{flags}` | {row['tokens_per_s']:.1f} | {runs} | **{row['speedup']:.2f}x** |"
+        )
+    lines.append("")
     (out / "draft_speed.md").write_text("\n".join(lines))
 
 

@@ -23,7 +23,8 @@ from transformers import GPT2Config, PretrainedConfig
 from specedge.errors import ModelLoadError
 from specedge.model.config import ModelConfig
 from specedge.model.kv_cache import KVCache, KVWrite
-from specedge.model.loader import load_model
+from specedge.model.loader import build_model, convert_hf_state_dict, load_model
+from specedge.model.transformer import Linear
 
 ATOL = 1e-4
 
@@ -129,3 +130,33 @@ def test_unsupported_rope_type_is_rejected() -> None:
     config = tiny_hf_config("llama", rope_scaling={"rope_type": "linear", "factor": 2.0})
     with pytest.raises(ModelLoadError, match="rope_type 'linear'"):
         ModelConfig.from_hf(config)
+
+
+def test_bf16_cpu_models_pack_their_linears_without_changing_a_bit() -> None:
+    """`build_model` gives CPU bf16 models oneDNN-prepacked linear weights; a prefill (many
+    rows) through them equals the plain `F.linear` forward exactly, and fp32 models stay
+    unpacked."""
+    hf_model = random_hf_model(case_config("qwen2-qkv-bias"), seed=5)
+    config = ModelConfig.from_hf(hf_model.config)
+    state = convert_hf_state_dict(dict(hf_model.state_dict()), config)
+    model = build_model(config, state, "cpu", torch.bfloat16)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    if not all(m.packed_weight is not None for m in linears):
+        pytest.skip("this torch build has no oneDNN bf16 linear")
+    assert not any(
+        m.packed_weight is not None
+        for m in build_model(config, state, "cpu", torch.float32).modules()
+        if isinstance(m, Linear)
+    )
+    tokens = torch.randint(0, config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()[None]
+
+    def prefill() -> torch.Tensor:
+        kv = KVCache(config, num_slots=1, max_len=9, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            return model(tokens, torch.arange(9)[None], mask, kv, KVWrite(slots=(0,), starts=(0,)))
+
+    packed = prefill()
+    for m in linears:
+        m.packed_weight = None
+    assert torch.equal(packed, prefill())

@@ -251,8 +251,7 @@ class TreeBuilder:
             score = self.nodes[parent].score
             if changed:
                 added.append(parent)
-        best = set(self._best(self.shape.budget))
-        return sum(1 for i in added if i in best)
+        return self._within_budget(added)
 
     def _propose(self, parents: Sequence[int], top: TopLogprobs) -> int:
         """Add each parent's top-`width` children that rank within the budget; count them."""
@@ -265,8 +264,12 @@ class TreeBuilder:
                 node, changed = self._add(token, parent, base_score + logq + log_decay)
                 if changed:
                     added.append(node)
+        return self._within_budget(added)
+
+    def _within_budget(self, nodes: Sequence[int]) -> int:
+        """How many of `nodes` rank within the best `budget`."""
         best = set(self._best(self.shape.budget))
-        return sum(1 for i in added if i in best)
+        return sum(1 for i in nodes if i in best)
 
     def _best(self, count: int) -> list[int]:
         order = sorted(range(len(self.nodes)), key=lambda i: (-self.nodes[i].score, i))

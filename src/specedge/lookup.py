@@ -67,12 +67,11 @@ class LookupStats:
         tried iff tokens 0..i-1 were right, and is right iff the target emitted it there."""
         if not chain:
             return
-        right = 0
+        right, tried = 0, 0
         for guess, token in zip(chain, emitted_tokens, strict=False):
+            tried += 1
             if guess != token:
-                self.tries[ngram] = self.tries.get(ngram, 0.0) + right + 1
-                self.hits[ngram] = self.hits.get(ngram, 0.0) + right
-                return
+                break
             right += 1
-        self.tries[ngram] = self.tries.get(ngram, 0.0) + right
+        self.tries[ngram] = self.tries.get(ngram, 0.0) + tried
         self.hits[ngram] = self.hits.get(ngram, 0.0) + right

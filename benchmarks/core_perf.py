@@ -40,13 +40,13 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoModelForCausalLM
 
-from specedge.engine import GenerationLimits, TargetEngine, TargetSequence
-from specedge.generate import LocalGenerator
+from specedge.core.local import LocalGenerator
+from specedge.core.model_runner import ModelRunner
+from specedge.core.sampling import SamplingParams
+from specedge.core.target import GenerationLimits, TargetEngine, TargetSequence
+from specedge.core.tree import DraftTree
 from specedge.model.loader import LoadedModel, load_model
-from specedge.runner import ModelRunner
-from specedge.sampling import SamplingParams
 from specedge.text import encode_prompt
-from specedge.tree import DraftTree
 
 MODEL = "smollm2-135m"
 PROMPT = "Explain in a few paragraphs how a CPU cache works and why it matters for performance."

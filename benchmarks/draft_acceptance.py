@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from specedge.bench.prompts import load_prompts
+from specedge.bench.prompts import SPECBENCH_FILE, load_prompts
+from specedge.core.draft import TreeShape
+from specedge.core.local import LocalGenerator
+from specedge.core.sampling import SamplingParams
 from specedge.distill.student import layer_sources
-from specedge.draft import TreeShape
-from specedge.generate import LocalGenerator
 from specedge.model.loader import (
     LoadedModel,
     build_model,
@@ -35,11 +36,10 @@ from specedge.model.loader import (
     parse_dtype,
 )
 from specedge.model.loader import _load_state_dict as load_state_dict
-from specedge.sampling import SamplingParams
 from specedge.text import encode_prompt
 
 ROOT = Path(__file__).resolve().parent
-DATA = ROOT.parent.parent / "shared" / "data" / "specbench_prompts.jsonl"
+DATA = SPECBENCH_FILE
 
 
 def shallow_untrained_draft(target: LoadedModel, num_layers: int = 4) -> LoadedModel:

@@ -26,18 +26,18 @@ from pathlib import Path
 
 import torch
 
-from specedge.bench.prompts import load_prompts
+from specedge.bench.prompts import SPECBENCH_FILE, load_prompts
+from specedge.core.draft import TreeShape
+from specedge.core.local import LocalGenerator
+from specedge.core.model_runner import ModelRunner, chain_parents
+from specedge.core.sampling import SamplingParams
+from specedge.core.tree import TreeRow
 from specedge.distill.run import DistillConfig, split_prompts
-from specedge.draft import TreeShape
-from specedge.generate import LocalGenerator
 from specedge.model.loader import LoadedModel, load_model, parse_dtype
-from specedge.runner import ModelRunner, chain_parents
-from specedge.sampling import SamplingParams
 from specedge.text import encode_prompt
-from specedge.tree import TreeRow
 
 ROOT = Path(__file__).resolve().parent
-DATA = ROOT.parent.parent / "shared" / "data" / "specbench_prompts.jsonl"
+DATA = SPECBENCH_FILE
 SHAPES = [  # (budget, depth, width, beams, lookup)
     (32, 6, 4, 8, 0),
     (16, 6, 4, 4, 0),

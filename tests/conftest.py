@@ -26,11 +26,11 @@ from transformers import (
     Qwen3Config,
 )
 
+from specedge.core.tree import ROOT_PARENT
 from specedge.model.config import ModelConfig
 from specedge.model.kv_cache import KVCache, KVWrite
 from specedge.model.loader import LoadedModel, build_model, convert_hf_state_dict, load_model
 from specedge.model.transformer import Transformer
-from specedge.tree import ROOT_PARENT
 
 TINY_VOCAB = 256
 HF_CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {

@@ -64,7 +64,7 @@ def generate(
     ] = False,
 ) -> None:
     """Generate text locally: autoregressive, or tree speculative decoding with a draft."""
-    from specedge.draft import TreeShape
+    from specedge.core.draft import TreeShape
     from specedge.local_cli import GenerateRequest, run_generate
 
     request = GenerateRequest(
@@ -302,7 +302,10 @@ def bench(
     clients: Annotated[str | None, typer.Option(help="Concurrent clients (1,2,4,8).")] = None,
     rtt_ms: Annotated[str | None, typer.Option(help="Edge-server RTTs, ms (0,15,30,50).")] = None,
     jitter_ms: Annotated[float | None, typer.Option(help="RTT jitter, ms (0).")] = None,
-    prompts: Annotated[str | None, typer.Option(help="Spec-Bench style JSON Lines.")] = None,
+    prompts: Annotated[
+        str | None,
+        typer.Option(help="Spec-Bench style JSON Lines, or specbench (the bundled set, default)."),
+    ] = None,
     categories: Annotated[str | None, typer.Option(help="Comma-separated (all).")] = None,
     num_prompts: Annotated[int | None, typer.Option(help="Requests per run (8).")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Tokens per request (32).")] = None,

@@ -7,11 +7,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from specedge.draft import TreeShape
+from specedge.core.draft import TreeShape
+from specedge.core.local import LocalGenerator
+from specedge.core.sampling import SamplingParams
 from specedge.errors import InvalidRequestError
-from specedge.generate import LocalGenerator
 from specedge.model.loader import load_model, parse_dtype
-from specedge.sampling import SamplingParams
 from specedge.text import IncrementalDecoder, encode_prompt
 
 

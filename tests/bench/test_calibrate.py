@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_hf_config, tiny_loaded_model
 
 from specedge.bench.calibrate import measure_timings, suggest_depth
-from specedge.draft import TreeShape
+from specedge.core.draft import TreeShape
 
 
 def test_published_example_gives_depth_seven() -> None:

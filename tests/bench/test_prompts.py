@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from specedge.bench.prompts import SPECBENCH_FILE as SPEC_BENCH
 from specedge.bench.prompts import BenchPrompt, load_prompts, sample_prompts
 from specedge.errors import InvalidRequestError
-
-SPEC_BENCH = Path(__file__).resolve().parents[2] / "../shared/data/specbench_prompts.jsonl"
 
 
 def _prompts(counts: dict[str, int]) -> list[BenchPrompt]:
@@ -55,7 +54,6 @@ def test_load_first_turns_and_plain_prompts(tmp_path: Path) -> None:
         load_prompts(tmp_path / "missing.jsonl")
 
 
-@pytest.mark.skipif(not SPEC_BENCH.exists(), reason="the shared Spec-Bench file is not here")
 def test_spec_bench_sample_covers_all_thirteen_categories() -> None:
     picked = sample_prompts(load_prompts(SPEC_BENCH), 16)
     assert len({p.category for p in picked}) == 13

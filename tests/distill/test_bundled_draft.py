@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specedge.draft import TreeShape
-from specedge.generate import LocalGenerator
+from specedge.core.draft import TreeShape
+from specedge.core.local import LocalGenerator
+from specedge.core.sampling import SamplingParams
 from specedge.model.loader import ASSETS_DIR, load_model, tokenizer_fingerprint
-from specedge.sampling import SamplingParams
 from specedge.text import encode_prompt
 
 BUNDLED = ASSETS_DIR / "smollm2-135m-draft"

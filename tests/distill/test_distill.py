@@ -12,17 +12,17 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
+from specedge.bench.prompts import SPECBENCH_FILE
+from specedge.core.draft import TreeShape
+from specedge.core.local import LocalGenerator
+from specedge.core.sampling import SamplingParams
 from specedge.distill import DistillConfig, run_distill
 from specedge.distill.prompts import builtin_prompts
 from specedge.distill.student import layer_sources, select_head_tokens
 from specedge.distill.teacher import TeacherSample
-from specedge.draft import TreeShape
-from specedge.generate import LocalGenerator
 from specedge.model.loader import build_model, convert_hf_state_dict, load_model, resolve_model_dir
-from specedge.sampling import SamplingParams
 from specedge.text import encode_prompt
 
-SPECBENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "specbench_prompts.jsonl"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -141,11 +141,9 @@ def test_builtin_prompts_do_not_overlap_the_evaluation_set() -> None:
     prompts = builtin_prompts()
     assert len(set(prompts)) == len(prompts) > 1500
     assert builtin_prompts(100, seed=1) == builtin_prompts(100, seed=1) != builtin_prompts(100)
-    if not SPECBENCH.exists():
-        pytest.skip(f"{SPECBENCH} not present")
     turns = [
         turn.strip()
-        for line in SPECBENCH.read_text().splitlines()
+        for line in SPECBENCH_FILE.read_text().splitlines()
         for turn in json.loads(line)["turns"]
     ]
     assert not {p.strip() for p in prompts} & set(turns)

@@ -11,12 +11,12 @@ from typing import Any
 
 from conftest import tiny_hf_config, tiny_loaded_model
 
+from specedge.core.local import LocalGenerator
+from specedge.core.sampling import SamplingParams
 from specedge.edge.app import Edge, build_edge
 from specedge.edge.config import EdgeConfig
-from specedge.edge.session import GenerationRequest, SessionStats
-from specedge.generate import LocalGenerator
+from specedge.edge.runtime import GenerationRequest, SessionStats
 from specedge.model.loader import LoadedModel
-from specedge.sampling import SamplingParams
 from specedge.server.app import BackgroundServer
 from specedge.server.config import ServerConfig
 

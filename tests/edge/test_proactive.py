@@ -13,7 +13,9 @@ import pytest
 import torch
 from conftest import causal_logits, tiny_hf_config, tiny_loaded_model
 
-from specedge.draft import NOT_CACHED, DraftEngine, DraftSequence, TreeBuilder, TreeShape
+from specedge.core.draft import NOT_CACHED, DraftEngine, DraftSequence, TreeBuilder, TreeShape
+from specedge.core.model_runner import ModelRunner
+from specedge.core.tree import ROOT_PARENT, DraftTree
 from specedge.edge.proactive import (
     ProactiveDrafter,
     ProactivePolicy,
@@ -21,8 +23,6 @@ from specedge.edge.proactive import (
     tree_leaves,
 )
 from specedge.model.loader import LoadedModel
-from specedge.runner import ModelRunner
-from specedge.tree import ROOT_PARENT, DraftTree
 
 SHAPE = TreeShape(budget=10, depth=4, width=3, beams=3)
 SUBTREE = TreeShape(budget=6, depth=3, width=3, beams=2)

@@ -18,15 +18,15 @@ from conftest import (
     tiny_loaded_model,
 )
 
-from specedge.draft import DraftEngine, TreeShape
-from specedge.engine import TargetEngine, TargetSequence
+from specedge.core.draft import DraftEngine, TreeShape
+from specedge.core.model_runner import ModelRunner
+from specedge.core.sampling import SamplingParams
+from specedge.core.target import TargetEngine, TargetSequence
+from specedge.core.tree import DraftTree
 from specedge.errors import CapacityError
 from specedge.model.config import ModelConfig
 from specedge.model.kv_cache import KVCache
 from specedge.model.loader import LoadedModel
-from specedge.runner import ModelRunner
-from specedge.sampling import SamplingParams
-from specedge.tree import DraftTree
 
 ATOL = 1e-5
 VOCAB = 24  # small, so that random trees often contain the target's sample

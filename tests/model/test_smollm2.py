@@ -11,9 +11,9 @@ import torch
 from conftest import causal_logits
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
-from specedge.generate import LocalGenerator
+from specedge.core.local import LocalGenerator
+from specedge.core.sampling import SamplingParams
 from specedge.model.loader import LoadedModel
-from specedge.sampling import SamplingParams
 from specedge.text import encode_prompt
 
 NUM_NEW_TOKENS = 24

@@ -11,7 +11,9 @@ from typing import Any
 import grpc
 from conftest import tiny_hf_config, tiny_loaded_model
 
-from specedge.generate import LocalGenerator
+from specedge.core.local import LocalGenerator
+from specedge.core.sampling import SamplingParams
+from specedge.core.tree import ROOT_PARENT, DraftTree
 from specedge.model.loader import LoadedModel, tokenizer_fingerprint
 from specedge.rpc.codec import (
     CloseSession,
@@ -22,10 +24,8 @@ from specedge.rpc.codec import (
     VerifyTree,
     WireSampling,
 )
-from specedge.sampling import SamplingParams
 from specedge.server.app import BackgroundServer
 from specedge.server.config import ServerConfig
-from specedge.tree import ROOT_PARENT, DraftTree
 
 VOCAB = 256
 BASE_CONFIG = ServerConfig(

@@ -17,10 +17,10 @@ import pytest
 from observe import health
 from server_harness import empty_tree, open_message, run, run_session
 
-from specedge.generate import LocalGenerator
+from specedge.core.local import LocalGenerator
+from specedge.core.sampling import SamplingParams
 from specedge.model.loader import LoadedModel
 from specedge.rpc.codec import WireSampling
-from specedge.sampling import SamplingParams
 from specedge.text import encode_prompt
 
 pytestmark = [

@@ -26,6 +26,8 @@ from server_harness import (
     tiny_target,
 )
 
+from specedge.core.sampling import SamplingParams
+from specedge.core.tree import DraftTree
 from specedge.model.loader import LoadedModel
 from specedge.rpc.codec import (
     PROTOCOL_VERSION,
@@ -36,9 +38,7 @@ from specedge.rpc.codec import (
     WireSampling,
     wire_size,
 )
-from specedge.sampling import SamplingParams
 from specedge.server.app import BackgroundServer
-from specedge.tree import DraftTree
 
 PROMPT = [5, 17, 99, 3, 250, 42, 42, 7, 128, 64, 1, 2, 3, 200, 31, 8, 9, 77, 13]  # 19 tokens
 MAX_TOKENS = 24

@@ -25,11 +25,11 @@ from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 from specedge.bench.processes import Placement
-from specedge.draft import DraftEngine, TreeShape
-from specedge.engine import GenerationLimits, TargetEngine
+from specedge.core.draft import DraftEngine, TreeShape
+from specedge.core.model_runner import ModelRunner
+from specedge.core.sampling import SamplingParams
+from specedge.core.target import GenerationLimits, TargetEngine
 from specedge.model.loader import LoadedModel
-from specedge.runner import ModelRunner
-from specedge.sampling import SamplingParams
 
 MIN_DEPTH = 1
 MAX_DEPTH = 32

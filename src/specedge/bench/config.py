@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from specedge.bench.metrics import Prices
+from specedge.bench.prompts import SPECBENCH
 from specedge.bench.results import ALL_SYSTEMS, BASELINES, EDGE_SYSTEMS, HF_ASSISTED
 from specedge.config_file import read_yaml_settings
 from specedge.errors import SpecEdgeError
@@ -35,7 +36,7 @@ class BenchConfig:
     baseline_rtt_ms: tuple[float, ...] = ()  # server-only systems; () = rtt_ms & {0, 15}
     ablation_rtt_ms: tuple[float, ...] = ()  # SpecEdge ablations; () = the RTT nearest 15 ms
     jitter_ms: float = 0.0
-    prompts: str = "../shared/data/specbench_prompts.jsonl"
+    prompts: str = SPECBENCH  # the bundled Spec-Bench set, or a JSONL file
     categories: tuple[str, ...] = ()  # () = all
     num_prompts: int = 8  # prompts sampled; each run sends them all, shared by its clients
     requests_per_client: int = 0  # > 0: each run sends clients x this many, cycling the prompts

@@ -4,6 +4,9 @@
 Even sampling takes prompts from the categories in turn (in order of first appearance), and
 within a category spreads its picks over the whole list, so 16 prompts from 13 categories
 cover all 13 and never take only a category's first few.
+
+The Spec-Bench file ships with the package (`assets/specbench/`, with its source and licence):
+`--prompts specbench`, the default, needs no file beside the checkout.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specedge.errors import InvalidRequestError
+from specedge.model.loader import ASSETS_DIR
+
+SPECBENCH = "specbench"  # the name of the bundled prompt set
+SPECBENCH_FILE = ASSETS_DIR / "specbench" / "specbench_prompts.jsonl"
 
 
 @dataclass(frozen=True)
@@ -23,13 +30,21 @@ class BenchPrompt:
     text: str
 
 
-def load_prompts(path: Path) -> list[BenchPrompt]:
-    """Every question's first turn. Lines may also be `{"prompt": ...}` (category "default")."""
+def prompt_file(source: str | Path) -> Path:
+    """The file behind a `--prompts` value: the bundled set's name, or a path."""
+    return SPECBENCH_FILE if str(source) == SPECBENCH else Path(source)
+
+
+def load_prompts(source: str | Path) -> list[BenchPrompt]:
+    """Every question's first turn of a prompt file (or the bundled set, by name). Lines may
+    also be `{"prompt": ...}` (category "default")."""
+    path = prompt_file(source)
     try:
         lines = path.read_text().splitlines()
     except OSError as error:
         raise InvalidRequestError(
-            f"cannot read the prompt file {path}: {error.strerror}; pass --prompts FILE"
+            f"cannot read the prompt file {path}: {error.strerror}; pass --prompts FILE "
+            f"(or {SPECBENCH}, the bundled set)"
         ) from None
     prompts = []
     for number, line in enumerate(lines, 1):

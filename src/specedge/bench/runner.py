@@ -113,9 +113,7 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> Path:
     out_dir = Path(config.out)
     placement = Placement.plan(config.server_cpus, config.edge_cpus)
     placement.pin_this_process()
-    prompts = sample_prompts(
-        load_prompts(Path(config.prompts)), config.num_prompts, config.categories
-    )
+    prompts = sample_prompts(load_prompts(config.prompts), config.num_prompts, config.categories)
     meta = BenchMeta(
         config=_config_summary(config, prompts),
         machine=describe_machine(),

@@ -42,10 +42,10 @@ def measure_acceptance(
     dtype: torch.dtype,
     max_tokens: int = ACCEPTANCE_TOKENS,
 ) -> Acceptance:
-    from specedge.draft import TreeShape
-    from specedge.generate import LocalGenerator
+    from specedge.core.draft import TreeShape
+    from specedge.core.local import LocalGenerator
+    from specedge.core.sampling import SamplingParams
     from specedge.model.loader import load_model
-    from specedge.sampling import SamplingParams
     from specedge.text import encode_prompt
 
     target_model = load_model(target, device, dtype)

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from specedge.edge.metrics import EdgeMetrics
-from specedge.edge.session import EdgeRuntime
+from specedge.edge.runtime import EdgeRuntime
 from specedge.openai_api.api import ServedModel, StopMatcher
 from specedge.openai_api.api import create_app as create_openai_app
 

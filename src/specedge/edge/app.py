@@ -13,17 +13,17 @@ import logging
 from dataclasses import dataclass
 
 from specedge.background import LoopThread
-from specedge.draft import DraftEngine, TreeShape
+from specedge.core.draft import DraftEngine, TreeShape
+from specedge.core.model_runner import ModelRunner
 from specedge.edge.api import ServedModel, create_app
 from specedge.edge.client import ClientIdentity, VerifierConnection
 from specedge.edge.config import EdgeConfig
 from specedge.edge.metrics import EdgeMetrics
 from specedge.edge.proactive import ProactiveDrafter, ProactivePolicy
-from specedge.edge.session import EdgeRuntime
+from specedge.edge.runtime import EdgeRuntime
 from specedge.edge.worker import DraftWorker
 from specedge.model.loader import LoadedModel, load_model, parse_dtype, tokenizer_fingerprint
 from specedge.openai_api.serving import HttpApiServer
-from specedge.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 

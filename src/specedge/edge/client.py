@@ -19,7 +19,8 @@ from typing import TypeVar
 
 import grpc
 
-from specedge.draft import TreeShape
+from specedge.core.draft import TreeShape
+from specedge.core.tree import DraftTree
 from specedge.errors import InvalidRequestError, ServiceUnavailableError, SpecEdgeError
 from specedge.rpc.codec import (
     PROTOCOL_VERSION,
@@ -33,7 +34,6 @@ from specedge.rpc.codec import (
     VerifyTree,
     wire_size,
 )
-from specedge.tree import DraftTree
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -15,7 +15,7 @@ from typing import Any
 
 from specedge.config_file import flag_and_key as _where
 from specedge.config_file import role_settings
-from specedge.draft import TreeShape
+from specedge.core.draft import TreeShape
 from specedge.edge.proactive import ProactivePolicy
 from specedge.errors import SpecEdgeError
 

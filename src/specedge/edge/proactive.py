@@ -21,8 +21,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from specedge.draft import NOT_CACHED, DraftEngine, DraftSequence, TreeBuilder, TreeShape
-from specedge.tree import ROOT_PARENT, DraftTree
+from specedge.core.draft import NOT_CACHED, DraftEngine, DraftSequence, TreeBuilder, TreeShape
+from specedge.core.tree import ROOT_PARENT, DraftTree
 
 
 class ProactivePolicy(enum.StrEnum):

@@ -5,7 +5,7 @@ attended, H / H_kv = query / key-value heads, D = head dim, E = hidden size, V =
 
 The model knows nothing about trees or sessions: it takes tokens, their positions, an explicit
 boolean attention mask over KV slot positions, and where in the KV cache each new token's key
-and value go. Whoever builds the mask decides what attends to what (see `specedge.tree`).
+and value go. Whoever builds the mask decides what attends to what (see `specedge.core.tree`).
 """
 
 from __future__ import annotations

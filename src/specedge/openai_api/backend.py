@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
+from specedge.core.sampling import SamplingParams
 from specedge.errors import InvalidRequestError
-from specedge.sampling import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from specedge.sampling import SamplingParams
+from specedge.core.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4
 MAX_SEED = 2**64 - 1

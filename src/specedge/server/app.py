@@ -21,21 +21,21 @@ from typing import Any
 import grpc
 
 from specedge.background import LoopThread
-from specedge.draft import DraftEngine
-from specedge.engine import GenerationLimits, TargetEngine
+from specedge.core.draft import DraftEngine
+from specedge.core.local import check_same_tokenizer
+from specedge.core.model_runner import ModelRunner
+from specedge.core.target import GenerationLimits, TargetEngine
 from specedge.errors import SpecEdgeError
-from specedge.generate import check_same_tokenizer
 from specedge.model.loader import LoadedModel, load_model, parse_dtype, tokenizer_fingerprint
 from specedge.openai_api.api import ServedModel, create_app
 from specedge.openai_api.serving import HttpApiServer
 from specedge.rpc.codec import PROTOCOL_VERSION, ServerInfo, add_verifier_service
-from specedge.runner import ModelRunner
 from specedge.server.config import ServerConfig
+from specedge.server.executor import VerificationExecutor
 from specedge.server.local_sessions import LocalSessions
 from specedge.server.metrics import MetricsHttpServer, ServerMetrics
 from specedge.server.scheduler import SchedulerPolicy
 from specedge.server.service import VerifierService
-from specedge.server.verifier import VerificationExecutor
 
 logger = logging.getLogger(__name__)
 

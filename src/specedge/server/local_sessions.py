@@ -19,7 +19,9 @@ from collections.abc import AsyncGenerator, Callable
 from functools import partial
 from typing import Any
 
-from specedge.draft import DraftEngine, DraftSequence, TreeBuilder
+from specedge.core.draft import DraftEngine, DraftSequence, TreeBuilder
+from specedge.core.tree import DraftTree
+from specedge.core.verify import VerifyResult
 from specedge.errors import CapacityError, ServiceUnavailableError, SpecEdgeError
 from specedge.openai_api.backend import (
     GenerationRequest,
@@ -27,9 +29,7 @@ from specedge.openai_api.backend import (
     SessionStats,
     check_request,
 )
-from specedge.server.verifier import ServerSession, VerificationExecutor
-from specedge.tree import DraftTree
-from specedge.verify import VerifyResult
+from specedge.server.executor import ServerSession, VerificationExecutor
 
 logger = logging.getLogger(__name__)
 

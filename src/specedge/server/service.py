@@ -22,6 +22,8 @@ from typing import Any
 
 import grpc
 
+from specedge.core.sampling import SamplingParams
+from specedge.core.tree import DraftTree
 from specedge.errors import CapacityError, InvalidRequestError
 from specedge.rpc.codec import (
     PROTOCOL_VERSION,
@@ -35,16 +37,14 @@ from specedge.rpc.codec import (
     VerifyTree,
     wire_size,
 )
-from specedge.sampling import SamplingParams
-from specedge.server.metrics import ServerMetrics
-from specedge.server.verifier import (
+from specedge.server.executor import (
     ServerClosingError,
     ServerSession,
     SessionStateError,
     VerificationExecutor,
     VerificationFailedError,
 )
-from specedge.tree import DraftTree
+from specedge.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 

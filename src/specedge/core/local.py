@@ -10,13 +10,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from specedge.draft import DraftEngine, TreeShape
-from specedge.engine import GenerationLimits, TargetEngine
+from specedge.core.draft import DraftEngine, TreeShape
+from specedge.core.model_runner import ModelRunner
+from specedge.core.sampling import SamplingParams
+from specedge.core.target import GenerationLimits, TargetEngine
+from specedge.core.tree import DraftTree
 from specedge.errors import TokenizerMismatchError
 from specedge.model.loader import LoadedModel, tokenizer_fingerprint
-from specedge.runner import ModelRunner
-from specedge.sampling import SamplingParams
-from specedge.tree import DraftTree
 
 DEFAULT_MAX_CONTEXT = 4096
 

@@ -10,20 +10,20 @@ from typing import Any
 import pytest
 from server_harness import reference_tokens, tiny_target
 
-from specedge.engine import GenerationLimits, TargetEngine
+from specedge.core.model_runner import ModelRunner
+from specedge.core.sampling import SamplingParams
+from specedge.core.target import GenerationLimits, TargetEngine
+from specedge.core.tree import DraftTree
 from specedge.errors import CapacityError, InvalidRequestError
 from specedge.model.loader import LoadedModel
-from specedge.runner import ModelRunner
-from specedge.sampling import SamplingParams
-from specedge.server.scheduler import SchedulerPolicy
-from specedge.server.verifier import (
+from specedge.server.executor import (
     ServerClosingError,
     SessionStateError,
     VerificationExecutor,
     VerificationFailedError,
     fit_to_context,
 )
-from specedge.tree import DraftTree
+from specedge.server.scheduler import SchedulerPolicy
 
 GREEDY = SamplingParams()
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]

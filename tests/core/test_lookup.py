@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import causal_logits, tiny_hf_config, tiny_loaded_model
 
-from specedge.draft import NOT_CACHED, DraftEngine, TreeShape
+from specedge.core.draft import NOT_CACHED, DraftEngine, TreeShape
+from specedge.core.lookup import LookupStats, lookup_chain
+from specedge.core.model_runner import ModelRunner
+from specedge.core.tree import ROOT_PARENT, validate_tree
 from specedge.errors import InvalidRequestError
-from specedge.lookup import LookupStats, lookup_chain
 from specedge.model.loader import LoadedModel
-from specedge.runner import ModelRunner
-from specedge.tree import ROOT_PARENT, validate_tree
 
 # ---- the chain -------------------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ import random
 import pytest
 from conftest import random_tree
 
-from specedge.tree import ROOT_PARENT
-from specedge.verify import FINISH_LENGTH, FINISH_STOP, VerifyResult, verify_tree
+from specedge.core.tree import ROOT_PARENT
+from specedge.core.verify import FINISH_LENGTH, FINISH_STOP, VerifyResult, verify_tree
 
 #   root ── 10 (node 0) ── 11 (node 2) ── 12 (node 3)
 #       └── 20 (node 1) ── 21 (node 4)

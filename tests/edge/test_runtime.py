@@ -26,9 +26,10 @@ from edge_support import (
 from observe import async_wait_for, metric, wait_for
 
 from specedge.bench.wan import DelayProxy
+from specedge.core.sampling import SamplingParams
 from specedge.edge.app import Edge
 from specedge.edge.client import ServerIncompatibleError, ServerUnavailableError
-from specedge.edge.session import GenerationRequest, SessionStats
+from specedge.edge.runtime import GenerationRequest, SessionStats
 from specedge.errors import InvalidRequestError
 from specedge.model.loader import LoadedModel, tokenizer_fingerprint
 from specedge.rpc.codec import (
@@ -39,7 +40,6 @@ from specedge.rpc.codec import (
     SessionOpened,
     add_verifier_service,
 )
-from specedge.sampling import SamplingParams
 from specedge.server.app import BackgroundServer
 
 PROMPTS = [[1, 2, 3, 4, 5], [200, 17, 93], [7] * 12]

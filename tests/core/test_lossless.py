@@ -20,14 +20,14 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from specedge.draft import DraftEngine, TreeShape
-from specedge.engine import GenerationLimits, TargetEngine
+from specedge.core.draft import DraftEngine, TreeShape
+from specedge.core.local import LocalGenerator
+from specedge.core.model_runner import ModelRunner
+from specedge.core.sampling import SamplingParams
+from specedge.core.target import GenerationLimits, TargetEngine
+from specedge.core.tree import DraftTree
 from specedge.errors import TokenizerMismatchError
-from specedge.generate import LocalGenerator
 from specedge.model.loader import LoadedModel
-from specedge.runner import ModelRunner
-from specedge.sampling import SamplingParams
-from specedge.tree import DraftTree
 
 GREEDY = SamplingParams(temperature=0.0)
 

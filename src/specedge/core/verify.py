@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from specedge.tree import ROOT_PARENT
+from specedge.core.tree import ROOT_PARENT
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specedge.core.model_runner import DEFAULT_PREFILL_CHUNK, ModelRunner
+from specedge.core.sampling import SamplingParams, make_generator, sample
+from specedge.core.tree import DraftTree, TreeRow, validate_tree
+from specedge.core.verify import VerifyResult, verify_tree
 from specedge.errors import InvalidRequestError
-from specedge.runner import DEFAULT_PREFILL_CHUNK, ModelRunner
-from specedge.sampling import SamplingParams, make_generator, sample
-from specedge.tree import DraftTree, TreeRow, validate_tree
-from specedge.verify import VerifyResult, verify_tree
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,14 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from specedge.errors import InvalidRequestError
-from specedge.sampling import (
+from specedge.core.sampling import (
     SamplingParams,
     filter_logits,
     make_generator,
     probabilities,
     sample,
 )
+from specedge.errors import InvalidRequestError
 
 VOCAB = 50
 

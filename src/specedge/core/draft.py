@@ -6,7 +6,7 @@ forwards the <= `beams` best unexpanded nodes (the *frontier*) with tree attenti
 draft's own KV and lets each propose its top-`width` children.
 
 With `TreeShape.lookup` > 0 the first step also hangs the *context lookup chain* from the root
-(`specedge.lookup`): the tokens that followed an earlier occurrence of the context's last few
+(`specedge.core.lookup`): the tokens that followed an earlier occurrence of the context's last few
 tokens, each scored parent score + log p(lookup right) + log(decay) from the sequence's own
 record. A candidate proposed twice (by the draft and the lookup) is one node with the better
 score. Lookup nodes are not forwarded when added; a draft step that picks one forwards its
@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specedge.core.lookup import LookupStats, lookup_chain
+from specedge.core.model_runner import ModelRunner
+from specedge.core.tree import ROOT_PARENT, DraftTree, TreeRow
 from specedge.errors import InvalidRequestError
-from specedge.lookup import LookupStats, lookup_chain
-from specedge.runner import ModelRunner
-from specedge.tree import ROOT_PARENT, DraftTree, TreeRow
 
 NOT_CACHED = -1  # slot position of a node that has not been forwarded
 TopLogprobs = tuple[torch.Tensor, torch.Tensor]  # [n, width] log q values, [n, width] token ids
@@ -47,7 +47,7 @@ class TreeShape:
     width: int = 4  # children proposed per expanded node
     beams: int = 8  # nodes forwarded per draft step
     decay: float = 0.9
-    lookup: int = 8  # context lookup chain length (specedge.lookup; capped by depth), 0 = off
+    lookup: int = 8  # context lookup chain length (specedge.core.lookup; capped by depth), 0 = off
 
     def __post_init__(self) -> None:
         for name in ("budget", "depth", "width", "beams"):

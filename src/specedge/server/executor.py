@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
-from specedge.engine import TargetEngine, TargetSequence
+from specedge.core.sampling import SamplingParams
+from specedge.core.target import TargetEngine, TargetSequence
+from specedge.core.tree import DraftTree, validate_tree
+from specedge.core.verify import VerifyResult
 from specedge.errors import InvalidRequestError, ServiceUnavailableError, SpecEdgeError
-from specedge.sampling import SamplingParams
 from specedge.server.metrics import ServerMetrics
 from specedge.server.scheduler import Batch, PrefillChunk, Scheduler, SchedulerPolicy
-from specedge.tree import DraftTree, validate_tree
-from specedge.verify import VerifyResult
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

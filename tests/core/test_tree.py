@@ -10,10 +10,8 @@ import pytest
 import torch
 from conftest import causal_logits, random_tree, tiny_hf_config, tiny_loaded_model
 
-from specedge.errors import InvalidRequestError
-from specedge.model.loader import LoadedModel
-from specedge.runner import ModelRunner, chain_parents
-from specedge.tree import (
+from specedge.core.model_runner import ModelRunner, chain_parents
+from specedge.core.tree import (
     ROOT_PARENT,
     DraftTree,
     TreeRow,
@@ -25,6 +23,8 @@ from specedge.tree import (
     path_to,
     validate_tree,
 )
+from specedge.errors import InvalidRequestError
+from specedge.model.loader import LoadedModel
 
 ATOL = 1e-4
 

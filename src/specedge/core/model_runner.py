@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from specedge.core.tree import ROOT_PARENT, TreeRow, build_forward_inputs
 from specedge.model.kv_cache import KVCache
 from specedge.model.loader import LoadedModel
-from specedge.tree import ROOT_PARENT, TreeRow, build_forward_inputs
 
 DEFAULT_PREFILL_CHUNK = 256
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from specedge.draft import DraftEngine, DraftSequence, TreeBuilder
+from specedge.core.draft import DraftEngine, DraftSequence, TreeBuilder
+from specedge.core.tree import DraftTree
 from specedge.edge.client import RemoteSession, ServerUnavailableError, VerifierConnection
 from specedge.edge.proactive import ProactiveDraft, ProactiveDrafter, accepted_nodes
 from specedge.edge.worker import DraftWorker, Priority
@@ -27,7 +28,6 @@ from specedge.openai_api.backend import (
     check_request,
 )
 from specedge.rpc.codec import OpenSession, ServerInfo, TreeVerified, WireSampling
-from specedge.tree import DraftTree
 
 logger = logging.getLogger(__name__)
 

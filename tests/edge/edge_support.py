@@ -11,11 +11,11 @@ from typing import Any
 
 from conftest import tiny_hf_config, tiny_loaded_model
 
+from specedge.core.generation import GenerationRequest, GenerationStats
 from specedge.core.local import LocalGenerator
 from specedge.core.sampling import SamplingParams
 from specedge.edge.app import Edge, build_edge
 from specedge.edge.config import EdgeConfig
-from specedge.edge.runtime import GenerationRequest, SessionStats
 from specedge.model.loader import LoadedModel
 from specedge.server.app import BackgroundServer
 from specedge.server.config import ServerConfig
@@ -126,11 +126,11 @@ async def edge_generate(
     max_tokens: int,
     params: SamplingParams | None = None,
     stop_token_ids: Sequence[int] = (),
-) -> tuple[list[int], SessionStats]:
+) -> tuple[list[int], GenerationStats]:
     """One generation through the edge's round loop: (tokens, stats)."""
     request = GenerationRequest(list(prompt), params or SamplingParams(), max_tokens,
                                 tuple(stop_token_ids))  # fmt: skip
-    stats = SessionStats()
+    stats = GenerationStats()
     tokens: list[int] = []
     async with aclosing(edge.runtime.generate(request, stats)) as rounds:
         async for emitted in rounds:

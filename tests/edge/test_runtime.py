@@ -26,10 +26,10 @@ from edge_support import (
 from observe import async_wait_for, metric, wait_for
 
 from specedge.bench.wan import DelayProxy
+from specedge.core.generation import GenerationRequest, GenerationStats
 from specedge.core.sampling import SamplingParams
 from specedge.edge.app import Edge
 from specedge.edge.client import ServerIncompatibleError, ServerUnavailableError
-from specedge.edge.runtime import GenerationRequest, SessionStats
 from specedge.errors import InvalidRequestError
 from specedge.model.loader import LoadedModel, tokenizer_fingerprint
 from specedge.rpc.codec import (
@@ -83,7 +83,7 @@ def test_greedy_output_equals_autoregressive(
 ) -> None:
     draft = tiny_model(draft_seed)
 
-    async def body(edge: Edge) -> list[tuple[list[int], SessionStats]]:
+    async def body(edge: Edge) -> list[tuple[list[int], GenerationStats]]:
         runs = [edge_generate(edge, prompt, MAX_TOKENS) for prompt in PROMPTS]
         return await asyncio.gather(*runs)  # interleaved sessions on one model thread
 
@@ -107,7 +107,7 @@ def test_agreeing_draft_is_accepted_and_its_bets_hit(
     draft = tiny_model(TARGET_SEED)
     config = edge_config(wan.port, proactive=policy)
 
-    async def body(edge: Edge) -> tuple[list[int], SessionStats]:
+    async def body(edge: Edge) -> tuple[list[int], GenerationStats]:
         return await edge_generate(edge, PROMPTS[0], MAX_TOKENS)
 
     tokens, stats = asyncio.run(with_edge(config, draft, body))
@@ -123,7 +123,7 @@ def test_stop_token_ends_the_generation(server: BackgroundServer, target: Loaded
     expected = reference_tokens(target, PROMPTS[1], MAX_TOKENS, stop_token_ids=[stop])
     assert expected[-1] == stop and len(expected) < len(full)
 
-    async def body(edge: Edge) -> tuple[list[int], SessionStats]:
+    async def body(edge: Edge) -> tuple[list[int], GenerationStats]:
         return await edge_generate(edge, PROMPTS[1], MAX_TOKENS, stop_token_ids=[stop])
 
     tokens, stats = asyncio.run(with_edge(edge_config(server), tiny_model(12), body))
@@ -164,7 +164,7 @@ def test_auth_token_is_sent(target: LoadedModel) -> None:
     server = start_server(target, auth_token="s3cret")
     try:
 
-        async def body(edge: Edge) -> tuple[list[int], SessionStats]:
+        async def body(edge: Edge) -> tuple[list[int], GenerationStats]:
             return await edge_generate(edge, PROMPTS[0], 8)
 
         tokens, _ = asyncio.run(
@@ -205,7 +205,7 @@ def test_reconnects_after_the_server_restarts(target: LoadedModel) -> None:
 def test_abandoned_generation_frees_its_server_session(server: BackgroundServer) -> None:
     async def body(edge: Edge) -> None:
         request = GenerationRequest(PROMPTS[2], SamplingParams(), 200)
-        async with aclosing(edge.runtime.generate(request, SessionStats())) as rounds:
+        async with aclosing(edge.runtime.generate(request, GenerationStats())) as rounds:
             await anext(rounds)
             assert metric(server.metrics_port, "specedge_server_active_sessions") == 1
         # The edge cancelled its stream: the server frees the session and its KV slot.

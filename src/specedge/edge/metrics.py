@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from specedge.openai_api.backend import SessionStats
+from specedge.core.generation import GenerationStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -45,7 +45,7 @@ class EdgeMetrics:
     def count_request(self, endpoint: str, outcome: str) -> None:
         self.requests.labels(endpoint, outcome).inc()
 
-    def observe(self, stats: SessionStats) -> None:
+    def observe(self, stats: GenerationStats) -> None:
         """Add one finished (or abandoned) generation's statistics."""
         self.rounds.inc(stats.rounds)
         self.emitted_tokens.inc(stats.emitted)

@@ -17,16 +17,16 @@ from functools import partial
 from typing import Any
 
 from specedge.core.draft import DraftEngine, DraftSequence, TreeBuilder
+from specedge.core.generation import (
+    GenerationRequest,
+    GenerationStats,
+    RoundLoopBackend,
+    check_request,
+)
 from specedge.core.tree import DraftTree
 from specedge.edge.client import RemoteSession, ServerUnavailableError, VerifierConnection
 from specedge.edge.proactive import ProactiveDraft, ProactiveDrafter, accepted_nodes
 from specedge.edge.worker import DraftWorker, Priority
-from specedge.openai_api.backend import (
-    GenerationRequest,
-    RoundLoopBackend,
-    SessionStats,
-    check_request,
-)
 from specedge.rpc.codec import OpenSession, ServerInfo, TreeVerified, WireSampling
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ PREFILL_CHUNK = 256  # prompt tokens per worker job, so a long prompt does not s
 
 
 def record_round(
-    stats: SessionStats,
+    stats: GenerationStats,
     reply: TreeVerified,
     remote: RemoteSession,
     proactive: ProactiveDraft | None,
@@ -77,7 +77,7 @@ class EdgeRuntime(RoundLoopBackend):
         return check_request(request, self.max_context, "this edge's")
 
     async def _rounds(
-        self, request: GenerationRequest, max_tokens: int, stats: SessionStats
+        self, request: GenerationRequest, max_tokens: int, stats: GenerationStats
     ) -> AsyncGenerator[list[int], None]:
         await self._slots.acquire()
         remote: RemoteSession | None = None

@@ -19,21 +19,20 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from specedge.errors import InvalidRequestError, ServiceUnavailableError
-from specedge.openai_api.backend import (
-    ApiMetrics,
+from specedge.core.generation import (
     GenerationBackend,
     GenerationRequest,
-    SessionStats,
+    GenerationStats,
 )
+from specedge.errors import InvalidRequestError, ServiceUnavailableError
 from specedge.openai_api.types import (
     ChatCompletionBody,
     ChatFormat,
@@ -47,6 +46,17 @@ from specedge.openai_api.types import (
 from specedge.text import IncrementalDecoder, encode_chat, encode_prompt
 
 logger = logging.getLogger(__name__)
+
+
+class ApiMetrics(Protocol):
+    """Where the API reports: the registry `GET /metrics` serves, a counter of requests by
+    endpoint and outcome (HTTP status or "disconnected"), and each generation's statistics."""
+
+    registry: CollectorRegistry
+
+    def count_request(self, endpoint: str, outcome: str) -> None: ...
+
+    def observe(self, stats: GenerationStats) -> None: ...
 
 
 # ---- errors -----------------------------------------------------------------------------------
@@ -132,7 +142,7 @@ class Generation:
             stop_token_ids=served.stop_token_ids,
         )
         backend.check(self.request)
-        self.stats = SessionStats()
+        self.stats = GenerationStats()
         self.completion_tokens = 0
 
     @property

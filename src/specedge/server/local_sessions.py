@@ -20,15 +20,15 @@ from functools import partial
 from typing import Any
 
 from specedge.core.draft import DraftEngine, DraftSequence, TreeBuilder
+from specedge.core.generation import (
+    GenerationRequest,
+    GenerationStats,
+    RoundLoopBackend,
+    check_request,
+)
 from specedge.core.tree import DraftTree
 from specedge.core.verify import VerifyResult
 from specedge.errors import CapacityError, ServiceUnavailableError, SpecEdgeError
-from specedge.openai_api.backend import (
-    GenerationRequest,
-    RoundLoopBackend,
-    SessionStats,
-    check_request,
-)
 from specedge.server.executor import ServerSession, VerificationExecutor
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class LocalSessions(RoundLoopBackend):
         return check_request(request, self.max_context, "this server's")
 
     async def _rounds(
-        self, request: GenerationRequest, max_tokens: int, stats: SessionStats
+        self, request: GenerationRequest, max_tokens: int, stats: GenerationStats
     ) -> AsyncGenerator[list[int], None]:
         await self._slots.acquire()
         session: ServerSession | None = None

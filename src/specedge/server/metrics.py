@@ -33,7 +33,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from specedge.openai_api.backend import SessionStats
+from specedge.core.generation import GenerationStats
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 VERIFY_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -110,11 +110,11 @@ class ServerMetrics:
             registry=r,
         )
 
-    # ---- the HTTP API's reports (`openai_api.backend.ApiMetrics`) ---------------------------
+    # ---- the HTTP API's reports (`openai_api.api.ApiMetrics`) ---------------------------
     def count_request(self, endpoint: str, outcome: str) -> None:
         self.api_requests.labels(endpoint, outcome).inc()
 
-    def observe(self, stats: SessionStats) -> None:
+    def observe(self, stats: GenerationStats) -> None:
         """Nothing to add: rounds and tokens of every session are counted as they are
         verified, whoever drafted them."""
 

@@ -61,7 +61,7 @@ AUTH_MESSAGE = (
 
 
 @dataclass
-class SessionStats:
+class StreamStats:
     """Wire traffic of one session (rounds and tokens live in its TargetSequence)."""
 
     bytes_received: int = 0
@@ -101,7 +101,7 @@ class VerifierService:
     async def session(
         self, requests: AsyncIterator[EdgeRequest | None], context: Any
     ) -> AsyncIterator[ServerReply]:
-        stats = SessionStats()
+        stats = StreamStats()
         session: ServerSession | None = None
         outcome = "cancelled"  # unless the session ends otherwise
         started = time.monotonic()
@@ -140,7 +140,7 @@ class VerifierService:
 
     # ---- steps ---------------------------------------------------------------------------------
     async def _receive(
-        self, requests: AsyncIterator[EdgeRequest | None], stats: SessionStats
+        self, requests: AsyncIterator[EdgeRequest | None], stats: StreamStats
     ) -> EdgeRequest | None | _StreamEnded:
         """The next edge message; aborts the session when the edge stays silent too long."""
         try:
@@ -233,7 +233,7 @@ class VerifierService:
             finish_reason=result.finish_reason,
         )
 
-    def _sent(self, reply: ServerReply, stats: SessionStats) -> ServerReply:
+    def _sent(self, reply: ServerReply, stats: StreamStats) -> ServerReply:
         size = wire_size(reply)
         stats.bytes_sent += size
         self.metrics.sent_bytes.inc(size)
@@ -249,7 +249,7 @@ class VerifierService:
         )
 
     def _log_end(
-        self, session: ServerSession, stats: SessionStats, outcome: str, seconds: float
+        self, session: ServerSession, stats: StreamStats, outcome: str, seconds: float
     ) -> None:
         seq = session.seq
         rounds = max(seq.rounds, 1)

@@ -1,10 +1,11 @@
-"""What the OpenAI-compatible API needs from whoever generates: the backend protocol.
+"""The generation protocol: a request, its statistics, and the backend that serves it.
 
 A *backend* turns a `GenerationRequest` (prompt token ids, sampling parameters, limits) into
-the tokens each verification round emits, filling a `SessionStats` as it goes. Two backends
-exist: the edge's (`edge.session.EdgeRuntime`: draft here, verify on a remote server) and the
+the tokens each verification round emits, filling a `GenerationStats` as it goes. Two backends
+exist: the edge's (`edge.runtime.EdgeRuntime`: draft here, verify on a remote server) and the
 server's own (`server.local_sessions.LocalSessions`: draft on the server, or decode
-autoregressively). The API module knows neither; it only speaks this protocol.
+autoregressively). Both run the one round loop (`core.round_loop`); the HTTP API
+(`openai_api`) knows neither and only speaks this protocol.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-from prometheus_client import CollectorRegistry
 
 from specedge.core.sampling import SamplingParams
 from specedge.errors import InvalidRequestError
@@ -31,7 +30,7 @@ class GenerationRequest:
 
 
 @dataclass
-class SessionStats:
+class GenerationStats:
     """Per-request speculation statistics (DESIGN.md section 8), `usage.speculative` of every
     response. Backends without proactive drafting or a wire leave those counters at 0."""
 
@@ -109,11 +108,11 @@ class RoundLoopBackend(ABC):
 
     @abstractmethod
     def _rounds(
-        self, request: GenerationRequest, max_tokens: int, stats: SessionStats
+        self, request: GenerationRequest, max_tokens: int, stats: GenerationStats
     ) -> AsyncGenerator[list[int], None]: ...
 
     async def generate(
-        self, request: GenerationRequest, stats: SessionStats
+        self, request: GenerationRequest, stats: GenerationStats
     ) -> AsyncGenerator[list[int], None]:
         """The tokens each round emits (see `GenerationBackend.generate`)."""
         max_tokens = self.check(request)
@@ -142,7 +141,7 @@ class GenerationBackend(Protocol):
         ...
 
     def generate(
-        self, request: GenerationRequest, stats: SessionStats
+        self, request: GenerationRequest, stats: GenerationStats
     ) -> AsyncGenerator[list[int], None]:
         """The tokens emitted by each round, until a finish reason; closing the generator
         cancels the generation and frees what it holds."""
@@ -151,14 +150,3 @@ class GenerationBackend(Protocol):
     def health(self) -> dict[str, Any]:
         """Fields of `GET /health`; a "status" other than "ok" makes it answer 503."""
         ...
-
-
-class ApiMetrics(Protocol):
-    """Where the API reports: the registry `GET /metrics` serves, a counter of requests by
-    endpoint and outcome (HTTP status or "disconnected"), and each generation's statistics."""
-
-    registry: CollectorRegistry
-
-    def count_request(self, endpoint: str, outcome: str) -> None: ...
-
-    def observe(self, stats: SessionStats) -> None: ...

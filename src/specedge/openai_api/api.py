@@ -121,7 +121,14 @@ class StopMatcher:
 
 
 class Generation:
-    """One request's text: `deltas()` yields text pieces, the last with the finish reason."""
+    """One request's text: `deltas()` yields text pieces, the last with the finish reason.
+
+    `completion_tokens` (usage) counts the tokens of the returned text. When a stop string
+    cuts the text, that is the fewest leading generated tokens whose text covers what was
+    returned: the token that completes the text before the stop string counts (also when the
+    stop string starts inside it), tokens after it do not, although the backend generated them
+    in the same round. With no stop string matched, every generated token counts.
+    """
 
     def __init__(
         self,
@@ -144,6 +151,7 @@ class Generation:
         backend.check(self.request)
         self.stats = GenerationStats()
         self.completion_tokens = 0
+        self._returned_chars = 0  # characters of text yielded so far
 
     @property
     def prompt_tokens(self) -> int:
@@ -164,13 +172,43 @@ class Generation:
                 self.completion_tokens += len(tokens)
                 text, matched = self.stops.feed(decoder.add(tokens))
                 if matched:
-                    yield Delta(text, "stop")
+                    yield self._stopped(decoder, text)
                     return
                 if text:
-                    yield Delta(text)
+                    yield self._delta(text)
         text, matched = self.stops.feed(decoder.text()[decoder.emitted :])
-        tail = text if matched else text + self.stops.flush()
-        yield Delta(tail, "stop" if matched or self.stats.finish_reason == "stop" else "length")
+        if matched:
+            yield self._stopped(decoder, text)
+            return
+        finish = "stop" if self.stats.finish_reason == "stop" else "length"
+        yield self._delta(text + self.stops.flush(), finish)
+
+    def _delta(self, text: str, finish_reason: str | None = None) -> Delta:
+        self._returned_chars += len(text)
+        return Delta(text, finish_reason)
+
+    def _stopped(self, decoder: IncrementalDecoder, text: str) -> Delta:
+        """The last delta of a text cut by a stop string; usage drops the tokens past the cut."""
+        delta = self._delta(text, "stop")
+        self.completion_tokens = tokens_covering(decoder, self._returned_chars)
+        return delta
+
+
+def tokens_covering(decoder: IncrementalDecoder, num_chars: int) -> int:
+    """The fewest leading tokens of `decoder.tokens` whose decoded text has at least
+    `num_chars` complete characters (a trailing U+FFFD, an incomplete UTF-8 sequence, does not
+    count). Scans back from the end: past a stop string there are only a round's tokens and
+    the held-back tail, a few decodes."""
+    tokens = decoder.tokens
+    count = len(tokens)
+    while count > 0:
+        text = decoder.tokenizer.decode(
+            tokens[: count - 1], skip_special_tokens=decoder.skip_special_tokens
+        )
+        if len(text.rstrip("\ufffd")) < num_chars:
+            break
+        count -= 1
+    return count
 
 
 # ---- the app ----------------------------------------------------------------------------------

@@ -115,15 +115,14 @@ def measure_timings(
             start = time.perf_counter()
             builder = draft_engine.builder(draft_seq)
             builder.grow()
-            tree, node_map = builder.tree()
+            sent = builder.sent_tree()
             step_ms.append(1000 * (time.perf_counter() - start) / max(builder.steps, 1))
         with pinned(target_cpus):
             start = time.perf_counter()
-            results = target_engine.verify([(seq, tree) for seq in sequences])
+            results = target_engine.verify([(seq, sent.tree) for seq in sequences])
             verify_ms.append(1000 * (time.perf_counter() - start))
-        accepted = [node_map[node] for node in results[0].accepted_nodes]
         # Greedy verification of one tree on one context: every sequence takes this path.
-        draft_engine.commit(draft_seq, builder, accepted, results[0].emitted_tokens)
+        draft_engine.advance(draft_seq, sent, results[0])
     for seq in sequences:
         target_engine.close(seq)
     draft_engine.close(draft_seq)

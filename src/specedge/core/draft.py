@@ -21,6 +21,14 @@ committed prefix. A proactive subtree (DESIGN.md section 5) is a builder laid ou
 tree's block (`cached_parents`), its pending chain the one bet token hanging from a leaf
 (`attach`); when the bet comes true, `DraftEngine.splice` commits through the bet and seeds the
 next tree with the subtree, its KV moved to where the next tree expects it.
+
+Four index spaces, never mixed: a *builder index* (`BuilderIndex`) numbers `TreeBuilder.nodes`,
+every candidate ever proposed; a *tree index* numbers the nodes of the `DraftTree` that was
+sent (what the wire, the verifier and `VerifyResult.accepted_nodes` use); a *block index*
+(`DraftNode.block_index`) is a node's place in the draft KV block after the committed prefix;
+a *slot position* is `kv_len` + block index. `SentTree` maps tree indices to builder indices
+and is the only translation between the two; block indices and slot positions stay inside the
+builder and `DraftEngine`.
 """
 
 from __future__ import annotations
@@ -34,9 +42,11 @@ import torch
 from specedge.core.lookup import LookupStats, lookup_chain
 from specedge.core.model_runner import ModelRunner
 from specedge.core.tree import ROOT_PARENT, DraftTree, TreeRow
+from specedge.core.verify import VerifyResult
 from specedge.errors import InvalidRequestError
 
 NOT_CACHED = -1  # slot position of a node that has not been forwarded
+BuilderIndex = int  # index into TreeBuilder.nodes (module docstring)
 TopLogprobs = tuple[torch.Tensor, torch.Tensor]  # [n, width] log q values, [n, width] token ids
 
 
@@ -82,6 +92,24 @@ class DraftSequence:
     committed: list[int]
     kv_len: int = 0  # committed tokens whose draft KV is in the slot
     lookup_stats: LookupStats = field(default_factory=LookupStats)
+
+
+@dataclass(frozen=True)
+class SentTree:
+    """A tree as sent to the verifier, and what it came from: each tree node's builder index
+    and the builder (None for an empty tree drafted by no one)."""
+
+    tree: DraftTree
+    builder_nodes: tuple[BuilderIndex, ...]  # [num_nodes]
+    builder: TreeBuilder | None = None
+
+    @staticmethod
+    def empty() -> SentTree:
+        return SentTree(DraftTree(), ())
+
+    def accepted_path(self, verdict: VerifyResult) -> list[BuilderIndex]:
+        """Builder indices of the verdict's accepted nodes (tree indices)."""
+        return [self.builder_nodes[node] for node in verdict.accepted_nodes]
 
 
 @dataclass
@@ -276,8 +304,8 @@ class TreeBuilder:
         return order[:count]
 
     # -- result --------------------------------------------------------------------------------
-    def tree(self, max_nodes: int | None = None) -> tuple[DraftTree, list[int]]:
-        """The best `budget` (or fewer, `max_nodes`) nodes in parents-first order, and each
+    def sent_tree(self, max_nodes: int | None = None) -> SentTree:
+        """The best `budget` (or fewer, `max_nodes`) nodes in parents-first order, with each
         one's builder index."""
         count = self.shape.budget if max_nodes is None else min(self.shape.budget, max_nodes)
         kept = sorted(self._best(count))  # creation order puts parents first
@@ -287,7 +315,36 @@ class TreeBuilder:
             ROOT_PARENT if self.nodes[i].parent == ROOT_PARENT else new_index[self.nodes[i].parent]
             for i in kept
         )
-        return DraftTree(tokens, parents), kept
+        return SentTree(DraftTree(tokens, parents), tuple(kept), self)
+
+    # -- proactive drafting (edge.proactive) ----------------------------------------------------
+    def best_children(self, parents: Sequence[BuilderIndex]) -> list[BuilderIndex]:
+        """Forward those of `parents` not forwarded yet (one draft step, their top-`width`
+        children become candidates outside the best-first order), then return the best-scoring
+        child of each parent that has one."""
+        self.expand([i for i in parents if self.nodes[i].block_index == NOT_CACHED])
+        wanted = set(parents)
+        best: dict[int, int] = {}
+        for i, node in enumerate(self.nodes):
+            if node.parent in wanted:
+                current = best.get(node.parent)
+                if current is None or node.score > self.nodes[current].score:
+                    best[node.parent] = i
+        return list(best.values())
+
+    def subtree(self, leaf: BuilderIndex, token: int, shape: TreeShape) -> TreeBuilder:
+        """A builder for the tree rooted at `token` hanging from forwarded node `leaf`, laid out
+        after this builder's block (a proactive subtree); its steps are the caller's to run."""
+        attach = self.nodes[leaf].block_index
+        assert attach != NOT_CACHED, "a subtree hangs from a forwarded node"
+        return TreeBuilder(
+            self.runner,
+            self.seq,
+            shape,
+            cached_parents=list(self.block_parents),
+            pending=[token],
+            attach=attach,
+        )
 
     def slot_position(self, node: int) -> int:
         """Slot position of a forwarded node's KV."""
@@ -331,16 +388,33 @@ class DraftEngine:
             self.runner, seq, self.shape, pending=seq.committed[seq.kv_len :], use_lookup=True
         )
 
-    def commit(
+    def advance(
+        self,
+        seq: DraftSequence,
+        sent: SentTree,
+        verdict: VerifyResult,
+        seed: TreeBuilder | None = None,
+        shape: TreeShape | None = None,
+    ) -> TreeBuilder:
+        """Commit a round's verdict on `sent` and return the next tree's builder: seeded with
+        `seed` (a proactive subtree whose root is the verdict's bonus token, see `splice`) or
+        fresh. The sequence's lookup record learns from the verdict here, and only here."""
+        assert sent.builder is not None, "an empty tree needs no draft commit"
+        seq.lookup_stats.record(*sent.builder.lookup, verdict.emitted_tokens)
+        if seed is not None:
+            return self._splice(seq, seed, verdict.emitted_tokens, shape or self.shape)
+        self._commit(seq, sent.builder, sent.accepted_path(verdict), verdict.emitted_tokens)
+        return self.builder(seq)
+
+    def _commit(
         self,
         seq: DraftSequence,
         builder: TreeBuilder,
-        accepted_nodes: Sequence[int],  # builder node indices along the accepted path
+        accepted_nodes: Sequence[BuilderIndex],  # along the accepted path
         emitted_tokens: Sequence[int],
     ) -> None:
         """Keep the root chain (committed tokens in the block) and the cached prefix of the
         accepted path, compacted after the committed prefix; drop the rest."""
-        seq.lookup_stats.record(*builder.lookup, emitted_tokens)
         start = seq.kv_len
         kept = [start + index for index in builder.root_chain()]
         for node in accepted_nodes:
@@ -351,7 +425,7 @@ class DraftEngine:
         seq.kv_len = start + len(kept)
         seq.committed.extend(emitted_tokens)
 
-    def splice(
+    def _splice(
         self,
         seq: DraftSequence,
         builder: TreeBuilder,

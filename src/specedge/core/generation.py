@@ -11,9 +11,7 @@ autoregressively). Both run the one round loop (`core.round_loop`); the HTTP API
 from __future__ import annotations
 
 import time
-from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator
-from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -44,6 +42,7 @@ class GenerationStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     finish_reason: str | None = None  # the verifier's: "stop" (a stop token) or "length"
+    finished_at: float | None = None  # when the verifier gave its finish reason
 
     @property
     def tokens_per_round(self) -> float:
@@ -58,14 +57,27 @@ class GenerationStats:
     def ttft_s(self) -> float | None:
         return None if self.first_token_at is None else self.first_token_at - self.started
 
+    @property
+    def ttft_ms(self) -> float:
+        return 1000 * (self.ttft_s or 0.0)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Emitted tokens per second from the request's start to its finish (or now)."""
+        elapsed = (self.finished_at or time.perf_counter()) - self.started
+        return self.emitted / elapsed if elapsed > 0 else 0.0
+
     def record_round(self, emitted: int, accepted: int, finish_reason: str | None) -> None:
         """One verification round's outcome (the first round also stamps the first token)."""
         self.rounds += 1
         self.emitted += emitted
         self.accepted += accepted
         self.finish_reason = finish_reason
+        now = time.perf_counter()
         if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
+            self.first_token_at = now
+        if finish_reason is not None:
+            self.finished_at = now
 
     def as_dict(self) -> dict[str, Any]:
         ttft = self.ttft_s
@@ -95,34 +107,6 @@ def check_request(request: GenerationRequest, max_context: int, owner: str) -> i
     if request.max_tokens < 1:
         raise InvalidRequestError(f"max_tokens must be >= 1, got {request.max_tokens}")
     return min(request.max_tokens, max_context - prompt)
-
-
-class RoundLoopBackend(ABC):
-    """The `generate` both backends share: validate the request, then count the generation
-    as active while the backend's round loop (`_rounds`) runs."""
-
-    active_sessions: int = 0
-
-    @abstractmethod
-    def check(self, request: GenerationRequest) -> int: ...
-
-    @abstractmethod
-    def _rounds(
-        self, request: GenerationRequest, max_tokens: int, stats: GenerationStats
-    ) -> AsyncGenerator[list[int], None]: ...
-
-    async def generate(
-        self, request: GenerationRequest, stats: GenerationStats
-    ) -> AsyncGenerator[list[int], None]:
-        """The tokens each round emits (see `GenerationBackend.generate`)."""
-        max_tokens = self.check(request)
-        self.active_sessions += 1
-        try:
-            async with aclosing(self._rounds(request, max_tokens, stats)) as rounds:
-                async for tokens in rounds:
-                    yield tokens
-        finally:
-            self.active_sessions -= 1
 
 
 class GenerationBackend(Protocol):

@@ -1,33 +1,33 @@
-"""Local generation in one process: the loop behind `specedge generate`.
+"""Local generation in one process: the library behind `specedge generate`.
 
-One loop serves both strategies: autoregressive decoding verifies an empty tree each round;
-speculative decoding grows a draft tree first (the "server-only speculative" baseline).
+The one round loop (`core.round_loop`) with the target in this process as the verifier:
+autoregressive decoding with no drafter (every tree empty), speculative decoding with a draft
+model growing each tree first (the "server-only speculative" baseline).
 """
 
 from __future__ import annotations
 
-import time
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from specedge.core.draft import DraftEngine, TreeShape
+from specedge.core.draft import DraftEngine, SentTree, TreeShape
+from specedge.core.generation import GenerationStats
 from specedge.core.model_runner import ModelRunner
+from specedge.core.round_loop import (
+    Drafter,
+    InlineJobs,
+    ModelDrafter,
+    NoDrafter,
+    TreeLimits,
+    run_rounds,
+)
 from specedge.core.sampling import SamplingParams
-from specedge.core.target import GenerationLimits, TargetEngine
-from specedge.core.tree import DraftTree
-from specedge.errors import TokenizerMismatchError
-from specedge.model.loader import LoadedModel, tokenizer_fingerprint
+from specedge.core.target import GenerationLimits, TargetEngine, TargetSequence
+from specedge.core.verify import VerifyResult
+from specedge.model.loader import LoadedModel, check_same_tokenizer
 
-DEFAULT_MAX_CONTEXT = 4096
-
-
-@dataclass(frozen=True)
-class GenerationStats:
-    rounds: int
-    tokens_per_round: float
-    acceptance_rate: float  # share of emitted tokens that were accepted draft tokens
-    tokens_per_s: float
-    ttft_ms: float
+DEFAULT_MAX_CONTEXT = 4096  # prompt + generated tokens per request, unless the model allows less
 
 
 @dataclass(frozen=True)
@@ -42,16 +42,29 @@ class GenerationOutput:
         return len(self.token_ids)
 
 
-def check_same_tokenizer(target: LoadedModel, draft: LoadedModel) -> None:
-    """Raise TokenizerMismatchError unless token ids mean the same to both models."""
-    target_fp = tokenizer_fingerprint(target.tokenizer)
-    draft_fp = tokenizer_fingerprint(draft.tokenizer)
-    if target_fp != draft_fp or target.config.vocab_size != draft.config.vocab_size:
-        raise TokenizerMismatchError(
-            f"draft {draft.name!r} and target {target.name!r} do not share a tokenizer "
-            f"(fingerprints {draft_fp} vs {target_fp}, vocab {draft.config.vocab_size} vs "
-            f"{target.config.vocab_size}); pick a draft from the target's model family"
+class LocalVerifier:
+    """The target in this process verifies one sequence per round
+    (`core.round_loop.SessionVerifier`)."""
+
+    def __init__(self, target: TargetEngine, seq: TargetSequence) -> None:
+        self.target = target
+        self.seq = seq
+        self.limits = TreeLimits(
+            target.limits.max_tree_nodes, target.limits.max_tree_depth, target.runner.max_context
         )
+
+    async def verify(self, sent: SentTree) -> VerifyResult:
+        tree = self.target.admit(self.seq, sent.tree)
+        return self.target.verify([(self.seq, tree)])[0]
+
+    def traffic(self) -> tuple[int, int]:
+        return 0, 0
+
+    async def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.target.close(self.seq)
 
 
 class LocalGenerator:
@@ -90,44 +103,35 @@ class LocalGenerator:
         stop_token_ids: Sequence[int],
         on_tokens: Callable[[list[int]], None] | None = None,
     ) -> GenerationOutput:
-        start = time.perf_counter()
-        seq = self.target.open(prompt_tokens, params, max_new_tokens, stop_token_ids)
-        draft_seq = self.draft.open(prompt_tokens) if self.draft else None
-        first_token_at = None
-        try:
-            self.target.prefill(seq)
-            if self.draft and draft_seq:
-                self.draft.prefill(draft_seq)
-            while seq.finish_reason is None:
-                builder = None
-                tree, node_map = DraftTree(), list[int]()
-                if self.draft and draft_seq:
-                    builder = self.draft.builder(draft_seq)
-                    builder.grow()
-                    tree, node_map = builder.tree()
-                result = self.target.verify([(seq, tree)])[0]
-                if self.draft and draft_seq and builder:
-                    accepted = [node_map[node] for node in result.accepted_nodes]
-                    self.draft.commit(draft_seq, builder, accepted, result.emitted_tokens)
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                if on_tokens:
-                    on_tokens(result.emitted_tokens)
-        finally:
-            self.target.close(seq)
-            if self.draft and draft_seq:
-                self.draft.close(draft_seq)
-        elapsed = time.perf_counter() - start
-        generated = seq.committed[seq.num_prompt :]
-        stats = GenerationStats(
-            rounds=seq.rounds,  # target forwards after prefill: one per token without a draft
-            tokens_per_round=len(generated) / max(seq.rounds, 1),
-            acceptance_rate=seq.accepted / max(len(generated), 1),
-            tokens_per_s=len(generated) / elapsed if elapsed > 0 else 0.0,
-            ttft_ms=1000 * ((first_token_at or time.perf_counter()) - start),
+        """Generate for one prompt; `on_tokens` sees each round's emitted tokens."""
+        return asyncio.run(
+            self._generate(prompt_tokens, params, max_new_tokens, stop_token_ids, on_tokens)
         )
+
+    async def _generate(
+        self,
+        prompt_tokens: Sequence[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        stop_token_ids: Sequence[int],
+        on_tokens: Callable[[list[int]], None] | None,
+    ) -> GenerationOutput:
+        stats = GenerationStats()
+        seq = self.target.open(prompt_tokens, params, max_new_tokens, stop_token_ids)
+        verifier = LocalVerifier(self.target, seq)
+        drafter: Drafter = NoDrafter()
+        try:
+            if self.draft is not None:
+                drafter = ModelDrafter(self.draft, list(prompt_tokens), InlineJobs())
+            self.target.prefill(seq)
+            async for tokens in run_rounds(len(prompt_tokens), drafter, verifier, stats):
+                if on_tokens:
+                    on_tokens(tokens)
+        finally:
+            verifier.close()
+            drafter.close()
         return GenerationOutput(
-            token_ids=generated,
+            token_ids=seq.committed[seq.num_prompt :],
             prompt_tokens=seq.num_prompt,
             finish_reason=seq.finish_reason or "length",
             stats=stats,

@@ -9,6 +9,7 @@ one token is always kept).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,12 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        """The one validation of sampling parameters, wherever they come from (HTTP, gRPC,
+        the command line)."""
+        if not math.isfinite(self.temperature) or not math.isfinite(self.top_p):
+            raise InvalidRequestError(
+                f"temperature and top_p must be finite, got {self.temperature}, {self.top_p}"
+            )
         if not self.temperature >= 0.0:
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

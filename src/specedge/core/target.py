@@ -109,7 +109,10 @@ class TargetEngine:
         while not self.prefill_chunk(seq):
             pass
 
-    def validate(self, seq: TargetSequence, tree: DraftTree) -> None:
+    def admit(self, seq: TargetSequence, tree: DraftTree) -> DraftTree:
+        """The tree this sequence's next round verifies: `tree` checked against the vocabulary
+        and the caps (InvalidRequestError), then fitted to the context left. The one check of
+        a tree on the verifying side."""
         validate_tree(
             tree.tokens,
             tree.parents,
@@ -119,15 +122,11 @@ class TargetEngine:
         )
         if seq.finish_reason is not None:
             raise InvalidRequestError("the sequence has already finished")
-        if len(seq.committed) + tree.num_nodes > self.runner.max_context:
-            raise InvalidRequestError(
-                f"context {len(seq.committed)} + tree {tree.num_nodes} nodes exceeds the "
-                f"limit {self.runner.max_context}"
-            )
+        return fit_to_context(tree, len(seq.committed), self.runner.max_context)
 
     def verify(self, batch: Sequence[tuple[TargetSequence, DraftTree]]) -> list[VerifyResult]:
         """One batched target forward over every (sequence, tree); see the module docstring.
-        Trees must have passed `validate`; sequences must be prefilled."""
+        Trees must have passed `admit`; sequences must be prefilled."""
         rows = []
         for seq, tree in batch:
             assert not seq.needs_prefill and seq.finish_reason is None
@@ -165,3 +164,16 @@ class TargetEngine:
 
     def close(self, seq: TargetSequence) -> None:
         self.runner.kv.free(seq.slot)
+
+
+def fit_to_context(tree: DraftTree, context_len: int, max_context: int) -> DraftTree:
+    """Keep the first nodes that fit in the context (a prefix of a well-formed tree is a tree).
+
+    A drafter sizes its trees to the room its verifier announced (`core.round_loop.TreeLimits`);
+    a tree that still does not fit loses its last nodes here, which only lowers the
+    acceptance, never changes the output, so the session goes on instead of failing.
+    """
+    room = max_context - context_len
+    if tree.num_nodes <= room or room < 0:
+        return tree  # room < 0 cannot happen for an open session: its prompt was checked
+    return DraftTree(tree.tokens[:room], tree.parents[:room])

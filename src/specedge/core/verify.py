@@ -23,6 +23,10 @@ class VerifyResult:
     emitted_tokens: list[int]  # accepted path, then the bonus token (possibly cut by a stop)
     accepted_nodes: list[int]  # tree node indices of the accepted tokens that were emitted
     finish_reason: str | None  # FINISH_STOP, FINISH_LENGTH or None (keep going)
+    # Nodes of the sent tree that were verified, a prefix in the sent order (None: all of
+    # them). The seam for a server that verifies less than it was sent: the accepted path
+    # never leaves the verified prefix.
+    num_verified: int | None = None
 
     @property
     def num_accepted(self) -> int:
@@ -39,10 +43,7 @@ def verify_tree(
 ) -> VerifyResult:
     """Walk the tree along the target's draws; see the module docstring."""
     assert len(samples) == len(tree_tokens) + 1 and max_new_tokens >= 1
-    child_by_token: dict[tuple[int, int], int] = {
-        (parent, token): node
-        for node, (token, parent) in enumerate(zip(tree_tokens, tree_parents, strict=True))
-    }
+    child_by_token = _child_index(tree_tokens, tree_parents)
     emitted: list[int] = []
     accepted: list[int] = []
     current = ROOT_PARENT
@@ -62,3 +63,36 @@ def verify_tree(
             return VerifyResult(emitted, accepted, None)
         accepted.append(child)
         current = child
+
+
+def verdict_from_reply(
+    tree_tokens: Sequence[int],  # [num_nodes]
+    tree_parents: Sequence[int],  # [num_nodes]
+    emitted_tokens: Sequence[int],
+    num_accepted: int,
+    finish_reason: str | None,
+) -> VerifyResult:
+    """The verdict a remote verifier's reply (emitted tokens, how many were accepted) stands
+    for: its accepted path walked down the tree. Raises ValueError when the reply does not fit
+    the tree."""
+    if not 0 <= num_accepted <= len(emitted_tokens):
+        raise ValueError(f"{num_accepted} accepted tokens out of {len(emitted_tokens)} emitted")
+    child_by_token = _child_index(tree_tokens, tree_parents)
+    path, current = [], ROOT_PARENT
+    for token in emitted_tokens[:num_accepted]:
+        node = child_by_token.get((current, token))
+        if node is None:
+            raise ValueError(f"accepted token {token} is not a child of tree node {current}")
+        path.append(node)
+        current = node
+    return VerifyResult(list(emitted_tokens), path, finish_reason)
+
+
+def _child_index(
+    tree_tokens: Sequence[int], tree_parents: Sequence[int]
+) -> dict[tuple[int, int], int]:
+    """(parent, token) -> node: siblings carry distinct tokens."""
+    return {
+        (parent, token): node
+        for node, (token, parent) in enumerate(zip(tree_tokens, tree_parents, strict=True))
+    }

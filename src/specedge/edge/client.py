@@ -32,7 +32,6 @@ from specedge.rpc.codec import (
     TreeVerified,
     VerifierClient,
     VerifyTree,
-    wire_size,
 )
 
 logger = logging.getLogger(__name__)
@@ -227,11 +226,17 @@ class RemoteSession:
         self._ended = False
         self.info = link.info
         self.round = 0
-        self.bytes_sent = 0
-        self.bytes_received = 0
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._call.traffic.sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._call.traffic.received
 
     async def start(self, request: OpenSession) -> None:
-        self.bytes_sent += await self._guard(self._call.send(request), "open")
+        await self._guard(self._call.send(request), "open")
         self._opened = asyncio.ensure_future(self._receive(SessionOpened, "open"))
 
     async def opened(self) -> SessionOpened:
@@ -243,7 +248,7 @@ class RemoteSession:
         """Send one round's tree and await the server's verdict."""
         await self.opened()
         message = VerifyTree(round=self.round, tokens=list(tree.tokens), parents=list(tree.parents))
-        self.bytes_sent += await self._guard(self._call.send(message), "a round")
+        await self._guard(self._call.send(message), "a round")
         reply = await self._receive(TreeVerified, "a round")
         if reply.round != self.round:
             raise self._fail(f"reply to round {reply.round} while round {self.round} was sent")
@@ -254,7 +259,7 @@ class RemoteSession:
         """Tell the server we are done (after its final reply), best effort."""
         if not self._ended:
             try:
-                self.bytes_sent += await self._call.send(CloseSession())
+                await self._call.send(CloseSession())
                 await self._call.done_writing()
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 pass
@@ -285,7 +290,6 @@ class RemoteSession:
             raise self._fail(f"the server closed the session during {during}")
         if not isinstance(reply, kind):
             raise self._fail(f"unexpected {type(reply).__name__} during {during}")
-        self.bytes_received += wire_size(reply)
         return reply
 
     async def _guard(self, awaitable: Awaitable[T], during: str) -> T:

@@ -16,13 +16,23 @@ compacts the draft KV to the prefix + accepted path (`DraftEngine.commit`).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import enum
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
+from typing import TypeVar
 
-from specedge.core.draft import NOT_CACHED, DraftEngine, DraftSequence, TreeBuilder, TreeShape
-from specedge.core.tree import ROOT_PARENT, DraftTree
+from specedge.core.draft import BuilderIndex, DraftEngine, SentTree, TreeBuilder, TreeShape
+from specedge.core.round_loop import ModelDrafter, TreeLimits
+from specedge.core.tree import DraftTree
+from specedge.core.verify import VerifyResult
+from specedge.edge.worker import DraftWorker, Priority
+
+T = TypeVar("T")
 
 
 class ProactivePolicy(enum.StrEnum):
@@ -33,7 +43,7 @@ class ProactivePolicy(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Bet:
-    leaf: int  # builder node index of L, a leaf of the sent tree
+    leaf: BuilderIndex  # L, a leaf of the sent tree
     token: int  # t, the predicted bonus token
     score: float  # score(L) + log(decay_p) + log q(t | L): the bet's estimated log-probability
 
@@ -57,27 +67,8 @@ def tree_leaves(tree: DraftTree) -> list[int]:
     return [node for node in range(tree.num_nodes) if node not in parents]
 
 
-def accepted_nodes(tree: DraftTree, emitted_tokens: Sequence[int], num_accepted: int) -> list[int]:
-    """Tree node indices of the accepted path: the first `num_accepted` emitted tokens walked
-    down from the root. Raises ValueError when the reply does not fit the tree."""
-    child_by_token = {
-        (parent, token): node
-        for node, (token, parent) in enumerate(zip(tree.tokens, tree.parents, strict=True))
-    }
-    if not 0 <= num_accepted <= len(emitted_tokens):
-        raise ValueError(f"{num_accepted} accepted tokens out of {len(emitted_tokens)} emitted")
-    path, current = [], ROOT_PARENT
-    for token in emitted_tokens[:num_accepted]:
-        node = child_by_token.get((current, token))
-        if node is None:
-            raise ValueError(f"accepted token {token} is not a child of tree node {current}")
-        path.append(node)
-        current = node
-    return path
-
-
 class ProactiveDrafter:
-    """Chooses bets, starts their subtrees and turns a reply into the next tree's builder."""
+    """Chooses bets, starts their subtrees and turns a verdict into the next tree's builder."""
 
     def __init__(
         self,
@@ -96,67 +87,53 @@ class ProactiveDrafter:
     def enabled(self) -> bool:
         return self.policy != ProactivePolicy.OFF
 
-    def choose_bet(self, builder: TreeBuilder, node_map: Sequence[int], tree: DraftTree) -> Bet:
+    def choose_bet(self, sent: SentTree) -> Bet:
         """The best (leaf, next token) bet on the sent tree; forwards the leaves not expanded
         yet (one draft step), which also gives them the draft KV a subtree hangs from."""
-        leaves = [node_map[node] for node in tree_leaves(tree)]
-        builder.expand([i for i in leaves if builder.nodes[i].block_index == NOT_CACHED])
-        best_child: dict[int, int] = {}
-        leaf_set = set(leaves)
-        for i, node in enumerate(builder.nodes):
-            if node.parent in leaf_set:
-                current = best_child.get(node.parent)
-                if current is None or node.score > builder.nodes[current].score:
-                    best_child[node.parent] = i
+        builder = sent.builder
+        assert builder is not None and sent.tree.num_nodes > 0
+        leaves = [sent.builder_nodes[node] for node in tree_leaves(sent.tree)]
+        children = builder.best_children(leaves)
         # A child's score already holds score(L) + log q(t | L) + log(decay).
-        child = max(best_child.values(), key=lambda i: builder.nodes[i].score)
-        log_decay = math.log(builder.shape.decay)
-        score = builder.nodes[child].score - log_decay + self.log_decay_p
-        return Bet(builder.nodes[child].parent, builder.nodes[child].token, score)
+        child = builder.nodes[max(children, key=lambda i: builder.nodes[i].score)]
+        score = child.score - math.log(builder.shape.decay) + self.log_decay_p
+        return Bet(child.parent, child.token, score)
 
-    def start(self, builder: TreeBuilder, bet: Bet) -> ProactiveDraft:
-        """A builder for t's subtree, laid out after `builder`'s block with t hanging from L;
-        its steps are the caller's to run."""
-        subtree = TreeBuilder(
-            builder.runner,
-            builder.seq,
-            self.subtree_shape,
-            cached_parents=list(builder.block_parents),
-            pending=[bet.token],
-            attach=builder.nodes[bet.leaf].block_index,
-        )
-        return ProactiveDraft(bet, subtree)
+    def start(self, sent: SentTree, bet: Bet) -> ProactiveDraft:
+        """The bet's subtree, laid out after the sent tree's block; its steps are the caller's
+        to run."""
+        assert sent.builder is not None
+        return ProactiveDraft(bet, sent.builder.subtree(bet.leaf, bet.token, self.subtree_shape))
 
     @staticmethod
-    def is_hit(
-        proactive: ProactiveDraft | None, accepted: Sequence[int], emitted_tokens: Sequence[int]
-    ) -> bool:
-        """The accepted path (builder indices) ends at the bet's leaf and the bonus is t."""
+    def is_hit(proactive: ProactiveDraft | None, sent: SentTree, verdict: VerifyResult) -> bool:
+        """The accepted path ends at the bet's leaf and the bonus is t."""
+        accepted = sent.accepted_path(verdict)
+        emitted = verdict.emitted_tokens
         return (
             proactive is not None
             and proactive.started
             and bool(accepted)
             and accepted[-1] == proactive.bet.leaf
-            and len(emitted_tokens) == len(accepted) + 1
-            and emitted_tokens[-1] == proactive.bet.token
+            and len(emitted) == len(accepted) + 1
+            and emitted[-1] == proactive.bet.token
         )
 
     def resolve(
         self,
-        seq: DraftSequence,
-        builder: TreeBuilder,
+        sent: SentTree,
         proactive: ProactiveDraft | None,
-        accepted: Sequence[int],  # builder node indices of the accepted path
-        emitted_tokens: Sequence[int],
+        verdict: VerifyResult,
         max_depth: int | None = None,  # the server's tree depth cap (bounds add-depth)
     ) -> tuple[TreeBuilder, bool]:
-        """Commit a round's reply and return the next tree's builder and whether the bet hit."""
-        if proactive is not None and self.is_hit(proactive, accepted, emitted_tokens):
-            seq.lookup_stats.record(*builder.lookup, emitted_tokens)  # commit does it on a miss
+        """Commit a round's verdict and return the next tree's builder and whether the bet
+        hit (the next tree then starts from the bet's subtree)."""
+        assert sent.builder is not None
+        seq = sent.builder.seq
+        if proactive is not None and self.is_hit(proactive, sent, verdict):
             shape = self._next_shape(proactive.builder, max_depth)
-            return self.draft.splice(seq, proactive.builder, emitted_tokens, shape), True
-        self.draft.commit(seq, builder, accepted, emitted_tokens)
-        return self.draft.builder(seq), False
+            return self.draft.advance(seq, sent, verdict, proactive.builder, shape), True
+        return self.draft.advance(seq, sent, verdict), False
 
     def _next_shape(self, subtree: TreeBuilder, max_depth: int | None) -> TreeShape:
         """keep-depth: the tree keeps its depth and continues from the subtree's steps;
@@ -168,3 +145,68 @@ class ProactiveDrafter:
         if max_depth is not None:
             depth = min(depth, max_depth)
         return replace(shape, depth=depth)
+
+
+class WorkerJobs:
+    """`ModelJobs` on the edge's one draft worker thread (`core.round_loop.ModelJobs`)."""
+
+    def __init__(self, worker: DraftWorker) -> None:
+        self.worker = worker
+
+    async def run(self, job: Callable[[], T]) -> T:
+        return await self.worker.run(job, Priority.CRITICAL)
+
+    def submit_cleanup(self, job: Callable[[], None]) -> concurrent.futures.Future[None]:
+        return self.worker.submit(job, Priority.CLEANUP)
+
+
+class ProactiveModelDrafter(ModelDrafter):
+    """The edge's drafter: a `ModelDrafter` that bets on each verdict while it is in flight
+    and grows the bet's subtree, one draft step per worker job, until the verdict lands."""
+
+    def __init__(
+        self,
+        engine: DraftEngine,
+        prompt_tokens: list[int],
+        worker: DraftWorker,
+        proactive: ProactiveDrafter,
+        limits: TreeLimits,
+    ) -> None:
+        super().__init__(engine, prompt_tokens, WorkerJobs(worker))
+        self.worker = worker
+        self.proactive = proactive
+        self.limits = limits
+        self.pending: ProactiveDraft | None = None
+
+    async def wait(self, sent: SentTree, verdict: asyncio.Future[VerifyResult]) -> bool:
+        self.pending = None
+        if not self.proactive.enabled or sent.tree.num_nodes == 0:
+            return False
+        arrived = threading.Event()  # read on the worker thread: skip steps queued too late
+        verdict.add_done_callback(lambda _: arrived.set())
+
+        def bet() -> ProactiveDraft | None:
+            if arrived.is_set():
+                return None
+            return self.proactive.start(sent, self.proactive.choose_bet(sent))
+
+        pending = await self.worker.run(bet, Priority.PROACTIVE)
+        if pending is None:
+            return False
+        self.pending = pending
+        subtree = pending.builder
+
+        def step() -> bool:
+            return not arrived.is_set() and subtree.step()
+
+        while not verdict.done() and await self.worker.run(step, Priority.PROACTIVE):
+            pass
+        return pending.started
+
+    async def commit(self, sent: SentTree, verdict: VerifyResult) -> bool:
+        pending, self.pending = self.pending, None
+        resolve = partial(
+            self.proactive.resolve, sent, pending, verdict, self.limits.max_tree_depth
+        )
+        self.builder, hit = await self.worker.run(resolve)
+        return hit

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from specedge.errors import ModelLoadError
+from specedge.errors import ModelLoadError, TokenizerMismatchError
 from specedge.model.config import ModelConfig
 from specedge.model.transformer import Linear, Transformer, rope_inv_freq
 
@@ -244,6 +244,18 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 # ---- sources ----------------------------------------------------------------------------------
+
+
+def check_same_tokenizer(target: LoadedModel, draft: LoadedModel) -> None:
+    """Raise TokenizerMismatchError unless token ids mean the same to both models."""
+    target_fp = tokenizer_fingerprint(target.tokenizer)
+    draft_fp = tokenizer_fingerprint(draft.tokenizer)
+    if target_fp != draft_fp or target.config.vocab_size != draft.config.vocab_size:
+        raise TokenizerMismatchError(
+            f"draft {draft.name!r} and target {target.name!r} do not share a tokenizer "
+            f"(fingerprints {draft_fp} vs {target_fp}, vocab {draft.config.vocab_size} vs "
+            f"{target.config.vocab_size}); pick a draft from the target's model family"
+        )
 
 
 def _looks_like_hub_id(name: str) -> bool:

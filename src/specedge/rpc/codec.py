@@ -15,6 +15,8 @@ from typing import Any
 
 import grpc
 
+from specedge.core.sampling import SamplingParams
+from specedge.errors import InvalidRequestError
 from specedge.rpc import specedge_pb2 as pb
 from specedge.rpc import specedge_pb2_grpc as pb_grpc
 
@@ -42,17 +44,9 @@ class ServerInfo:
 
 
 @dataclass(frozen=True)
-class WireSampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
 class OpenSession:
     prompt_token_ids: list[int]
-    sampling: WireSampling
+    sampling: SamplingParams
     max_tokens: int
     stop_token_ids: list[int] = field(default_factory=list)
     tokenizer_fingerprint: str = ""
@@ -71,7 +65,15 @@ class CloseSession:
     pass
 
 
-EdgeRequest = OpenSession | VerifyTree | CloseSession
+@dataclass(frozen=True)
+class MalformedMessage:
+    """An edge message that decodes but says something impossible (the caller reports it as
+    INVALID_ARGUMENT with `reason`)."""
+
+    reason: str
+
+
+EdgeRequest = OpenSession | VerifyTree | CloseSession | MalformedMessage
 
 
 @dataclass(frozen=True)
@@ -119,19 +121,24 @@ def encode_edge(message: EdgeRequest) -> pb.EdgeMessage:
 
 
 def decode_edge(message: pb.EdgeMessage) -> EdgeRequest | None:
-    """None for an empty message (the caller reports it as INVALID_ARGUMENT)."""
+    """None for an empty message, `MalformedMessage` for invalid values (the caller reports
+    both as INVALID_ARGUMENT)."""
     kind = message.WhichOneof("kind")
     if kind == "open":
         o = message.open
         s = o.sampling
-        return OpenSession(
-            prompt_token_ids=list(o.prompt_token_ids),
-            sampling=WireSampling(
+        try:
+            sampling = SamplingParams(
                 temperature=s.temperature,
                 top_p=s.top_p if s.top_p > 0 else 1.0,
                 top_k=s.top_k,
                 seed=s.seed if s.HasField("seed") else None,
-            ),
+            )
+        except InvalidRequestError as error:
+            return MalformedMessage(f"invalid sampling parameters: {error}")
+        return OpenSession(
+            prompt_token_ids=list(o.prompt_token_ids),
+            sampling=sampling,
             max_tokens=o.max_tokens,
             stop_token_ids=list(o.stop_token_ids),
             tokenizer_fingerprint=o.tokenizer_fingerprint,
@@ -199,24 +206,42 @@ def decode_info(reply: pb.InfoReply) -> ServerInfo:
     )
 
 
-def wire_size(message: EdgeRequest | ServerReply) -> int:
-    """Serialized size in bytes (what the message costs on the wire, before gRPC framing)."""
-    if isinstance(message, OpenSession | VerifyTree | CloseSession):
-        return encode_edge(message).ByteSize()
-    return encode_server(message).ByteSize()
+@dataclass
+class StreamTraffic:
+    """Serialized bytes one Session stream carried (before gRPC framing), counted where the
+    codec encodes and decodes each message; `on_sent` / `on_received` see each message's size
+    (e.g. a Prometheus counter's `inc`)."""
+
+    sent: int = 0
+    received: int = 0
+    on_sent: Callable[[int], None] | None = None
+    on_received: Callable[[int], None] | None = None
+
+    def count_sent(self, size: int) -> None:
+        self.sent += size
+        if self.on_sent is not None:
+            self.on_sent(size)
+
+    def count_received(self, size: int) -> None:
+        self.received += size
+        if self.on_received is not None:
+            self.on_received(size)
 
 
 # ---- gRPC wiring (asyncio) --------------------------------------------------------------------
-SessionHandler = Callable[[AsyncIterator[EdgeRequest | None], Any], AsyncIterator[ServerReply]]
+SessionHandler = Callable[
+    [AsyncIterator[EdgeRequest | None], Any, StreamTraffic], AsyncIterator[ServerReply]
+]
 InfoHandler = Callable[[Any], Awaitable[ServerInfo]]
 
 
 def add_verifier_service(
     server: grpc.aio.Server, info: InfoHandler, session: SessionHandler
 ) -> None:
-    """Register the Verifier service: `info(context)` and `session(requests, context)`, where
-    `requests` yields decoded EdgeRequests (None for an empty message) and the handler yields
-    ServerReplys. Errors: `await context.abort(grpc.StatusCode.X, message)`."""
+    """Register the Verifier service: `info(context)` and `session(requests, context,
+    traffic)`, where `requests` yields decoded EdgeRequests (None for an empty message), the
+    handler yields ServerReplys and `traffic` counts the stream's bytes both ways. Errors:
+    `await context.abort(grpc.StatusCode.X, message)`."""
 
     class _Servicer(pb_grpc.VerifierServicer):
         async def Info(self, request: pb.InfoRequest, context: Any) -> pb.InfoReply:  # noqa: N802
@@ -225,12 +250,17 @@ def add_verifier_service(
         async def Session(  # noqa: N802
             self, request_iterator: AsyncIterator[pb.EdgeMessage], context: Any
         ) -> AsyncIterator[pb.ServerMessage]:
+            traffic = StreamTraffic()
+
             async def decoded() -> AsyncIterator[EdgeRequest | None]:
                 async for message in request_iterator:
+                    traffic.count_received(message.ByteSize())
                     yield decode_edge(message)
 
-            async for reply in session(decoded(), context):
-                yield encode_server(reply)
+            async for reply in session(decoded(), context, traffic):
+                encoded = encode_server(reply)
+                traffic.count_sent(encoded.ByteSize())
+                yield encoded
 
     pb_grpc.add_VerifierServicer_to_server(_Servicer(), server)
 
@@ -255,18 +285,20 @@ class SessionCall:
 
     def __init__(self, call: Any) -> None:
         self._call = call
+        self.traffic = StreamTraffic()
 
-    async def send(self, message: EdgeRequest) -> int:
-        """Send one request; returns its serialized size in bytes."""
+    async def send(self, message: EdgeRequest) -> None:
+        """Send one request (counted in `traffic` once written)."""
         encoded = encode_edge(message)
         await self._call.write(encoded)
-        return int(encoded.ByteSize())
+        self.traffic.count_sent(encoded.ByteSize())
 
     async def receive(self) -> ServerReply | None:
         """The next reply, or None when the server closed the stream cleanly."""
         message = await self._call.read()
         if message is grpc.aio.EOF:
             return None
+        self.traffic.count_received(message.ByteSize())
         return decode_server(message)
 
     async def done_writing(self) -> None:

@@ -22,11 +22,16 @@ import grpc
 
 from specedge.background import LoopThread
 from specedge.core.draft import DraftEngine
-from specedge.core.local import check_same_tokenizer
 from specedge.core.model_runner import ModelRunner
 from specedge.core.target import GenerationLimits, TargetEngine
 from specedge.errors import SpecEdgeError
-from specedge.model.loader import LoadedModel, load_model, parse_dtype, tokenizer_fingerprint
+from specedge.model.loader import (
+    LoadedModel,
+    check_same_tokenizer,
+    load_model,
+    parse_dtype,
+    tokenizer_fingerprint,
+)
 from specedge.openai_api.api import ServedModel, create_app
 from specedge.openai_api.serving import HttpApiServer
 from specedge.rpc.codec import PROTOCOL_VERSION, ServerInfo, add_verifier_service

@@ -33,7 +33,7 @@ from typing import TypeVar
 
 from specedge.core.sampling import SamplingParams
 from specedge.core.target import TargetEngine, TargetSequence
-from specedge.core.tree import DraftTree, validate_tree
+from specedge.core.tree import DraftTree
 from specedge.core.verify import VerifyResult
 from specedge.errors import InvalidRequestError, ServiceUnavailableError, SpecEdgeError
 from specedge.server.metrics import ServerMetrics
@@ -183,16 +183,7 @@ class VerificationExecutor:
             raise SessionStateError("the session has finished; open a new one")
         if session.future is not None:
             raise SessionStateError("the session already has a tree in verification")
-        limits = self.engine.limits
-        validate_tree(
-            tree.tokens,
-            tree.parents,
-            vocab_size=self.engine.vocab_size,
-            max_nodes=limits.max_tree_nodes,
-            max_depth=limits.max_tree_depth,
-        )
-        tree = fit_to_context(tree, len(session.seq.committed), self.engine.runner.max_context)
-        self.engine.validate(session.seq, tree)
+        tree = self.engine.admit(session.seq, tree)
         future: asyncio.Future[VerifyResult] = asyncio.get_running_loop().create_future()
         session.tree, session.future = tree, future
         self.scheduler.add_request(session_id, tree.num_nodes + 1, self._clock())
@@ -384,15 +375,3 @@ def _timed(job: Callable[[], T]) -> tuple[T, float]:
     start = time.perf_counter()
     result = job()
     return result, time.perf_counter() - start
-
-
-def fit_to_context(tree: DraftTree, context_len: int, max_context: int) -> DraftTree:
-    """Keep the first nodes that fit in the context (a prefix of a well-formed tree is a tree).
-
-    Near the end of the context an edge's usual tree may not fit; dropping nodes only lowers
-    the acceptance, never changes the output, so the session goes on instead of failing.
-    """
-    room = max_context - context_len
-    if tree.num_nodes <= room or room < 0:
-        return tree  # room < 0 cannot happen for an open session; validation reports it
-    return DraftTree(tree.tokens[:room], tree.parents[:room])

@@ -14,28 +14,26 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from specedge.core.sampling import SamplingParams
 from specedge.core.tree import DraftTree
 from specedge.errors import CapacityError, InvalidRequestError
 from specedge.rpc.codec import (
     PROTOCOL_VERSION,
     CloseSession,
     EdgeRequest,
+    MalformedMessage,
     OpenSession,
     ServerInfo,
     ServerReply,
     SessionOpened,
+    StreamTraffic,
     TreeVerified,
     VerifyTree,
-    wire_size,
 )
 from specedge.server.executor import (
     ServerClosingError,
@@ -58,14 +56,6 @@ AUTH_MESSAGE = (
     "missing or wrong bearer token: send metadata 'authorization: Bearer <token>' with the "
     "server's --auth-token"
 )
-
-
-@dataclass
-class StreamStats:
-    """Wire traffic of one session (rounds and tokens live in its TargetSequence)."""
-
-    bytes_received: int = 0
-    bytes_sent: int = 0
 
 
 class _SessionAborted(Exception):
@@ -99,16 +89,17 @@ class VerifierService:
         return self.info_reply
 
     async def session(
-        self, requests: AsyncIterator[EdgeRequest | None], context: Any
+        self, requests: AsyncIterator[EdgeRequest | None], context: Any, traffic: StreamTraffic
     ) -> AsyncIterator[ServerReply]:
-        stats = StreamStats()
+        traffic.on_received = self.metrics.received_bytes.inc
+        traffic.on_sent = self.metrics.sent_bytes.inc
         session: ServerSession | None = None
         outcome = "cancelled"  # unless the session ends otherwise
         started = time.monotonic()
         try:
             # Read the first message before any refusal, auth included: a status sent while
             # the edge is still writing its Open reaches it as a failed write, not as the status.
-            first = await self._receive(requests, stats)
+            first = await self._receive(requests)
             if not self._authorized(context):
                 outcome = "unauthenticated"
                 raise _SessionAborted(grpc.StatusCode.UNAUTHENTICATED, AUTH_MESSAGE, outcome)
@@ -117,16 +108,16 @@ class VerifierService:
                 return
             session = self._open(first)
             opened = SessionOpened(session.session_id, session.seq.max_new_tokens)
-            yield self._sent(opened, stats)
+            yield opened
             while True:
-                message = await self._receive(requests, stats)
+                message = await self._receive(requests)
                 if isinstance(message, _StreamEnded | CloseSession):
                     outcome = "finished" if session.finished else "closed"
                     if isinstance(message, _StreamEnded) and context.cancelled():
                         outcome = "cancelled"  # a cancelled call ends its request stream too
                     return
                 reply = await self._round(session, message)
-                yield self._sent(reply, stats)
+                yield reply
         except _SessionAborted as aborted:
             outcome = aborted.outcome
             if session is not None:  # free the slot before the edge hears of the error
@@ -136,11 +127,11 @@ class VerifierService:
             self.metrics.sessions.labels(outcome).inc()
             if session is not None:
                 self.executor.close_session(session.session_id)
-                self._log_end(session, stats, outcome, time.monotonic() - started)
+                self._log_end(session, traffic, outcome, time.monotonic() - started)
 
     # ---- steps ---------------------------------------------------------------------------------
     async def _receive(
-        self, requests: AsyncIterator[EdgeRequest | None], stats: StreamStats
+        self, requests: AsyncIterator[EdgeRequest | None]
     ) -> EdgeRequest | None | _StreamEnded:
         """The next edge message; aborts the session when the edge stays silent too long."""
         try:
@@ -154,15 +145,13 @@ class VerifierService:
                 "KV cache freed (the server's --session-timeout)",
                 "evicted",
             ) from None
-        if message is not None:
-            size = wire_size(message)
-            stats.bytes_received += size
-            self.metrics.received_bytes.inc(size)
         return message
 
     def _open(self, message: EdgeRequest | None) -> ServerSession:
         if message is None:
             raise _invalid("empty message: the first message of a session must be Open")
+        if isinstance(message, MalformedMessage):
+            raise _invalid(message.reason)
         if not isinstance(message, OpenSession):
             raise _SessionAborted(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -187,9 +176,11 @@ class VerifierService:
                 "refused",
             )
         try:
-            params = _sampling_params(message)
             return self.executor.open_session(
-                message.prompt_token_ids, params, message.max_tokens, message.stop_token_ids
+                message.prompt_token_ids,
+                message.sampling,
+                message.max_tokens,
+                message.stop_token_ids,
             )
         except InvalidRequestError as error:
             raise _invalid(str(error)) from None
@@ -206,7 +197,7 @@ class VerifierService:
     async def _round(self, session: ServerSession, message: EdgeRequest | None) -> TreeVerified:
         if message is None:
             raise _invalid("empty message: expected Tree or Close")
-        if isinstance(message, OpenSession):
+        if isinstance(message, OpenSession | MalformedMessage):
             raise _SessionAborted(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "the session is already open; send Tree or Close",
@@ -233,12 +224,6 @@ class VerifierService:
             finish_reason=result.finish_reason,
         )
 
-    def _sent(self, reply: ServerReply, stats: StreamStats) -> ServerReply:
-        size = wire_size(reply)
-        stats.bytes_sent += size
-        self.metrics.sent_bytes.inc(size)
-        return reply
-
     def _authorized(self, context: Any) -> bool:
         if self._auth_token is None:
             return True
@@ -249,7 +234,7 @@ class VerifierService:
         )
 
     def _log_end(
-        self, session: ServerSession, stats: StreamStats, outcome: str, seconds: float
+        self, session: ServerSession, traffic: StreamTraffic, outcome: str, seconds: float
     ) -> None:
         seq = session.seq
         rounds = max(seq.rounds, 1)
@@ -266,18 +251,9 @@ class VerifierService:
             seq.drafted,
             session.batched_with / rounds,
             session.verify_seconds,
-            stats.bytes_received,
-            stats.bytes_sent,
+            traffic.received,
+            traffic.sent,
         )
-
-
-def _sampling_params(message: OpenSession) -> SamplingParams:
-    sampling = message.sampling
-    if not math.isfinite(sampling.temperature) or not math.isfinite(sampling.top_p):
-        raise InvalidRequestError(
-            f"temperature and top_p must be finite, got {sampling.temperature}, {sampling.top_p}"
-        )
-    return SamplingParams(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed)
 
 
 def _invalid(message: str) -> _SessionAborted:

@@ -1,0 +1,293 @@
+"""The one round loop of speculative decoding, parameterised by a drafter and a verifier.
+
+A *round*: the drafter grows a tree within the room the verifier allows (its node cap and the
+context left), the verifier verifies it, the drafter may keep drafting while the verdict is in
+flight, the emitted tokens go to the caller, and the drafter commits them. Autoregressive
+decoding is the same loop with `NoDrafter` (every tree empty). Every way SpecEdge generates
+runs this loop:
+
+- `specedge generate` (`core.local`): `ModelDrafter` or `NoDrafter`; `LocalVerifier`, the
+  target in the same process.
+- the edge (`edge.runtime`): `edge.proactive.ProactiveModelDrafter`; `RemoteVerifier`, the
+  server over gRPC.
+- the server's own API (`server.local_sessions`): `ModelDrafter` or `NoDrafter`;
+  `ExecutorVerifier`, a session of the batching executor.
+
+A verifier may verify fewer nodes than it was sent: the verdict's `num_verified` says how
+many (a prefix in the sent order), and the accepted path never leaves that prefix.
+
+Draft-model work runs through `ModelJobs`, so each caller decides where it runs (inline, the
+edge's worker thread, the server's model thread) and one job is one draft step or one prefill
+chunk, which lets sessions interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from functools import partial
+from typing import Protocol, TypeVar
+
+from specedge.core.draft import DraftEngine, DraftSequence, SentTree, TreeBuilder
+from specedge.core.generation import GenerationRequest, GenerationStats, check_request
+from specedge.core.model_runner import DEFAULT_PREFILL_CHUNK
+from specedge.core.verify import VerifyResult
+from specedge.errors import ServiceUnavailableError, SpecEdgeError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TreeLimits:
+    """What the verifier accepts: nodes per tree, depth, and prompt + generated tokens."""
+
+    max_tree_nodes: int
+    max_tree_depth: int
+    max_context: int
+
+    def room(self, context_len: int) -> int:
+        """Nodes the next tree may have with `context_len` tokens committed: the node cap, and
+        no further than the context limit (the only place a tree is fitted to the context)."""
+        return max(0, min(self.max_tree_nodes, self.max_context - context_len))
+
+
+class ModelJobs(Protocol):
+    """Where draft-model work runs."""
+
+    async def run(self, job: Callable[[], T]) -> T:
+        """Run `job` after the work already queued and return its result."""
+        ...
+
+    def submit_cleanup(self, job: Callable[[], None]) -> concurrent.futures.Future[None]:
+        """Queue `job` without awaiting it (freeing a finished session's draft slot)."""
+        ...
+
+
+class InlineJobs:
+    """Model jobs run at once on the caller's thread (one process, one request)."""
+
+    async def run(self, job: Callable[[], T]) -> T:
+        return job()
+
+    def submit_cleanup(self, job: Callable[[], None]) -> concurrent.futures.Future[None]:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        job()
+        future.set_result(None)
+        return future
+
+
+class SessionVerifier(Protocol):
+    """One session's verifier: takes a tree, answers with the verdict."""
+
+    @property
+    def limits(self) -> TreeLimits: ...
+
+    def verify(self, sent: SentTree) -> Awaitable[VerifyResult]:
+        """The verdict on `sent.tree` (accepted nodes are tree indices)."""
+        ...
+
+    def traffic(self) -> tuple[int, int]:
+        """Bytes sent and received so far (0, 0 in process)."""
+        ...
+
+    async def finish(self) -> None:
+        """The last verdict came: end the session cleanly."""
+        ...
+
+    def close(self) -> None:
+        """Free the session (idempotent; after `finish`, or instead of it on any failure)."""
+        ...
+
+
+class Drafter(Protocol):
+    """One request's drafting."""
+
+    async def prepare(self) -> None:
+        """Draft KV for the prompt (but its last token, the first tree's root)."""
+        ...
+
+    async def draft(self, max_nodes: int) -> SentTree:
+        """The next tree, at most `max_nodes` nodes (possibly none)."""
+        ...
+
+    async def wait(self, sent: SentTree, verdict: asyncio.Future[VerifyResult]) -> bool:
+        """Use the time until `verdict` lands; whether a proactive subtree was under way."""
+        ...
+
+    async def commit(self, sent: SentTree, verdict: VerifyResult) -> bool:
+        """Commit the emitted tokens; whether the next tree starts from a proactive bet."""
+        ...
+
+    def close(self) -> concurrent.futures.Future[None]:
+        """Free what the request holds, after any job it left queued."""
+        ...
+
+
+async def run_rounds(
+    prompt_len: int, drafter: Drafter, verifier: SessionVerifier, stats: GenerationStats
+) -> AsyncGenerator[list[int], None]:
+    """The tokens each round emits, until the verifier gives a finish reason."""
+    await drafter.prepare()
+    context_len = prompt_len
+    while True:
+        sent = await drafter.draft(verifier.limits.room(context_len))
+        reply = asyncio.ensure_future(verifier.verify(sent))
+        try:
+            proactive = await drafter.wait(sent, reply)
+            verdict = await reply
+        finally:
+            if not reply.done():
+                reply.cancel()
+            elif not reply.cancelled():
+                reply.exception()  # retrieved: raised above, or abandoned with the request
+        stats.record_round(len(verdict.emitted_tokens), verdict.num_accepted, verdict.finish_reason)
+        stats.proactive_attempts += proactive
+        stats.bytes_sent, stats.bytes_received = verifier.traffic()
+        yield verdict.emitted_tokens
+        if verdict.finish_reason is not None:
+            await verifier.finish()
+            return
+        context_len += len(verdict.emitted_tokens)
+        stats.proactive_hits += await drafter.commit(sent, verdict)
+
+
+class NoDrafter:
+    """Autoregressive decoding: every tree is empty."""
+
+    async def prepare(self) -> None:
+        pass
+
+    async def draft(self, max_nodes: int) -> SentTree:
+        return SentTree.empty()
+
+    async def wait(self, sent: SentTree, verdict: asyncio.Future[VerifyResult]) -> bool:
+        return False
+
+    async def commit(self, sent: SentTree, verdict: VerifyResult) -> bool:
+        return False
+
+    def close(self) -> concurrent.futures.Future[None]:
+        return InlineJobs().submit_cleanup(lambda: None)
+
+
+class ModelDrafter:
+    """Trees from a draft model (with context lookup), one draft step per model job."""
+
+    def __init__(self, engine: DraftEngine, prompt_tokens: list[int], jobs: ModelJobs) -> None:
+        self.engine = engine
+        self.jobs = jobs
+        # Taking a free slot is bookkeeping, not model work: done here, at once.
+        self.seq: DraftSequence = engine.open(prompt_tokens)
+        self.builder: TreeBuilder | None = None  # the next tree's, once the prompt is in
+
+    async def prepare(self) -> None:
+        prefill = partial(self.engine.prefill, self.seq, DEFAULT_PREFILL_CHUNK)
+        while not await self.jobs.run(prefill):
+            pass
+        self.builder = self.engine.builder(self.seq)
+
+    async def draft(self, max_nodes: int) -> SentTree:
+        builder = self.builder
+        assert builder is not None, "prepare() lays out the first tree's root"
+        while await self.jobs.run(builder.step):
+            pass
+        return builder.sent_tree(max_nodes)
+
+    async def wait(self, sent: SentTree, verdict: asyncio.Future[VerifyResult]) -> bool:
+        return False
+
+    async def commit(self, sent: SentTree, verdict: VerifyResult) -> bool:
+        advance = partial(self.engine.advance, self.seq, sent, verdict)
+        self.builder = await self.jobs.run(advance)
+        return False
+
+    def close(self) -> concurrent.futures.Future[None]:
+        return self.jobs.submit_cleanup(partial(self.engine.close, self.seq))
+
+
+class RoundLoopBackend(ABC):
+    """A `core.generation.GenerationBackend` that runs each request's round loop: validate
+    it, wait for one of `max_sessions` slots, open the session's verifier and drafter, yield
+    each round's tokens, then free both. `owner` names whose context limit a request breaks
+    (e.g. "this edge's")."""
+
+    def __init__(self, *, max_sessions: int, max_context: int, owner: str) -> None:
+        self.max_sessions = max_sessions
+        self.max_context = max_context
+        self.owner = owner
+        self.active_sessions = 0
+        self._slots = asyncio.Semaphore(max_sessions)
+
+    @abstractmethod
+    async def _open_verifier(
+        self, request: GenerationRequest, max_tokens: int
+    ) -> SessionVerifier: ...
+
+    @abstractmethod
+    def _open_drafter(self, request: GenerationRequest, verifier: SessionVerifier) -> Drafter: ...
+
+    def _ended(self, outcome: str) -> None:  # noqa: B027 (a hook: most backends ignore it)
+        """A generation ended: "finished", "closed" (the caller stopped reading), "refused"
+        (no session could be opened), "failed" or "cancelled"."""
+
+    def check(self, request: GenerationRequest) -> int:
+        """Validate a request (InvalidRequestError); returns its max new tokens."""
+        return check_request(request, self.max_context, self.owner)
+
+    async def generate(
+        self, request: GenerationRequest, stats: GenerationStats
+    ) -> AsyncGenerator[list[int], None]:
+        """The tokens each round emits (see `GenerationBackend.generate`)."""
+        max_tokens = self.check(request)
+        self.active_sessions += 1  # waiting for a slot counts as active
+        try:
+            await self._slots.acquire()
+            async with aclosing(self._session(request, max_tokens, stats)) as rounds:
+                async for tokens in rounds:
+                    yield tokens
+        finally:
+            self.active_sessions -= 1
+
+    async def _session(
+        self, request: GenerationRequest, max_tokens: int, stats: GenerationStats
+    ) -> AsyncGenerator[list[int], None]:
+        """One request's round loop in a slot it holds; frees the slot at the end."""
+        verifier: SessionVerifier | None = None
+        drafter: Drafter | None = None
+        outcome = "cancelled"  # unless the generation ends otherwise
+        try:
+            verifier = await self._open_verifier(request, max_tokens)
+            drafter = self._open_drafter(request, verifier)
+            rounds = run_rounds(len(request.prompt_token_ids), drafter, verifier, stats)
+            async with aclosing(rounds):
+                async for tokens in rounds:
+                    yield tokens
+            outcome = "finished"
+        except GeneratorExit:  # the caller stopped reading (a stop string, a disconnect)
+            outcome = "closed"
+            raise
+        except ServiceUnavailableError:  # full, unreachable or shutting down
+            outcome = "refused" if verifier is None else "failed"
+            raise
+        except SpecEdgeError:
+            outcome = "failed"
+            raise
+        finally:
+            self._ended(outcome)
+            if verifier is not None:
+                verifier.close()
+            self._release(drafter)
+
+    def _release(self, drafter: Drafter | None) -> None:
+        """Free the draft slot after any job the request left queued, then admit the next
+        request waiting for a slot."""
+        if drafter is None:
+            self._slots.release()
+            return
+        loop = asyncio.get_running_loop()
+        freed = drafter.close()
+        freed.add_done_callback(lambda _: loop.call_soon_threadsafe(self._slots.release))

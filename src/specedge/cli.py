@@ -6,11 +6,16 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from specedge.bench.config import BenchConfig
+from specedge.config_file import MODEL_HELP, settings_options
+from specedge.edge.config import EdgeConfig
 from specedge.errors import InvalidRequestError, SpecEdgeError
+from specedge.local_cli import GenerateSettings
+from specedge.server.config import ServerConfig
 from specedge.text import read_prompt_file
 
 app = typer.Typer(
@@ -27,138 +32,36 @@ def root() -> None:
     """SpecEdge: edge-assisted speculative decoding."""
 
 
-MODEL_HELP = "alias (smollm2-135m, smollm2-135m-draft), .gguf file, model directory or hub id"
-
-
 @app.command()
+@settings_options(GenerateSettings)
 def generate(
-    model: Annotated[str, typer.Option(help=f"Target model: {MODEL_HELP}.")],
-    draft: Annotated[str | None, typer.Option(help="Draft model (enables --mode spec).")] = None,
     prompt: Annotated[str | None, typer.Option(help="Prompt text.")] = None,
     prompt_file: Annotated[
         Path | None,
         typer.Option(help="One prompt per line, or JSON Lines with a 'prompt' field."),
     ] = None,
-    chat: Annotated[bool, typer.Option(help="Apply the model's chat template.")] = False,
-    max_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 128,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option()] = 1.0,
-    top_k: Annotated[int, typer.Option(help="0 disables top-k.")] = 0,
-    seed: Annotated[int | None, typer.Option()] = None,
-    mode: Annotated[
-        str | None, typer.Option(help="ar | spec (default: spec with --draft, else ar).")
-    ] = None,
-    budget: Annotated[int, typer.Option(help="Draft tree nodes per round.")] = 32,
-    depth: Annotated[int, typer.Option(help="Draft tree depth.")] = 6,
-    width: Annotated[int, typer.Option(help="Children per expanded node.")] = 4,
-    beams: Annotated[int, typer.Option(help="Nodes expanded per draft step.")] = 8,
-    lookup: Annotated[
-        int, typer.Option(help="Context lookup chain length (prompt lookup), 0 = off.")
-    ] = 8,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    dtype: Annotated[
-        str | None, typer.Option(help="float32|bfloat16|float16 (default: best for device).")
-    ] = None,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="One JSON object per prompt.")
-    ] = False,
+    *,
+    flags: dict[str, Any],
 ) -> None:
     """Generate text locally: autoregressive, or tree speculative decoding with a draft."""
-    from specedge.core.draft import TreeShape
-    from specedge.local_cli import GenerateRequest, run_generate
+    from specedge.local_cli import run_generate
 
-    request = GenerateRequest(
-        model=model,
-        draft=draft,
-        prompts=_read_prompts(prompt, prompt_file),
-        chat=chat,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        mode=mode or ("spec" if draft else "ar"),
-        shape=TreeShape(budget=budget, depth=depth, width=width, beams=beams, lookup=lookup),
-        device=device,
-        dtype=dtype,
-        json_output=json_output,
-    )
-    run_generate(request)
+    run_generate(GenerateSettings(**flags), _read_prompts(prompt, prompt_file))
 
 
 @app.command()
+@settings_options(ServerConfig)
 def serve(
-    model: Annotated[str | None, typer.Option(help=f"Target model: {MODEL_HELP}.")] = None,
-    host: Annotated[str | None, typer.Option(help="Listen address [127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="gRPC port, 0 = any free [50051].")] = None,
-    metrics_port: Annotated[
-        int | None, typer.Option(help="HTTP /metrics and /health port, 0 = any free [9400].")
-    ] = None,
-    max_batch: Annotated[int | None, typer.Option(help="Trees per batched forward [16].")] = None,
-    max_sessions: Annotated[int | None, typer.Option(help="Concurrent sessions [16].")] = None,
-    max_tree_nodes: Annotated[int | None, typer.Option(help="Nodes per tree [64].")] = None,
-    max_tree_depth: Annotated[int | None, typer.Option(help="Tree depth [16].")] = None,
-    max_context: Annotated[
-        int | None, typer.Option(help="Prompt + generated tokens per session [2048].")
-    ] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default cpu).")] = None,
-    dtype: Annotated[
-        str | None, typer.Option(help="float32|bfloat16|float16 (default: best for the device).")
-    ] = None,
-    auth_token: Annotated[
-        str | None, typer.Option(help="Require 'authorization: Bearer TOKEN' from edges.")
-    ] = None,
     auth_token_file: Annotated[Path | None, typer.Option(help="File holding the token.")] = None,
-    session_timeout: Annotated[
-        float | None, typer.Option(help="Evict a session silent for this many seconds [60].")
-    ] = None,
-    api_port: Annotated[
-        int | None,
-        typer.Option(help="Also serve the OpenAI-compatible HTTP API here, 0 = any free [off]."),
-    ] = None,
-    draft: Annotated[
-        str | None,
-        typer.Option(
-            help="Draft model for the HTTP API: speculative decoding on the server "
-            "[off: autoregressive]."
-        ),
-    ] = None,
-    budget: Annotated[
-        int | None, typer.Option(help="Server-side tree nodes per round [32].")
-    ] = None,
-    depth: Annotated[int | None, typer.Option(help="Server-side tree depth [6].")] = None,
-    width: Annotated[int | None, typer.Option(help="Children per expanded node [4].")] = None,
-    beams: Annotated[int | None, typer.Option(help="Nodes expanded per draft step [8].")] = None,
-    lookup: Annotated[int | None, typer.Option(help="Context lookup chain, 0 = off [8].")] = None,
     config: Annotated[Path | None, typer.Option(help="server.yaml (flags override it).")] = None,
+    *,
+    flags: dict[str, Any],
 ) -> None:
     """Run the verification server: batched tree verification for many edges over gRPC, and
     with --api-port an OpenAI-compatible API for users with no edge."""
     from specedge.server.app import run_server
     from specedge.server.config import load_server_config
 
-    flags = {
-        "model": model,
-        "host": host,
-        "port": port,
-        "metrics_port": metrics_port,
-        "max_batch": max_batch,
-        "max_sessions": max_sessions,
-        "max_tree_nodes": max_tree_nodes,
-        "max_tree_depth": max_tree_depth,
-        "max_context": max_context,
-        "device": device,
-        "dtype": dtype,
-        "auth_token": auth_token,
-        "session_timeout": session_timeout,
-        "api_port": api_port,
-        "draft": draft,
-        "budget": budget,
-        "depth": depth,
-        "width": width,
-        "beams": beams,
-        "lookup": lookup,
-    }
     logging.getLogger("specedge").setLevel(logging.INFO)
     run_server(load_server_config(config, flags, auth_token_file))
 
@@ -237,88 +140,29 @@ def distill(
 
 
 @app.command()
+@settings_options(EdgeConfig)
 def edge(
-    model: Annotated[str | None, typer.Option(help=f"Draft model: {MODEL_HELP}.")] = None,
-    server: Annotated[str | None, typer.Option(help="HOST:PORT of `specedge serve`.")] = None,
-    host: Annotated[str | None, typer.Option(help="HTTP API address [127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP API port, 0 = any free [8000].")] = None,
-    budget: Annotated[int | None, typer.Option(help="Draft tree nodes per round [32].")] = None,
-    depth: Annotated[int | None, typer.Option(help="Draft tree depth [6].")] = None,
-    width: Annotated[int | None, typer.Option(help="Children per expanded node [4].")] = None,
-    beams: Annotated[int | None, typer.Option(help="Nodes expanded per draft step [8].")] = None,
-    lookup: Annotated[int | None, typer.Option(help="Context lookup chain, 0 = off [8].")] = None,
-    proactive: Annotated[
-        str | None, typer.Option(help="Proactive drafting: off | keep-depth | add-depth.")
-    ] = None,
-    proactive_budget: Annotated[int | None, typer.Option(help="Subtree nodes [16].")] = None,
-    proactive_depth: Annotated[int | None, typer.Option(help="Subtree depth [3].")] = None,
-    max_sessions: Annotated[int | None, typer.Option(help="Concurrent generations [8].")] = None,
-    max_context: Annotated[int | None, typer.Option(help="Prompt + generated tokens.")] = None,
-    served_model_name: Annotated[str | None, typer.Option(help="Name in /v1/models.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32|bfloat16|float16.")] = None,
-    auth_token: Annotated[str | None, typer.Option(help="Bearer token for the server.")] = None,
     auth_token_file: Annotated[Path | None, typer.Option(help="File holding the token.")] = None,
     config: Annotated[Path | None, typer.Option(help="edge.yaml (flags override it).")] = None,
+    *,
+    flags: dict[str, Any],
 ) -> None:
     """Run an edge: draft with MODEL, verify on SERVER, serve an OpenAI-compatible API."""
     from specedge.edge.app import run_edge
     from specedge.edge.config import load_edge_config
 
-    flags = {
-        "model": model,
-        "server": server,
-        "host": host,
-        "port": port,
-        "budget": budget,
-        "depth": depth,
-        "width": width,
-        "beams": beams,
-        "lookup": lookup,
-        "proactive": proactive,
-        "proactive_budget": proactive_budget,
-        "proactive_depth": proactive_depth,
-        "max_sessions": max_sessions,
-        "max_context": max_context,
-        "served_model_name": served_model_name,
-        "device": device,
-        "dtype": dtype,
-        "auth_token": auth_token,
-    }
     run_edge(load_edge_config(config, flags, auth_token_file))
 
 
 @app.command()
+@settings_options(BenchConfig)
 def bench(
-    target: Annotated[str | None, typer.Option(help="Target model (smollm2-135m).")] = None,
-    draft: Annotated[str | None, typer.Option(help="Draft model (smollm2-135m-draft).")] = None,
-    systems: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated: specedge, specedge-no-proactive, specedge-no-pipelining, "
-            "server-spec, server-ar, hf-assisted (default: all)."
-        ),
-    ] = None,
-    clients: Annotated[str | None, typer.Option(help="Concurrent clients (1,2,4,8).")] = None,
-    rtt_ms: Annotated[str | None, typer.Option(help="Edge-server RTTs, ms (0,15,30,50).")] = None,
-    jitter_ms: Annotated[float | None, typer.Option(help="RTT jitter, ms (0).")] = None,
-    prompts: Annotated[
-        str | None,
-        typer.Option(help="Spec-Bench style JSON Lines, or specbench (the bundled set, default)."),
-    ] = None,
-    categories: Annotated[str | None, typer.Option(help="Comma-separated (all).")] = None,
-    num_prompts: Annotated[int | None, typer.Option(help="Requests per run (8).")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Tokens per request (32).")] = None,
-    temperature: Annotated[str | None, typer.Option(help="One or a list (0,0.7).")] = None,
-    budget: Annotated[int | None, typer.Option(help="Draft tree nodes (32).")] = None,
-    depth: Annotated[str | None, typer.Option(help="Draft tree depth, or auto (6).")] = None,
-    prices: Annotated[str | None, typer.Option(help="$/h (server=4.05,edge=0.35).")] = None,
-    out: Annotated[str | None, typer.Option(help="Output directory (bench-results).")] = None,
     config: Annotated[Path | None, typer.Option(help="bench.yaml (flags override it).")] = None,
-    quick: Annotated[bool, typer.Option(help="A small run of everything (minutes).")] = False,
     report: Annotated[
         Path | None, typer.Option(help="Only re-render DIR's report.md and plots, run nothing.")
     ] = None,
+    *,
+    flags: dict[str, Any],
 ) -> None:
     """Benchmark SpecEdge against server-only baselines: JSON results, report.md and plots."""
     from specedge.bench.config import load_bench_config
@@ -328,25 +172,6 @@ def bench(
     if report is not None:
         typer.echo(f"wrote {rewrite_report(report)}")
         return
-
-    flags = {
-        "target": target,
-        "draft": draft,
-        "systems": systems,
-        "clients": clients,
-        "rtt_ms": rtt_ms,
-        "jitter_ms": jitter_ms,
-        "prompts": prompts,
-        "categories": categories,
-        "num_prompts": num_prompts,
-        "max_tokens": max_tokens,
-        "temperatures": temperature,
-        "budget": budget,
-        "depth": depth,
-        "prices": prices,
-        "out": out,
-        "quick": quick or None,
-    }
     typer.echo(f"wrote {run_bench(load_bench_config(config, flags))}")
 
 

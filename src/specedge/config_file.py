@@ -1,22 +1,138 @@
-"""Role configuration files: reading a YAML mapping of settings and checking value types.
+"""Role settings, declared once: dataclass fields that are also command-line options and
+config-file keys.
 
-Each role (server, edge) keeps a frozen dataclass of its settings; these helpers read its
+Each role (server, edge, bench, generate) keeps a frozen dataclass of its settings whose
+fields are declared with `setting(default, help, ...)`: the field is the one source of the
+setting's name, type, default, help text and allowed range. From those fields
+`settings_options` gives the role's command one `--kebab-case` option each (help with the
+default shown), `check_ranges` validates every declared range, and the helpers below read the
 YAML file (keys with dashes or underscores), merge the command-line flags and the auth token
-file, and coerce values to the fields' types, raising the role's own error type with a
+file, and coerce values to the fields' types. Every error is the role's own error type, with a
 message that names both the flag and the YAML key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import inspect
+import math
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import MISSING, Field, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
+import typer
 import yaml
 
+MAX_PORT = 65535
+MODEL_HELP = "alias (smollm2-135m, smollm2-135m-draft), .gguf file, model directory or hub id"
 
-def flag_and_key(name: str) -> str:
-    return f"--{name.replace('_', '-')} (`{name}` in the config file)"
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive: bool = False,
+    show_default: bool = True,
+) -> Any:
+    """A settings field: `default`, the `help` of its option (the default is shown after it),
+    the option's name if not the field's (`flag`, without dashes), and its allowed range
+    (`minimum`..`maximum`, open at both ends when `exclusive`; each element of a tuple).
+    `show_default=False` leaves the default out of `--help` (the help text describes it)."""
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "minimum": minimum,
+        "maximum": maximum,
+        "exclusive": exclusive,
+        "show_default": show_default,
+    }
+    return field(default=default, metadata=metadata)
+
+
+def flag_of(settings_class: type, name: str) -> str:
+    """The command-line option of field `name`: `--kebab-case` of its name or its `flag`."""
+    (found,) = (f for f in fields(settings_class) if f.name == name)
+    return _flag(found)
+
+
+def flag_and_key(name: str, settings_class: type | None = None) -> str:
+    flag = flag_of(settings_class, name) if settings_class else _kebab(name)
+    return f"{flag} (`{name}` in the config file)"
+
+
+def check_ranges(settings: Any, error: type[Exception]) -> None:
+    """Raise `error` naming the first field whose value is outside its declared range."""
+    for each in fields(settings):
+        low, high = each.metadata.get("minimum"), each.metadata.get("maximum")
+        if low is None and high is None:
+            continue
+        value = getattr(settings, each.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if not all(v is None or _in_range(v, each) for v in values):
+            where = flag_and_key(each.name, type(settings))
+            raise error(f"{where} must be {_describe_range(each)}, got {value}")
+
+
+def check_port(settings: Any, name: str, error: type[Exception]) -> None:
+    """A TCP port to listen on (None: not served)."""
+    value = getattr(settings, name)
+    if value is not None and not 0 <= value <= MAX_PORT:
+        where = flag_and_key(name, type(settings))
+        raise error(f"{where} must be a port in 0..{MAX_PORT} (0 = any free port), got {value}")
+
+
+def check_device_and_dtype(settings: Any, error: type[Exception]) -> None:
+    """`device` is cpu, cuda or cuda:N; `dtype` (None: best for the device) one we load."""
+    if not (settings.device == "cpu" or settings.device.startswith("cuda")):
+        raise error(
+            f"{flag_and_key('device')} must be cpu, cuda or cuda:N, got {settings.device!r}"
+        )
+    if settings.dtype is not None:
+        from specedge.model.loader import DTYPES
+
+        if settings.dtype.lower() not in DTYPES:
+            raise error(
+                f"{flag_and_key('dtype')} must be one of {', '.join(DTYPES)}, "
+                f"got {settings.dtype!r}"
+            )
+
+
+def check_auth_token(settings: Any, error: type[Exception]) -> None:
+    if settings.auth_token is not None and not settings.auth_token.strip():
+        raise error("the auth token is empty: pass a non-empty --auth-token or file")
+
+
+def settings_options(
+    settings_class: type,
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a Typer command one option per field of `settings_class`, before its own.
+
+    The decorated command takes a keyword `flags`: the settings given on the command line
+    (by field name, values as typed), so that a config file or the dataclass default applies
+    to the others. The option's default shown in `--help` is the field's."""
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        own = inspect.signature(command, eval_str=True).parameters
+        hints = get_type_hints(settings_class)
+        options = [_option(each, hints[each.name]) for each in fields(settings_class)]
+        names = {option.name for option in options}
+
+        def run(typer_context: typer.Context, **values: Any) -> None:
+            settings = {name: values.pop(name) for name in names}
+            flags = {name: value for name, value in settings.items() if _given(typer_context, name)}
+            command(**values, flags=flags)
+
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        rest = [p.replace(kind=keyword) for p in own.values() if p.name != "flags"]
+        context = inspect.Parameter("typer_context", keyword, annotation=typer.Context)
+        run.__signature__ = inspect.Signature([context, *options, *rest])  # type: ignore[attr-defined]
+        run.__name__, run.__doc__ = command.__name__, command.__doc__
+        return run
+
+    return decorate
 
 
 def read_yaml_settings(
@@ -88,6 +204,7 @@ def read_token(path: Path, error: type[Exception]) -> str:
     return token
 
 
+# ---- helpers ------------------------------------------------------------------------------------
 def coerce_settings(
     settings: Mapping[str, Any], field_types: Mapping[str, str], error: type[Exception]
 ) -> dict[str, Any]:
@@ -110,3 +227,57 @@ def coerce_settings(
                 raise error(f"{flag_and_key(name)} must be a string, got {value!r}")
             out[name] = value
     return out
+
+
+def _kebab(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _flag(each: Field[Any]) -> str:
+    return _kebab(each.metadata.get("flag") or each.name)
+
+
+def _given(context: typer.Context, name: str) -> bool:
+    """Whether option `name` was on the command line (Typer vendors click: compare by name)."""
+    source = context.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _in_range(value: float, each: Field[Any]) -> bool:
+    low, high = each.metadata.get("minimum"), each.metadata.get("maximum")
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if each.metadata.get("exclusive"):
+        return (low is None or value > low) and (high is None or value < high)
+    return (low is None or value >= low) and (high is None or value <= high)
+
+
+def _describe_range(each: Field[Any]) -> str:
+    low, high = (_number(each.metadata.get(k)) for k in ("minimum", "maximum"))
+    if each.metadata.get("exclusive"):
+        if low is not None and high is not None:
+            return f"in ({low}, {high})"
+        return f"> {low}" if high is None else f"< {high}"
+    if low is not None and high is not None:
+        return f"in {low}..{high}"
+    return f">= {low}" if high is None else f"<= {high}"
+
+
+def _number(bound: float | None) -> str | None:
+    return None if bound is None else f"{bound:g}"
+
+
+def _option(each: Field[Any], kind: Any) -> inspect.Parameter:
+    """The Typer option of one settings field: tuples are typed as comma-separated text."""
+    default = ... if each.default is MISSING else each.default  # ...: a required option
+    shown = each.metadata["show_default"] and default not in (None, "", (), ...)
+    if isinstance(default, tuple):
+        default = ",".join(str(v) for v in default) or None
+        kind = str | None
+    flag = _flag(each)
+    if kind is bool:
+        flag = f"{flag}/--no-{flag[2:]}"
+    option = typer.Option(default, flag, help=each.metadata["help"], show_default=shown)
+    return inspect.Parameter(
+        each.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind
+    )

@@ -1,12 +1,16 @@
-"""`specedge generate`: load models once, tokenize prompts, stream or print JSON results."""
+"""`specedge generate`: load models once, tokenize prompts, stream or print JSON results.
+
+`GenerateSettings` declares the command's options once (`specedge.config_file.setting`):
+each field is one `--kebab-case` option with its default and help."""
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from typing import Any
 
+from specedge.config_file import MODEL_HELP, setting
 from specedge.core.draft import TreeShape
 from specedge.core.local import LocalGenerator
 from specedge.core.sampling import SamplingParams
@@ -14,54 +18,69 @@ from specedge.errors import InvalidRequestError
 from specedge.model.loader import load_model, parse_dtype
 from specedge.text import IncrementalDecoder, encode_prompt
 
+_TREE = TreeShape()  # the tree-shape defaults
+
 
 @dataclass(frozen=True)
-class GenerateRequest:
-    model: str
-    draft: str | None
-    prompts: list[str]
-    chat: bool
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    mode: str
-    shape: TreeShape
-    device: str
-    dtype: str | None
-    json_output: bool
+class GenerateSettings:
+    model: str = setting(MISSING, f"Target model: {MODEL_HELP}.")
+    draft: str | None = setting(None, "Draft model (enables --mode spec).")
+    chat: bool = setting(False, "Apply the model's chat template.")
+    max_tokens: int = setting(128, "New tokens per prompt.")
+    temperature: float = setting(0.0, "0 = greedy.")
+    top_p: float = setting(1.0, "Nucleus sampling: keep the smallest set of this probability.")
+    top_k: int = setting(0, "Keep the k most likely tokens, 0 = off.")
+    seed: int | None = setting(None, "Sampling seed (default: random).")
+    mode: str | None = setting(None, "ar | spec (default: spec with --draft, else ar).")
+    budget: int = setting(_TREE.budget, "Draft tree nodes per round.")
+    depth: int = setting(_TREE.depth, "Draft tree depth.")
+    width: int = setting(_TREE.width, "Children per expanded node.")
+    beams: int = setting(_TREE.beams, "Nodes expanded per draft step.")
+    lookup: int = setting(_TREE.lookup, "Context lookup chain length (prompt lookup), 0 = off.")
+    device: str = setting("cpu", "cpu or cuda.")
+    dtype: str | None = setting(None, "float32|bfloat16|float16 (default: best for the device).")
+    json_output: bool = setting(False, "One JSON object per prompt.", flag="json")
+
+    @property
+    def decoding(self) -> str:
+        return self.mode or ("spec" if self.draft else "ar")
+
+    @property
+    def tree_shape(self) -> TreeShape:
+        return TreeShape(self.budget, self.depth, self.width, self.beams, lookup=self.lookup)
 
 
-def run_generate(request: GenerateRequest) -> None:
-    if request.mode not in ("ar", "spec"):
-        raise InvalidRequestError(f"--mode must be 'ar' or 'spec', got {request.mode!r}")
-    if request.mode == "spec" and request.draft is None:
+def run_generate(settings: GenerateSettings, prompts: list[str]) -> None:
+    """Generate each prompt's continuation: stream its text, or print one JSON object."""
+    mode, shape = settings.decoding, settings.tree_shape  # the shape checks itself
+    if mode not in ("ar", "spec"):
+        raise InvalidRequestError(f"--mode must be 'ar' or 'spec', got {mode!r}")
+    if mode == "spec" and settings.draft is None:
         raise InvalidRequestError("--mode spec needs --draft")
-    if request.max_tokens < 1:
-        raise InvalidRequestError(f"--max-tokens must be >= 1, got {request.max_tokens}")
-    params = SamplingParams(request.temperature, request.top_p, request.top_k, request.seed)
-    if any(not p.strip() for p in request.prompts):
+    if settings.max_tokens < 1:
+        raise InvalidRequestError(f"--max-tokens must be >= 1, got {settings.max_tokens}")
+    params = SamplingParams(settings.temperature, settings.top_p, settings.top_k, settings.seed)
+    if any(not p.strip() for p in prompts):
         raise InvalidRequestError("the prompt is empty")
-    dtype = parse_dtype(request.dtype) if request.dtype else None
-    target = load_model(request.model, request.device, dtype)
+    dtype = parse_dtype(settings.dtype) if settings.dtype else None
+    target = load_model(settings.model, settings.device, dtype)
     draft = None
-    if request.mode == "spec" and request.draft is not None:
-        draft = load_model(request.draft, request.device, dtype or target.dtype)
-    generator = LocalGenerator(target, draft, request.shape)
-    for prompt in request.prompts:
-        prompt_tokens = encode_prompt(target.tokenizer, prompt, chat=request.chat)
+    if mode == "spec" and settings.draft is not None:
+        draft = load_model(settings.draft, settings.device, dtype or target.dtype)
+    generator = LocalGenerator(target, draft, shape)
+    for prompt in prompts:
+        prompt_tokens = encode_prompt(target.tokenizer, prompt, chat=settings.chat)
         decoder = IncrementalDecoder(target.tokenizer)
 
         def stream(tokens: list[int], decoder: IncrementalDecoder = decoder) -> None:
-            if not request.json_output:
+            if not settings.json_output:
                 sys.stdout.write(decoder.add(tokens))
                 sys.stdout.flush()
 
         output = generator.generate(
-            prompt_tokens, params, request.max_tokens, target.stop_token_ids, stream
+            prompt_tokens, params, settings.max_tokens, target.stop_token_ids, stream
         )
-        if request.json_output:
+        if settings.json_output:
             print(json.dumps(_as_json(output, target.tokenizer)), flush=True)
         else:
             sys.stdout.write("\n")

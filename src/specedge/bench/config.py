@@ -2,8 +2,9 @@
 
 Sources, later ones winning: the defaults below, a YAML file (`--config bench.yaml`, keys as
 the field names, dashes or underscores; lists as YAML lists or comma-separated strings), then
-command-line flags. With `quick` the `QUICK` preset replaces every setting that neither the file
-nor a flag gave. The config is frozen: nothing changes it after start-up.
+command-line flags (`--kebab-case` of each field, declared once with `setting`). With `quick`
+the `QUICK` preset replaces every setting that neither the file nor a flag gave. The config is
+frozen: nothing changes it after start-up.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 from specedge.bench.metrics import Prices
 from specedge.bench.prompts import SPECBENCH
 from specedge.bench.results import ALL_SYSTEMS, BASELINES, EDGE_SYSTEMS, HF_ASSISTED
-from specedge.config_file import read_yaml_settings
+from specedge.config_file import check_ranges, read_yaml_settings, setting
+from specedge.config_file import flag_and_key as _flag_and_key
+from specedge.core.draft import TreeShape
 from specedge.errors import SpecEdgeError
 
 AUTO = "auto"
@@ -28,32 +31,60 @@ class BenchConfigError(SpecEdgeError):
 
 @dataclass(frozen=True)
 class BenchConfig:
-    target: str = "smollm2-135m"
-    draft: str = "smollm2-135m-draft"
-    systems: tuple[str, ...] = ALL_SYSTEMS
-    clients: tuple[int, ...] = (1, 2, 4, 8)
-    rtt_ms: tuple[float, ...] = (0.0, 15.0, 30.0, 50.0)  # SpecEdge's edge <-> server RTTs
-    baseline_rtt_ms: tuple[float, ...] = ()  # server-only systems; () = rtt_ms & {0, 15}
-    ablation_rtt_ms: tuple[float, ...] = ()  # SpecEdge ablations; () = the RTT nearest 15 ms
-    jitter_ms: float = 0.0
-    prompts: str = SPECBENCH  # the bundled Spec-Bench set, or a JSONL file
-    categories: tuple[str, ...] = ()  # () = all
-    num_prompts: int = 8  # prompts sampled; each run sends them all, shared by its clients
-    requests_per_client: int = 0  # > 0: each run sends clients x this many, cycling the prompts
-    max_tokens: int = 32
-    temperatures: tuple[float, ...] = (0.0, 0.7)
-    budget: int = 32
-    depth: str = "6"  # an integer, or "auto" (calibrated: see calibrate.py)
-    proactive: str = "keep-depth"  # the full system's policy: keep-depth | add-depth
-    prices: str = "server=4.05,edge=0.35"  # $/hour
-    out: str = "bench-results"
-    seed: int = 0
-    dtype: str | None = None
-    server_cpus: tuple[int, ...] = ()  # () = the first available core
-    edge_cpus: tuple[int, ...] = ()  # () = the other cores
-    request_timeout_s: float = 600.0
-    startup_timeout_s: float = 300.0
-    quick: bool = False
+    target: str = setting("smollm2-135m", "Target model.")
+    draft: str = setting("smollm2-135m-draft", "Draft model.")
+    systems: tuple[str, ...] = setting(
+        ALL_SYSTEMS,
+        f"Comma-separated: {', '.join(ALL_SYSTEMS)} (default: all).",
+        show_default=False,
+    )
+    clients: tuple[int, ...] = setting((1, 2, 4, 8), "Concurrent clients.", minimum=1)
+    rtt_ms: tuple[float, ...] = setting(
+        (0.0, 15.0, 30.0, 50.0), "SpecEdge's edge-server RTTs, ms.", minimum=0
+    )
+    baseline_rtt_ms: tuple[float, ...] = setting(
+        (), "RTTs of the server-only systems, ms (default: --rtt-ms values of 0 and 15).", minimum=0
+    )
+    ablation_rtt_ms: tuple[float, ...] = setting(
+        (), "RTTs of the SpecEdge ablations, ms (default: the --rtt-ms nearest 15).", minimum=0
+    )
+    jitter_ms: float = setting(0.0, "RTT jitter, ms.", minimum=0)
+    prompts: str = setting(
+        SPECBENCH, "Spec-Bench style JSON Lines, or specbench (the bundled set)."
+    )
+    categories: tuple[str, ...] = setting((), "Comma-separated prompt categories (default: all).")
+    num_prompts: int = setting(
+        8, "Prompts sampled; each run sends them all, shared by its clients.", minimum=1
+    )
+    requests_per_client: int = setting(
+        0, "If > 0, each run sends clients x this many, cycling the prompts.", minimum=0
+    )
+    max_tokens: int = setting(32, "Tokens per request.", minimum=1)
+    temperatures: tuple[float, ...] = setting(
+        (0.0, 0.7), "One temperature or a comma-separated list.", flag="temperature", minimum=0
+    )
+    budget: int = setting(TreeShape().budget, "Draft tree nodes.", minimum=1)
+    depth: str = setting(
+        str(TreeShape().depth), f"Draft tree depth, or {AUTO} (calibrated: see calibrate.py)."
+    )
+    proactive: str = setting("keep-depth", "The full system's policy: keep-depth | add-depth.")
+    prices: str = setting("server=4.05,edge=0.35", "Machine prices, $/hour.")
+    out: str = setting("bench-results", "Output directory.")
+    seed: int = setting(0, "Requests' sampling seed (each request adds its prompt's index).")
+    dtype: str | None = setting(None, "float32|bfloat16|float16 (default: best for the device).")
+    server_cpus: tuple[int, ...] = setting(
+        (), "The server's CPU cores, comma-separated (default: the first available core)."
+    )
+    edge_cpus: tuple[int, ...] = setting(
+        (), "Cores of the edges and clients, comma-separated (default: the other cores)."
+    )
+    request_timeout_s: float = setting(
+        600.0, "Seconds a request may take.", minimum=0, exclusive=True
+    )
+    startup_timeout_s: float = setting(
+        300.0, "Seconds a process may take to start.", minimum=0, exclusive=True
+    )
+    quick: bool = setting(False, "A small run of everything (minutes).")
 
     # -- derived ---------------------------------------------------------------------------------
     @property
@@ -96,20 +127,7 @@ class BenchConfig:
         for name in ("clients", "rtt_ms", "temperatures"):
             if not getattr(self, name):
                 raise BenchConfigError(f"{_where(name)} needs at least one value")
-        if any(c < 1 for c in self.clients):
-            raise BenchConfigError(f"{_where('clients')} must be >= 1, got {self.clients}")
-        for name in ("rtt_ms", "baseline_rtt_ms", "ablation_rtt_ms"):
-            if any(r < 0 for r in getattr(self, name)):
-                raise BenchConfigError(f"{_where(name)} must be >= 0 ms")
-        if self.jitter_ms < 0:
-            raise BenchConfigError(f"{_where('jitter_ms')} must be >= 0, got {self.jitter_ms}")
-        if any(t < 0 for t in self.temperatures):
-            raise BenchConfigError(f"{_where('temperatures')} must be >= 0")
-        if self.requests_per_client < 0:
-            raise BenchConfigError(f"{_where('requests_per_client')} must be >= 0 (0 = off)")
-        for name in ("num_prompts", "max_tokens", "budget"):
-            if getattr(self, name) < 1:
-                raise BenchConfigError(f"{_where(name)} must be >= 1, got {getattr(self, name)}")
+        check_ranges(self, BenchConfigError)
         if not self.auto_depth and not (self.depth.isdigit() and int(self.depth) >= 1):
             raise BenchConfigError(f"{_where('depth')} must be >= 1 or 'auto', got {self.depth!r}")
         if self.proactive not in ("keep-depth", "add-depth"):
@@ -121,8 +139,6 @@ class BenchConfig:
             self.price_table  # noqa: B018 (parse to validate)
         except ValueError as error:
             raise BenchConfigError(f"--prices: {error}") from None
-        if self.request_timeout_s <= 0 or self.startup_timeout_s <= 0:
-            raise BenchConfigError("timeouts must be > 0 seconds")
         return self
 
 
@@ -158,7 +174,7 @@ _FIELD_TYPES = {f.name: str(f.type) for f in fields(BenchConfig)}
 
 
 def _where(name: str) -> str:
-    return f"--{name.replace('_', '-')} (`{name}` in bench.yaml)"
+    return _flag_and_key(name, BenchConfig)
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -1,25 +1,34 @@
 """`EdgeConfig`: everything `specedge edge` needs, validated once at start-up.
 
 Sources, later ones winning: the defaults below, a YAML file (`--config edge.yaml`, keys as the
-field names, dashes or underscores), then command-line flags. `load_edge_config` merges them
-and validates the result; every message names the flag and the YAML key to fix. The config is
-frozen: nothing changes it after start-up.
+field names, dashes or underscores), then command-line flags. Each field is declared once with
+`setting`: its default, the help of its `--kebab-case` option and its allowed range.
+`load_edge_config` merges the sources and validates the result; every message names the flag
+and the YAML key to fix. The config is frozen: nothing changes it after start-up.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from specedge.config_file import (
+    MAX_PORT,
+    MODEL_HELP,
+    check_auth_token,
+    check_device_and_dtype,
+    check_port,
+    check_ranges,
+    role_settings,
+    setting,
+)
 from specedge.config_file import flag_and_key as _where
-from specedge.config_file import role_settings
 from specedge.core.draft import TreeShape
 from specedge.edge.proactive import ProactivePolicy
 from specedge.errors import SpecEdgeError
 
-MAX_PORT = 65535
+_TREE = TreeShape()  # the tree-shape defaults
 
 
 class EdgeConfigError(SpecEdgeError):
@@ -28,28 +37,42 @@ class EdgeConfigError(SpecEdgeError):
 
 @dataclass(frozen=True)
 class EdgeConfig:
-    model: str = ""  # the draft model
-    server: str = ""  # HOST:PORT of `specedge serve`
-    host: str = "127.0.0.1"
-    port: int = 8000  # the OpenAI-compatible HTTP API; 0 picks a free port
-    served_model_name: str = ""  # the name /v1/models lists; default: --model
-    budget: int = 32  # draft tree nodes per round
-    depth: int = 6  # draft tree depth (draft steps per tree)
-    width: int = 4  # children proposed per expanded node
-    beams: int = 8  # nodes expanded per draft step
-    decay: float = 0.9  # score decay per tree level
-    lookup: int = 8  # context lookup chain length, 0 = off
-    proactive: str = "keep-depth"  # off | keep-depth | add-depth
-    proactive_budget: int = 16  # nodes of a proactive subtree
-    proactive_depth: int = 3  # depth (draft steps) of a proactive subtree
-    max_sessions: int = 8  # concurrent generations (draft KV slots); more requests wait
-    max_context: int = 2048  # prompt + generated tokens per request (capped by the model)
-    connect_timeout: float = 5.0  # seconds for the handshake with the server
-    reply_timeout: float = 60.0  # seconds to wait for one round's reply (or a prefill)
-    startup_timeout: float = 30.0  # seconds to wait at start-up for the server to answer
-    device: str = "cpu"
-    dtype: str | None = None  # float32 | bfloat16 | float16; None: best for the device
-    auth_token: str | None = None  # bearer token the server requires; None: no auth
+    model: str = setting("", f"Draft model: {MODEL_HELP}.")
+    server: str = setting("", "HOST:PORT of `specedge serve`.")
+    host: str = setting("127.0.0.1", "HTTP API address.")
+    port: int = setting(8000, "HTTP API (OpenAI-compatible) port, 0 = any free.")
+    served_model_name: str = setting("", "Name in /v1/models (default: --model).")
+    budget: int = setting(_TREE.budget, "Draft tree nodes per round.", minimum=1)
+    depth: int = setting(_TREE.depth, "Draft tree depth (draft steps per tree).", minimum=1)
+    width: int = setting(_TREE.width, "Children proposed per expanded node.", minimum=1)
+    beams: int = setting(_TREE.beams, "Nodes expanded per draft step.", minimum=1)
+    decay: float = setting(
+        _TREE.decay, "Score decay per tree level.", minimum=0, maximum=1, exclusive=True
+    )
+    lookup: int = setting(_TREE.lookup, "Context lookup chain length, 0 = off.", minimum=0)
+    proactive: str = setting(
+        ProactivePolicy.KEEP_DEPTH.value, f"Proactive drafting: {' | '.join(ProactivePolicy)}."
+    )
+    proactive_budget: int = setting(16, "Nodes of a proactive subtree.", minimum=1)
+    proactive_depth: int = setting(3, "Depth (draft steps) of a proactive subtree.", minimum=1)
+    max_sessions: int = setting(
+        8, "Concurrent generations (draft KV slots); more requests wait.", minimum=1
+    )
+    max_context: int = setting(
+        2048, "Prompt + generated tokens per request (capped by the model).", minimum=2
+    )
+    connect_timeout: float = setting(
+        5.0, "Seconds for the handshake with the server.", minimum=0, exclusive=True
+    )
+    reply_timeout: float = setting(
+        60.0, "Seconds to wait for one round's reply (or a prefill).", minimum=0, exclusive=True
+    )
+    startup_timeout: float = setting(
+        30.0, "Seconds to wait at start-up for the server to answer.", minimum=0, exclusive=True
+    )
+    device: str = setting("cpu", "cpu, cuda or cuda:N.")
+    dtype: str | None = setting(None, "float32|bfloat16|float16 (default: best for the device).")
+    auth_token: str | None = setting(None, "Bearer token the server requires (default: no auth).")
 
     @property
     def tree_shape(self) -> TreeShape:
@@ -74,47 +97,15 @@ class EdgeConfig:
             raise EdgeConfigError(
                 f"{_where('server')} must be HOST:PORT of `specedge serve`, got {self.server!r}"
             )
-        if not 0 <= self.port <= MAX_PORT:
-            raise EdgeConfigError(f"{_where('port')} must be in 0..{MAX_PORT}, got {self.port}")
-        for name in (
-            "budget",
-            "depth",
-            "width",
-            "beams",
-            "proactive_budget",
-            "proactive_depth",
-            "max_sessions",
-        ):
-            if getattr(self, name) < 1:
-                raise EdgeConfigError(f"{_where(name)} must be >= 1, got {getattr(self, name)}")
-        if self.lookup < 0:
-            raise EdgeConfigError(f"{_where('lookup')} must be >= 0, got {self.lookup}")
-        if not 0.0 < self.decay < 1.0:
-            raise EdgeConfigError(f"{_where('decay')} must be in (0, 1), got {self.decay}")
+        check_port(self, "port", EdgeConfigError)
+        check_ranges(self, EdgeConfigError)
         if self.proactive not in set(ProactivePolicy):
             raise EdgeConfigError(
                 f"{_where('proactive')} must be one of "
                 f"{', '.join(p.value for p in ProactivePolicy)}, got {self.proactive!r}"
             )
-        if self.max_context < 2:
-            raise EdgeConfigError(f"{_where('max_context')} must be >= 2, got {self.max_context}")
-        for name in ("connect_timeout", "reply_timeout", "startup_timeout"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise EdgeConfigError(f"{_where(name)} must be > 0 seconds, got {value}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise EdgeConfigError(
-                f"{_where('device')} must be cpu, cuda or cuda:N, got {self.device!r}"
-            )
-        if self.dtype is not None:
-            from specedge.model.loader import DTYPES
-
-            if self.dtype.lower() not in DTYPES:
-                raise EdgeConfigError(
-                    f"{_where('dtype')} must be one of {', '.join(DTYPES)}, got {self.dtype!r}"
-                )
-        if self.auth_token is not None and not self.auth_token.strip():
-            raise EdgeConfigError("the auth token is empty: pass a non-empty --auth-token or file")
+        check_device_and_dtype(self, EdgeConfigError)
+        check_auth_token(self, EdgeConfigError)
         return self
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import random_hf_model, tiny_hf_config
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
+
+from tests.support.models import random_hf_model, tiny_hf_config
 
 pytestmark = pytest.mark.slow
 

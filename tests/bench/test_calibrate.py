@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_hf_config, tiny_loaded_model
 
 from specedge.bench.calibrate import measure_timings, suggest_depth
 from specedge.core.draft import TreeShape
+from tests.support.models import tiny_hf_config, tiny_loaded_model
 
 
 def test_published_example_gives_depth_seven() -> None:

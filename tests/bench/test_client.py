@@ -6,11 +6,11 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
-from fake_openai import CHUNK_DELAY_S, CHUNKS, running_fake_api
 
 from specedge.bench.client import RequestSettings, run_clients
 from specedge.bench.prompts import BenchPrompt
 from specedge.bench.wan import DelayProxy
+from tests.support.fake_openai import CHUNK_DELAY_S, CHUNKS, running_fake_api
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from fake_openai import BUSY_PER_REQUEST_S, running_fake_api
 from rich.progress import Progress
 
 from specedge.bench.config import load_bench_config
@@ -13,6 +12,7 @@ from specedge.bench.results import RunSpec
 from specedge.bench.runner import measure_run, plan_runs, rebase
 from specedge.bench.systems import Deployment
 from specedge.bench.wan import DelayProxy
+from tests.support.fake_openai import BUSY_PER_REQUEST_S, running_fake_api
 
 
 def test_plan_groups_runs_by_deployment() -> None:

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from conftest import causal_logits, tiny_hf_config, tiny_loaded_model
 
 from specedge.core.draft import NOT_CACHED, DraftEngine, TreeShape
 from specedge.core.lookup import LookupStats, lookup_chain
@@ -16,6 +15,7 @@ from specedge.core.model_runner import ModelRunner
 from specedge.core.tree import ROOT_PARENT, validate_tree
 from specedge.errors import InvalidRequestError
 from specedge.model.loader import LoadedModel
+from tests.support.models import causal_logits, tiny_hf_config, tiny_loaded_model
 
 # ---- the chain -------------------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import causal_logits, tiny_hf_config, tiny_loaded_model
 from scipy.stats import chisquare
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
@@ -28,6 +27,7 @@ from specedge.core.target import GenerationLimits, TargetEngine
 from specedge.core.tree import DraftTree
 from specedge.errors import TokenizerMismatchError
 from specedge.model.loader import LoadedModel
+from tests.support.models import causal_logits, tiny_hf_config, tiny_loaded_model
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -8,7 +8,6 @@ import random
 
 import pytest
 import torch
-from conftest import causal_logits, random_tree, tiny_hf_config, tiny_loaded_model
 
 from specedge.core.model_runner import ModelRunner, chain_parents
 from specedge.core.tree import (
@@ -25,6 +24,8 @@ from specedge.core.tree import (
 )
 from specedge.errors import InvalidRequestError
 from specedge.model.loader import LoadedModel
+from tests.support.models import causal_logits, tiny_hf_config, tiny_loaded_model
+from tests.support.trees import random_tree
 
 ATOL = 1e-4
 

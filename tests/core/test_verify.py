@@ -7,10 +7,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import random_tree
 
 from specedge.core.tree import ROOT_PARENT
 from specedge.core.verify import FINISH_LENGTH, FINISH_STOP, VerifyResult, verify_tree
+from tests.support.trees import random_tree
 
 #   root ── 10 (node 0) ── 11 (node 2) ── 12 (node 3)
 #       └── 20 (node 1) ── 21 (node 4)

@@ -17,21 +17,16 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from edge_support import (
-    TARGET_SEED,
-    CharTokenizer,
-    edge_config,
-    reference_tokens,
-    start_server,
-    tiny_model,
-)
-from observe import metric, wait_for
 
 from specedge.bench.wan import DelayProxy
 from specedge.edge.api import StopMatcher
 from specedge.edge.app import BackgroundEdge
 from specedge.model.loader import LoadedModel
 from specedge.server.app import BackgroundServer
+from tests.support.models import TARGET_SEED, CharTokenizer, tiny_model
+from tests.support.observe import metric, wait_for
+from tests.support.reference import reference_tokens
+from tests.support.servers import edge_config, start_server
 
 MESSAGES = [{"role": "user", "content": "Say something."}]
 MAX_TOKENS = 30

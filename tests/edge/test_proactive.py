@@ -11,7 +11,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import causal_logits, tiny_hf_config, tiny_loaded_model
 
 from specedge.core.draft import NOT_CACHED, DraftEngine, DraftSequence, TreeBuilder, TreeShape
 from specedge.core.model_runner import ModelRunner
@@ -23,6 +22,7 @@ from specedge.edge.proactive import (
     tree_leaves,
 )
 from specedge.model.loader import LoadedModel
+from tests.support.models import causal_logits, tiny_hf_config, tiny_loaded_model
 
 SHAPE = TreeShape(budget=10, depth=4, width=3, beams=3)
 SUBTREE = TreeShape(budget=6, depth=3, width=3, beams=2)

@@ -13,17 +13,6 @@ from contextlib import aclosing
 
 import grpc
 import pytest
-from edge_support import (
-    TARGET_SEED,
-    VOCAB,
-    edge_config,
-    edge_generate,
-    reference_tokens,
-    start_server,
-    tiny_model,
-    with_edge,
-)
-from observe import async_wait_for, metric, wait_for
 
 from specedge.bench.wan import DelayProxy
 from specedge.core.generation import GenerationRequest, GenerationStats
@@ -41,6 +30,11 @@ from specedge.rpc.codec import (
     add_verifier_service,
 )
 from specedge.server.app import BackgroundServer
+from tests.support.models import TARGET_SEED, tiny_model
+from tests.support.models import TINY_VOCAB as VOCAB
+from tests.support.observe import async_wait_for, metric, wait_for
+from tests.support.reference import reference_tokens
+from tests.support.servers import edge_config, edge_generate, start_server, with_edge
 
 PROMPTS = [[1, 2, 3, 4, 5], [200, 17, 93], [7] * 12]
 MAX_TOKENS = 40

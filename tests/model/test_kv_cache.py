@@ -9,14 +9,6 @@ import random
 
 import pytest
 import torch
-from conftest import (
-    causal_forward,
-    plant_path,
-    random_tree,
-    shuffle_tree,
-    tiny_hf_config,
-    tiny_loaded_model,
-)
 
 from specedge.core.draft import DraftEngine, TreeShape
 from specedge.core.model_runner import ModelRunner
@@ -27,8 +19,10 @@ from specedge.errors import CapacityError
 from specedge.model.config import ModelConfig
 from specedge.model.kv_cache import KVCache
 from specedge.model.loader import LoadedModel
+from tests.support.models import causal_forward, tiny_hf_config, tiny_loaded_model
+from tests.support.reference import assert_slot_matches_fresh_prefill
+from tests.support.trees import plant_path, random_tree, shuffle_tree
 
-ATOL = 1e-5
 VOCAB = 24  # small, so that random trees often contain the target's sample
 
 
@@ -74,24 +68,6 @@ def test_compact_moves_kept_positions_and_leaves_other_slots_alone() -> None:
         assert (kv.values[layer][1, :, :7] - kv.keys[layer][1, :, :7] == 0.5).all()
         untouched = kv.keys[layer][0, 0, :, 0] - layer
         assert untouched.tolist() == list(range(12))
-
-
-def assert_slot_matches_fresh_prefill(
-    loaded: LoadedModel, kv: KVCache, slot: int, tokens: list[int]
-) -> None:
-    """Positions [0, len(tokens)) of `slot` hold the K/V of a plain prefill of `tokens`."""
-    length = len(tokens)
-    assert kv.lengths[slot] == length
-    if not length:
-        return
-    _, fresh = causal_forward(loaded.model, torch.tensor([tokens]))
-    for layer in range(loaded.config.num_layers):
-        torch.testing.assert_close(
-            kv.keys[layer][slot, :, :length], fresh.keys[layer][0], atol=ATOL, rtol=0
-        )
-        torch.testing.assert_close(
-            kv.values[layer][slot, :, :length], fresh.values[layer][0], atol=ATOL, rtol=0
-        )
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ from typing import cast
 
 import pytest
 import torch
-from conftest import causal_logits
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 from specedge.core.local import LocalGenerator
 from specedge.core.sampling import SamplingParams
 from specedge.model.loader import LoadedModel
 from specedge.text import encode_prompt
+from tests.support.models import causal_logits
 
 NUM_NEW_TOKENS = 24
 PROMPTS = [

@@ -10,14 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import (
-    LLAMA3_ROPE_SCALING,
-    TINY_VOCAB,
-    causal_logits,
-    random_hf_model,
-    tiny_hf_config,
-    to_specedge,
-)
 from transformers import GPT2Config, PretrainedConfig
 
 from specedge.errors import ModelLoadError
@@ -25,6 +17,14 @@ from specedge.model.config import ModelConfig
 from specedge.model.kv_cache import KVCache, KVWrite
 from specedge.model.loader import build_model, convert_hf_state_dict, load_model
 from specedge.model.transformer import Linear
+from tests.support.models import (
+    LLAMA3_ROPE_SCALING,
+    TINY_VOCAB,
+    causal_logits,
+    random_hf_model,
+    tiny_hf_config,
+    to_specedge,
+)
 
 ATOL = 1e-4
 

@@ -19,16 +19,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import TinyTokenizer, tiny_hf_config, tiny_loaded_model
-from observe import metric, wait_for
-from server_harness import (
-    BASE_CONFIG,
-    channel,
-    open_message,
-    oracle_tree,
-    reference_tokens,
-    run_session,
-)
 from typer.testing import CliRunner
 
 from specedge import cli
@@ -37,6 +27,12 @@ from specedge.model.loader import LoadedModel
 from specedge.rpc.codec import CloseSession, SessionOpened, VerifierClient
 from specedge.server.app import BackgroundServer
 from specedge.server.config import ConfigError, ServerConfig, load_server_config
+from tests.support.models import TARGET_SEED, tiny_model
+from tests.support.observe import metric, wait_for
+from tests.support.reference import reference_tokens
+from tests.support.scripted_edge import channel, open_message, run_session
+from tests.support.servers import SERVER_CONFIG
+from tests.support.trees import oracle_tree
 
 MAX_TOKENS = 24
 PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7], [2, 7, 1, 8], [31, 41], [59, 26, 53]]
@@ -44,41 +40,25 @@ PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7], [2, 7, 1, 8], [31, 41
 SHAPE = {"budget": 12, "depth": 4, "width": 3, "beams": 3}
 
 
-class ChatTokenizer(TinyTokenizer):
-    """TinyTokenizer with a chat template: each character of the messages is one token."""
-
-    chat_template = "plain"
-
-    def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool, tokenize: bool
-    ) -> list[int]:
-        text = "".join(f"{m['role']}:{m['content']};" for m in messages)
-        return [ord(char) % self.vocab_size for char in text]
-
-
-def tiny_model(seed: int, vocab: int = 256) -> LoadedModel:
-    model = tiny_loaded_model(tiny_hf_config(vocab_size=vocab), seed=seed, name=f"tiny-{seed}")
-    return replace(model, tokenizer=ChatTokenizer(vocab))
-
-
 def start_api_server(draft: LoadedModel | None, **overrides: Any) -> BackgroundServer:
     """The harness's small server with its HTTP API on a free port (drafting with `draft`)."""
     draft_name = None if draft is None else draft.name
     settings = {"api_port": 0, "draft": draft_name, **SHAPE} | overrides
-    config = replace(BASE_CONFIG, **settings)
-    return BackgroundServer(config.validate(), tiny_model(11), draft).start()
+    config = replace(SERVER_CONFIG, **settings)
+    target = tiny_model(TARGET_SEED, char_tokenizer=True)
+    return BackgroundServer(config.validate(), target, draft).start()
 
 
 @pytest.fixture(scope="module")
 def target() -> LoadedModel:
-    return tiny_model(11)
+    return tiny_model(TARGET_SEED, char_tokenizer=True)
 
 
 @pytest.fixture(scope="module")
 def spec_server() -> Iterator[BackgroundServer]:
     """Server-side speculative decoding with a draft that disagrees with the target; room for
     every API request and an edge session at once."""
-    server = start_api_server(tiny_model(12), max_sessions=len(PROMPTS) + 2)
+    server = start_api_server(tiny_model(12, char_tokenizer=True), max_sessions=len(PROMPTS) + 2)
     yield server
     server.stop()
 
@@ -128,8 +108,8 @@ def test_spec_and_ar_equal_the_local_autoregressive_target(
 
 def test_a_draft_that_agrees_is_accepted() -> None:
     """With the target's own weights as the draft, whole trees are accepted."""
-    target = tiny_model(11)
-    server = start_api_server(tiny_model(11))
+    target = tiny_model(TARGET_SEED, char_tokenizer=True)
+    server = start_api_server(tiny_model(TARGET_SEED, char_tokenizer=True))
     try:
         answer = complete(server, PROMPTS[0])
         assert answer.choices[0].text == expected_text(target, PROMPTS[0])
@@ -318,7 +298,7 @@ def test_a_prompt_longer_than_the_context_is_a_400(spec_server: BackgroundServer
 # ---- start-up ------------------------------------------------------------------------------------
 def test_the_draft_must_share_the_targets_tokenizer() -> None:
     with pytest.raises(TokenizerMismatchError, match="do not share a tokenizer"):
-        start_api_server(tiny_model(12, vocab=128))
+        start_api_server(tiny_model(12, vocab=128, char_tokenizer=True))
 
 
 def test_a_taken_api_port_fails_at_once(ar_server: BackgroundServer) -> None:

@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from server_harness import reference_tokens, tiny_target
 
 from specedge.core.model_runner import ModelRunner
 from specedge.core.sampling import SamplingParams
@@ -24,6 +23,8 @@ from specedge.server.executor import (
     fit_to_context,
 )
 from specedge.server.scheduler import SchedulerPolicy
+from tests.support.models import tiny_model
+from tests.support.reference import reference_tokens
 
 GREEDY = SamplingParams()
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
@@ -31,7 +32,7 @@ PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
 
 @pytest.fixture(scope="module")
 def target() -> LoadedModel:
-    return tiny_target()
+    return tiny_model()
 
 
 def make_executor(target: LoadedModel, num_slots: int = 4, **policy: Any) -> VerificationExecutor:

@@ -14,14 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from observe import health
-from server_harness import empty_tree, open_message, run, run_session
 
 from specedge.core.local import LocalGenerator
 from specedge.core.sampling import SamplingParams
 from specedge.model.loader import LoadedModel
 from specedge.rpc.codec import WireSampling
 from specedge.text import encode_prompt
+from tests.support.observe import health
+from tests.support.scripted_edge import open_message, run, run_session
+from tests.support.trees import empty_tree
 
 pytestmark = [
     pytest.mark.slow,

@@ -8,23 +8,6 @@ from dataclasses import replace
 
 import grpc
 import pytest
-from conftest import tiny_hf_config, tiny_loaded_model
-from observe import metric, wait_for
-from server_harness import (
-    VOCAB,
-    SessionResult,
-    channel,
-    empty_tree,
-    expect_status,
-    junk_tree,
-    open_message,
-    oracle_tree,
-    reference_tokens,
-    run,
-    run_session,
-    start_server,
-    tiny_target,
-)
 
 from specedge.core.sampling import SamplingParams
 from specedge.core.tree import DraftTree
@@ -39,6 +22,19 @@ from specedge.rpc.codec import (
     wire_size,
 )
 from specedge.server.app import BackgroundServer
+from tests.support.models import TINY_VOCAB, tiny_hf_config, tiny_loaded_model, tiny_model
+from tests.support.observe import metric, wait_for
+from tests.support.reference import reference_tokens
+from tests.support.scripted_edge import (
+    SessionResult,
+    channel,
+    expect_status,
+    open_message,
+    run,
+    run_session,
+)
+from tests.support.servers import start_server
+from tests.support.trees import empty_tree, junk_tree, oracle_tree
 
 PROMPT = [5, 17, 99, 3, 250, 42, 42, 7, 128, 64, 1, 2, 3, 200, 31, 8, 9, 77, 13]  # 19 tokens
 MAX_TOKENS = 24
@@ -46,7 +42,7 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def target() -> LoadedModel:
-    return tiny_target()
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +62,9 @@ def test_info_reports_identity_and_limits(server: BackgroundServer, target: Load
         async with channel(server.port) as chan:
             info = await VerifierClient(chan).info(timeout=5)
         assert info.protocol_version == PROTOCOL_VERSION
-        assert info.model_name == "tiny"
+        assert info.model_name == target.name
         assert info.tokenizer_fingerprint == open_message(target, PROMPT, 1).tokenizer_fingerprint
-        assert (info.vocab_size, info.max_tree_nodes, info.max_tree_depth) == (VOCAB, 16, 6)
+        assert (info.vocab_size, info.max_tree_nodes, info.max_tree_depth) == (TINY_VOCAB, 16, 6)
         assert info.max_context == 256
 
     run(main())
@@ -147,7 +143,7 @@ def test_stop_token_ends_the_session(
 
 
 def test_prompt_longer_than_a_prefill_chunk(server: BackgroundServer, target: LoadedModel) -> None:
-    prompt = [(i * 37 + 11) % VOCAB for i in range(100)]  # 7 chunks of 16
+    prompt = [(i * 37 + 11) % TINY_VOCAB for i in range(100)]  # 7 chunks of 16
     expected = reference_tokens(target, prompt, 8)
     result = run(run_session(server.port, open_message(target, prompt, 8), junk_tree))
     assert result.tokens == expected
@@ -156,7 +152,7 @@ def test_prompt_longer_than_a_prefill_chunk(server: BackgroundServer, target: Lo
 def test_allowance_is_capped_by_the_context(server: BackgroundServer, target: LoadedModel) -> None:
     """max_tokens past the context limit is cut to fit, and trees near the end are trimmed
     instead of failing the session."""
-    prompt = [(i * 13 + 1) % VOCAB for i in range(250)]
+    prompt = [(i * 13 + 1) % TINY_VOCAB for i in range(250)]
     expected = reference_tokens(target, prompt, 6)
     result = run(run_session(server.port, open_message(target, prompt, 1000), junk_tree))
     assert result.opened.max_new_tokens == 6
@@ -170,7 +166,7 @@ def test_wire_size_of_a_round_grows_with_the_tree_not_the_context() -> None:
     long_server = start_server(
         long_target, max_context=2304, max_tree_nodes=32, max_tree_depth=16, prefill_chunk=512
     )
-    tree_tokens = [(i * 41 + 3) % VOCAB for i in range(32)]
+    tree_tokens = [(i * 41 + 3) % TINY_VOCAB for i in range(32)]
     tree_parents = [-1, -1, -1, -1] + [i // 2 for i in range(28)]
 
     def tree(generated: list[int]) -> DraftTree:
@@ -179,7 +175,7 @@ def test_wire_size_of_a_round_grows_with_the_tree_not_the_context() -> None:
     try:
         results = []
         for length in (16, 2048):
-            prompt = [(i * 7 + 1) % VOCAB for i in range(length)]
+            prompt = [(i * 7 + 1) % TINY_VOCAB for i in range(length)]
             message = open_message(long_target, prompt, 2)
             results.append(run(run_session(long_server.port, message, tree)))
     finally:
@@ -196,7 +192,7 @@ BAD_TREES = {
     "parent after child": ([1, 2, 3], [-1, 2, 0]),
     "parent is itself": ([1, 2], [-1, 1]),
     "too many nodes": (list(range(17)), [-1] * 17),
-    "token id >= vocab": ([1, VOCAB, 3], [-1, -1, -1]),
+    "token id >= vocab": ([1, TINY_VOCAB, 3], [-1, -1, -1]),
     "depth over cap": (list(range(7)), [-1, 0, 1, 2, 3, 4, 5]),
     "length mismatch": ([1, 2, 3], [-1, 0]),
     "duplicate siblings": ([4, 4], [-1, -1]),
@@ -243,7 +239,7 @@ BAD_OPENS = {
     ),
     "empty prompt": ({"prompt_token_ids": []}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
     "prompt token id >= vocab": (
-        {"prompt_token_ids": [1, VOCAB + 5]},
+        {"prompt_token_ids": [1, TINY_VOCAB + 5]},
         grpc.StatusCode.INVALID_ARGUMENT,
         "outside vocab",
     ),
@@ -269,7 +265,7 @@ BAD_OPENS = {
         "top_p",
     ),
     "stop id >= vocab": (
-        {"stop_token_ids": [VOCAB]},
+        {"stop_token_ids": [TINY_VOCAB]},
         grpc.StatusCode.INVALID_ARGUMENT,
         "stop token",
     ),

@@ -9,20 +9,6 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from observe import health, http_get, metric, wait_for
-from server_harness import (
-    SessionResult,
-    channel,
-    empty_tree,
-    expect_status,
-    junk_tree,
-    open_message,
-    reference_tokens,
-    run,
-    run_session,
-    start_server,
-    tiny_target,
-)
 
 from specedge.model.loader import LoadedModel
 from specedge.rpc.codec import (
@@ -33,6 +19,19 @@ from specedge.rpc.codec import (
     VerifyTree,
 )
 from specedge.server.app import BackgroundServer
+from tests.support.models import tiny_model
+from tests.support.observe import health, http_get, metric, wait_for
+from tests.support.reference import reference_tokens
+from tests.support.scripted_edge import (
+    SessionResult,
+    channel,
+    expect_status,
+    open_message,
+    run,
+    run_session,
+)
+from tests.support.servers import start_server
+from tests.support.trees import empty_tree, junk_tree
 
 PROMPT = [9, 8, 7, 6, 5, 4, 3, 2, 1, 100, 101, 102]
 SESSION_TIMEOUT = 1.0
@@ -40,7 +39,7 @@ SESSION_TIMEOUT = 1.0
 
 @pytest.fixture(scope="module")
 def target() -> LoadedModel:
-    return tiny_target()
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +272,12 @@ def test_health_reports_status_model_and_sessions(
             return await asyncio.to_thread(health, small_server.metrics_port)
 
     during = run(main())
-    assert during == {"status": "ok", "model": "tiny", "active_sessions": 1, "max_sessions": 2}
+    assert during == {
+        "status": "ok",
+        "model": target.name,
+        "active_sessions": 1,
+        "max_sessions": 2,
+    }
     wait_for(lambda: health(small_server.metrics_port)["active_sessions"] == 0)
 
 

@@ -1,0 +1,11 @@
+"""Test helpers, one owner per concept (the fixtures that use them live in tests/conftest.py):
+
+- `models`: tiny random-weight models of every family, tiny tokenizers, plain causal reference
+  forwards, the bundled SmolLM2 model.
+- `trees`: draft trees: random ones for property tests, scripted ones for a fake edge.
+- `reference`: ground truths: the local autoregressive target output, a fresh KV prefill.
+- `servers`: the real server and edge in-process on loopback ports.
+- `scripted_edge`: a scripted edge talking to a server over real gRPC.
+- `observe`: HTTP GETs, /health, /metrics samples, waiting for a condition.
+- `fake_openai`: a fake OpenAI-compatible streaming API for the benchmark client.
+"""

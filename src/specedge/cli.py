@@ -1,5 +1,6 @@
 """The `specedge` command line. Each role's command lives with its role; this module only
-collects them and turns the package's typed errors into one-line messages."""
+collects them and turns the package's typed errors into one-line messages. A role's options
+are the fields of its settings dataclass (`settings_options`): a setting is added there, once."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from typing import Annotated, Any
 
 import typer
 
-from specedge.bench.config import BenchConfig
+from specedge.bench.config import BenchConfig, load_bench_config
 from specedge.config_file import MODEL_HELP, settings_options
-from specedge.edge.config import EdgeConfig
+from specedge.edge.config import EdgeConfig, load_edge_config
 from specedge.errors import InvalidRequestError, SpecEdgeError
-from specedge.local_cli import GenerateSettings
-from specedge.server.config import ServerConfig
+from specedge.local_cli import GenerateSettings, run_generate
+from specedge.server.config import ServerConfig, load_server_config
 from specedge.text import read_prompt_file
 
 app = typer.Typer(
@@ -44,8 +45,6 @@ def generate(
     flags: dict[str, Any],
 ) -> None:
     """Generate text locally: autoregressive, or tree speculative decoding with a draft."""
-    from specedge.local_cli import run_generate
-
     run_generate(GenerateSettings(**flags), _read_prompts(prompt, prompt_file))
 
 
@@ -60,7 +59,6 @@ def serve(
     """Run the verification server: batched tree verification for many edges over gRPC, and
     with --api-port an OpenAI-compatible API for users with no edge."""
     from specedge.server.app import run_server
-    from specedge.server.config import load_server_config
 
     logging.getLogger("specedge").setLevel(logging.INFO)
     run_server(load_server_config(config, flags, auth_token_file))
@@ -149,7 +147,6 @@ def edge(
 ) -> None:
     """Run an edge: draft with MODEL, verify on SERVER, serve an OpenAI-compatible API."""
     from specedge.edge.app import run_edge
-    from specedge.edge.config import load_edge_config
 
     run_edge(load_edge_config(config, flags, auth_token_file))
 
@@ -165,7 +162,6 @@ def bench(
     flags: dict[str, Any],
 ) -> None:
     """Benchmark SpecEdge against server-only baselines: JSON results, report.md and plots."""
-    from specedge.bench.config import load_bench_config
     from specedge.bench.report import rewrite_report
     from specedge.bench.runner import run_bench
 

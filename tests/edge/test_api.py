@@ -2,7 +2,9 @@
 httpx, over the real verification server: completions equal the target's greedy output,
 streaming and non-streaming agree, stop strings cut the text, invalid parameters get OpenAI's
 error JSON with status 400, concurrent requests all complete, a client that disconnects
-mid-stream frees its server session, and a dead server means 503 quickly, then recovery."""
+mid-stream frees its server session, and a dead server means 503 quickly, then recovery. The
+edge serves the target's tokens, so it lists the target (with its draft) and names it in every
+response."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -30,6 +32,7 @@ from tests.support.servers import edge_config, start_server
 
 MESSAGES = [{"role": "user", "content": "Say something."}]
 MAX_TOKENS = 30
+DRAFT_NAME = "tiny-draft"
 
 
 @dataclass
@@ -50,7 +53,8 @@ class Stack:
 def stack() -> Iterator[Stack]:
     target = tiny_model(TARGET_SEED, char_tokenizer=True)
     server = start_server(target)
-    edge = BackgroundEdge(edge_config(server), tiny_model(TARGET_SEED, char_tokenizer=True))
+    draft = replace(tiny_model(TARGET_SEED, char_tokenizer=True), name=DRAFT_NAME)
+    edge = BackgroundEdge(edge_config(server), draft)
     edge.start()
     yield Stack(target, server, edge)
     edge.stop()
@@ -63,10 +67,16 @@ def chat_prompt_ids() -> list[int]:
 
 def test_models_health_and_metrics(stack: Stack) -> None:
     models = stack.client.models.list()
-    assert [model.id for model in models.data] == ["tiny-draft"]
+    assert [model.id for model in models.data] == [stack.target.name]  # what the server serves
+    assert models.data[0].owned_by == "specedge"
+    assert models.data[0].model_extra == {"draft": DRAFT_NAME}
     health = httpx.get(f"{stack.edge.url}/health").json()
     assert health["status"] == "ok" and health["server_connected"] is True
-    stack.client.completions.create(model="x", prompt=[1, 2, 3], max_tokens=4, temperature=0)
+    assert health["model"] == stack.target.name
+    answer = stack.client.completions.create(
+        model="x", prompt=[1, 2, 3], max_tokens=4, temperature=0
+    )
+    assert answer.model == stack.target.name
     text = httpx.get(f"{stack.edge.url}/metrics").text
     assert "specedge_edge_rounds_total" in text and "specedge_edge_ttft_seconds" in text
 
@@ -79,7 +89,7 @@ def test_chat_equals_greedy_target_and_streaming_agrees(stack: Stack) -> None:
         temperature=0,
         max_tokens=MAX_TOKENS,  # type: ignore[arg-type]
     )
-    assert full.model == "whatever" and full.object == "chat.completion"
+    assert full.model == stack.target.name and full.object == "chat.completion"
     choice = full.choices[0]
     assert choice.message.content == stack.expected_text(chat_prompt_ids())
     assert choice.finish_reason == "length"
@@ -99,6 +109,7 @@ def test_chat_equals_greedy_target_and_streaming_agrees(stack: Stack) -> None:
         )
     )
     assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    assert {chunk.model for chunk in chunks} == {stack.target.name}
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == choice.message.content

@@ -2,7 +2,9 @@
 
 `build_edge` assembles an `EdgeRuntime` around a loaded draft model. `EdgeServer` checks the
 server (handshake) before listening, then runs the API with uvicorn and logs one readiness line:
-"edge serving MODEL at http://HOST:PORT". `BackgroundEdge` runs one in a thread (tests, demos);
+"edge serving MODEL at http://HOST:PORT". MODEL is the server's target (every token the edge
+returns is the target's), unless `--served-model-name` names it otherwise; `/v1/models` lists
+the draft with it. `BackgroundEdge` runs one in a thread (tests, demos);
 `run_edge` is the blocking entry of the CLI.
 """
 
@@ -24,6 +26,7 @@ from specedge.edge.runtime import EdgeRuntime
 from specedge.edge.worker import DraftWorker
 from specedge.model.loader import LoadedModel, load_model, parse_dtype, tokenizer_fingerprint
 from specedge.openai_api.serving import HttpApiServer
+from specedge.rpc.codec import ServerInfo
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +34,19 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Edge:
     runtime: EdgeRuntime
-    served: ServedModel
+    draft: LoadedModel
     metrics: EdgeMetrics
+
+    def served_model(self, config: EdgeConfig, target: ServerInfo) -> ServedModel:
+        """What the API serves: the target's tokens, so the target's name (or
+        `--served-model-name`), with the draft that proposes them."""
+        return ServedModel(
+            name=config.served_model_name or target.model_name,
+            tokenizer=self.draft.tokenizer,  # the target's: the handshake checked the fingerprint
+            stop_token_ids=self.draft.stop_token_ids,
+            vocab_size=self.draft.config.vocab_size,
+            draft=self.draft.name,
+        )
 
     async def close(self) -> None:
         await self.runtime.connection.close()
@@ -73,13 +87,7 @@ def build_edge(config: EdgeConfig, draft: LoadedModel) -> Edge:
         max_context=max_context,
         max_sessions=config.max_sessions,
     )
-    served = ServedModel(
-        name=config.model_name,
-        tokenizer=draft.tokenizer,
-        stop_token_ids=draft.stop_token_ids,
-        vocab_size=draft.config.vocab_size,
-    )
-    return Edge(runtime, served, EdgeMetrics())
+    return Edge(runtime, draft, EdgeMetrics())
 
 
 class EdgeServer:
@@ -103,7 +111,8 @@ class EdgeServer:
         try:
             info = await edge.runtime.connection.wait_ready(config.startup_timeout)
             logger.info("verification server %s: target %r", config.server, info.model_name)
-            app = create_app(edge.runtime, edge.served, edge.metrics)
+            served = edge.served_model(config, info)
+            app = create_app(edge.runtime, served, edge.metrics)
             self._http = HttpApiServer(config.host, config.port)
             await self._http.start(app)
         except BaseException:
@@ -112,7 +121,7 @@ class EdgeServer:
             await edge.close()
             raise
         self.url = self._http.url
-        logger.info("edge serving %s at %s", edge.served.name, self.url)
+        logger.info("edge serving %s at %s", served.name, self.url)
 
     async def wait(self) -> None:
         """Until the API stops (SIGINT/SIGTERM in the main thread, or `stop`)."""

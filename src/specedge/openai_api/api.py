@@ -5,10 +5,12 @@
 Supported parameters: temperature, top_p, top_k (extension), seed, max_tokens (and
 max_completion_tokens), stop, n=1. Anything else, or an invalid value, gets OpenAI's error JSON
 with status 400; a backend that cannot serve now (`ServiceUnavailableError`: the verification
-server unreachable, full or shutting down) gets 503. Every response carries
-`usage.speculative` (rounds, tokens_per_round, acceptance_rate, proactive_hits,
-proactive_attempts, bytes_sent, bytes_received, ttft_ms). Streaming and non-streaming answers
-come from the same delta stream, so they agree. The edge and the server serve this same app.
+server unreachable, full or shutting down) gets 503. A request's `model` is not checked: every
+response names the served model (`ServedModel.name`; on the edge, the target). Every
+response carries `usage.speculative` (rounds, tokens_per_round, acceptance_rate,
+proactive_hits, proactive_attempts, bytes_sent, bytes_received, ttft_ms). Streaming and
+non-streaming answers come from the same delta stream, so they agree. The edge and the server
+serve this same app.
 """
 
 from __future__ import annotations
@@ -76,10 +78,19 @@ def as_openai_error(error: Exception) -> OpenAIError:
 # ---- generation -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ServedModel:
-    name: str  # what /v1/models lists
+    """The model an API serves. `name` is the model whose tokens the answers are (the target:
+    a draft only proposes them); `draft`, when one proposes, is listed with it."""
+
+    name: str  # what /v1/models lists and every response's `model` says
     tokenizer: Any
     stop_token_ids: tuple[int, ...]
     vocab_size: int
+    draft: str | None = None
+
+    def card(self, created: int) -> dict[str, Any]:
+        """The model object of `GET /v1/models`."""
+        card = {"id": self.name, "object": "model", "created": created, "owned_by": "specedge"}
+        return card if self.draft is None else card | {"draft": self.draft}
 
 
 @dataclass(frozen=True)
@@ -248,8 +259,7 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        card = {"id": served.name, "object": "model", "created": started, "owned_by": "specedge"}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [served.card(started)]}
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionBody) -> Response:
@@ -259,7 +269,7 @@ def create_app(
             max_tokens = body.max_completion_tokens or body.max_tokens
             return Generation(backend, served, prompt, body, max_tokens)
 
-        return await _respond("chat", body, start, ChatFormat(body.model or served.name))
+        return await _respond("chat", body, start, ChatFormat(served.name))
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionBody) -> Response:
@@ -267,9 +277,7 @@ def create_app(
             prompt = _completion_prompt(body.prompt, served)
             return Generation(backend, served, prompt, body, body.max_tokens)
 
-        return await _respond(
-            "completions", body, start, CompletionFormat(body.model or served.name)
-        )
+        return await _respond("completions", body, start, CompletionFormat(served.name))
 
     async def _respond(
         endpoint: str, body: GenerationBody, start: Callable[[], Generation], form: ResponseFormat

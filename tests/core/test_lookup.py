@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
-from specedge.core.draft import NOT_CACHED, DraftEngine, TreeShape
+from specedge.core.draft import NOT_CACHED, DraftEngine, SentTree, TreeShape
 from specedge.core.lookup import LookupStats, lookup_chain
 from specedge.core.model_runner import ModelRunner
-from specedge.core.tree import ROOT_PARENT, validate_tree
+from specedge.core.tree import ROOT_PARENT, DraftTree, validate_tree
+from specedge.core.verify import VerifyResult
 from specedge.errors import InvalidRequestError
 from specedge.model.loader import LoadedModel
 from tests.support.models import causal_logits, tiny_hf_config, tiny_loaded_model
@@ -94,7 +95,8 @@ def test_tree_carries_the_lookup_chain(draft_model: LoadedModel) -> None:
     builder = engine.builder(seq)
     builder.grow()
     assert builder.lookup == ([23, 24, 25, 26], 3)
-    tree, node_map = builder.tree()
+    sent = builder.sent_tree()
+    tree, node_map = sent.tree, sent.builder_nodes
     validate_tree(tree.tokens, tree.parents, vocab_size=256, max_nodes=12, max_depth=5)
     # The chain is a root-down path of the sent tree (a random draft never outscores it).
     node, path = ROOT_PARENT, []
@@ -144,7 +146,9 @@ def test_scores_and_kv_equal_a_recompute_over_rounds(draft_model: LoadedModel) -
         accepted.append(builder.child_of[(accepted[0], chain[1])])
         bonus = next(t for t in REPEATING[round_:] if t != chain[2])
         tries_before = seq.lookup_stats.tries.get(ngram, 0.0)
-        engine.commit(seq, builder, accepted, [*chain[:2], bonus])
+        # Sent: the accepted chain prefix (tree nodes 0, 1 = builder nodes `accepted`).
+        sent = SentTree(DraftTree(tuple(chain[:2]), (ROOT_PARENT, 0)), tuple(accepted), builder)
+        engine.advance(seq, sent, VerifyResult([*chain[:2], bonus], [0, 1], None))
         assert seq.lookup_stats.tries[ngram] == tries_before + 3, round_
         assert_kv_matches_prefill(engine, seq.slot, seq.committed[: seq.kv_len])
 

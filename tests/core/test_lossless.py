@@ -256,7 +256,7 @@ def speculative_samples(
             draft_engine.prefill(draft_seq)
             builder = draft_engine.builder(draft_seq)
             builder.grow()
-            trees[key] = builder.tree()[0]
+            trees[key] = builder.sent_tree().tree
             draft_engine.close(draft_seq)
         return trees[key]
 

@@ -9,7 +9,13 @@ import random
 import pytest
 
 from specedge.core.tree import ROOT_PARENT
-from specedge.core.verify import FINISH_LENGTH, FINISH_STOP, VerifyResult, verify_tree
+from specedge.core.verify import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    VerifyResult,
+    verdict_from_reply,
+    verify_tree,
+)
 from tests.support.trees import random_tree
 
 #   root ── 10 (node 0) ── 11 (node 2) ── 12 (node 3)
@@ -144,3 +150,15 @@ def check_invariants(seed: int) -> None:
         last = path[len(emitted) - 1]
         assert len(accepted) == len(emitted) - 1
         assert (last, emitted[-1]) not in set(zip(parents, tokens, strict=True))
+
+
+def test_verdict_from_reply_walks_the_accepted_tokens() -> None:
+    """A remote verifier's reply (emitted tokens, how many accepted) as tree indices."""
+    tokens, parents = (5, 6, 7, 8), (-1, -1, 0, 2)
+    verdict = verdict_from_reply(tokens, parents, [5, 7, 8, 1], 3, None)
+    assert verdict.accepted_nodes == [0, 2, 3] and verdict.emitted_tokens == [5, 7, 8, 1]
+    assert verdict_from_reply(tokens, parents, [9], 0, "stop").accepted_nodes == []
+    with pytest.raises(ValueError, match="not a child"):
+        verdict_from_reply(tokens, parents, [6, 7, 1], 2, None)  # 7 is not a child of 6
+    with pytest.raises(ValueError, match="accepted tokens"):
+        verdict_from_reply(tokens, parents, [5], 2, None)

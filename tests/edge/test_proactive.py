@@ -12,13 +12,20 @@ from dataclasses import replace
 import pytest
 import torch
 
-from specedge.core.draft import NOT_CACHED, DraftEngine, DraftSequence, TreeBuilder, TreeShape
+from specedge.core.draft import (
+    NOT_CACHED,
+    DraftEngine,
+    DraftSequence,
+    SentTree,
+    TreeBuilder,
+    TreeShape,
+)
 from specedge.core.model_runner import ModelRunner
 from specedge.core.tree import ROOT_PARENT, DraftTree
+from specedge.core.verify import VerifyResult
 from specedge.edge.proactive import (
     ProactiveDrafter,
     ProactivePolicy,
-    accepted_nodes,
     tree_leaves,
 )
 from specedge.model.loader import LoadedModel
@@ -86,21 +93,25 @@ def assert_scores_match_recompute(model: LoadedModel, builder: TreeBuilder) -> N
         assert logq == pytest.approx(reference[node.parent][node.token].item(), abs=1e-4)
 
 
-def grown_round(engine: DraftEngine) -> tuple[DraftSequence, TreeBuilder, DraftTree, list[int]]:
+def grown_round(engine: DraftEngine) -> tuple[DraftSequence, TreeBuilder, SentTree]:
     seq = engine.open(PROMPT)
     engine.prefill(seq)
     builder = engine.builder(seq)
     builder.grow()
-    tree, node_map = builder.tree()
-    return seq, builder, tree, node_map
+    return seq, builder, builder.sent_tree()
+
+
+def verdict(sent: SentTree, accepted: list[int], emitted: list[int]) -> VerifyResult:
+    """The verdict that accepts `accepted` (builder indices, all in the sent tree)."""
+    return VerifyResult(emitted, [sent.builder_nodes.index(i) for i in accepted], None)
 
 
 def test_bet_is_the_best_leaf_continuation(draft_model: LoadedModel) -> None:
     engine = make_engine(draft_model)
-    seq, builder, tree, node_map = grown_round(engine)
+    seq, builder, sent = grown_round(engine)
     drafter = ProactiveDrafter(engine, ProactivePolicy.KEEP_DEPTH, SUBTREE)
-    bet = drafter.choose_bet(builder, node_map, tree)
-    leaves = [node_map[i] for i in tree_leaves(tree)]
+    bet = drafter.choose_bet(sent)
+    leaves = [sent.builder_nodes[i] for i in tree_leaves(sent.tree)]
     assert bet.leaf in leaves
     assert all(builder.nodes[leaf].block_index != NOT_CACHED for leaf in leaves)
     # Brute force: score(L) + log q(t | L) over every leaf and every token.
@@ -118,15 +129,15 @@ def test_bet_is_the_best_leaf_continuation(draft_model: LoadedModel) -> None:
 @pytest.mark.parametrize("policy", [ProactivePolicy.KEEP_DEPTH, ProactivePolicy.ADD_DEPTH])
 def test_hit_reuses_the_subtree(draft_model: LoadedModel, policy: ProactivePolicy) -> None:
     engine = make_engine(draft_model)
-    seq, builder, tree, node_map = grown_round(engine)
+    seq, builder, sent = grown_round(engine)
     drafter = ProactiveDrafter(engine, policy, SUBTREE)
-    proactive = drafter.start(builder, drafter.choose_bet(builder, node_map, tree))
+    proactive = drafter.start(sent, drafter.choose_bet(sent))
     proactive.builder.grow()
-    subtree_tree, subtree_map = proactive.builder.tree()
+    subtree_sent = proactive.builder.sent_tree()
     accepted = path_to(builder, proactive.bet.leaf)
     emitted = [builder.nodes[i].token for i in accepted] + [proactive.bet.token]
 
-    next_builder, hit = drafter.resolve(seq, builder, proactive, accepted, emitted)
+    next_builder, hit = drafter.resolve(sent, proactive, verdict(sent, accepted, emitted))
     assert hit and seq.kv_len == len(seq.committed)  # the bet token's KV is committed context
     assert_kv_matches_recompute(engine, seq)
     before = engine.runner.num_forwards
@@ -147,9 +158,9 @@ def test_hit_reuses_the_subtree(draft_model: LoadedModel, policy: ProactivePolic
         # enter the budget).
         assert next_builder.shape.depth == SHAPE.depth + proactive.builder.steps
         assert 1 <= spliced_forwards <= SHAPE.depth
-    next_tree, _ = next_builder.tree()
-    assert max(next_tree.depths()) >= max(subtree_tree.depths())
-    assert subtree_map  # the subtree had nodes
+    next_tree = next_builder.sent_tree().tree
+    assert max(next_tree.depths()) >= max(subtree_sent.tree.depths())
+    assert subtree_sent.builder_nodes  # the subtree had nodes
 
 
 def _reopen(engine: DraftEngine, committed: list[int]) -> DraftSequence:
@@ -160,15 +171,15 @@ def _reopen(engine: DraftEngine, committed: list[int]) -> DraftSequence:
 
 def test_miss_discards_the_subtree(draft_model: LoadedModel) -> None:
     engine = make_engine(draft_model)
-    seq, builder, tree, node_map = grown_round(engine)
+    seq, builder, sent = grown_round(engine)
     drafter = ProactiveDrafter(engine, ProactivePolicy.KEEP_DEPTH, SUBTREE)
-    proactive = drafter.start(builder, drafter.choose_bet(builder, node_map, tree))
+    proactive = drafter.start(sent, drafter.choose_bet(sent))
     proactive.builder.grow()
     accepted = path_to(builder, proactive.bet.leaf)
     wrong_bonus = (proactive.bet.token + 1) % draft_model.config.vocab_size
     emitted = [builder.nodes[i].token for i in accepted] + [wrong_bonus]
 
-    next_builder, hit = drafter.resolve(seq, builder, proactive, accepted, emitted)
+    next_builder, hit = drafter.resolve(sent, proactive, verdict(sent, accepted, emitted))
     assert not hit
     assert next_builder.pending == [wrong_bonus] and not next_builder.nodes
     assert seq.kv_len == len(seq.committed) - 1  # prefix + accepted path, the bonus pending
@@ -177,12 +188,8 @@ def test_miss_discards_the_subtree(draft_model: LoadedModel) -> None:
     assert_scores_match_recompute(draft_model, next_builder)
 
 
-def test_accepted_nodes_walks_the_reply() -> None:
+def test_tree_leaves() -> None:
     tree = DraftTree(tokens=(5, 6, 7, 8), parents=(-1, -1, 0, 2))
-    assert accepted_nodes(tree, [5, 7, 8, 1], 3) == [0, 2, 3]
-    assert accepted_nodes(tree, [9], 0) == []
-    with pytest.raises(ValueError):
-        accepted_nodes(tree, [6, 7, 1], 2)  # 7 is not a child of 6
     assert tree_leaves(tree) == [1, 3]
 
 
@@ -220,8 +227,9 @@ def test_kv_equals_recompute_after_any_hits_and_misses(
     for _ in range(10):
         builder.grow()
         assert_scores_match_recompute(draft_model, builder)
-        tree, node_map = builder.tree()
-        proactive = drafter.start(builder, drafter.choose_bet(builder, node_map, tree))
+        sent = builder.sent_tree()
+        tree, node_map = sent.tree, list(sent.builder_nodes)
+        proactive = drafter.start(sent, drafter.choose_bet(sent))
         for _ in range(rng.randint(0, SUBTREE.depth)):  # the reply lands after 0..depth steps
             proactive.builder.step()
         outcome = rng.choice(["hit", "hit", "wrong bonus", "random"])
@@ -231,9 +239,10 @@ def test_kv_equals_recompute_after_any_hits_and_misses(
             accepted = path_to(builder, proactive.bet.leaf)
             bonus = proactive.bet.token if outcome == "hit" else (proactive.bet.token + 7) % 256
             emitted = [builder.nodes[i].token for i in accepted] + [bonus]
-        expect_hit = drafter.is_hit(proactive, accepted, emitted)
+        reply = verdict(sent, accepted, emitted)
+        expect_hit = drafter.is_hit(proactive, sent, reply)
         assert expect_hit == (outcome == "hit" and proactive.started) or outcome == "random"
-        builder, hit = drafter.resolve(seq, builder, proactive, accepted, emitted)
+        builder, hit = drafter.resolve(sent, proactive, reply)
         assert hit == expect_hit
         hits, misses = hits + hit, misses + (not hit)
         assert_kv_matches_recompute(engine, seq)

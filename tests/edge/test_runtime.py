@@ -226,7 +226,7 @@ def test_silent_server_times_out_instead_of_hanging(target: LoadedModel) -> None
             )  # fmt: skip
 
         async def session(
-            requests: AsyncIterator[EdgeRequest | None], context: object
+            requests: AsyncIterator[EdgeRequest | None], context: object, traffic: object
         ) -> AsyncIterator[ServerReply]:
             await anext(requests)
             yield SessionOpened("s1", 8)

@@ -11,7 +11,7 @@ import pytest
 
 from specedge.core.model_runner import ModelRunner
 from specedge.core.sampling import SamplingParams
-from specedge.core.target import GenerationLimits, TargetEngine
+from specedge.core.target import GenerationLimits, TargetEngine, fit_to_context
 from specedge.core.tree import DraftTree
 from specedge.errors import CapacityError, InvalidRequestError
 from specedge.model.loader import LoadedModel
@@ -20,7 +20,6 @@ from specedge.server.executor import (
     SessionStateError,
     VerificationExecutor,
     VerificationFailedError,
-    fit_to_context,
 )
 from specedge.server.scheduler import SchedulerPolicy
 from tests.support.models import tiny_model

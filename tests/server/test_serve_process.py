@@ -18,7 +18,6 @@ import pytest
 from specedge.core.local import LocalGenerator
 from specedge.core.sampling import SamplingParams
 from specedge.model.loader import LoadedModel
-from specedge.rpc.codec import WireSampling
 from specedge.text import encode_prompt
 from tests.support.observe import health
 from tests.support.scripted_edge import open_message, run, run_session
@@ -104,7 +103,7 @@ def test_serve_process_end_to_end(
     prompt = encode_prompt(smollm2.tokenizer, "The capital of France is", chat=False)
     generator = LocalGenerator(smollm2, max_context=512)
     expected = generator.generate(prompt, SamplingParams(), 8, smollm2.stop_token_ids).token_ids
-    message = open_message(smollm2, prompt, 8, WireSampling(), smollm2.stop_token_ids)
+    message = open_message(smollm2, prompt, 8, SamplingParams(), smollm2.stop_token_ids)
     result = run(run_session(port, message, empty_tree))
     assert result.tokens == expected
     process.send_signal(signal.SIGTERM)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import grpc
 import pytest
@@ -18,8 +18,7 @@ from specedge.rpc.codec import (
     SessionOpened,
     VerifierClient,
     VerifyTree,
-    WireSampling,
-    wire_size,
+    encode_edge,
 )
 from specedge.server.app import BackgroundServer
 from tests.support.models import TINY_VOCAB, tiny_hf_config, tiny_loaded_model, tiny_model
@@ -120,7 +119,7 @@ def test_seeded_sampling_matches_local_target_sampling(
     engine draws with the same seed: per-session generators survive batching."""
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=1234)
     expected = reference_tokens(target, PROMPT, 12, params)
-    sampling = WireSampling(temperature=0.8, top_p=0.9, top_k=50, seed=1234)
+    sampling = params
 
     async def main() -> list[SessionResult]:
         message = open_message(target, PROMPT, 12, sampling)
@@ -184,10 +183,19 @@ def test_wire_size_of_a_round_grows_with_the_tree_not_the_context() -> None:
     assert long == short < 1024
     # Real vocabularies have larger ids (3-byte varints) and rounds run long: still under 1 KB.
     big_ids = VerifyTree(10**6, [151_000 + i for i in range(32)], tree_parents)
-    assert wire_size(big_ids) < 1024
+    assert encode_edge(big_ids).ByteSize() < 1024
 
 
 # ---- bad input: each gets its status, and only its session fails ------------------------------
+def unchecked_sampling(**values: float) -> SamplingParams:
+    """Sampling parameters as a foreign or broken client might put them on the wire: built
+    without the validation every SpecEdge sender runs."""
+    params = object.__new__(SamplingParams)
+    for name, value in (asdict(SamplingParams()) | values).items():
+        object.__setattr__(params, name, value)
+    return params
+
+
 BAD_TREES = {
     "parent after child": ([1, 2, 3], [-1, 2, 0]),
     "parent is itself": ([1, 2], [-1, 1]),
@@ -250,17 +258,17 @@ BAD_OPENS = {
     ),
     "max_tokens 0": ({"max_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "max tokens"),
     "negative temperature": (
-        {"sampling": WireSampling(temperature=-1.0)},
+        {"sampling": unchecked_sampling(temperature=-1.0)},
         grpc.StatusCode.INVALID_ARGUMENT,
         "temperature",
     ),
     "infinite temperature": (
-        {"sampling": WireSampling(temperature=float("inf"))},
+        {"sampling": unchecked_sampling(temperature=float("inf"))},
         grpc.StatusCode.INVALID_ARGUMENT,
         "finite",
     ),
     "top_p over 1": (
-        {"sampling": WireSampling(temperature=1.0, top_p=1.5)},
+        {"sampling": unchecked_sampling(temperature=1.0, top_p=1.5)},
         grpc.StatusCode.INVALID_ARGUMENT,
         "top_p",
     ),

@@ -8,6 +8,7 @@ model growing each tree first (the "server-only speculative" baseline).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -103,10 +104,17 @@ class LocalGenerator:
         stop_token_ids: Sequence[int],
         on_tokens: Callable[[list[int]], None] | None = None,
     ) -> GenerationOutput:
-        """Generate for one prompt; `on_tokens` sees each round's emitted tokens."""
-        return asyncio.run(
-            self._generate(prompt_tokens, params, max_new_tokens, stop_token_ids, on_tokens)
+        """Generate for one prompt; `on_tokens` sees each round's emitted tokens. Callable
+        from inside an event loop too (the loop then runs on a helper thread)."""
+        generation = self._generate(
+            prompt_tokens, params, max_new_tokens, stop_token_ids, on_tokens
         )
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no loop here: the usual case
+            return asyncio.run(generation)
+        with concurrent.futures.ThreadPoolExecutor(1) as thread:
+            return thread.submit(asyncio.run, generation).result()
 
     async def _generate(
         self,

@@ -1,14 +1,15 @@
-"""KV slots: allocation, capacity errors, compaction; and the compaction property: after any
-sequence of accept/reject rounds, a slot's keys and values for its committed positions equal a
-fresh prefill of the committed tokens (target side through TargetEngine, draft side through
-DraftEngine)."""
+"""KV slots: allocation, capacity errors, compaction; and the compaction property on the draft
+side: after any sequence of accept/reject rounds, a slot's keys and values for its committed
+positions equal a fresh prefill of the committed tokens (the target side, through TargetEngine:
+tests/core/test_target.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from specedge.core.draft import DraftEngine, TreeShape
+from specedge.core.draft import DraftEngine
+from specedge.core.limits import TreeShape
 from specedge.core.model_runner import ModelRunner
 from specedge.core.sampling import SamplingParams
 from specedge.core.target import TargetEngine

@@ -1,0 +1,197 @@
+"""The draft engine and its tree builder: shapes are validated; a tree is the best `budget`
+candidates, within the shape's depth, with every model-proposed score equal to a causal
+recompute; chunked prefill equals one prefill; the context lookup chain enters the tree; and
+after any sequence of commits (any accepted path, a bonus token off the tree) the draft KV
+equals a fresh prefill of the committed tokens."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+from specedge.core.draft import DraftEngine, SentTree, TreeBuilder
+from specedge.core.limits import TreeShape
+from specedge.core.model_runner import ModelRunner
+from specedge.core.tree import ROOT_PARENT, validate_tree
+from specedge.core.verify import VerifyResult
+from specedge.errors import InvalidRequestError
+from specedge.model.loader import LoadedModel
+from tests.support.models import TINY_VOCAB, causal_logits, tiny_hf_config, tiny_loaded_model
+from tests.support.reference import assert_slot_matches_fresh_prefill
+
+SHAPE = TreeShape(budget=12, depth=5, width=3, beams=2, lookup=4)
+REPEATING = [20, 21, 22, 23, 24, 25, 26, 27, 30, 31, 20, 21, 22]
+PROMPT = [11, 42, 7, 99, 3]
+
+
+@pytest.fixture(scope="module")
+def draft_model() -> LoadedModel:
+    return tiny_loaded_model(tiny_hf_config("llama"), seed=5)
+
+
+def make_engine(model: LoadedModel, shape: TreeShape = SHAPE) -> DraftEngine:
+    return DraftEngine(ModelRunner(model, num_slots=2, max_context=256, max_block=512), shape)
+
+
+def builder_path(builder: TreeBuilder, node: int) -> list[int]:
+    """Builder indices from the root's child down to `node`."""
+    path = []
+    while node != ROOT_PARENT:
+        path.append(node)
+        node = builder.nodes[node].parent
+    return path[::-1]
+
+
+def assert_scores_match_recompute(model: LoadedModel, builder: TreeBuilder) -> None:
+    """Every model-proposed node scores parent + log q(token | committed + path) + log decay,
+    with q from a plain causal forward (lookup-scored nodes: test_scores_and_kv_...)."""
+    log_decay = math.log(builder.shape.decay)
+    for node in builder.nodes:
+        if node.lookup:
+            continue
+        path = [] if node.parent == ROOT_PARENT else builder_path(builder, node.parent)
+        tokens = builder.seq.committed + [builder.nodes[i].token for i in path]
+        logq = causal_logits(model.model, torch.tensor([tokens]))[0, -1].log_softmax(-1)
+        parent_score = 0.0 if node.parent == ROOT_PARENT else builder.nodes[node.parent].score
+        expected = parent_score + logq[node.token].item() + log_decay
+        assert node.score == pytest.approx(expected, abs=1e-4)
+
+
+# ---- shapes --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("budget", 0, "tree budget must be >= 1"),
+        ("depth", 0, "tree depth must be >= 1"),
+        ("width", 0, "tree width must be >= 1"),
+        ("beams", 0, "tree beams must be >= 1"),
+        ("lookup", -1, "tree lookup must be >= 0"),
+        ("decay", 1.0, r"tree decay must be in \(0, 1\)"),
+        ("decay", 0.0, r"tree decay must be in \(0, 1\)"),
+    ],
+)
+def test_bad_tree_shapes_are_rejected(field: str, value: float, message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        TreeShape(**{field: value})
+
+
+# ---- prefill and growth --------------------------------------------------------------------------
+def test_open_takes_a_slot_and_close_frees_it(draft_model: LoadedModel) -> None:
+    engine = make_engine(draft_model)
+    seq = engine.open(PROMPT)
+    assert engine.runner.kv.num_free == 1 and seq.committed == PROMPT and seq.kv_len == 0
+    engine.close(seq)
+    assert engine.runner.kv.num_free == 2
+
+
+def test_chunked_prefill_equals_one_prefill(draft_model: LoadedModel) -> None:
+    """The root (the last committed token) gets no KV; every other token's equals a fresh
+    causal prefill, however the prompt was split."""
+    engine = make_engine(draft_model)
+    seq = engine.open(REPEATING)
+    done = [engine.prefill(seq, max_tokens=5) for _ in range(3)]
+    assert done == [False, False, True] and seq.kv_len == len(REPEATING) - 1
+    assert_slot_matches_fresh_prefill(draft_model, engine.runner.kv, seq.slot, REPEATING[:-1])
+    assert engine.prefill(seq)  # nothing left to do
+
+
+@pytest.mark.parametrize("shape", [SHAPE, replace(SHAPE, lookup=0), TreeShape(8, 2, 4, 8, 0.5)])
+def test_tree_is_the_best_budget_candidates_within_the_shape(
+    draft_model: LoadedModel, shape: TreeShape
+) -> None:
+    engine = make_engine(draft_model, shape)
+    seq = engine.open(REPEATING)
+    engine.prefill(seq)
+    builder = engine.builder(seq)
+    builder.grow()
+    assert builder.steps <= shape.depth
+    assert_scores_match_recompute(draft_model, builder)
+    sent = builder.sent_tree()
+    tree, node_map = sent.tree, sent.builder_nodes
+    assert tree.num_nodes == shape.budget < len(builder.nodes)
+    # Distinct siblings, parents first, no deeper than the shape.
+    validate_tree(
+        tree.tokens,
+        tree.parents,
+        vocab_size=TINY_VOCAB,
+        max_nodes=shape.budget,
+        max_depth=shape.depth,
+    )
+    # Best-first: no candidate left out scores above one sent, and a child scores below its
+    # parent, so the best `budget` never orphan a node.
+    sent_nodes = set(node_map)
+    lowest_sent = min(builder.nodes[i].score for i in sent_nodes)
+    left_out = [i for i in range(len(builder.nodes)) if i not in sent_nodes]
+    assert all(builder.nodes[i].score <= lowest_sent for i in left_out)
+    for node in builder.nodes:
+        if node.parent != ROOT_PARENT:
+            assert node.score < builder.nodes[node.parent].score
+    for tree_node, builder_node in enumerate(node_map):
+        assert tree.tokens[tree_node] == builder.nodes[builder_node].token
+    # A smaller cap keeps the best of the tree.
+    small = builder.sent_tree(max_nodes=3)
+    assert small.tree.num_nodes == 3 and set(small.builder_nodes) <= sent_nodes
+
+
+# ---- KV after commits ----------------------------------------------------------------------------
+def random_verdict(rng: random.Random, sent: SentTree, vocab: int) -> VerifyResult:
+    """A verdict verification could give: a root-down path of the sent tree (often none, often
+    to a leaf that was never forwarded), then a bonus token that is not a child of its end."""
+    children: dict[int, list[int]] = {}
+    for node, parent in enumerate(sent.tree.parents):
+        children.setdefault(parent, []).append(node)
+    path, current = [], ROOT_PARENT
+    while children.get(current) and rng.random() < 0.8:
+        current = rng.choice(children[current])
+        path.append(current)
+    taken = {sent.tree.tokens[c] for c in children.get(current, [])}
+    bonus = rng.choice([t for t in range(vocab) if t not in taken])
+    return VerifyResult([*(sent.tree.tokens[i] for i in path), bonus], path, None)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("lookup", [0, 3])
+def test_kv_after_prefill_and_commits_equals_fresh_prefill(
+    draft_model: LoadedModel, seed: int, lookup: int
+) -> None:
+    """After any sequence of verdicts the slot holds exactly the K/V of a fresh causal prefill
+    of the committed tokens with KV: the root chain and the forwarded prefix of the accepted
+    path; accepted nodes never forwarded (and the bonus) wait as the next tree's pending chain,
+    whose scores then equal a recompute too."""
+    rng = random.Random(seed)
+    engine = make_engine(draft_model, replace(SHAPE, lookup=lookup))
+    seq = engine.open(PROMPT * 3)
+    while not engine.prefill(seq, max_tokens=4):
+        pass
+    builder = engine.builder(seq)
+    without_kv = []  # committed tokens without KV after each round
+    for _ in range(8):
+        builder.grow()
+        assert_scores_match_recompute(draft_model, builder)
+        sent = builder.sent_tree()
+        verdict = random_verdict(rng, sent, TINY_VOCAB)
+        committed_before = len(seq.committed)
+        builder = engine.advance(seq, sent, verdict)
+        assert len(seq.committed) == committed_before + len(verdict.emitted_tokens)
+        kv_tokens = seq.committed[: seq.kv_len]
+        assert_slot_matches_fresh_prefill(draft_model, engine.runner.kv, seq.slot, kv_tokens)
+        assert builder.pending == seq.committed[seq.kv_len :]
+        without_kv.append(len(seq.committed) - seq.kv_len)
+    # Exercised: rounds where only the bonus waits, and rounds with unforwarded accepted nodes.
+    assert 1 in without_kv and max(without_kv) > 1
+
+
+def test_a_reused_slot_holds_nothing_of_the_previous_sequence(draft_model: LoadedModel) -> None:
+    engine = make_engine(draft_model)
+    first = engine.open(REPEATING)
+    engine.prefill(first)
+    engine.builder(first).grow()
+    engine.close(first)
+    seq = engine.open(PROMPT)
+    assert seq.slot == first.slot
+    engine.prefill(seq)
+    assert_slot_matches_fresh_prefill(draft_model, engine.runner.kv, seq.slot, PROMPT[:-1])

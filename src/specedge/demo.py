@@ -1,27 +1,26 @@
 """`specedge demo`: a server and an edge on loopback, one streamed chat answer, round stats.
 
 The demo drives the system only through its public interfaces: it starts `specedge serve` and
-`specedge edge` as subprocesses (with the delaying proxy between them when `--rtt-ms` > 0),
-sends the prompt to the edge's OpenAI-compatible API and streams the answer.
+`specedge edge` as subprocesses with the benchmark's launcher (`bench.processes`, here
+unpinned and with torch's own thread count), with the delaying proxy between them when
+`--rtt-ms` > 0, sends the prompt to the edge's OpenAI-compatible API and streams the answer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 from rich.console import Console
 from rich.table import Table
 
+from specedge.bench.processes import ManagedProcess, free_port, managed, specedge_args
 from specedge.bench.wan import DelayProxy
 from specedge.errors import SpecEdgeError
 
@@ -41,78 +40,47 @@ class DemoConfig:
     dtype: str | None = None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def specedge_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "specedge.cli", *args]
-
-
-@contextlib.contextmanager
-def running(command: list[str], name: str) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a subprocess with its log in a temporary file, stop it on exit, and show the
-    log's tail if anything failed meanwhile."""
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            yield process
-        except BaseException:
-            log.seek(0)
-            tail = log.read().decode(errors="replace").splitlines()[-15:]
-            sys.stderr.write(f"--- {name} log (last lines) ---\n" + "\n".join(tail) + "\n")
-            raise
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
-def wait_healthy(url: str, process: subprocess.Popen[bytes], name: str) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SpecEdgeError(f"the {name} exited with status {process.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        time.sleep(0.25)
-    raise SpecEdgeError(f"the {name} did not become healthy within {STARTUP_TIMEOUT_S:.0f} s")
-
-
 def run_demo(config: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     """Run the demo; returns the final usage (with `usage.speculative`) for callers/tests."""
     console = console or Console()
     grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     dtype_args = ["--dtype", config.dtype] if config.dtype else []
-    serve = specedge_command(
+    serve = specedge_args(
         "serve", "--model", config.target, "--port", str(grpc_port),
         "--metrics-port", str(metrics_port), "--max-sessions", "2", *dtype_args,
     )  # fmt: skip
-    console.print(f"[bold]server[/] {config.target} on 127.0.0.1:{grpc_port}")
-    with running(serve, "server") as server:
-        wait_healthy(f"http://127.0.0.1:{metrics_port}/health", server, "server")
-        proxy = DelayProxy("127.0.0.1", grpc_port, rtt_ms=config.rtt_ms).start()
-        try:
-            edge = specedge_command(
-                "edge", "--model", config.draft, "--server", proxy.address,
-                "--port", str(http_port), "--proactive", config.proactive, *dtype_args,
-            )  # fmt: skip
+    proxy = DelayProxy("127.0.0.1", grpc_port, rtt_ms=config.rtt_ms).start()
+    edge = specedge_args(
+        "edge", "--model", config.draft, "--server", proxy.address,
+        "--port", str(http_port), "--proactive", config.proactive, *dtype_args,
+    )  # fmt: skip
+    try:
+        # The processes stop before the proxy, so that no connection is cut under them.
+        with (
+            tempfile.TemporaryDirectory(prefix="specedge-demo-") as log_dir,
+            managed([], failure_logs=sys.stderr) as processes,
+        ):
+            console.print(f"[bold]server[/] {config.target} on 127.0.0.1:{grpc_port}")
+            _start(processes, "server", serve, Path(log_dir), f"127.0.0.1:{metrics_port}")
             console.print(
                 f"[bold]edge[/] {config.draft} on http://127.0.0.1:{http_port} "
                 f"(to the server through a {config.rtt_ms:g} ms RTT proxy)"
             )
-            with running(edge, "edge") as edge_process:
-                wait_healthy(f"http://127.0.0.1:{http_port}/health", edge_process, "edge")
-                usage, elapsed, ttft = _stream_answer(config, http_port, console)
-        finally:
-            proxy.stop()
+            _start(processes, "edge", edge, Path(log_dir), f"127.0.0.1:{http_port}")
+            usage, elapsed, ttft = _stream_answer(config, http_port, console)
+    finally:
+        proxy.stop()
     _print_table(console, usage, elapsed, ttft, proxy.counters.uplink_bytes)
     return usage
+
+
+def _start(
+    processes: list[ManagedProcess], name: str, args: list[str], log_dir: Path, health: str
+) -> None:
+    """Start `specedge ...` (unpinned, torch's own thread count) and wait for its /health."""
+    process = ManagedProcess(name, args, log_dir / f"{name}.log", None, single_thread=False)
+    processes.append(process)
+    process.wait_healthy(f"http://{health}/health", STARTUP_TIMEOUT_S)
 
 
 def _stream_answer(config: DemoConfig, port: int, console: Console) -> tuple[dict, float, float]:

@@ -1,10 +1,11 @@
-"""Processes of a benchmark: `specedge` subprocesses pinned to CPU cores, their health checks,
-and the server's Prometheus counters.
+"""Processes of a benchmark (and of `specedge demo`): `specedge` subprocesses pinned to CPU
+cores, their health checks, and the server's Prometheus counters.
 
 Placement is explicit: the server gets its own core(s) and the edges, the clients and the
 delaying proxies (this process) share the rest; every process runs torch with one thread, so
 a process never spreads over another role's core. A subprocess is pinned by a two-line Python
-launcher that sets its affinity and execs the command (no `taskset` needed).
+launcher that sets its affinity and execs the command (no `taskset` needed). The demo starts
+the same processes unpinned and with torch's own thread count (`single_thread=False`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import httpx
 
@@ -94,10 +96,17 @@ def specedge_args(*args: str) -> list[str]:
 
 
 class ManagedProcess:
-    """A subprocess with a log file, pinned to `cpus`, stopped by `stop()` (or the context)."""
+    """A subprocess with a log file, pinned to `cpus` (None: not pinned), running torch with
+    one thread unless `single_thread` is False, stopped by `stop()` (or `managed`)."""
 
     def __init__(
-        self, name: str, python_args: list[str], log_path: Path, cpus: frozenset[int] | None
+        self,
+        name: str,
+        python_args: list[str],
+        log_path: Path,
+        cpus: frozenset[int] | None,
+        *,
+        single_thread: bool = True,
     ) -> None:
         self.name = name
         self.log_path = log_path
@@ -113,7 +122,7 @@ class ManagedProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **SINGLE_THREAD_ENV},
+                env={**os.environ, **(SINGLE_THREAD_ENV if single_thread else {})},
             )
 
     def check_alive(self) -> None:
@@ -154,10 +163,20 @@ class ManagedProcess:
 
 
 @contextlib.contextmanager
-def managed(processes: list[ManagedProcess]) -> Iterator[list[ManagedProcess]]:
-    """Stop every process in the list on exit (the list may grow inside the block)."""
+def managed(
+    processes: list[ManagedProcess], failure_logs: TextIO | None = None
+) -> Iterator[list[ManagedProcess]]:
+    """Stop every process in the list on exit (the list may grow inside the block). If the block
+    fails, the last lines of every process's log go to `failure_logs` first, unless the error is
+    a `BenchProcessError` (its message carries the log of the process that failed)."""
     try:
         yield processes
+    except Exception as error:
+        if failure_logs is not None and not isinstance(error, BenchProcessError):
+            for process in reversed(processes):
+                failure_logs.write(f"--- {process.name} log (last lines) ---\n")
+                failure_logs.write(process.log_tail() + "\n")
+        raise
     finally:
         for process in reversed(processes):
             process.stop()

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from specedge.bench.prompts import SPECBENCH_FILE, load_prompts
-from specedge.core.draft import TreeShape
+from specedge.core.limits import TreeShape
 from specedge.core.local import LocalGenerator
 from specedge.core.sampling import SamplingParams
 from specedge.distill.student import layer_sources

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from specedge.bench.prompts import SPECBENCH_FILE, load_prompts
-from specedge.core.draft import TreeShape
+from specedge.core.limits import TreeShape
 from specedge.core.local import LocalGenerator
 from specedge.core.model_runner import ModelRunner, chain_parents
 from specedge.core.sampling import SamplingParams

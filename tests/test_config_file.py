@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from specedge import cli
 from specedge.bench.config import BenchConfig
 from specedge.config_file import check_ranges, flag_of, setting, settings_options
-from specedge.core.draft import TreeShape
+from specedge.core.limits import TreeShape
 from specedge.edge.config import EdgeConfig
 from specedge.local_cli import GenerateSettings
 from specedge.server.config import ServerConfig

@@ -11,12 +11,8 @@ from dataclasses import MISSING, dataclass
 from typing import Any
 
 from specedge.config_file import MODEL_HELP, setting
-from specedge.core.draft import TreeShape
-from specedge.core.local import LocalGenerator
-from specedge.core.sampling import SamplingParams
+from specedge.core.limits import TreeShape
 from specedge.errors import InvalidRequestError
-from specedge.model.loader import load_model, parse_dtype
-from specedge.text import IncrementalDecoder, encode_prompt
 
 _TREE = TreeShape()  # the tree-shape defaults
 
@@ -52,6 +48,12 @@ class GenerateSettings:
 
 def run_generate(settings: GenerateSettings, prompts: list[str]) -> None:
     """Generate each prompt's continuation: stream its text, or print one JSON object."""
+    # Imported here, not at the top: the command line (`specedge --help`) loads no torch.
+    from specedge.core.local import LocalGenerator
+    from specedge.core.sampling import SamplingParams
+    from specedge.model.loader import load_model, parse_dtype
+    from specedge.text import IncrementalDecoder, encode_prompt
+
     mode, shape = settings.decoding, settings.tree_shape  # the shape checks itself
     if mode not in ("ar", "spec"):
         raise InvalidRequestError(f"--mode must be 'ar' or 'spec', got {mode!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from specedge.bench.calibrate import measure_timings, suggest_depth
-from specedge.core.draft import TreeShape
+from specedge.core.limits import TreeShape
 from tests.support.models import tiny_hf_config, tiny_loaded_model
 
 

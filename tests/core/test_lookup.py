@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from specedge.core.draft import NOT_CACHED, DraftEngine, SentTree, TreeShape
+from specedge.core.draft import NOT_CACHED, DraftEngine, SentTree
+from specedge.core.limits import TreeShape
 from specedge.core.lookup import LookupStats, lookup_chain
 from specedge.core.model_runner import ModelRunner
 from specedge.core.tree import ROOT_PARENT, DraftTree, validate_tree

@@ -19,7 +19,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from specedge.core.draft import DraftEngine, TreeShape
+from specedge.core.draft import DraftEngine
+from specedge.core.limits import TreeShape
 from specedge.core.local import LocalGenerator
 from specedge.core.model_runner import ModelRunner
 from specedge.core.sampling import SamplingParams

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specedge.core.draft import TreeShape
+from specedge.core.limits import TreeShape
 from specedge.core.local import LocalGenerator
 from specedge.core.sampling import SamplingParams
 from specedge.model.loader import ASSETS_DIR, load_model, tokenizer_fingerprint

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from specedge.bench.prompts import SPECBENCH_FILE
-from specedge.core.draft import TreeShape
+from specedge.core.limits import TreeShape
 from specedge.core.local import LocalGenerator
 from specedge.core.sampling import SamplingParams
 from specedge.distill import DistillConfig, run_distill

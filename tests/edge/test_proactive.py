@@ -12,20 +12,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from specedge.core.draft import (
-    NOT_CACHED,
-    DraftEngine,
-    DraftSequence,
-    SentTree,
-    TreeBuilder,
-    TreeShape,
-)
+from specedge.core.draft import NOT_CACHED, DraftEngine, DraftSequence, SentTree, TreeBuilder
+from specedge.core.limits import TreeShape
 from specedge.core.model_runner import ModelRunner
 from specedge.core.tree import ROOT_PARENT, DraftTree
 from specedge.core.verify import VerifyResult
+from specedge.edge.config import ProactivePolicy
 from specedge.edge.proactive import (
     ProactiveDrafter,
-    ProactivePolicy,
     tree_leaves,
 )
 from specedge.model.loader import LoadedModel

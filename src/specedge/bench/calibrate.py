@@ -25,7 +25,8 @@ from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 from specedge.bench.processes import Placement
-from specedge.core.draft import DraftEngine, TreeShape
+from specedge.core.draft import DraftEngine
+from specedge.core.limits import TreeShape
 from specedge.core.model_runner import ModelRunner
 from specedge.core.sampling import SamplingParams
 from specedge.core.target import GenerationLimits, TargetEngine

@@ -18,7 +18,7 @@ from specedge.bench.prompts import SPECBENCH
 from specedge.bench.results import ALL_SYSTEMS, BASELINES, EDGE_SYSTEMS, HF_ASSISTED
 from specedge.config_file import check_ranges, read_yaml_settings, setting
 from specedge.config_file import flag_and_key as _flag_and_key
-from specedge.core.draft import TreeShape
+from specedge.core.limits import TreeShape
 from specedge.errors import SpecEdgeError
 
 AUTO = "auto"

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from specedge import ASSETS_DIR
 from specedge.errors import InvalidRequestError
-from specedge.model.loader import ASSETS_DIR
 
 SPECBENCH = "specbench"  # the name of the bundled prompt set
 SPECBENCH_FILE = ASSETS_DIR / "specbench" / "specbench_prompts.jsonl"

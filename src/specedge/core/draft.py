@@ -39,41 +39,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specedge.core.limits import TreeShape
 from specedge.core.lookup import LookupStats, lookup_chain
 from specedge.core.model_runner import ModelRunner
 from specedge.core.tree import ROOT_PARENT, DraftTree, TreeRow
 from specedge.core.verify import VerifyResult
-from specedge.errors import InvalidRequestError
 
 NOT_CACHED = -1  # slot position of a node that has not been forwarded
 BuilderIndex = int  # index into TreeBuilder.nodes (module docstring)
 TopLogprobs = tuple[torch.Tensor, torch.Tensor]  # [n, width] log q values, [n, width] token ids
-
-
-@dataclass(frozen=True)
-class TreeShape:
-    budget: int = 32  # nodes sent per round
-    depth: int = 6  # maximum tree depth, and maximum draft steps per tree
-    width: int = 4  # children proposed per expanded node
-    beams: int = 8  # nodes forwarded per draft step
-    decay: float = 0.9
-    lookup: int = 8  # context lookup chain length (specedge.core.lookup; capped by depth), 0 = off
-
-    def __post_init__(self) -> None:
-        for name in ("budget", "depth", "width", "beams"):
-            if getattr(self, name) < 1:
-                raise InvalidRequestError(f"tree {name} must be >= 1, got {getattr(self, name)}")
-        if self.lookup < 0:
-            raise InvalidRequestError(f"tree lookup must be >= 0, got {self.lookup}")
-        if not 0.0 < self.decay < 1.0:
-            raise InvalidRequestError(f"tree decay must be in (0, 1), got {self.decay}")
-
-    @property
-    def max_block(self) -> int:
-        """Slot positions a round may lay out past the committed prefix (with slack for the
-        pending chain and a proactive subtree): forwarded nodes, at most `beams` per step
-        plus the lookup chain."""
-        return 4 * (self.budget + self.depth * self.beams) + min(self.lookup, self.depth) + 64
 
 
 @dataclass

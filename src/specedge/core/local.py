@@ -12,23 +12,15 @@ import concurrent.futures
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from specedge.core.draft import DraftEngine, SentTree, TreeShape
+from specedge.core.draft import DraftEngine, SentTree
 from specedge.core.generation import GenerationStats
+from specedge.core.limits import DEFAULT_MAX_CONTEXT, TreeLimits, TreeShape
 from specedge.core.model_runner import ModelRunner
-from specedge.core.round_loop import (
-    Drafter,
-    InlineJobs,
-    ModelDrafter,
-    NoDrafter,
-    TreeLimits,
-    run_rounds,
-)
+from specedge.core.round_loop import Drafter, InlineJobs, ModelDrafter, NoDrafter, run_rounds
 from specedge.core.sampling import SamplingParams
 from specedge.core.target import GenerationLimits, TargetEngine, TargetSequence
 from specedge.core.verify import VerifyResult
 from specedge.model.loader import LoadedModel, check_same_tokenizer
-
-DEFAULT_MAX_CONTEXT = 4096  # prompt + generated tokens per request, unless the model allows less
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from specedge.core.limits import DEFAULT_PREFILL_CHUNK
 from specedge.core.tree import ROOT_PARENT, TreeRow, build_forward_inputs
 from specedge.model.kv_cache import KVCache
 from specedge.model.loader import LoadedModel
-
-DEFAULT_PREFILL_CHUNK = 256
 
 
 class ModelRunner:

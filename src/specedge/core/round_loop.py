@@ -28,31 +28,16 @@ import concurrent.futures
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
 from functools import partial
 from typing import Protocol, TypeVar
 
 from specedge.core.draft import DraftEngine, DraftSequence, SentTree, TreeBuilder
 from specedge.core.generation import GenerationRequest, GenerationStats, check_request
-from specedge.core.model_runner import DEFAULT_PREFILL_CHUNK
+from specedge.core.limits import DEFAULT_PREFILL_CHUNK, TreeLimits
 from specedge.core.verify import VerifyResult
 from specedge.errors import ServiceUnavailableError, SpecEdgeError
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class TreeLimits:
-    """What the verifier accepts: nodes per tree, depth, and prompt + generated tokens."""
-
-    max_tree_nodes: int
-    max_tree_depth: int
-    max_context: int
-
-    def room(self, context_len: int) -> int:
-        """Nodes the next tree may have with `context_len` tokens committed: the node cap, and
-        no further than the context limit (the only place a tree is fitted to the context)."""
-        return max(0, min(self.max_tree_nodes, self.max_context - context_len))
 
 
 class ModelJobs(Protocol):

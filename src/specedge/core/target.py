@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specedge.core.model_runner import DEFAULT_PREFILL_CHUNK, ModelRunner
+from specedge.core.limits import DEFAULT_PREFILL_CHUNK
+from specedge.core.model_runner import ModelRunner
 from specedge.core.sampling import SamplingParams, make_generator, sample
 from specedge.core.tree import DraftTree, TreeRow, validate_tree
 from specedge.core.verify import VerifyResult, verify_tree

@@ -42,7 +42,7 @@ def measure_acceptance(
     dtype: torch.dtype,
     max_tokens: int = ACCEPTANCE_TOKENS,
 ) -> Acceptance:
-    from specedge.core.draft import TreeShape
+    from specedge.core.limits import TreeShape
     from specedge.core.local import LocalGenerator
     from specedge.core.sampling import SamplingParams
     from specedge.model.loader import load_model

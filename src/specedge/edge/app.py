@@ -15,13 +15,14 @@ import logging
 from dataclasses import dataclass
 
 from specedge.background import LoopThread
-from specedge.core.draft import DraftEngine, TreeShape
+from specedge.core.draft import DraftEngine
+from specedge.core.limits import TreeShape
 from specedge.core.model_runner import ModelRunner
 from specedge.edge.api import ServedModel, create_app
 from specedge.edge.client import ClientIdentity, VerifierConnection
-from specedge.edge.config import EdgeConfig
+from specedge.edge.config import EdgeConfig, ProactivePolicy
 from specedge.edge.metrics import EdgeMetrics
-from specedge.edge.proactive import ProactiveDrafter, ProactivePolicy
+from specedge.edge.proactive import ProactiveDrafter
 from specedge.edge.runtime import EdgeRuntime
 from specedge.edge.worker import DraftWorker
 from specedge.model.loader import LoadedModel, load_model, parse_dtype, tokenizer_fingerprint

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import grpc
 
-from specedge.core.draft import TreeShape
+from specedge.core.limits import TreeShape
 from specedge.core.tree import DraftTree
 from specedge.errors import InvalidRequestError, ServiceUnavailableError, SpecEdgeError
 from specedge.rpc.codec import (

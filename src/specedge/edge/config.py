@@ -9,6 +9,7 @@ and the YAML key to fix. The config is frozen: nothing changes it after start-up
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,7 @@ from specedge.config_file import (
     setting,
 )
 from specedge.config_file import flag_and_key as _where
-from specedge.core.draft import TreeShape
-from specedge.edge.proactive import ProactivePolicy
+from specedge.core.limits import TreeShape
 from specedge.errors import SpecEdgeError
 
 _TREE = TreeShape()  # the tree-shape defaults
@@ -33,6 +33,14 @@ _TREE = TreeShape()  # the tree-shape defaults
 
 class EdgeConfigError(SpecEdgeError):
     """The edge configuration is invalid (the message says how to fix it)."""
+
+
+class ProactivePolicy(enum.StrEnum):
+    """What the edge drafts while a tree is verified (`edge.proactive`)."""
+
+    OFF = "off"
+    KEEP_DEPTH = "keep-depth"
+    ADD_DEPTH = "add-depth"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import enum
 import math
 import threading
 from collections.abc import Callable
@@ -26,19 +25,15 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import TypeVar
 
-from specedge.core.draft import BuilderIndex, DraftEngine, SentTree, TreeBuilder, TreeShape
-from specedge.core.round_loop import ModelDrafter, TreeLimits
+from specedge.core.draft import BuilderIndex, DraftEngine, SentTree, TreeBuilder
+from specedge.core.limits import TreeLimits, TreeShape
+from specedge.core.round_loop import ModelDrafter
 from specedge.core.tree import DraftTree
 from specedge.core.verify import VerifyResult
+from specedge.edge.config import ProactivePolicy
 from specedge.edge.worker import DraftWorker, Priority
 
 T = TypeVar("T")
-
-
-class ProactivePolicy(enum.StrEnum):
-    OFF = "off"
-    KEEP_DEPTH = "keep-depth"
-    ADD_DEPTH = "add-depth"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from typing import Any
 
 from specedge.core.draft import DraftEngine, SentTree
 from specedge.core.generation import GenerationRequest
-from specedge.core.round_loop import Drafter, RoundLoopBackend, SessionVerifier, TreeLimits
+from specedge.core.limits import TreeLimits
+from specedge.core.round_loop import Drafter, RoundLoopBackend, SessionVerifier
 from specedge.core.verify import VerifyResult, verdict_from_reply
 from specedge.edge.client import RemoteSession, ServerUnavailableError, VerifierConnection
 from specedge.edge.proactive import ProactiveDrafter, ProactiveModelDrafter

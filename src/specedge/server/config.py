@@ -23,10 +23,12 @@ from specedge.config_file import (
     setting,
 )
 from specedge.config_file import flag_and_key as _where
-from specedge.core.draft import TreeShape
+from specedge.core.limits import TreeShape
 from specedge.errors import SpecEdgeError
+from specedge.server.scheduler import SchedulerPolicy
 
 _TREE = TreeShape()  # the tree-shape defaults
+_POLICY = SchedulerPolicy()  # the batching defaults
 
 
 class ConfigError(SpecEdgeError):
@@ -39,9 +41,9 @@ class ServerConfig:
     host: str = setting("127.0.0.1", "Listen address.")
     port: int = setting(50051, "gRPC port, 0 = any free.")
     metrics_port: int = setting(9400, "HTTP /metrics and /health port, 0 = any free.")
-    max_batch: int = setting(16, "Trees per batched forward.", minimum=1)
+    max_batch: int = setting(_POLICY.max_batch, "Trees per batched forward.", minimum=1)
     max_batch_tokens: int = setting(
-        4096, "Verified tokens (roots + nodes) per batched forward.", minimum=1
+        _POLICY.max_batch_tokens, "Verified tokens (roots + nodes) per batched forward.", minimum=1
     )
     max_sessions: int = setting(16, "Concurrent sessions (KV slots).", minimum=1)
     max_tree_nodes: int = setting(64, "Nodes per tree.", minimum=1)
@@ -50,10 +52,14 @@ class ServerConfig:
         2048, "Prompt + generated tokens per session (capped by the model).", minimum=2
     )
     prefill_chunk: int = setting(
-        256, "Prompt tokens per prefill forward (bounds a prefill's stall).", minimum=1
+        _POLICY.prefill_chunk,
+        "Prompt tokens per prefill forward (bounds a prefill's stall).",
+        minimum=1,
     )
     batch_wait_ms: float = setting(
-        2.0, "Longest wait (ms) for a predicted arrival to fill a batch.", minimum=0
+        1000 * _POLICY.max_wait,
+        "Longest wait (ms) for a predicted arrival to fill a batch.",
+        minimum=0,
     )
     session_timeout: float = setting(
         60.0, "Evict a session silent for this many seconds.", minimum=0, exclusive=True

@@ -21,13 +21,13 @@ from typing import Any, TypeVar
 
 from specedge.core.draft import DraftEngine, SentTree
 from specedge.core.generation import GenerationRequest
+from specedge.core.limits import TreeLimits
 from specedge.core.round_loop import (
     Drafter,
     ModelDrafter,
     NoDrafter,
     RoundLoopBackend,
     SessionVerifier,
-    TreeLimits,
 )
 from specedge.core.verify import VerifyResult
 from specedge.errors import CapacityError, ServiceUnavailableError

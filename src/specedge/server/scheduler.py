@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from specedge.core.limits import DEFAULT_PREFILL_CHUNK
+
 
 class SchedulerError(Exception):
     """A request the state machine cannot accept (an internal invariant of the caller broke)."""
@@ -34,7 +36,7 @@ class SchedulerError(Exception):
 class SchedulerPolicy:
     max_batch: int = 16  # verification requests per batched forward
     max_batch_tokens: int = 4096  # verified tokens (root + nodes) per batched forward
-    prefill_chunk: int = 256  # prompt tokens per prefill forward
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per prefill forward
     max_wait: float = 0.002  # seconds a partial batch may wait for a predicted arrival
     timing_smoothing: float = 0.3  # weight of the newest turnaround in the moving average
 

@@ -31,7 +31,6 @@ def test_yaml_then_flags(tmp_path: Path) -> None:
     assert config.auth_token == "s3cret"  # the file is relative to the YAML file
     assert config.tree_shape.budget == 24 and config.subtree_shape.depth == 3
     assert config.tree_shape.lookup == 4 and config.subtree_shape.lookup == 0
-    assert config.model_name == "tiny"
 
 
 @pytest.mark.parametrize(

@@ -180,6 +180,7 @@ def test_draft_time_is_server_busy_time(spec_server: BackgroundServer) -> None:
     port = spec_server.metrics_port
     busy_before = metric(port, "specedge_server_busy_seconds_total")
     draft_before = metric(port, "specedge_server_draft_seconds_total")
+    ttfts_before = metric(port, "specedge_server_api_ttft_seconds_count")
     complete(spec_server, PROMPTS[2])
     drafting = metric(port, "specedge_server_draft_seconds_total") - draft_before
     busy = metric(port, "specedge_server_busy_seconds_total") - busy_before
@@ -188,6 +189,7 @@ def test_draft_time_is_server_busy_time(spec_server: BackgroundServer) -> None:
         port, "specedge_server_api_requests_total", {"endpoint": "completions", "outcome": "200"}
     )
     assert requests >= 1
+    assert metric(port, "specedge_server_api_ttft_seconds_count") == ttfts_before + 1
 
 
 def test_a_client_that_leaves_frees_its_session(ar_server: BackgroundServer) -> None:

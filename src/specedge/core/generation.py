@@ -23,7 +23,7 @@ from specedge.errors import InvalidRequestError
 class GenerationRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
-    max_tokens: int
+    max_tokens: int | None  # None: as many as the context allows
     stop_token_ids: tuple[int, ...] = ()
 
 
@@ -95,7 +95,8 @@ class GenerationStats:
 
 def check_request(request: GenerationRequest, max_context: int, owner: str) -> int:
     """Validate a request against a context limit (`owner` says whose, e.g. "this edge's");
-    returns its max new tokens."""
+    returns its max new tokens: the one place a request's token allowance is clamped on the
+    generating side (the verifier clamps again to its own context)."""
     prompt = len(request.prompt_token_ids)
     if prompt == 0:
         raise InvalidRequestError("the prompt is empty")
@@ -104,9 +105,12 @@ def check_request(request: GenerationRequest, max_context: int, owner: str) -> i
             f"the prompt has {prompt} tokens; {owner} context limit is {max_context} "
             "(prompt + generated)"
         )
+    room = max_context - prompt
+    if request.max_tokens is None:
+        return room
     if request.max_tokens < 1:
         raise InvalidRequestError(f"max_tokens must be >= 1, got {request.max_tokens}")
-    return min(request.max_tokens, max_context - prompt)
+    return min(request.max_tokens, room)
 
 
 class GenerationBackend(Protocol):

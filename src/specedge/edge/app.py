@@ -19,7 +19,7 @@ from specedge.core.draft import DraftEngine
 from specedge.core.limits import TreeShape
 from specedge.core.model_runner import ModelRunner
 from specedge.edge.api import ServedModel, create_app
-from specedge.edge.client import ClientIdentity, VerifierConnection
+from specedge.edge.client import ClientIdentity, ServerConnection
 from specedge.edge.config import EdgeConfig, ProactivePolicy
 from specedge.edge.metrics import EdgeMetrics
 from specedge.edge.proactive import ProactiveDrafter
@@ -72,7 +72,7 @@ def build_edge(config: EdgeConfig, draft: LoadedModel) -> Edge:
         engine, ProactivePolicy(config.proactive), config.subtree_shape, decay_p=config.decay
     )
     fingerprint = tokenizer_fingerprint(draft.tokenizer)
-    connection = VerifierConnection(
+    connection = ServerConnection(
         config.server,
         ClientIdentity(fingerprint, draft.config.vocab_size, shape),
         auth_token=config.auth_token,

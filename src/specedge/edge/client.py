@@ -76,7 +76,7 @@ class ClientIdentity:
     shape: TreeShape
 
 
-class VerifierConnection:
+class ServerConnection:
     def __init__(
         self,
         address: str,
@@ -218,7 +218,7 @@ class RemoteSession:
     """One generation's stream: `start(open)`, `verify(tree)` per round, then `finish()` after
     the final reply, or `cancel()` to abandon it."""
 
-    def __init__(self, connection: VerifierConnection, link: _Link, call: SessionCall) -> None:
+    def __init__(self, connection: ServerConnection, link: _Link, call: SessionCall) -> None:
         self._connection = connection
         self._link = link
         self._call = call

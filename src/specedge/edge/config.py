@@ -49,7 +49,7 @@ class EdgeConfig:
     server: str = setting("", "HOST:PORT of `specedge serve`.")
     host: str = setting("127.0.0.1", "HTTP API address.")
     port: int = setting(8000, "HTTP API (OpenAI-compatible) port, 0 = any free.")
-    served_model_name: str = setting("", "Name in /v1/models (default: --model).")
+    served_model_name: str = setting("", "Name in /v1/models (default: the server's target).")
     budget: int = setting(_TREE.budget, "Draft tree nodes per round.", minimum=1)
     depth: int = setting(_TREE.depth, "Draft tree depth (draft steps per tree).", minimum=1)
     width: int = setting(_TREE.width, "Children proposed per expanded node.", minimum=1)
@@ -91,10 +91,6 @@ class EdgeConfig:
         return TreeShape(
             self.proactive_budget, self.proactive_depth, self.width, self.beams, self.decay, 0
         )  # a subtree hangs from a bet, not from committed context: no lookup
-
-    @property
-    def model_name(self) -> str:
-        return self.served_model_name or self.model
 
     def validate(self) -> EdgeConfig:
         """Return self, or raise EdgeConfigError naming the first invalid setting."""

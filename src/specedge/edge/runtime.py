@@ -16,7 +16,7 @@ from specedge.core.generation import GenerationRequest
 from specedge.core.limits import TreeLimits
 from specedge.core.round_loop import Drafter, RoundLoopBackend, SessionVerifier
 from specedge.core.verify import VerifyResult, verdict_from_reply
-from specedge.edge.client import RemoteSession, ServerUnavailableError, VerifierConnection
+from specedge.edge.client import RemoteSession, ServerConnection, ServerUnavailableError
 from specedge.edge.proactive import ProactiveDrafter, ProactiveModelDrafter
 from specedge.edge.worker import DraftWorker
 from specedge.rpc.codec import OpenSession
@@ -67,7 +67,7 @@ class EdgeRuntime(RoundLoopBackend):
         worker: DraftWorker,
         draft: DraftEngine,
         drafter: ProactiveDrafter,
-        connection: VerifierConnection,
+        connection: ServerConnection,
         fingerprint: str,
         max_context: int,
         max_sessions: int,

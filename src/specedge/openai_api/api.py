@@ -152,11 +152,10 @@ class Generation:
         self.backend = backend
         self.served = served
         self.stops = StopMatcher(body.stop_strings())
-        limit = backend.max_context - len(prompt_token_ids)
         self.request = GenerationRequest(
             prompt_token_ids=prompt_token_ids,
             params=body.sampling(),
-            max_tokens=max_tokens if max_tokens is not None else max(limit, 1),
+            max_tokens=max_tokens,
             stop_token_ids=served.stop_token_ids,
         )
         backend.check(self.request)

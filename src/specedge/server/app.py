@@ -188,6 +188,7 @@ class SpecEdgeServer:
         )
         served = ServedModel(
             name=target.name,
+            draft=config.draft,
             tokenizer=target.tokenizer,
             stop_token_ids=target.stop_token_ids,
             vocab_size=self.executor.engine.vocab_size,

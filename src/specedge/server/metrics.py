@@ -16,7 +16,8 @@ Every metric lives in the server's own `CollectorRegistry`, so several servers i
 - `specedge_server_sessions_total{outcome}`: sessions by how they ended, and refused ones
   (edge sessions and the server's own HTTP API sessions alike);
 - `specedge_server_api_requests_total{endpoint,outcome}`: requests to the server's own
-  OpenAI-compatible API (`--api-port`), by HTTP status.
+  OpenAI-compatible API (`--api-port`), by HTTP status;
+- `specedge_server_api_ttft_seconds`: time to first token of those requests (histogram).
 
 The HTTP endpoint runs in its own thread (prometheus_client's threading WSGI server), so it
 answers even while the event loop is busy.
@@ -110,13 +111,22 @@ class ServerMetrics:
             registry=r,
         )
 
+        self.api_ttft = Histogram(
+            "specedge_server_api_ttft_seconds",
+            "Time to first token of requests to the server's own OpenAI-compatible API.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r,
+        )
+
     # ---- the HTTP API's reports (`openai_api.api.ApiMetrics`) ---------------------------
     def count_request(self, endpoint: str, outcome: str) -> None:
         self.api_requests.labels(endpoint, outcome).inc()
 
     def observe(self, stats: GenerationStats) -> None:
-        """Nothing to add: rounds and tokens of every session are counted as they are
-        verified, whoever drafted them."""
+        """One API generation's time to first token (its rounds and tokens are counted as
+        they are verified, with every other session's)."""
+        if stats.ttft_s is not None:
+            self.api_ttft.observe(stats.ttft_s)
 
 
 # ---- HTTP: /metrics and /health -------------------------------------------------------------

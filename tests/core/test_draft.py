@@ -6,21 +6,20 @@ equals a fresh prefill of the committed tokens."""
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import replace
 
 import pytest
-import torch
 
-from specedge.core.draft import DraftEngine, SentTree, TreeBuilder
+from specedge.core.draft import DraftEngine, SentTree
 from specedge.core.limits import TreeShape
 from specedge.core.model_runner import ModelRunner
 from specedge.core.tree import ROOT_PARENT, validate_tree
 from specedge.core.verify import VerifyResult
 from specedge.errors import InvalidRequestError
 from specedge.model.loader import LoadedModel
-from tests.support.models import TINY_VOCAB, causal_logits, tiny_hf_config, tiny_loaded_model
+from tests.support.drafts import assert_scores_match_recompute
+from tests.support.models import TINY_VOCAB, tiny_hf_config, tiny_loaded_model
 from tests.support.reference import assert_slot_matches_fresh_prefill
 
 SHAPE = TreeShape(budget=12, depth=5, width=3, beams=2, lookup=4)
@@ -35,30 +34,6 @@ def draft_model() -> LoadedModel:
 
 def make_engine(model: LoadedModel, shape: TreeShape = SHAPE) -> DraftEngine:
     return DraftEngine(ModelRunner(model, num_slots=2, max_context=256, max_block=512), shape)
-
-
-def builder_path(builder: TreeBuilder, node: int) -> list[int]:
-    """Builder indices from the root's child down to `node`."""
-    path = []
-    while node != ROOT_PARENT:
-        path.append(node)
-        node = builder.nodes[node].parent
-    return path[::-1]
-
-
-def assert_scores_match_recompute(model: LoadedModel, builder: TreeBuilder) -> None:
-    """Every model-proposed node scores parent + log q(token | committed + path) + log decay,
-    with q from a plain causal forward (lookup-scored nodes: test_scores_and_kv_...)."""
-    log_decay = math.log(builder.shape.decay)
-    for node in builder.nodes:
-        if node.lookup:
-            continue
-        path = [] if node.parent == ROOT_PARENT else builder_path(builder, node.parent)
-        tokens = builder.seq.committed + [builder.nodes[i].token for i in path]
-        logq = causal_logits(model.model, torch.tensor([tokens]))[0, -1].log_softmax(-1)
-        parent_score = 0.0 if node.parent == ROOT_PARENT else builder.nodes[node.parent].score
-        expected = parent_score + logq[node.token].item() + log_decay
-        assert node.score == pytest.approx(expected, abs=1e-4)
 
 
 # ---- shapes --------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from specedge.core.tree import ROOT_PARENT, DraftTree, validate_tree
 from specedge.core.verify import VerifyResult
 from specedge.errors import InvalidRequestError
 from specedge.model.loader import LoadedModel
+from tests.support.drafts import assert_draft_kv_matches_prefill
 from tests.support.models import causal_logits, tiny_hf_config, tiny_loaded_model
 
 # ---- the chain -------------------------------------------------------------------------------
@@ -151,21 +152,4 @@ def test_scores_and_kv_equal_a_recompute_over_rounds(draft_model: LoadedModel) -
         sent = SentTree(DraftTree(tuple(chain[:2]), (ROOT_PARENT, 0)), tuple(accepted), builder)
         engine.advance(seq, sent, VerifyResult([*chain[:2], bonus], [0, 1], None))
         assert seq.lookup_stats.tries[ngram] == tries_before + 3, round_
-        assert_kv_matches_prefill(engine, seq.slot, seq.committed[: seq.kv_len])
-
-
-def assert_kv_matches_prefill(engine: DraftEngine, slot: int, tokens: list[int]) -> None:
-    kv = engine.runner.kv
-    reference = kv.allocate()
-    try:
-        engine.runner.prefill(reference, tokens, 0)
-        for keys, values in zip(kv.keys, kv.values, strict=True):
-            for cache in (keys, values):
-                torch.testing.assert_close(
-                    cache[slot, :, : len(tokens)],
-                    cache[reference, :, : len(tokens)],
-                    atol=1e-5,
-                    rtol=0,
-                )
-    finally:
-        kv.free(reference)
+        assert_draft_kv_matches_prefill(engine, seq)

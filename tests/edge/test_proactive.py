@@ -23,6 +23,11 @@ from specedge.edge.proactive import (
     tree_leaves,
 )
 from specedge.model.loader import LoadedModel
+from tests.support.drafts import (
+    assert_draft_kv_matches_prefill,
+    assert_scores_match_recompute,
+    builder_path,
+)
 from tests.support.models import causal_logits, tiny_hf_config, tiny_loaded_model
 
 SHAPE = TreeShape(budget=10, depth=4, width=3, beams=3)
@@ -38,53 +43,6 @@ def draft_model() -> LoadedModel:
 def make_engine(model: LoadedModel, shape: TreeShape = SHAPE) -> DraftEngine:
     runner = ModelRunner(model, num_slots=3, max_context=256, max_block=512)
     return DraftEngine(runner, shape)
-
-
-def path_to(builder: TreeBuilder, node: int) -> list[int]:
-    """Builder indices from the root's child down to `node`."""
-    path = []
-    while node != ROOT_PARENT:
-        path.append(node)
-        node = builder.nodes[node].parent
-    return path[::-1]
-
-
-def assert_kv_matches_recompute(engine: DraftEngine, seq: DraftSequence) -> None:
-    """The slot's committed KV equals a fresh chain prefill of the same tokens."""
-    kv = engine.runner.kv
-    reference = kv.allocate()
-    try:
-        engine.runner.prefill(reference, seq.committed[: seq.kv_len], 0)
-        for keys, values in zip(kv.keys, kv.values, strict=True):
-            torch.testing.assert_close(
-                keys[seq.slot, :, : seq.kv_len], keys[reference, :, : seq.kv_len], atol=1e-5, rtol=0
-            )
-            torch.testing.assert_close(
-                values[seq.slot, :, : seq.kv_len],
-                values[reference, :, : seq.kv_len],
-                atol=1e-5,
-                rtol=0,
-            )
-    finally:
-        kv.free(reference)
-
-
-def assert_scores_match_recompute(model: LoadedModel, builder: TreeBuilder) -> None:
-    """Every model-proposed node's draft log q(token | prefix + path) equals a plain causal
-    forward's (lookup-scored nodes: tests/test_lookup.py)."""
-    log_decay = math.log(builder.shape.decay)
-    reference: dict[int, torch.Tensor] = {}
-    for node in builder.nodes:
-        if node.lookup:
-            continue
-        if node.parent not in reference:
-            path = [] if node.parent == ROOT_PARENT else path_to(builder, node.parent)
-            tokens = builder.seq.committed + [builder.nodes[i].token for i in path]
-            logits = causal_logits(model.model, torch.tensor([tokens]))[0, -1]
-            reference[node.parent] = logits.log_softmax(dim=-1)
-        parent_score = 0.0 if node.parent == ROOT_PARENT else builder.nodes[node.parent].score
-        logq = node.score - parent_score - log_decay
-        assert logq == pytest.approx(reference[node.parent][node.token].item(), abs=1e-4)
 
 
 def grown_round(engine: DraftEngine) -> tuple[DraftSequence, TreeBuilder, SentTree]:
@@ -111,7 +69,7 @@ def test_bet_is_the_best_leaf_continuation(draft_model: LoadedModel) -> None:
     # Brute force: score(L) + log q(t | L) over every leaf and every token.
     best = -math.inf
     for leaf in leaves:
-        tokens = seq.committed + [builder.nodes[i].token for i in path_to(builder, leaf)]
+        tokens = seq.committed + [builder.nodes[i].token for i in builder_path(builder, leaf)]
         logq = causal_logits(draft_model.model, torch.tensor([tokens]))[0, -1].log_softmax(-1)
         value, token = logq.max(dim=-1)
         if builder.nodes[leaf].score + value.item() > best:
@@ -128,12 +86,12 @@ def test_hit_reuses_the_subtree(draft_model: LoadedModel, policy: ProactivePolic
     proactive = drafter.start(sent, drafter.choose_bet(sent))
     proactive.builder.grow()
     subtree_sent = proactive.builder.sent_tree()
-    accepted = path_to(builder, proactive.bet.leaf)
+    accepted = builder_path(builder, proactive.bet.leaf)
     emitted = [builder.nodes[i].token for i in accepted] + [proactive.bet.token]
 
     next_builder, hit = drafter.resolve(sent, proactive, verdict(sent, accepted, emitted))
     assert hit and seq.kv_len == len(seq.committed)  # the bet token's KV is committed context
-    assert_kv_matches_recompute(engine, seq)
+    assert_draft_kv_matches_prefill(engine, seq)
     before = engine.runner.num_forwards
     next_builder.grow()
     spliced_forwards = engine.runner.num_forwards - before
@@ -169,7 +127,7 @@ def test_miss_discards_the_subtree(draft_model: LoadedModel) -> None:
     drafter = ProactiveDrafter(engine, ProactivePolicy.KEEP_DEPTH, SUBTREE)
     proactive = drafter.start(sent, drafter.choose_bet(sent))
     proactive.builder.grow()
-    accepted = path_to(builder, proactive.bet.leaf)
+    accepted = builder_path(builder, proactive.bet.leaf)
     wrong_bonus = (proactive.bet.token + 1) % draft_model.config.vocab_size
     emitted = [builder.nodes[i].token for i in accepted] + [wrong_bonus]
 
@@ -177,7 +135,7 @@ def test_miss_discards_the_subtree(draft_model: LoadedModel) -> None:
     assert not hit
     assert next_builder.pending == [wrong_bonus] and not next_builder.nodes
     assert seq.kv_len == len(seq.committed) - 1  # prefix + accepted path, the bonus pending
-    assert_kv_matches_recompute(engine, seq)
+    assert_draft_kv_matches_prefill(engine, seq)
     next_builder.grow()
     assert_scores_match_recompute(draft_model, next_builder)
 
@@ -230,7 +188,7 @@ def test_kv_equals_recompute_after_any_hits_and_misses(
         if outcome == "random":
             accepted, emitted = random_reply(rng, builder, tree, node_map, 256)
         else:
-            accepted = path_to(builder, proactive.bet.leaf)
+            accepted = builder_path(builder, proactive.bet.leaf)
             bonus = proactive.bet.token if outcome == "hit" else (proactive.bet.token + 7) % 256
             emitted = [builder.nodes[i].token for i in accepted] + [bonus]
         reply = verdict(sent, accepted, emitted)
@@ -239,5 +197,5 @@ def test_kv_equals_recompute_after_any_hits_and_misses(
         builder, hit = drafter.resolve(sent, proactive, reply)
         assert hit == expect_hit
         hits, misses = hits + hit, misses + (not hit)
-        assert_kv_matches_recompute(engine, seq)
+        assert_draft_kv_matches_prefill(engine, seq)
     assert hits and misses

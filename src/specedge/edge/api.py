@@ -1,5 +1,6 @@
 """The edge's OpenAI-compatible HTTP API: the shared app (`specedge.openai_api`) over the
-edge's `EdgeRuntime`."""
+edge's `EdgeRuntime`. With `server/api.py`, the only module of a role that imports the HTTP
+package."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from specedge.edge.metrics import EdgeMetrics
 from specedge.edge.runtime import EdgeRuntime
 from specedge.openai_api.api import ServedModel, StopMatcher
 from specedge.openai_api.api import create_app as create_openai_app
+from specedge.openai_api.serving import HttpApiServer
 
-__all__ = ["ServedModel", "StopMatcher", "create_app"]
+__all__ = ["HttpApiServer", "ServedModel", "StopMatcher", "create_app"]
 
 
 def create_app(

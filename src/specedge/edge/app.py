@@ -18,7 +18,7 @@ from specedge.background import LoopThread
 from specedge.core.draft import DraftEngine
 from specedge.core.limits import TreeShape
 from specedge.core.model_runner import ModelRunner
-from specedge.edge.api import ServedModel, create_app
+from specedge.edge.api import HttpApiServer, ServedModel, create_app
 from specedge.edge.client import ClientIdentity, ServerConnection
 from specedge.edge.config import EdgeConfig, ProactivePolicy
 from specedge.edge.metrics import EdgeMetrics
@@ -26,7 +26,6 @@ from specedge.edge.proactive import ProactiveDrafter
 from specedge.edge.runtime import EdgeRuntime
 from specedge.edge.worker import DraftWorker
 from specedge.model.loader import LoadedModel, load_model, parse_dtype, tokenizer_fingerprint
-from specedge.openai_api.serving import HttpApiServer
 from specedge.rpc.codec import ServerInfo
 
 logger = logging.getLogger(__name__)

@@ -32,9 +32,8 @@ from specedge.model.loader import (
     parse_dtype,
     tokenizer_fingerprint,
 )
-from specedge.openai_api.api import ServedModel, create_app
-from specedge.openai_api.serving import HttpApiServer
 from specedge.rpc.codec import PROTOCOL_VERSION, ServerInfo, add_verifier_service
+from specedge.server.api import HttpApiServer, ServedModel, create_app
 from specedge.server.config import ServerConfig
 from specedge.server.executor import VerificationExecutor
 from specedge.server.local_sessions import LocalSessions
@@ -193,7 +192,7 @@ class SpecEdgeServer:
             stop_token_ids=target.stop_token_ids,
             vocab_size=self.executor.engine.vocab_size,
         )
-        app = create_app(self.local_sessions, served, self.metrics, title="SpecEdge server")
+        app = create_app(self.local_sessions, served, self.metrics)
         await self._api.start(app, handle_signals=False)
 
     async def stop(self, grace: float | None = None) -> None:

@@ -29,9 +29,8 @@ import torch
 from specedge.bench.prompts import SPECBENCH_FILE, load_prompts
 from specedge.core.limits import TreeShape
 from specedge.core.local import LocalGenerator
-from specedge.core.model_runner import ModelRunner, chain_parents
+from specedge.core.model_runner import ModelRunner, TreeRow, chain_parents
 from specedge.core.sampling import SamplingParams
-from specedge.core.tree import TreeRow
 from specedge.distill.run import DistillConfig, split_prompts
 from specedge.model.loader import LoadedModel, load_model, parse_dtype
 from specedge.text import encode_prompt

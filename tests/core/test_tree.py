@@ -9,13 +9,11 @@ import random
 import pytest
 import torch
 
-from specedge.core.model_runner import ModelRunner, chain_parents
+from specedge.core.model_runner import ModelRunner, TreeRow, build_forward_inputs, chain_parents
 from specedge.core.tree import (
     ROOT_PARENT,
     DraftTree,
-    TreeRow,
     ancestor_mask,
-    build_forward_inputs,
     children,
     depths,
     is_chain,

@@ -41,8 +41,8 @@ import torch
 
 from specedge.core.limits import TreeShape
 from specedge.core.lookup import LookupStats, lookup_chain
-from specedge.core.model_runner import ModelRunner
-from specedge.core.tree import ROOT_PARENT, DraftTree, TreeRow
+from specedge.core.model_runner import ModelRunner, TreeRow
+from specedge.core.tree import ROOT_PARENT, DraftTree
 from specedge.core.verify import VerifyResult
 
 NOT_CACHED = -1  # slot position of a node that has not been forwarded

@@ -1,20 +1,84 @@
 """A loaded model with its KV cache: runs batched block forwards.
 
-The runner is the one place that turns `TreeRow`s into a model forward. It owns the KV slots of
-the sequences it serves; engines (target verification, draft growth) decide what to feed.
+The runner is the one place that turns `TreeRow`s into a model forward: the batch layout
+(tokens, positions, masks from `core.tree`'s topology, KV write locations) is built here. It
+owns the KV slots of the sequences it serves; engines (target verification, draft growth)
+decide what to feed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from specedge.core.limits import DEFAULT_PREFILL_CHUNK
-from specedge.core.tree import ROOT_PARENT, TreeRow, build_forward_inputs
-from specedge.model.kv_cache import KVCache
+from specedge.core.tree import ROOT_PARENT, ancestor_mask, depths
+from specedge.model.kv_cache import KVCache, KVWrite
 from specedge.model.loader import LoadedModel
+
+
+@dataclass(frozen=True)
+class TreeRow:
+    """One sequence of a batched forward.
+
+    The block's nodes occupy slot positions context_len .. context_len + len(parents) - 1; the
+    first `num_cached` are already in the slot, `new_tokens` are the rest, written in order.
+    """
+
+    slot: int
+    context_len: int
+    parents: Sequence[int]
+    new_tokens: Sequence[int]
+    num_cached: int = 0
+
+    def __post_init__(self) -> None:
+        assert len(self.parents) == self.num_cached + len(self.new_tokens)
+
+
+@dataclass
+class ForwardInputs:
+    """Padded batch for `Transformer.forward`, plus where each row's real tokens are."""
+
+    tokens: Tensor  # [B, N]
+    positions: Tensor  # [B, N]
+    attn_mask: Tensor  # [B, N, S]
+    kv_write: KVWrite
+    num_new: list[int] = field(default_factory=list)  # real new tokens per row
+
+
+def build_forward_inputs(
+    rows: Sequence[TreeRow], device: torch.device | str = "cpu"
+) -> ForwardInputs:
+    """Tokens, positions, masks and KV write locations for a batch of blocks."""
+    num_rows = len(rows)
+    width = max(len(row.new_tokens) for row in rows)
+    span = max(row.context_len + len(row.parents) for row in rows)
+    tokens = torch.zeros(num_rows, width, dtype=torch.long)
+    positions = torch.zeros(num_rows, width, dtype=torch.long)
+    mask = torch.zeros(num_rows, width, span, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        num_new, base = len(row.new_tokens), row.context_len
+        block_end = base + len(row.parents)
+        tokens[b, :num_new] = torch.tensor(list(row.new_tokens), dtype=torch.long)
+        node_depths = torch.tensor(depths(row.parents), dtype=torch.long)
+        positions[b, :num_new] = base + node_depths[row.num_cached :] - 1
+        mask[b, :num_new, :base] = True
+        mask[b, :num_new, base:block_end] = ancestor_mask(row.parents)[row.num_cached :]
+        # Padding rows attend only to themselves so that attention stays finite.
+        pad = torch.arange(num_new, width)
+        mask[b, pad, (block_end + pad - num_new).clamp(max=span - 1)] = True
+        positions[b, num_new:] = base
+    starts = tuple(row.context_len + row.num_cached for row in rows)
+    return ForwardInputs(
+        tokens=tokens.to(device),
+        positions=positions.to(device),
+        attn_mask=mask.to(device),
+        kv_write=KVWrite(slots=tuple(row.slot for row in rows), starts=starts),
+        num_new=[len(row.new_tokens) for row in rows],
+    )
 
 
 class ModelRunner:

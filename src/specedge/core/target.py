@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from specedge.core.limits import DEFAULT_PREFILL_CHUNK
-from specedge.core.model_runner import ModelRunner
+from specedge.core.model_runner import ModelRunner, TreeRow
 from specedge.core.sampling import SamplingParams, make_generator, sample
-from specedge.core.tree import DraftTree, TreeRow, validate_tree
+from specedge.core.tree import DraftTree, validate_tree
 from specedge.core.verify import VerifyResult, verify_tree
 from specedge.errors import InvalidRequestError
 

@@ -8,21 +8,20 @@ A *block* is what one sequence feeds to one forward: nodes laid out in a KV slot
 sequence's committed *context* (positions 0..context_len-1). Block parents use the same
 convention (`ROOT_PARENT` = directly after the context), so a prompt chunk is a chain, a
 verification is the root followed by the draft tree, and a draft step is a tree whose first
-`num_cached` nodes are already in the slot. This module is the only place attention masks and
-positions are built: a node attends the whole context, its ancestors and itself, at position
-context_len + depth.
+`num_cached` nodes are already in the slot. This module is pure topology: a node attends the
+whole context, its ancestors and itself (`ancestor_mask`), at position context_len + depth;
+`core.model_runner` lays a batch of blocks out from these.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from specedge.errors import InvalidRequestError
-from specedge.model.kv_cache import KVWrite
 
 ROOT_PARENT = -1  # parent index of a node attached directly to the root / the context
 
@@ -121,64 +120,3 @@ class DraftTree:
         tokens = [root_token, *self.tokens]
         parents = [ROOT_PARENT, *(parent + 1 for parent in self.parents)]
         return tokens, parents
-
-
-@dataclass(frozen=True)
-class TreeRow:
-    """One sequence of a batched forward.
-
-    The block's nodes occupy slot positions context_len .. context_len + len(parents) - 1; the
-    first `num_cached` are already in the slot, `new_tokens` are the rest, written in order.
-    """
-
-    slot: int
-    context_len: int
-    parents: Sequence[int]
-    new_tokens: Sequence[int]
-    num_cached: int = 0
-
-    def __post_init__(self) -> None:
-        assert len(self.parents) == self.num_cached + len(self.new_tokens)
-
-
-@dataclass
-class ForwardInputs:
-    """Padded batch for `Transformer.forward`, plus where each row's real tokens are."""
-
-    tokens: Tensor  # [B, N]
-    positions: Tensor  # [B, N]
-    attn_mask: Tensor  # [B, N, S]
-    kv_write: KVWrite
-    num_new: list[int] = field(default_factory=list)  # real new tokens per row
-
-
-def build_forward_inputs(
-    rows: Sequence[TreeRow], device: torch.device | str = "cpu"
-) -> ForwardInputs:
-    """Tokens, positions, masks and KV write locations for a batch of blocks."""
-    num_rows = len(rows)
-    width = max(len(row.new_tokens) for row in rows)
-    span = max(row.context_len + len(row.parents) for row in rows)
-    tokens = torch.zeros(num_rows, width, dtype=torch.long)
-    positions = torch.zeros(num_rows, width, dtype=torch.long)
-    mask = torch.zeros(num_rows, width, span, dtype=torch.bool)
-    for b, row in enumerate(rows):
-        num_new, base = len(row.new_tokens), row.context_len
-        block_end = base + len(row.parents)
-        tokens[b, :num_new] = torch.tensor(list(row.new_tokens), dtype=torch.long)
-        node_depths = torch.tensor(depths(row.parents), dtype=torch.long)
-        positions[b, :num_new] = base + node_depths[row.num_cached :] - 1
-        mask[b, :num_new, :base] = True
-        mask[b, :num_new, base:block_end] = ancestor_mask(row.parents)[row.num_cached :]
-        # Padding rows attend only to themselves so that attention stays finite.
-        pad = torch.arange(num_new, width)
-        mask[b, pad, (block_end + pad - num_new).clamp(max=span - 1)] = True
-        positions[b, num_new:] = base
-    starts = tuple(row.context_len + row.num_cached for row in rows)
-    return ForwardInputs(
-        tokens=tokens.to(device),
-        positions=positions.to(device),
-        attn_mask=mask.to(device),
-        kv_write=KVWrite(slots=tuple(row.slot for row in rows), starts=starts),
-        num_new=[len(row.new_tokens) for row in rows],
-    )

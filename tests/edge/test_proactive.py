@@ -89,7 +89,7 @@ def test_hit_reuses_the_subtree(draft_model: LoadedModel, policy: ProactivePolic
     accepted = builder_path(builder, proactive.bet.leaf)
     emitted = [builder.nodes[i].token for i in accepted] + [proactive.bet.token]
 
-    next_builder, hit = drafter.resolve(sent, proactive, verdict(sent, accepted, emitted))
+    next_builder, hit = drafter.resolve(seq, sent, proactive, verdict(sent, accepted, emitted))
     assert hit and seq.kv_len == len(seq.committed)  # the bet token's KV is committed context
     assert_draft_kv_matches_prefill(engine, seq)
     before = engine.runner.num_forwards
@@ -131,7 +131,7 @@ def test_miss_discards_the_subtree(draft_model: LoadedModel) -> None:
     wrong_bonus = (proactive.bet.token + 1) % draft_model.config.vocab_size
     emitted = [builder.nodes[i].token for i in accepted] + [wrong_bonus]
 
-    next_builder, hit = drafter.resolve(sent, proactive, verdict(sent, accepted, emitted))
+    next_builder, hit = drafter.resolve(seq, sent, proactive, verdict(sent, accepted, emitted))
     assert not hit
     assert next_builder.pending == [wrong_bonus] and not next_builder.nodes
     assert seq.kv_len == len(seq.committed) - 1  # prefix + accepted path, the bonus pending
@@ -194,7 +194,7 @@ def test_kv_equals_recompute_after_any_hits_and_misses(
         reply = verdict(sent, accepted, emitted)
         expect_hit = drafter.is_hit(proactive, sent, reply)
         assert expect_hit == (outcome == "hit" and proactive.started) or outcome == "random"
-        builder, hit = drafter.resolve(sent, proactive, reply)
+        builder, hit = drafter.resolve(seq, sent, proactive, reply)
         assert hit == expect_hit
         hits, misses = hits + hit, misses + (not hit)
         assert_draft_kv_matches_prefill(engine, seq)

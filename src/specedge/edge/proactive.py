@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import TypeVar
 
-from specedge.core.draft import BuilderIndex, DraftEngine, SentTree, TreeBuilder
+from specedge.core.draft import BuilderIndex, DraftEngine, DraftSequence, SentTree, TreeBuilder
 from specedge.core.limits import TreeLimits, TreeShape
 from specedge.core.round_loop import ModelDrafter
 from specedge.core.tree import DraftTree
@@ -116,6 +116,7 @@ class ProactiveDrafter:
 
     def resolve(
         self,
+        seq: DraftSequence,
         sent: SentTree,
         proactive: ProactiveDraft | None,
         verdict: VerifyResult,
@@ -123,8 +124,6 @@ class ProactiveDrafter:
     ) -> tuple[TreeBuilder, bool]:
         """Commit a round's verdict and return the next tree's builder and whether the bet
         hit (the next tree then starts from the bet's subtree)."""
-        assert sent.builder is not None
-        seq = sent.builder.seq
         if proactive is not None and self.is_hit(proactive, sent, verdict):
             shape = self._next_shape(proactive.builder, max_depth)
             return self.draft.advance(seq, sent, verdict, proactive.builder, shape), True
@@ -201,7 +200,7 @@ class ProactiveModelDrafter(ModelDrafter):
     async def commit(self, sent: SentTree, verdict: VerifyResult) -> bool:
         pending, self.pending = self.pending, None
         resolve = partial(
-            self.proactive.resolve, sent, pending, verdict, self.limits.max_tree_depth
+            self.proactive.resolve, self.seq, sent, pending, verdict, self.limits.max_tree_depth
         )
         self.builder, hit = await self.worker.run(resolve)
         return hit

@@ -13,7 +13,7 @@ import torch
 
 from specedge.core.model_runner import ModelRunner
 from specedge.core.sampling import SamplingParams
-from specedge.core.target import GenerationLimits, TargetEngine, TargetSequence
+from specedge.core.target import GenerationLimits, TargetEngine, TargetSequence, fit_to_context
 from specedge.core.tree import ROOT_PARENT, DraftTree
 from specedge.core.verify import FINISH_LENGTH
 from specedge.errors import InvalidRequestError
@@ -211,3 +211,9 @@ def test_target_kv_after_random_rounds_equals_fresh_prefill(target: LoadedModel)
     assert accepted_per_round.count(0) >= 5
     assert len({n for n in accepted_per_round if n > 0}) >= 4
     assert num_opened >= 4
+
+
+def test_fit_to_context_keeps_a_prefix() -> None:
+    tree = DraftTree((1, 2, 3, 4), (-1, 0, 1, -1))
+    assert fit_to_context(tree, context_len=10, max_context=20) is tree
+    assert fit_to_context(tree, context_len=18, max_context=20) == DraftTree((1, 2), (-1, 0))

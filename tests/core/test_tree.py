@@ -1,6 +1,5 @@
-"""Trees: depths, paths, ancestor masks, validation (every bad input gets its error), and the
-tree-attention property: every node of a batched tree forward has the logits of a plain causal
-forward over the committed prefix followed by that node's path."""
+"""Trees: depths, paths, ancestor masks and validation (every bad input gets its error). The
+batch layout and the tree-attention property: tests/core/test_model_runner.py."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import random
 import pytest
 import torch
 
-from specedge.core.model_runner import ModelRunner, TreeRow, build_forward_inputs, chain_parents
+from specedge.core.model_runner import chain_parents
 from specedge.core.tree import (
     ROOT_PARENT,
     DraftTree,
@@ -21,8 +20,6 @@ from specedge.core.tree import (
     validate_tree,
 )
 from specedge.errors import InvalidRequestError
-from specedge.model.loader import LoadedModel
-from tests.support.models import causal_logits, tiny_hf_config, tiny_loaded_model
 from tests.support.trees import random_tree
 
 ATOL = 1e-4
@@ -87,28 +84,6 @@ def test_rooted_tree_shifts_parents() -> None:
     assert DraftTree().rooted(5) == ([5], [ROOT_PARENT])
 
 
-def test_forward_inputs_positions_and_mask() -> None:
-    """A draft-step row: 2 of the block's 4 nodes are cached, 2 are new, after 3 context
-    positions; a second row is a 1-token chain, padded."""
-    rows = [
-        TreeRow(
-            slot=1, context_len=3, parents=[ROOT_PARENT, 0, 0, 1], new_tokens=[11, 12], num_cached=2
-        ),
-        TreeRow(slot=0, context_len=1, parents=[ROOT_PARENT], new_tokens=[13]),
-    ]
-    inputs = build_forward_inputs(rows)
-    assert inputs.tokens[0].tolist() == [11, 12] and inputs.tokens[1, 0] == 13
-    assert inputs.positions[0].tolist() == [3 + 1, 3 + 2]  # context_len + depth - 1
-    assert inputs.positions[1, 0] == 1
-    assert inputs.kv_write.slots == (1, 0) and inputs.kv_write.starts == (5, 1)
-    assert inputs.num_new == [2, 1]
-    assert inputs.attn_mask.shape == (2, 2, 7)
-    # Node 2 (child of 0) sees the context, node 0 and itself; node 3 sees 0, 1 and itself.
-    assert inputs.attn_mask[0, 0].tolist() == [1, 1, 1, 1, 0, 1, 0]
-    assert inputs.attn_mask[0, 1].tolist() == [1, 1, 1, 1, 1, 0, 1]
-    assert inputs.attn_mask[1, 0].tolist() == [1, 1, 0, 0, 0, 0, 0]
-
-
 # ---- validation ----------------------------------------------------------------------------
 
 LIMITS = {"vocab_size": 100, "max_nodes": 8, "max_depth": 3}
@@ -156,73 +131,3 @@ def test_valid_trees_pass() -> None:
 def test_invalid_trees_are_rejected(tokens: list[int], parents: list[int], message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         validate_tree(tokens, parents, **LIMITS)
-
-
-# ---- tree attention ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_model() -> LoadedModel:
-    return tiny_loaded_model(tiny_hf_config("qwen2"), seed=21)
-
-
-def path_logits(
-    loaded: LoadedModel, prefix: list[int], tokens: list[int], parents: list[int], node: int
-) -> torch.Tensor:
-    """Logits at `node` from a plain causal forward over prefix + the node's path, from scratch."""
-    sequence = prefix + [tokens[i] for i in path_to(parents, node)]
-    return causal_logits(loaded.model, torch.tensor([sequence]))[0, -1]
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_batched_tree_forward_equals_causal_forward_per_path(
-    tiny_model: LoadedModel, seed: int
-) -> None:
-    """Four sequences with different prefix lengths (0 included) and random trees of different
-    sizes in ONE forward; then the same trees forwarded in two steps, the second step reading
-    the first step's nodes from the cache (as a draft step does)."""
-    rng = random.Random(seed)
-    vocab = tiny_model.config.vocab_size
-    prefix_lengths = [0, 1, 6, 19]
-    tree_sizes = [rng.randint(2, 6), rng.randint(8, 16), 1 + rng.randint(1, 3), rng.randint(20, 30)]
-    runner = ModelRunner(tiny_model, num_slots=5, max_context=32, max_block=32)
-    slots = [runner.kv.allocate() for _ in range(5)][1:]  # leave slot order non-trivial
-    rng.shuffle(slots)
-    prefixes = [[rng.randrange(vocab) for _ in range(n)] for n in prefix_lengths]
-    trees = [random_tree(rng, vocab, n, max_depth=10) for n in tree_sizes]
-    for slot, prefix in zip(slots, prefixes, strict=True):
-        runner.prefill(slot, prefix, start=0, chunk=4)
-    expected = [
-        torch.stack(
-            [path_logits(tiny_model, prefix, tokens, parents, node) for node in range(len(tokens))]
-        )
-        for prefix, (tokens, parents) in zip(prefixes, trees, strict=True)
-    ]
-
-    rows = [
-        TreeRow(slot, len(prefix), parents, tokens)
-        for slot, prefix, (tokens, parents) in zip(slots, prefixes, trees, strict=True)
-    ]
-    hidden = runner.forward(rows)
-    for node_hidden, want in zip(hidden, expected, strict=True):
-        torch.testing.assert_close(runner.logits(node_hidden), want, atol=ATOL, rtol=0)
-
-    # Two steps: nodes [0, split) first, then the rest with the first part cached.
-    splits = [rng.randint(1, len(tokens) - 1) for tokens, _ in trees]
-    first = [
-        TreeRow(slot, len(prefix), parents[:split], tokens[:split])
-        for slot, prefix, (tokens, parents), split in zip(
-            slots, prefixes, trees, splits, strict=True
-        )
-    ]
-    second = [
-        TreeRow(slot, len(prefix), parents, tokens[split:], num_cached=split)
-        for slot, prefix, (tokens, parents), split in zip(
-            slots, prefixes, trees, splits, strict=True
-        )
-    ]
-    first_hidden = runner.forward(first)
-    second_hidden = runner.forward(second)
-    for a, b, want in zip(first_hidden, second_hidden, expected, strict=True):
-        actual = runner.logits(torch.cat([a, b]))
-        torch.testing.assert_close(actual, want, atol=ATOL, rtol=0)

@@ -11,7 +11,7 @@ import pytest
 
 from specedge.core.model_runner import ModelRunner
 from specedge.core.sampling import SamplingParams
-from specedge.core.target import GenerationLimits, TargetEngine, fit_to_context
+from specedge.core.target import GenerationLimits, TargetEngine
 from specedge.core.tree import DraftTree
 from specedge.errors import CapacityError, InvalidRequestError
 from specedge.model.loader import LoadedModel
@@ -205,12 +205,6 @@ def test_stop_fails_pending_work_and_frees_everything(target: LoadedModel) -> No
         assert free_slots(executor) == 4
 
     asyncio.run(main())
-
-
-def test_fit_to_context_keeps_a_prefix() -> None:
-    tree = DraftTree((1, 2, 3, 4), (-1, 0, 1, -1))
-    assert fit_to_context(tree, context_len=10, max_context=20) is tree
-    assert fit_to_context(tree, context_len=18, max_context=20) == DraftTree((1, 2), (-1, 0))
 
 
 def test_model_failure_fails_that_batch_only(target: LoadedModel) -> None:

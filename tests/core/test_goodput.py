@@ -10,7 +10,12 @@ import random
 
 import pytest
 
-from specedge.core.goodput import BatchCostFunction, LinearBatchCost, select_prefixes
+from specedge.core.goodput import (
+    BatchCostFunction,
+    FittedBatchCost,
+    LinearBatchCost,
+    select_prefixes,
+)
 
 
 def goodput(
@@ -100,3 +105,38 @@ def test_bad_estimates_are_rejected(estimates: list[list[float]], message: str) 
 def test_a_cost_model_must_be_positive() -> None:
     with pytest.raises(ValueError, match="must be > 0"):
         select_prefixes([[0.5]], LinearBatchCost(0.0, 0.0, 0.0))
+
+
+# ---- the fitted cost model ---------------------------------------------------------------------
+def test_fitted_cost_recovers_a_linear_device_from_noisy_batches() -> None:
+    rng = random.Random(0)
+    device = LinearBatchCost(0.012, 0.0008, 0.0031)
+    prior = LinearBatchCost(0.05, 0.0, 0.001)  # wrong on purpose
+    fitted = FittedBatchCost(prior)
+    assert fitted.current == prior  # defined before the first batch
+    for _ in range(400):
+        sequences = rng.randint(1, 16)
+        rows = sequences + rng.randint(0, 32 * sequences)
+        fitted.observe(sequences, rows, device(sequences, rows) * rng.uniform(0.97, 1.03))
+    for sequences, rows in [(1, 1), (4, 40), (16, 528)]:
+        assert fitted(sequences, rows) == pytest.approx(device(sequences, rows), rel=0.05)
+
+
+def test_fitted_cost_stays_sane_on_equal_batches() -> None:
+    """Batches all of one size cannot separate the coefficients: the prior keeps the system
+    solvable and the fit still predicts that size."""
+    fitted = FittedBatchCost(LinearBatchCost(0.01, 0.001, 0.001))
+    for _ in range(50):
+        fitted.observe(4, 36, 0.05)
+    assert fitted(4, 36) == pytest.approx(0.05, rel=0.05)
+    coefficients = fitted.current
+    assert min(coefficients.fixed_s, coefficients.per_sequence_s, coefficients.per_row_s) >= 0
+
+
+def test_fitted_cost_follows_a_device_that_slows_down() -> None:
+    fitted = FittedBatchCost(LinearBatchCost(0.0, 0.0, 0.001), forgetting=0.9)
+    for rows in range(1, 200):
+        fitted.observe(1, 1 + rows % 20, 0.001 * (1 + rows % 20))
+    for rows in range(1, 200):  # the device became twice as slow per row
+        fitted.observe(1, 1 + rows % 20, 0.002 * (1 + rows % 20))
+    assert fitted(1, 10) == pytest.approx(0.020, rel=0.05)

@@ -190,6 +190,16 @@ def test_draft_time_is_server_busy_time(spec_server: BackgroundServer) -> None:
     )
     assert requests >= 1
     assert metric(port, "specedge_server_api_ttft_seconds_count") == ttfts_before + 1
+    # Every batch updates the fitted cost model of a verification forward, on /metrics.
+    terms = {
+        term: metric(port, "specedge_server_batch_cost_seconds", {"term": term})
+        for term in ("fixed", "per_sequence", "per_row")
+    }
+    assert min(terms.values()) >= 0.0 and terms["fixed"] + terms["per_row"] > 0.0
+    mean_verify = metric(port, "specedge_server_verify_seconds_sum") / metric(
+        port, "specedge_server_verify_seconds_count"
+    )
+    assert 0.0 < terms["fixed"] + terms["per_sequence"] + terms["per_row"] < 20 * mean_verify
 
 
 def test_a_client_that_leaves_frees_its_session(ar_server: BackgroundServer) -> None:

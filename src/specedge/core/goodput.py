@@ -83,3 +83,71 @@ def select_prefixes(estimates: Sequence[Sequence[float]], cost: BatchCostFunctio
 def _nodes(tree: int, values: Sequence[float]) -> list[tuple[float, int]]:
     """A tree's nodes as (-estimate, tree) in sent order, for a largest-first merge."""
     return [(-p, tree) for p in values]
+
+
+class FittedBatchCost:
+    """A `LinearBatchCost` kept current from observed batches (sequences, rows, seconds): least
+    squares with older batches weighted down by `forgetting` per observation, pulled towards
+    `prior` with the weight of `prior_weight` observations, so that it is defined from the
+    first batch on and a run of equal-sized batches cannot make it singular."""
+
+    def __init__(
+        self, prior: LinearBatchCost, forgetting: float = 0.99, prior_weight: float = 0.1
+    ) -> None:
+        if not 0.0 < forgetting <= 1.0 or prior_weight <= 0.0:
+            raise ValueError("forgetting must be in (0, 1] and prior_weight > 0")
+        self.prior = prior
+        self.forgetting = forgetting
+        self.prior_weight = prior_weight
+        self.observations = 0
+        self._count = 0.0  # the observations' total weight
+        self._xx = [[0.0] * 3 for _ in range(3)]  # weighted sum of x x^T, x = (1, n, rows)
+        self._xy = [0.0] * 3  # weighted sum of x * seconds
+        self._current = prior
+
+    def observe(self, sequences: int, rows: int, seconds: float) -> None:
+        x = (1.0, float(sequences), float(rows))
+        for i in range(3):
+            self._xy[i] = self.forgetting * self._xy[i] + x[i] * seconds
+            for j in range(3):
+                self._xx[i][j] = self.forgetting * self._xx[i][j] + x[i] * x[j]
+        self._count = self.forgetting * self._count + 1.0
+        self.observations += 1
+        self._current = self._fit()
+
+    def __call__(self, sequences: int, rows: int) -> float:
+        return self._current(sequences, rows)
+
+    @property
+    def current(self) -> LinearBatchCost:
+        return self._current
+
+    def _fit(self) -> LinearBatchCost:
+        """Least squares plus `prior_weight` pseudo-observations at the prior along each
+        coefficient (ridge towards the prior, scaled by that coefficient's mean x^2)."""
+        prior = (self.prior.fixed_s, self.prior.per_sequence_s, self.prior.per_row_s)
+        a = [row[:] for row in self._xx]
+        b = list(self._xy)
+        for i in range(3):
+            weight = self.prior_weight * max(self._xx[i][i] / self._count, 1e-12)
+            a[i][i] += weight
+            b[i] += weight * prior[i]
+        fixed, per_sequence, per_row = _solve3(a, b)
+        return LinearBatchCost(max(fixed, 0.0), max(per_sequence, 0.0), max(per_row, 0.0))
+
+
+def _solve3(a: list[list[float]], b: list[float]) -> tuple[float, float, float]:
+    """Solve a 3x3 system by Gaussian elimination with partial pivoting (`a` is positive
+    definite here, so a pivot never vanishes)."""
+    m = [row[:] + [rhs] for row, rhs in zip(a, b, strict=True)]
+    for col in range(3):
+        pivot = max(range(col, 3), key=lambda r: abs(m[r][col]))
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, 3):
+            factor = m[r][col] / m[col][col]
+            for c in range(col, 4):
+                m[r][c] -= factor * m[col][c]
+    x = [0.0, 0.0, 0.0]
+    for r in (2, 1, 0):
+        x[r] = (m[r][3] - sum(m[r][c] * x[c] for c in range(r + 1, 3))) / m[r][r]
+    return x[0], x[1], x[2]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
+from specedge.core.goodput import FittedBatchCost, LinearBatchCost
 from specedge.core.sampling import SamplingParams
 from specedge.core.target import TargetEngine, TargetSequence
 from specedge.core.tree import DraftTree
@@ -74,6 +75,10 @@ class ServerSession:
         return self.seq.finish_reason is not None
 
 
+# Before the first batch: a guess of the right order for a small model on a CPU core.
+UNPROFILED_BATCH_COST = LinearBatchCost(fixed_s=0.010, per_sequence_s=0.0, per_row_s=0.001)
+
+
 class VerificationExecutor:
     def __init__(
         self,
@@ -85,6 +90,9 @@ class VerificationExecutor:
         self.engine = engine
         self.scheduler = Scheduler(policy)
         self.metrics = metrics or ServerMetrics()
+        # Seconds of a verification forward by (sequences, rows), kept current from every
+        # batch (the cost model of goodput-sized verification, DESIGN.md section 12).
+        self.batch_cost = FittedBatchCost(UNPROFILED_BATCH_COST)
         self._clock = clock
         self._sessions: dict[str, ServerSession] = {}
         self._in_flight: set[str] = set()
@@ -306,7 +314,7 @@ class VerificationExecutor:
             session.tree, session.future = None, None
         self.scheduler.complete(batch, self._clock())
         self._in_flight = set()
-        self._record_batch(sessions, results, elapsed)
+        self._record_batch(sessions, results, elapsed, sum(tree.num_nodes + 1 for _, tree in work))
         for session in sessions:
             if session.finished and not session.closed:
                 # Nothing more can happen in this session: give its slot to the next one now.
@@ -344,9 +352,18 @@ class VerificationExecutor:
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def _record_batch(
-        self, sessions: list[ServerSession], results: list[VerifyResult], elapsed: float
+        self,
+        sessions: list[ServerSession],
+        results: list[VerifyResult],
+        elapsed: float,
+        rows: int,
     ) -> None:
+        self.batch_cost.observe(len(sessions), rows, elapsed)
         metrics = self.metrics
+        cost = self.batch_cost.current
+        metrics.batch_cost.labels("fixed").set(cost.fixed_s)
+        metrics.batch_cost.labels("per_sequence").set(cost.per_sequence_s)
+        metrics.batch_cost.labels("per_row").set(cost.per_row_s)
         metrics.verify_batch_size.observe(len(sessions))
         metrics.verify_seconds.observe(elapsed)
         metrics.busy_seconds.inc(elapsed)

@@ -11,6 +11,8 @@ Every metric lives in the server's own `CollectorRegistry`, so several servers i
 - `specedge_server_busy_seconds_total`: time the model thread was running (verify, prefill and
   server-side drafting), of which `specedge_server_draft_seconds_total` drafting;
 - `specedge_server_prefill_tokens_total`;
+- `specedge_server_batch_cost_seconds{term}`: the fitted cost model of a verification forward,
+  seconds = fixed + per_sequence x sequences + per_row x rows (gauges, one per term);
 - `specedge_server_received_bytes_total`, `specedge_server_sent_bytes_total`: serialized
   protobuf messages of the session streams (before gRPC framing);
 - `specedge_server_sessions_total{outcome}`: sessions by how they ended, and refused ones
@@ -88,6 +90,12 @@ class ServerMetrics:
         )
         self.prefill_tokens = Counter(
             "specedge_server_prefill_tokens", "Prompt tokens prefilled.", registry=r
+        )
+        self.batch_cost = Gauge(
+            "specedge_server_batch_cost_seconds",
+            "Fitted verification cost: fixed + per_sequence x sequences + per_row x rows.",
+            ["term"],
+            registry=r,
         )
         self.received_bytes = Counter(
             "specedge_server_received_bytes",

@@ -6,6 +6,7 @@ equals a fresh prefill of the committed tokens."""
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import replace
 
@@ -110,6 +111,24 @@ def test_tree_is_the_best_budget_candidates_within_the_shape(
     # A smaller cap keeps the best of the tree.
     small = builder.sent_tree(max_nodes=3)
     assert small.tree.num_nodes == 3 and set(small.builder_nodes) <= sent_nodes
+    # Sent best-first by acceptance estimate: non-increasing, so every prefix is a tree (the
+    # cut a verifier may make); each estimate is the product of the draft's step
+    # probabilities along the path, never above its parent's.
+    estimates = sent.estimates
+    assert len(estimates) == tree.num_nodes
+    assert all(a >= b for a, b in zip(estimates, estimates[1:], strict=False))
+    for node, (parent, estimate) in enumerate(zip(tree.parents, estimates, strict=True)):
+        assert 0.0 < estimate <= 1.0
+        assert estimate == builder.acceptance_estimate(node_map[node])
+        # The step from the parent multiplies by q(token | path): the score's step without
+        # its decay (scores are checked against a causal forward above).
+        entry = builder.nodes[node_map[node]]
+        parent_estimate = 1.0 if parent == ROOT_PARENT else estimates[parent]
+        parent_score = 0.0 if parent == ROOT_PARENT else builder.nodes[entry.parent].score
+        step_q = math.exp(entry.score - parent_score - math.log(shape.decay))
+        assert estimate == pytest.approx(min(parent_estimate * step_q, 1.0), rel=1e-9)
+        if parent != ROOT_PARENT:
+            assert parent < node and estimate <= parent_estimate
 
 
 # ---- KV after commits ----------------------------------------------------------------------------

@@ -176,15 +176,21 @@ def test_kv_equals_recompute_after_any_hits_and_misses(
     engine.prefill(seq)
     builder = engine.builder(seq)
     hits = misses = 0
-    for _ in range(10):
+    for round_ in range(10):
         builder.grow()
         assert_scores_match_recompute(draft_model, builder)
         sent = builder.sent_tree()
         tree, node_map = sent.tree, list(sent.builder_nodes)
         proactive = drafter.start(sent, drafter.choose_bet(sent))
-        for _ in range(rng.randint(0, SUBTREE.depth)):  # the reply lands after 0..depth steps
+        # The reply lands after 0..depth subtree steps; the first two rounds are a hit and a
+        # miss for sure, the rest random.
+        for _ in range(rng.randint(1 if round_ < 2 else 0, SUBTREE.depth)):
             proactive.builder.step()
-        outcome = rng.choice(["hit", "hit", "wrong bonus", "random"])
+        outcome = (
+            ["hit", "wrong bonus"][round_]
+            if round_ < 2
+            else rng.choice(["hit", "hit", "wrong bonus", "random"])
+        )
         if outcome == "random":
             accepted, emitted = random_reply(rng, builder, tree, node_map, 256)
         else:

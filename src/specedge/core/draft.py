@@ -76,6 +76,9 @@ class SentTree:
     tree: DraftTree
     builder_nodes: tuple[BuilderIndex, ...]  # [num_nodes]
     builder: TreeBuilder | None = None
+    # [num_nodes] the draft's raw estimate that the target accepts the whole path to each
+    # node, non-increasing in sent order (`TreeBuilder.acceptance_estimate`)
+    estimates: tuple[float, ...] = ()
 
     @staticmethod
     def empty() -> SentTree:
@@ -88,7 +91,7 @@ class SentTree:
 
 @dataclass
 class TreeBuilder:
-    """Grows one tree. Call `step()` until it returns False, then `tree()`."""
+    """Grows one tree. Call `step()` until it returns False, then `sent_tree()`."""
 
     runner: ModelRunner
     seq: DraftSequence
@@ -279,17 +282,28 @@ class TreeBuilder:
 
     # -- result --------------------------------------------------------------------------------
     def sent_tree(self, max_nodes: int | None = None) -> SentTree:
-        """The best `budget` (or fewer, `max_nodes`) nodes in parents-first order, with each
-        one's builder index."""
+        """The best `budget` (or fewer, `max_nodes`) nodes, each with its builder index and
+        acceptance estimate, best-first by estimate: a parent's is never below its
+        children's (ties keep creation order), so parents come first and every prefix is a
+        tree, the prefix a verifier may cut to (`core.goodput`)."""
         count = self.shape.budget if max_nodes is None else min(self.shape.budget, max_nodes)
-        kept = sorted(self._best(count))  # creation order puts parents first
+        estimates = {i: self.acceptance_estimate(i) for i in self._best(count)}
+        kept = sorted(estimates, key=lambda i: (-estimates[i], i))
         new_index = {old: new for new, old in enumerate(kept)}
         tokens = tuple(self.nodes[i].token for i in kept)
         parents = tuple(
             ROOT_PARENT if self.nodes[i].parent == ROOT_PARENT else new_index[self.nodes[i].parent]
             for i in kept
         )
-        return SentTree(DraftTree(tokens, parents), tuple(kept), self)
+        sent_estimates = tuple(estimates[i] for i in kept)
+        return SentTree(DraftTree(tokens, parents), tuple(kept), self, sent_estimates)
+
+    def acceptance_estimate(self, node: BuilderIndex) -> float:
+        """The draft's own estimate that the target accepts the path to `node`: the product of
+        each step's probability along it (log q of the draft, or the lookup record's log p),
+        which is the score without its depth decay. Uncalibrated; never above the parent's."""
+        entry = self.nodes[node]
+        return min(1.0, math.exp(entry.score - entry.depth * math.log(self.shape.decay)))
 
     # -- proactive drafting (edge.proactive) ----------------------------------------------------
     def best_children(self, parents: Sequence[BuilderIndex]) -> list[BuilderIndex]:

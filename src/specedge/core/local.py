@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from specedge.core.draft import DraftEngine, SentTree
 from specedge.core.generation import GenerationStats
-from specedge.core.limits import DEFAULT_MAX_CONTEXT, TreeLimits, TreeShape
+from specedge.core.limits import DEFAULT_MAX_CONTEXT, TreeShape
 from specedge.core.model_runner import ModelRunner
 from specedge.core.round_loop import Drafter, InlineJobs, ModelDrafter, NoDrafter, run_rounds
 from specedge.core.sampling import SamplingParams
@@ -42,9 +42,7 @@ class LocalVerifier:
     def __init__(self, target: TargetEngine, seq: TargetSequence) -> None:
         self.target = target
         self.seq = seq
-        self.limits = TreeLimits(
-            target.limits.max_tree_nodes, target.limits.max_tree_depth, target.runner.max_context
-        )
+        self.limits = target.tree_limits
 
     async def verify(self, sent: SentTree) -> VerifyResult:
         tree = self.target.admit(self.seq, sent.tree)

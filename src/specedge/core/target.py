@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specedge.core.limits import DEFAULT_PREFILL_CHUNK
+from specedge.core.limits import DEFAULT_PREFILL_CHUNK, TreeLimits
 from specedge.core.model_runner import ModelRunner, TreeRow
 from specedge.core.sampling import SamplingParams, make_generator, sample
 from specedge.core.tree import DraftTree, validate_tree
@@ -63,6 +63,14 @@ class TargetEngine:
         self.runner = runner
         self.limits = limits or GenerationLimits()
         self.vocab_size = runner.config.vocab_size
+
+    @property
+    def tree_limits(self) -> TreeLimits:
+        """What this engine verifies: its tree caps and its context (what a verifier built on
+        it announces to drafters)."""
+        return TreeLimits(
+            self.limits.max_tree_nodes, self.limits.max_tree_depth, self.runner.max_context
+        )
 
     def open(
         self,

@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 
 from specedge.core.draft import DraftEngine, SentTree
 from specedge.core.generation import GenerationRequest
-from specedge.core.limits import TreeLimits
 from specedge.core.round_loop import (
     Drafter,
     ModelDrafter,
@@ -44,10 +43,7 @@ class ExecutorVerifier:
     def __init__(self, executor: VerificationExecutor, session: ServerSession) -> None:
         self.executor = executor
         self.session = session
-        engine = executor.engine
-        self.limits = TreeLimits(
-            engine.limits.max_tree_nodes, engine.limits.max_tree_depth, engine.runner.max_context
-        )
+        self.limits = executor.engine.tree_limits
 
     async def verify(self, sent: SentTree) -> VerifyResult:
         return await self.executor.verify(self.session.session_id, sent.tree)

@@ -16,6 +16,14 @@ from tests.support.models import bundled_model
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Servers cache their cost profile (`server.cost_profile`) here, not in the user's home."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPECEDGE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def smollm2() -> Iterator[LoadedModel]:
     """The bundled SmolLM2-135M-Instruct in fp32 (the first load converts the GGUF, ~30 s)."""

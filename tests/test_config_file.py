@@ -133,7 +133,8 @@ def test_tree_defaults_come_from_tree_shape() -> None:
         assert config.tree_shape == TreeShape(
             shape.budget, shape.depth, shape.width, shape.beams, lookup=shape.lookup
         )
-    assert (BenchConfig().budget, BenchConfig().depth) == (shape.budget, str(shape.depth))
+    assert (BenchConfig().budget, BenchConfig().depth) == ("auto", str(shape.depth))
+    assert all(c.adaptive for c in (ServerConfig(), EdgeConfig(), GenerateSettings(model="m")))
 
 
 def test_serve_flag_beats_file_beats_default(
@@ -147,5 +148,6 @@ def test_serve_flag_beats_file_beats_default(
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
     (config,) = configs
-    assert (config.budget, config.depth, config.width) == (24, 5, TreeShape().width)
+    assert (config.budget, config.depth, config.width) == ("24", 5, TreeShape().width)
+    assert not config.adaptive and config.tree_shape.budget == 24
     assert (config.batch_wait_ms, config.shutdown_grace) == (3.0, 1.0)

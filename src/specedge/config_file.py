@@ -100,6 +100,16 @@ def check_device_and_dtype(settings: Any, error: type[Exception]) -> None:
             )
 
 
+def check_budget(settings: Any, error: type[Exception]) -> None:
+    """`budget` is auto or a node count >= 1 (`core.limits.parse_budget`)."""
+    from specedge.core.limits import parse_budget
+
+    try:
+        parse_budget(settings.budget)
+    except ValueError as problem:
+        raise error(f"{flag_and_key('budget', type(settings))} {problem}") from None
+
+
 def check_auth_token(settings: Any, error: type[Exception]) -> None:
     if settings.auth_token is not None and not settings.auth_token.strip():
         raise error("the auth token is empty: pass a non-empty --auth-token or file")
@@ -222,6 +232,8 @@ def coerce_settings(
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise error(f"{flag_and_key(name)} must be a number, got {value!r}")
             out[name] = float(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out[name] = str(value)  # a text setting such as `budget: 24` (auto or a count)
         else:
             if not isinstance(value, str):
                 raise error(f"{flag_and_key(name)} must be a string, got {value!r}")

@@ -11,7 +11,7 @@ from dataclasses import MISSING, dataclass
 from typing import Any
 
 from specedge.config_file import MODEL_HELP, setting
-from specedge.core.limits import TreeShape
+from specedge.core.limits import AUTO_BUDGET, BUDGET_HELP, TreeShape, budget_cap, parse_budget
 from specedge.errors import InvalidRequestError
 
 _TREE = TreeShape()  # the tree-shape defaults
@@ -28,7 +28,7 @@ class GenerateSettings:
     top_k: int = setting(0, "Keep the k most likely tokens, 0 = off.")
     seed: int | None = setting(None, "Sampling seed (default: random).")
     mode: str | None = setting(None, "ar | spec (default: spec with --draft, else ar).")
-    budget: int = setting(_TREE.budget, "Draft tree nodes per round.")
+    budget: str = setting(AUTO_BUDGET, BUDGET_HELP)
     depth: int = setting(_TREE.depth, "Draft tree depth.")
     width: int = setting(_TREE.width, "Children per expanded node.")
     beams: int = setting(_TREE.beams, "Nodes expanded per draft step.")
@@ -43,7 +43,15 @@ class GenerateSettings:
 
     @property
     def tree_shape(self) -> TreeShape:
-        return TreeShape(self.budget, self.depth, self.width, self.beams, lookup=self.lookup)
+        try:
+            cap = budget_cap(self.budget)
+        except ValueError as error:
+            raise InvalidRequestError(f"--budget {error}") from None
+        return TreeShape(cap, self.depth, self.width, self.beams, lookup=self.lookup)
+
+    @property
+    def adaptive(self) -> bool:
+        return parse_budget(self.budget) is None
 
 
 def run_generate(settings: GenerateSettings, prompts: list[str]) -> None:
@@ -69,7 +77,7 @@ def run_generate(settings: GenerateSettings, prompts: list[str]) -> None:
     draft = None
     if mode == "spec" and settings.draft is not None:
         draft = load_model(settings.draft, settings.device, dtype or target.dtype)
-    generator = LocalGenerator(target, draft, shape)
+    generator = LocalGenerator(target, draft, shape, adaptive=settings.adaptive)
     for prompt in prompts:
         prompt_tokens = encode_prompt(target.tokenizer, prompt, chat=settings.chat)
         decoder = IncrementalDecoder(target.tokenizer)

@@ -14,6 +14,7 @@ from specedge.core.goodput import (
     BatchCostFunction,
     FittedBatchCost,
     LinearBatchCost,
+    TreeSizer,
     select_prefixes,
 )
 
@@ -140,3 +141,27 @@ def test_fitted_cost_follows_a_device_that_slows_down() -> None:
     for rows in range(1, 200):  # the device became twice as slow per row
         fitted.observe(1, 1 + rows % 20, 0.002 * (1 + rows % 20))
     assert fitted(1, 10) == pytest.approx(0.020, rel=0.05)
+
+
+def test_fixed_tokens_count_in_every_candidate() -> None:
+    """Batch members outside the selection (trees verified whole) add their expected tokens to
+    every candidate: with many of them a marginal node no longer pays."""
+    cost = LinearBatchCost(fixed_s=1.0, per_sequence_s=0.0, per_row_s=0.2)
+    alone = select_prefixes([[0.5]], cost)
+    assert alone.verified == [1]  # (1 + 0.5) / 1.4 > 1 / 1.2
+    crowded = select_prefixes([[0.5]], lambda n, rows: cost(n + 4, rows + 4), fixed_tokens=4.0)
+    assert crowded.verified == [0]  # (5 + 0.5) / 2.2 < 5 / 2.0
+
+
+def test_tree_sizer_follows_what_is_verified() -> None:
+    sizer = TreeSizer(32)
+    assert sizer.next_size() == 32  # starts at the cap; the verifier cuts
+    for _ in range(20):
+        sizer.observe(0)
+    assert sizer.next_size() == 2  # a probe
+    for _ in range(20):
+        sizer.observe(10)
+    assert sizer.next_size() == 17  # 1.5 x 10 + 2 of headroom
+    for _ in range(20):
+        sizer.observe(32)
+    assert sizer.next_size() == 32  # never past the cap

@@ -24,7 +24,7 @@ def test_yaml_then_flags(tmp_path: Path) -> None:
     assert (config.model, config.server, config.budget, config.depth) == (
         "tiny",
         "10.0.0.5:50051",
-        24,
+        "24",
         6,
     )
     assert config.proactive == "add-depth" and config.reply_timeout == 5.0 and config.port == 0
@@ -46,7 +46,7 @@ def test_yaml_then_flags(tmp_path: Path) -> None:
         (
             "model: m\nserver: h:1\n",
             {"budget": 0},
-            "--budget (`budget` in the config file) must be >= 1",
+            "--budget (`budget` in the config file) must be auto or a node count >= 1",
         ),
         ("model: m\nserver: h:1\nbudgett: 3\n", {}, "unknown setting(s) budgett"),
         (

@@ -48,8 +48,11 @@ def apis() -> Iterator[Apis]:
     target = tiny_target()
     generator = LocalGenerator(target, max_context=MAX_CONTEXT)
     tokens = generator.generate(PROMPT, SamplingParams(), MAX_TOKENS, ()).token_ids
+    # Every node of the edge's fixed 12-node trees is verified (the goodput selection is not
+    # what these tests are about).
     server_config = ServerConfig(model="tiny-target", port=0, metrics_port=0, api_port=0,
-                                 max_context=MAX_CONTEXT, shutdown_grace=0.0)  # fmt: skip
+                                 max_context=MAX_CONTEXT, shutdown_grace=0.0,
+                                 verify="all")  # fmt: skip
     server = BackgroundServer(server_config.validate(), target).start()
     # The draft has the target's weights: whole trees are accepted, rounds emit many tokens.
     edge_config = EdgeConfig(model="tiny-draft", server=f"127.0.0.1:{server.port}", port=0,

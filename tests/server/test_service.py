@@ -14,8 +14,10 @@ from specedge.core.tree import DraftTree
 from specedge.model.loader import LoadedModel
 from specedge.rpc.codec import (
     PROTOCOL_VERSION,
+    CloseSession,
     OpenSession,
     SessionOpened,
+    TreeVerified,
     VerifierClient,
     VerifyTree,
     encode_edge,
@@ -361,3 +363,46 @@ def test_open_message_defaults_round_trip(target: LoadedModel) -> None:
     """The scripted edge sends what a real edge sends (sanity of the harness itself)."""
     message = open_message(target, PROMPT, 8)
     assert isinstance(message, OpenSession) and message.protocol_version == PROTOCOL_VERSION
+
+
+def test_a_version_1_edge_is_served_and_its_trees_verified_whole(
+    server: BackgroundServer, target: LoadedModel, reference: list[int]
+) -> None:
+    """No estimates (a version 1 edge): nothing to select by, so every node is verified."""
+    tree = [(1, -1), (2, 0), (3, 1), (4, -1)]  # tokens the target is unlikely to take
+
+    async def main() -> list[TreeVerified]:
+        async with channel(server.port) as chan:
+            call = VerifierClient(chan).session()
+            await call.send(replace(open_message(target, PROMPT, 8), protocol_version=1))
+            assert isinstance(await call.receive(), SessionOpened)
+            replies = []
+            for number in range(1, 4):
+                tokens, parents = zip(*tree, strict=True)
+                await call.send(VerifyTree(number, list(tokens), list(parents)))
+                reply = await call.receive()
+                assert isinstance(reply, TreeVerified)
+                replies.append(reply)
+            await call.send(CloseSession())
+            return replies
+
+    replies = run(main())
+    assert [r.num_verified for r in replies] == [4, 4, 4]
+    emitted = [t for r in replies for t in r.emitted_token_ids]
+    assert emitted == reference[: len(emitted)]
+
+
+def test_estimates_that_rise_fail_only_that_session(
+    server: BackgroundServer, target: LoadedModel
+) -> None:
+    async def main() -> grpc.aio.AioRpcError:
+        async with channel(server.port) as chan:
+            call = VerifierClient(chan).session()
+            await call.send(open_message(target, PROMPT, 8))
+            assert isinstance(await call.receive(), SessionOpened)
+            await call.send(VerifyTree(1, [5, 6], [-1, 0], (0.2, 0.9)))
+            return await expect_status(call.receive())
+
+    error = run(main())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "must not rise" in (error.details() or "")

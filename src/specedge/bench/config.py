@@ -16,9 +16,9 @@ from typing import Any
 from specedge.bench.metrics import Prices
 from specedge.bench.prompts import SPECBENCH
 from specedge.bench.results import ALL_SYSTEMS, BASELINES, EDGE_SYSTEMS, HF_ASSISTED
-from specedge.config_file import check_ranges, read_yaml_settings, setting
+from specedge.config_file import check_budget, check_ranges, read_yaml_settings, setting
 from specedge.config_file import flag_and_key as _flag_and_key
-from specedge.core.limits import TreeShape
+from specedge.core.limits import AUTO_BUDGET, BUDGET_HELP, TreeShape, budget_cap
 from specedge.errors import SpecEdgeError
 
 AUTO = "auto"
@@ -63,7 +63,7 @@ class BenchConfig:
     temperatures: tuple[float, ...] = setting(
         (0.0, 0.7), "One temperature or a comma-separated list.", flag="temperature", minimum=0
     )
-    budget: int = setting(TreeShape().budget, "Draft tree nodes.", minimum=1)
+    budget: str = setting(AUTO_BUDGET, BUDGET_HELP)
     depth: str = setting(
         str(TreeShape().depth), f"Draft tree depth, or {AUTO} (calibrated: see calibrate.py)."
     )
@@ -90,6 +90,11 @@ class BenchConfig:
     @property
     def price_table(self) -> Prices:
         return Prices.parse(self.prices)
+
+    @property
+    def budget_cap(self) -> int:
+        """The most nodes a tree drafts (`--budget auto` sizes trees up to this)."""
+        return budget_cap(self.budget)
 
     @property
     def auto_depth(self) -> bool:
@@ -128,6 +133,7 @@ class BenchConfig:
             if not getattr(self, name):
                 raise BenchConfigError(f"{_where(name)} needs at least one value")
         check_ranges(self, BenchConfigError)
+        check_budget(self, BenchConfigError)
         if not self.auto_depth and not (self.depth.isdigit() and int(self.depth) >= 1):
             raise BenchConfigError(f"{_where('depth')} must be >= 1 or 'auto', got {self.depth!r}")
         if self.proactive not in ("keep-depth", "add-depth"):
@@ -149,7 +155,6 @@ QUICK: dict[str, Any] = {
     "num_prompts": 4,
     "max_tokens": 16,
     "temperatures": (0.0,),
-    "budget": 16,
     "depth": "4",
     "out": "bench-results-quick",
 }

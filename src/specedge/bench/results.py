@@ -50,7 +50,7 @@ class RunSpec:
     temperature: float
     jitter_ms: float = 0.0
     depth: int | None = None  # draft tree depth (None: no drafting)
-    budget: int | None = None  # draft tree nodes per round
+    budget: str | None = None  # draft tree nodes per round: auto or a fixed count
 
 
 @dataclass(frozen=True)

@@ -300,14 +300,14 @@ def _resolve_depth(
         config.target,
         config.draft,
         prompts[0].text,
-        config.budget,
+        config.budget_cap,
         rtt,
         batch,
         placement,
         edges_per_core,
     )
     meta.notes.append(
-        f"--depth auto: verify {timings.verify_ms:.1f} ms (batch {batch} x {config.budget} "
+        f"--depth auto: verify {timings.verify_ms:.1f} ms (batch {batch} x {config.budget_cap} "
         f"nodes, server core), draft step {timings.draft_step_ms:.1f} ms (edge core) x "
         f"{edges_per_core} edges drafting at once per edge core, RTT {rtt:g} ms -> depth "
         f"{depth} (depth x draft step + RTT ~= verify)"

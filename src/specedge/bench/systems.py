@@ -43,6 +43,7 @@ from specedge.bench.results import (
     SPECEDGE_NO_PROACTIVE,
 )
 from specedge.bench.wan import DelayProxy
+from specedge.core.limits import budget_cap
 
 LOCALHOST = "127.0.0.1"
 BUSY_COUNTER = "specedge_server_busy_seconds_total"
@@ -63,7 +64,7 @@ class SystemSettings:
 
     target: str
     draft: str
-    budget: int
+    budget: str  # auto or a fixed node count
     depth: int
     proactive: str = "keep-depth"
     dtype: str | None = None
@@ -111,7 +112,7 @@ def _serve_args(
         "--model", settings.target,
         "--port", str(ports["grpc"]),
         "--metrics-port", str(ports["metrics"]),
-        "--max-tree-nodes", str(max(64, settings.budget)),
+        "--max-tree-nodes", str(max(64, budget_cap(settings.budget))),
         "--max-tree-depth", str(max(16, 2 * settings.depth)),
         *(["--dtype", settings.dtype] if settings.dtype else []),
     ]  # fmt: skip

@@ -33,8 +33,9 @@ builder and `DraftEngine`.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -76,9 +77,13 @@ class SentTree:
     tree: DraftTree
     builder_nodes: tuple[BuilderIndex, ...]  # [num_nodes]
     builder: TreeBuilder | None = None
-    # [num_nodes] the draft's raw estimate that the target accepts the whole path to each
-    # node, non-increasing in sent order (`TreeBuilder.acceptance_estimate`)
+    # [num_nodes] the estimate sent with each node that the target accepts the whole path to
+    # it, calibrated (`core.calibration`) when the drafter has a calibrator; non-increasing in
+    # sent order
     estimates: tuple[float, ...] = ()
+    # [num_nodes] the draft's raw estimates (`TreeBuilder.acceptance_estimate`), what the
+    # calibrator learns from
+    raw_estimates: tuple[float, ...] = ()
 
     @staticmethod
     def empty() -> SentTree:
@@ -281,11 +286,16 @@ class TreeBuilder:
         return order[:count]
 
     # -- result --------------------------------------------------------------------------------
-    def sent_tree(self, max_nodes: int | None = None) -> SentTree:
+    def sent_tree(
+        self,
+        max_nodes: int | None = None,
+        calibrate: Callable[[Sequence[float]], Sequence[float]] | None = None,
+    ) -> SentTree:
         """The best `budget` (or fewer, `max_nodes`) nodes, each with its builder index and
         acceptance estimate, best-first by estimate: a parent's is never below its
         children's (ties keep creation order), so parents come first and every prefix is a
-        tree, the prefix a verifier may cut to (`core.goodput`)."""
+        tree, the prefix a verifier may cut to (`core.goodput`). `calibrate` (monotone) maps
+        the raw estimates to the ones sent."""
         count = self.shape.budget if max_nodes is None else min(self.shape.budget, max_nodes)
         estimates = {i: self.acceptance_estimate(i) for i in self._best(count)}
         kept = sorted(estimates, key=lambda i: (-estimates[i], i))
@@ -295,8 +305,12 @@ class TreeBuilder:
             ROOT_PARENT if self.nodes[i].parent == ROOT_PARENT else new_index[self.nodes[i].parent]
             for i in kept
         )
-        sent_estimates = tuple(estimates[i] for i in kept)
-        return SentTree(DraftTree(tokens, parents), tuple(kept), self, sent_estimates)
+        raw = tuple(estimates[i] for i in kept)
+        sent = raw
+        if calibrate is not None:
+            # Calibration is monotone; the running minimum absorbs its rounding errors.
+            sent = tuple(itertools.accumulate(calibrate(raw), min))
+        return SentTree(DraftTree(tokens, parents), tuple(kept), self, sent, raw)
 
     def acceptance_estimate(self, node: BuilderIndex) -> float:
         """The draft's own estimate that the target accepts the path to `node`: the product of
@@ -402,7 +416,12 @@ class DraftEngine:
         emitted_tokens: Sequence[int],
     ) -> None:
         """Keep the root chain (committed tokens in the block) and the cached prefix of the
-        accepted path, compacted after the committed prefix; drop the rest."""
+        accepted path, compacted after the committed prefix; drop the rest. A builder that
+        never stepped (an empty tree sent at once) laid nothing out: its pending chain simply
+        grows by the emitted tokens."""
+        if not builder.root_expanded:
+            seq.committed.extend(emitted_tokens)
+            return
         start = seq.kv_len
         kept = [start + index for index in builder.root_chain()]
         for node in accepted_nodes:

@@ -41,6 +41,12 @@ class GenerationStats:
     proactive_hits: int = 0  # rounds whose next tree started from that subtree
     bytes_sent: int = 0
     bytes_received: int = 0
+    drafted_nodes: int = 0  # draft nodes sent
+    verified_nodes: int = 0  # of those, the nodes the verifier verified (the prefixes it kept)
+    cut_rounds: int = 0  # rounds whose non-empty tree was cut to nothing
+    predicted_rounds: int = 0  # rounds whose tree carried acceptance estimates
+    predicted_tokens: float = 0.0  # tokens their estimates predicted (1 + verified estimates)
+    predicted_round_tokens: int = 0  # tokens those rounds emitted
     finish_reason: str | None = None  # the verifier's: "stop" (a stop token) or "length"
     finished_at: float | None = None  # when the verifier gave its finish reason
 
@@ -79,11 +85,36 @@ class GenerationStats:
         if finish_reason is not None:
             self.finished_at = now
 
+    def record_verification(
+        self, drafted: int, verified: int, predicted: float | None, emitted: int
+    ) -> None:
+        """A round's tree: nodes sent, nodes verified, the tokens its estimates predicted for
+        the verified prefix (None without estimates), and the tokens it emitted."""
+        self.drafted_nodes += drafted
+        self.verified_nodes += verified
+        self.cut_rounds += drafted > 0 and verified == 0
+        if predicted is not None:
+            self.predicted_rounds += 1
+            self.predicted_tokens += predicted
+            self.predicted_round_tokens += emitted
+
+    @property
+    def predicted_tokens_per_round(self) -> float | None:
+        """What the estimates predicted per round, against `tokens_per_round` (calibration)."""
+        if not self.predicted_rounds:
+            return None
+        return self.predicted_tokens / self.predicted_rounds
+
     def as_dict(self) -> dict[str, Any]:
         ttft = self.ttft_s
+        predicted = self.predicted_tokens_per_round
         return {
             "rounds": self.rounds,
             "tokens_per_round": round(self.tokens_per_round, 4),
+            "predicted_tokens_per_round": None if predicted is None else round(predicted, 4),
+            "drafted_nodes": self.drafted_nodes,
+            "verified_nodes": self.verified_nodes,
+            "cut_rounds": self.cut_rounds,
             "acceptance_rate": round(self.acceptance_rate, 4),
             "proactive_hits": self.proactive_hits,
             "proactive_attempts": self.proactive_attempts,

@@ -1,5 +1,6 @@
 """Goodput-optimal verification: how much of each ready tree a batch should verify
-(DESIGN.md section 12; the building block of issue 11, not yet wired into the executor).
+(DESIGN.md section 12): the server's executor, the in-process verifier and server-side
+drafting all choose with `select_prefixes`, and drafters size their trees with `TreeSizer`.
 
 Each tree node carries an *acceptance estimate*: the probability that the target accepts the
 whole path to it. A round of a sequence emits 1 + (accepted nodes) tokens, so verifying the
@@ -41,6 +42,10 @@ class LinearBatchCost:
         return self.fixed_s + self.per_sequence_s * sequences + self.per_row_s * rows
 
 
+# Before any profile or batch: a guess of the right order for a small model on a CPU core.
+UNPROFILED_BATCH_COST = LinearBatchCost(fixed_s=0.010, per_sequence_s=0.0, per_row_s=0.001)
+
+
 @dataclass(frozen=True)
 class Selection:
     verified: list[int]  # per tree: how many of its leading nodes to verify
@@ -53,9 +58,16 @@ class Selection:
         return self.expected_tokens / self.seconds
 
 
-def select_prefixes(estimates: Sequence[Sequence[float]], cost: BatchCostFunction) -> Selection:
+def select_prefixes(
+    estimates: Sequence[Sequence[float]],
+    cost: BatchCostFunction,
+    *,
+    fixed_tokens: float = 0.0,
+) -> Selection:
     """The prefix of each tree (estimates in sent order, non-increasing, each in [0, 1]) that
-    maximises the batch's goodput under `cost`; among equal goodputs, the fewest nodes."""
+    maximises the batch's goodput under `cost`; among equal goodputs, the fewest nodes.
+    `fixed_tokens`: expected tokens of batch members outside the selection (whose rows the
+    caller's `cost` adds), counted in every candidate's goodput."""
     for tree, values in enumerate(estimates):
         if any(not 0.0 <= p <= 1.0 for p in values):
             raise ValueError(f"tree {tree}: acceptance estimates must lie in [0, 1]")
@@ -66,7 +78,7 @@ def select_prefixes(estimates: Sequence[Sequence[float]], cost: BatchCostFunctio
         raise ValueError("a batch needs at least one sequence")
     # Merge the trees' nodes by estimate, largest first (each tree's in its own order).
     order = heapq.merge(*(_nodes(tree, values) for tree, values in enumerate(estimates)))
-    expected = float(sequences)  # every round emits at least one token
+    expected = float(sequences) + fixed_tokens  # every round emits at least one token
     best = Selection([0] * sequences, expected, cost(sequences, sequences))
     if not best.seconds > 0:
         raise ValueError(f"the cost model gives {best.seconds} s for a batch; it must be > 0")
@@ -151,3 +163,36 @@ def _solve3(a: list[list[float]], b: list[float]) -> tuple[float, float, float]:
     for r in (2, 1, 0):
         x[r] = (m[r][3] - sum(m[r][c] * x[c] for c in range(r + 1, 3))) / m[r][r]
     return x[0], x[1], x[2]
+
+
+class TreeSizer:
+    """How many nodes a drafter drafts next (DESIGN.md section 12): about what the verifier
+    recently verified of its trees, with headroom so the size can grow back when the verifier
+    wants more (`headroom` times the smoothed count plus `extra`), and at least `minimum`
+    nodes, a cheap probe that lets the verifier say when speculation pays again. Drafting
+    less than the cap is also sending sooner: a tree of k nodes needs at most k draft steps."""
+
+    def __init__(
+        self,
+        cap: int,
+        *,
+        headroom: float = 1.5,
+        extra: int = 2,
+        minimum: int = 2,
+        smoothing: float = 0.5,
+    ) -> None:
+        if cap < 0 or minimum < 0 or headroom < 1.0 or not 0.0 < smoothing <= 1.0:
+            raise ValueError("cap, minimum >= 0, headroom >= 1 and smoothing in (0, 1]")
+        self.cap = cap
+        self.headroom = headroom
+        self.extra = extra
+        self.minimum = minimum
+        self.smoothing = smoothing
+        self.verified = float(cap)  # smoothed verified nodes per round; starts at the cap
+
+    def next_size(self) -> int:
+        wanted = round(self.headroom * self.verified) + self.extra
+        return max(min(self.minimum, self.cap), min(self.cap, wanted))
+
+    def observe(self, num_verified: int) -> None:
+        self.verified += self.smoothing * (num_verified - self.verified)

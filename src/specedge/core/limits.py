@@ -12,6 +12,31 @@ DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per prefill forward or job: bounds 
 DEFAULT_MAX_CONTEXT = 4096  # prompt + generated tokens per request, unless the model allows less
 
 
+AUTO_BUDGET = "auto"  # `--budget auto`: trees sized by what the verifier takes (core.goodput)
+AUTO_BUDGET_CAP = 32  # the most nodes an automatically sized tree drafts
+BUDGET_HELP = (
+    "Draft tree nodes per round: auto (sized by what the verifier recently verified, at most "
+    f"{AUTO_BUDGET_CAP}) or a fixed N (for experiments)."
+)
+
+
+def parse_budget(value: str | int) -> int | None:
+    """A `--budget` value: None for auto, else the fixed node count (>= 1); ValueError
+    otherwise."""
+    text = str(value).strip().lower()
+    if text == AUTO_BUDGET:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"must be {AUTO_BUDGET} or a node count >= 1, got {value!r}")
+    return int(text)
+
+
+def budget_cap(value: str | int) -> int:
+    """The most nodes a `--budget` value drafts per tree."""
+    fixed = parse_budget(value)
+    return AUTO_BUDGET_CAP if fixed is None else fixed
+
+
 @dataclass(frozen=True)
 class TreeShape:
     budget: int = 32  # nodes sent per round

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from specedge.core.calibration import AcceptanceCalibrator
 from specedge.core.draft import DraftEngine, SentTree
 from specedge.core.generation import GenerationStats
+from specedge.core.goodput import UNPROFILED_BATCH_COST, FittedBatchCost, TreeSizer, select_prefixes
 from specedge.core.limits import DEFAULT_MAX_CONTEXT, TreeShape
 from specedge.core.model_runner import ModelRunner
 from specedge.core.round_loop import Drafter, InlineJobs, ModelDrafter, NoDrafter, run_rounds
 from specedge.core.sampling import SamplingParams
 from specedge.core.target import GenerationLimits, TargetEngine, TargetSequence
+from specedge.core.tree import DraftTree
 from specedge.core.verify import VerifyResult
 from specedge.model.loader import LoadedModel, check_same_tokenizer
 
@@ -37,16 +41,28 @@ class GenerationOutput:
 
 class LocalVerifier:
     """The target in this process verifies one sequence per round
-    (`core.round_loop.SessionVerifier`)."""
+    (`core.round_loop.SessionVerifier`): of a tree with estimates, the prefix that maximises
+    expected tokens per second under `cost` (kept current from each round's time), as the
+    server's executor does for a batch (`core.goodput`)."""
 
-    def __init__(self, target: TargetEngine, seq: TargetSequence) -> None:
+    def __init__(
+        self, target: TargetEngine, seq: TargetSequence, cost: FittedBatchCost | None = None
+    ) -> None:
         self.target = target
         self.seq = seq
         self.limits = target.tree_limits
+        self.cost = cost
 
     async def verify(self, sent: SentTree) -> VerifyResult:
         tree = self.target.admit(self.seq, sent.tree)
-        return self.target.verify([(self.seq, tree)])[0]
+        if self.cost is not None and sent.estimates and tree.num_nodes:
+            keep = select_prefixes([sent.estimates[: tree.num_nodes]], self.cost).verified[0]
+            tree = DraftTree(tree.tokens[:keep], tree.parents[:keep])
+        start = time.perf_counter()
+        result = self.target.verify([(self.seq, tree)])[0]
+        if self.cost is not None:
+            self.cost.observe(1, tree.num_nodes + 1, time.perf_counter() - start)
+        return result
 
     def traffic(self) -> tuple[int, int]:
         return 0, 0
@@ -59,7 +75,10 @@ class LocalVerifier:
 
 
 class LocalGenerator:
-    """Target (and optionally draft) in this process; `draft=None` decodes autoregressively."""
+    """Target (and optionally draft) in this process; `draft=None` decodes autoregressively.
+    With `adaptive` (`--budget auto`) trees are sized to what the verifier's goodput
+    selection kept recently and cut to what pays; otherwise every tree has the shape's
+    budget and is verified whole (the fixed-size behaviour)."""
 
     def __init__(
         self,
@@ -67,8 +86,13 @@ class LocalGenerator:
         draft: LoadedModel | None = None,
         shape: TreeShape | None = None,
         max_context: int = DEFAULT_MAX_CONTEXT,
+        *,
+        adaptive: bool = True,
     ) -> None:
         self.shape = shape or TreeShape()
+        self.adaptive = adaptive
+        self.calibrator = AcceptanceCalibrator()
+        self.cost = FittedBatchCost(UNPROFILED_BATCH_COST)
         max_context = min(max_context, target.config.max_context)
         limits = GenerationLimits(max_tree_nodes=self.shape.budget, max_tree_depth=self.shape.depth)
         self.target = TargetEngine(
@@ -116,11 +140,18 @@ class LocalGenerator:
     ) -> GenerationOutput:
         stats = GenerationStats()
         seq = self.target.open(prompt_tokens, params, max_new_tokens, stop_token_ids)
-        verifier = LocalVerifier(self.target, seq)
+        verifier = LocalVerifier(self.target, seq, self.cost if self.adaptive else None)
         drafter: Drafter = NoDrafter()
         try:
             if self.draft is not None:
-                drafter = ModelDrafter(self.draft, list(prompt_tokens), InlineJobs())
+                drafter = ModelDrafter(
+                    self.draft,
+                    list(prompt_tokens),
+                    InlineJobs(),
+                    temperature=params.temperature,
+                    calibrator=self.calibrator,
+                    sizer=TreeSizer(self.shape.budget) if self.adaptive else None,
+                )
             self.target.prefill(seq)
             async for tokens in run_rounds(len(prompt_tokens), drafter, verifier, stats):
                 if on_tokens:

@@ -26,13 +26,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
+from dataclasses import replace
 from functools import partial
 from typing import Protocol, TypeVar
 
+from specedge.core.calibration import AcceptanceCalibrator
 from specedge.core.draft import DraftEngine, DraftSequence, SentTree, TreeBuilder
 from specedge.core.generation import GenerationRequest, GenerationStats, check_request
+from specedge.core.goodput import TreeSizer
 from specedge.core.limits import DEFAULT_PREFILL_CHUNK, TreeLimits
 from specedge.core.verify import VerifyResult
 from specedge.errors import ServiceUnavailableError, SpecEdgeError
@@ -130,6 +133,10 @@ async def run_rounds(
             elif not reply.cancelled():
                 reply.exception()  # retrieved: raised above, or abandoned with the request
         stats.record_round(len(verdict.emitted_tokens), verdict.num_accepted, verdict.finish_reason)
+        verified = verified_nodes(sent, verdict)
+        predicted = 1.0 + sum(sent.estimates[:verified]) if sent.estimates else None
+        emitted = len(verdict.emitted_tokens)
+        stats.record_verification(sent.tree.num_nodes, verified, predicted, emitted)
         stats.proactive_attempts += proactive
         stats.bytes_sent, stats.bytes_received = verifier.traffic()
         yield verdict.emitted_tokens
@@ -138,6 +145,11 @@ async def run_rounds(
             return
         context_len += len(verdict.emitted_tokens)
         stats.proactive_hits += await drafter.commit(sent, verdict)
+
+
+def verified_nodes(sent: SentTree, verdict: VerifyResult) -> int:
+    """How many of the sent nodes the verdict covers (all of them unless it says fewer)."""
+    return sent.tree.num_nodes if verdict.num_verified is None else verdict.num_verified
 
 
 class NoDrafter:
@@ -160,11 +172,28 @@ class NoDrafter:
 
 
 class ModelDrafter:
-    """Trees from a draft model (with context lookup), one draft step per model job."""
+    """Trees from a draft model (with context lookup), one draft step per model job.
 
-    def __init__(self, engine: DraftEngine, prompt_tokens: list[int], jobs: ModelJobs) -> None:
+    Each tree's estimates go through `calibrator` (shared by the backend's requests: it
+    learns from every verdict, per temperature regime); with a `sizer` the tree is sized to
+    what the verifier recently verified (`core.goodput.TreeSizer`), else it is the shape's
+    budget (a fixed `--budget`)."""
+
+    def __init__(
+        self,
+        engine: DraftEngine,
+        prompt_tokens: list[int],
+        jobs: ModelJobs,
+        *,
+        temperature: float = 0.0,
+        calibrator: AcceptanceCalibrator | None = None,
+        sizer: TreeSizer | None = None,
+    ) -> None:
         self.engine = engine
         self.jobs = jobs
+        self.temperature = temperature
+        self.calibrator = calibrator
+        self.sizer = sizer
         # Taking a free slot is bookkeeping, not model work: done here, at once.
         self.seq: DraftSequence = engine.open(prompt_tokens)
         self.builder: TreeBuilder | None = None  # the next tree's, once the prompt is in
@@ -178,14 +207,38 @@ class ModelDrafter:
     async def draft(self, max_nodes: int) -> SentTree:
         builder = self.builder
         assert builder is not None, "prepare() lays out the first tree's root"
-        while await self.jobs.run(builder.step):
-            pass
-        return builder.sent_tree(max_nodes)
+        size = max_nodes if self.sizer is None else min(max_nodes, self.sizer.next_size())
+        if size < builder.shape.budget:
+            # Fewer nodes need no more draft steps than nodes: a small tree goes out sooner.
+            depth = min(builder.shape.depth, max(size, 1))
+            builder.shape = replace(builder.shape, budget=max(size, 1), depth=depth)
+        if size > 0:
+            while await self.jobs.run(builder.step):
+                pass
+        return builder.sent_tree(size, self._calibrate)
+
+    def _calibrate(self, raw: Sequence[float]) -> Sequence[float]:
+        if self.calibrator is None:
+            return raw
+        return self.calibrator.calibrate(raw, self.temperature)
+
+    def learn(self, sent: SentTree, verdict: VerifyResult) -> None:
+        """What the verdict teaches: the calibrator which verified nodes the target accepted
+        (rounds cut short by a finish reason say nothing of the nodes below), the sizer how
+        many nodes were verified."""
+        verified = verified_nodes(sent, verdict)
+        if self.calibrator is not None and verdict.finish_reason is None:
+            self.calibrator.observe(
+                sent.raw_estimates, verified, verdict.accepted_nodes, self.temperature
+            )
+        if self.sizer is not None and sent.tree.num_nodes > 0:
+            self.sizer.observe(verified)
 
     async def wait(self, sent: SentTree, verdict: asyncio.Future[VerifyResult]) -> bool:
         return False
 
     async def commit(self, sent: SentTree, verdict: VerifyResult) -> bool:
+        self.learn(sent, verdict)
         advance = partial(self.engine.advance, self.seq, sent, verdict)
         self.builder = await self.jobs.run(advance)
         return False

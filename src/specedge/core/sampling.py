@@ -1,7 +1,9 @@
 """Logits to probabilities and samples, per request.
 
 `SamplingParams` carries a request's temperature, top-p, top-k and seed; each request draws
-from its own `torch.Generator`, so concurrent requests never perturb each other's streams.
+from its own stream (`sample_at`: one uniform per sequence position, from the seed), so
+concurrent requests never perturb each other's streams and a seeded request's output does not
+depend on how much speculation its rounds verified. `sample` draws from a `torch.Generator`.
 Temperature 0 means greedy (argmax). Filtering follows the usual order: temperature, then
 top-k, then top-p (the smallest set of most likely tokens whose mass reaches top_p; at least
 one token is always kept).
@@ -10,6 +12,8 @@ one token is always kept).
 from __future__ import annotations
 
 import math
+import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +55,45 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     else:
         generator.manual_seed(seed)
     return generator
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def stream_seed(seed: int | None) -> int:
+    """A request's sampling stream: its seed, or a fresh random one."""
+    return secrets.randbits(63) if seed is None else seed & _MASK64
+
+
+def position_uniform(stream: int, position: int) -> float:
+    """The uniform in [0, 1) a request's stream gives the token at `position` (splitmix64 of
+    the pair): a function of where the token goes, not of how many draws came before."""
+    z = (stream * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return (z >> 11) * 2.0**-53
+
+
+def sample_at(
+    logits: Tensor, params: SamplingParams, stream: int, positions: Sequence[int]
+) -> Tensor:
+    """One token per row, row i drawn for sequence position `positions[i]`: [n, V] -> [n]
+    int64. Each draw inverts the row's distribution at the position's own uniform
+    (`position_uniform`), so the token a request gets at a position depends only on its seed,
+    the position and the distribution there: a seeded request's output is the same whether a
+    round verified a big tree, a cut one or none (autoregressive decoding). Each emitted token
+    is still an exact draw from the target's distribution at the emitted prefix, with
+    independent uniforms across positions: verification stays lossless."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, params).softmax(dim=-1).double()
+    cdf = probs.cumsum(dim=-1)
+    u = torch.tensor(
+        [position_uniform(stream, p) for p in positions], dtype=torch.float64, device=cdf.device
+    )
+    targets = (u * cdf[:, -1]).unsqueeze(-1)  # scaled by each row's mass: never past the end
+    return torch.searchsorted(cdf, targets, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
 def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:  # [n, V] -> [n, V]

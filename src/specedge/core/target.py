@@ -11,13 +11,13 @@ slot to the root + accepted path. Autoregressive decoding is verification of an 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from specedge.core.limits import DEFAULT_PREFILL_CHUNK, TreeLimits
 from specedge.core.model_runner import ModelRunner, TreeRow
-from specedge.core.sampling import SamplingParams, make_generator, sample
+from specedge.core.sampling import SamplingParams, sample_at, stream_seed
 from specedge.core.tree import DraftTree, validate_tree
 from specedge.core.verify import VerifyResult, verify_tree
 from specedge.errors import InvalidRequestError
@@ -35,7 +35,7 @@ class TargetSequence:
     committed: list[int]
     num_prompt: int
     params: SamplingParams
-    generator: torch.Generator
+    stream: int  # the sampling stream (`sampling.sample_at`), from the request's seed
     stop_token_ids: frozenset[int]
     max_new_tokens: int
     finish_reason: str | None = None
@@ -101,7 +101,7 @@ class TargetEngine:
             committed=list(prompt_tokens),
             num_prompt=len(prompt_tokens),
             params=params,
-            generator=make_generator(params.seed, self.runner.device),
+            stream=stream_seed(params.seed),
             stop_token_ids=frozenset(stop_token_ids),
             max_new_tokens=max_new_tokens,
         )
@@ -147,7 +147,10 @@ class TargetEngine:
         logits = self.runner.logits(torch.cat(hidden)).split([len(h) for h in hidden])
         results = []
         for (seq, tree), node_logits in zip(batch, logits, strict=True):
-            samples = sample(node_logits, seq.params, seq.generator)
+            # The root draws for the next position, a node at depth d for d positions later.
+            root_position = len(seq.committed)
+            positions = [root_position, *(root_position + d for d in tree.depths())]
+            samples = sample_at(node_logits, seq.params, seq.stream, positions)
             result = verify_tree(
                 tree.tokens,
                 tree.parents,
@@ -156,7 +159,7 @@ class TargetEngine:
                 max_new_tokens=seq.max_new_tokens - seq.num_generated,
             )
             self._commit(seq, tree, result)
-            results.append(result)
+            results.append(replace(result, num_verified=tree.num_nodes))
         return results
 
     def _commit(self, seq: TargetSequence, tree: DraftTree, result: VerifyResult) -> None:

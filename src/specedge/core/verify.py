@@ -71,9 +71,11 @@ def verdict_from_reply(
     emitted_tokens: Sequence[int],
     num_accepted: int,
     finish_reason: str | None,
+    num_verified: int | None = None,
 ) -> VerifyResult:
     """The verdict a remote verifier's reply (emitted tokens, how many were accepted) stands
-    for: its accepted path walked down the tree. Raises ValueError when the reply does not fit
+    for: its accepted path walked down the tree (pass only the verified prefix of the sent
+    tree, and its length as `num_verified`). Raises ValueError when the reply does not fit
     the tree."""
     if not 0 <= num_accepted <= len(emitted_tokens):
         raise ValueError(f"{num_accepted} accepted tokens out of {len(emitted_tokens)} emitted")
@@ -85,7 +87,7 @@ def verdict_from_reply(
             raise ValueError(f"accepted token {token} is not a child of tree node {current}")
         path.append(node)
         current = node
-    return VerifyResult(list(emitted_tokens), path, finish_reason)
+    return VerifyResult(list(emitted_tokens), path, finish_reason, num_verified)
 
 
 def _child_index(

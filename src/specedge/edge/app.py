@@ -58,7 +58,7 @@ def build_edge(config: EdgeConfig, draft: LoadedModel) -> Edge:
     shape = config.tree_shape
     max_context = min(config.max_context, draft.config.max_context)
     # Room past the context: the tree (at its deepest, add-depth) plus a proactive subtree.
-    deepest = TreeShape(config.budget, config.depth + config.proactive_depth, config.width,
+    deepest = TreeShape(shape.budget, config.depth + config.proactive_depth, config.width,
                         config.beams, lookup=config.lookup)  # fmt: skip
     runner = ModelRunner(
         draft,
@@ -73,7 +73,7 @@ def build_edge(config: EdgeConfig, draft: LoadedModel) -> Edge:
     fingerprint = tokenizer_fingerprint(draft.tokenizer)
     connection = ServerConnection(
         config.server,
-        ClientIdentity(fingerprint, draft.config.vocab_size, shape),
+        ClientIdentity(fingerprint, draft.config.vocab_size, shape, config.adaptive),
         auth_token=config.auth_token,
         connect_timeout_s=config.connect_timeout,
         reply_timeout_s=config.reply_timeout,
@@ -86,6 +86,7 @@ def build_edge(config: EdgeConfig, draft: LoadedModel) -> Edge:
         fingerprint=fingerprint,
         max_context=max_context,
         max_sessions=config.max_sessions,
+        adaptive=config.adaptive,
     )
     return Edge(runtime, draft, EdgeMetrics())
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -74,6 +74,7 @@ class ClientIdentity:
     tokenizer_fingerprint: str
     vocab_size: int
     shape: TreeShape
+    adaptive: bool = False  # trees sized to the server's take: its node cap is no conflict
 
 
 class ServerConnection:
@@ -171,7 +172,7 @@ class ServerConnection:
             )
         elif ours.vocab_size > info.vocab_size:
             problems.append(f"vocabulary of {info.vocab_size} ids, ours has {ours.vocab_size}")
-        if ours.shape.budget > info.max_tree_nodes:
+        if ours.shape.budget > info.max_tree_nodes and not ours.adaptive:
             problems.append(
                 f"at most {info.max_tree_nodes} tree nodes (lower --budget from "
                 f"{ours.shape.budget})"
@@ -244,10 +245,16 @@ class RemoteSession:
         assert self._opened is not None
         return await self._opened
 
-    async def verify(self, tree: DraftTree) -> TreeVerified:
-        """Send one round's tree and await the server's verdict."""
+    async def verify(self, tree: DraftTree, estimates: Sequence[float] = ()) -> TreeVerified:
+        """Send one round's tree (with its nodes' acceptance estimates) and await the server's
+        verdict."""
         await self.opened()
-        message = VerifyTree(round=self.round, tokens=list(tree.tokens), parents=list(tree.parents))
+        message = VerifyTree(
+            round=self.round,
+            tokens=list(tree.tokens),
+            parents=list(tree.parents),
+            estimates=tuple(estimates),
+        )
         await self._guard(self._call.send(message), "a round")
         reply = await self._receive(TreeVerified, "a round")
         if reply.round != self.round:

@@ -18,6 +18,7 @@ from specedge.config_file import (
     MAX_PORT,
     MODEL_HELP,
     check_auth_token,
+    check_budget,
     check_device_and_dtype,
     check_port,
     check_ranges,
@@ -25,7 +26,13 @@ from specedge.config_file import (
     setting,
 )
 from specedge.config_file import flag_and_key as _where
-from specedge.core.limits import TreeShape
+from specedge.core.limits import (
+    AUTO_BUDGET,
+    BUDGET_HELP,
+    TreeShape,
+    budget_cap,
+    parse_budget,
+)
 from specedge.errors import SpecEdgeError
 
 _TREE = TreeShape()  # the tree-shape defaults
@@ -50,7 +57,7 @@ class EdgeConfig:
     host: str = setting("127.0.0.1", "HTTP API address.")
     port: int = setting(8000, "HTTP API (OpenAI-compatible) port, 0 = any free.")
     served_model_name: str = setting("", "Name in /v1/models (default: the server's target).")
-    budget: int = setting(_TREE.budget, "Draft tree nodes per round.", minimum=1)
+    budget: str = setting(AUTO_BUDGET, BUDGET_HELP)
     depth: int = setting(_TREE.depth, "Draft tree depth (draft steps per tree).", minimum=1)
     width: int = setting(_TREE.width, "Children proposed per expanded node.", minimum=1)
     beams: int = setting(_TREE.beams, "Nodes expanded per draft step.", minimum=1)
@@ -84,7 +91,14 @@ class EdgeConfig:
 
     @property
     def tree_shape(self) -> TreeShape:
-        return TreeShape(self.budget, self.depth, self.width, self.beams, self.decay, self.lookup)
+        return TreeShape(
+            budget_cap(self.budget), self.depth, self.width, self.beams, self.decay, self.lookup
+        )
+
+    @property
+    def adaptive(self) -> bool:
+        """Trees sized by what the server verifies (`--budget auto`)."""
+        return parse_budget(self.budget) is None
 
     @property
     def subtree_shape(self) -> TreeShape:
@@ -103,6 +117,7 @@ class EdgeConfig:
             )
         check_port(self, "port", EdgeConfigError)
         check_ranges(self, EdgeConfigError)
+        check_budget(self, EdgeConfigError)
         if self.proactive not in set(ProactivePolicy):
             raise EdgeConfigError(
                 f"{_where('proactive')} must be one of "

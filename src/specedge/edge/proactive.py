@@ -25,7 +25,9 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import TypeVar
 
+from specedge.core.calibration import AcceptanceCalibrator
 from specedge.core.draft import BuilderIndex, DraftEngine, DraftSequence, SentTree, TreeBuilder
+from specedge.core.goodput import TreeSizer
 from specedge.core.limits import TreeLimits, TreeShape
 from specedge.core.round_loop import ModelDrafter
 from specedge.core.tree import DraftTree
@@ -165,8 +167,19 @@ class ProactiveModelDrafter(ModelDrafter):
         worker: DraftWorker,
         proactive: ProactiveDrafter,
         limits: TreeLimits,
+        *,
+        temperature: float = 0.0,
+        calibrator: AcceptanceCalibrator | None = None,
+        sizer: TreeSizer | None = None,
     ) -> None:
-        super().__init__(engine, prompt_tokens, WorkerJobs(worker))
+        super().__init__(
+            engine,
+            prompt_tokens,
+            WorkerJobs(worker),
+            temperature=temperature,
+            calibrator=calibrator,
+            sizer=sizer,
+        )
         self.worker = worker
         self.proactive = proactive
         self.limits = limits
@@ -198,6 +211,7 @@ class ProactiveModelDrafter(ModelDrafter):
         return pending.started
 
     async def commit(self, sent: SentTree, verdict: VerifyResult) -> bool:
+        self.learn(sent, verdict)
         pending, self.pending = self.pending, None
         resolve = partial(
             self.proactive.resolve, self.seq, sent, pending, verdict, self.limits.max_tree_depth

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from specedge.core.calibration import AcceptanceCalibrator
 from specedge.core.draft import DraftEngine, SentTree
 from specedge.core.generation import GenerationRequest
+from specedge.core.goodput import TreeSizer
 from specedge.core.limits import TreeLimits
 from specedge.core.round_loop import Drafter, RoundLoopBackend, SessionVerifier
 from specedge.core.verify import VerifyResult, verdict_from_reply
@@ -31,15 +33,19 @@ class RemoteVerifier:
         self.limits = TreeLimits(info.max_tree_nodes, info.max_tree_depth, info.max_context)
 
     async def verify(self, sent: SentTree) -> VerifyResult:
-        reply = await self.remote.verify(sent.tree)
+        reply = await self.remote.verify(sent.tree, sent.estimates)
         tree = sent.tree
         try:
+            if reply.num_verified > tree.num_nodes:
+                raise ValueError(f"{reply.num_verified} verified nodes of {tree.num_nodes} sent")
+            verified = reply.num_verified
             return verdict_from_reply(
-                tree.tokens,
-                tree.parents,
+                tree.tokens[:verified],
+                tree.parents[:verified],
                 reply.emitted_token_ids,
                 reply.num_accepted,
                 reply.finish_reason,
+                num_verified=verified,
             )
         except ValueError as error:
             raise ServerUnavailableError(
@@ -58,8 +64,11 @@ class RemoteVerifier:
 
 class EdgeRuntime(RoundLoopBackend):
     """What every session of one edge shares: the draft model (behind its one worker thread),
-    the proactive policy and the server link. `max_sessions` bounds the draft KV slots;
-    requests beyond it wait for a slot."""
+    the proactive policy, the server link and the acceptance calibrator (one per edge: its
+    draft against the server's target, learned from every session's verdicts).
+    `max_sessions` bounds the draft KV slots; requests beyond it wait for a slot. With
+    `adaptive` (`--budget auto`) each session sizes its trees to what the server recently
+    verified of them."""
 
     def __init__(
         self,
@@ -71,6 +80,7 @@ class EdgeRuntime(RoundLoopBackend):
         fingerprint: str,
         max_context: int,
         max_sessions: int,
+        adaptive: bool = True,
     ) -> None:
         super().__init__(max_sessions=max_sessions, max_context=max_context, owner="this edge's")
         self.worker = worker
@@ -78,6 +88,8 @@ class EdgeRuntime(RoundLoopBackend):
         self.drafter = drafter
         self.connection = connection
         self.fingerprint = fingerprint
+        self.adaptive = adaptive
+        self.calibrator = AcceptanceCalibrator()
 
     def health(self) -> dict[str, Any]:
         connection = self.connection
@@ -98,6 +110,14 @@ class EdgeRuntime(RoundLoopBackend):
         return RemoteVerifier(await self.connection.open_session(message))
 
     def _open_drafter(self, request: GenerationRequest, verifier: SessionVerifier) -> Drafter:
+        budget = min(self.draft.shape.budget, verifier.limits.max_tree_nodes)
         return ProactiveModelDrafter(
-            self.draft, list(request.prompt_token_ids), self.worker, self.drafter, verifier.limits
+            self.draft,
+            list(request.prompt_token_ids),
+            self.worker,
+            self.drafter,
+            verifier.limits,
+            temperature=request.params.temperature,
+            calibrator=self.calibrator,
+            sizer=TreeSizer(budget) if self.adaptive else None,
         )

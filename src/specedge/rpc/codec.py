@@ -4,7 +4,9 @@ Domain code speaks the dataclasses below; this module turns them into wire messa
 and wires a servicer object / a client stub to the gRPC runtime. Regenerate the protobuf code
 with `make proto` after editing `specedge.proto`.
 
-Wire protocol version `PROTOCOL_VERSION`: bump it on any incompatible change.
+Wire protocol version `PROTOCOL_VERSION`: bump it on any incompatible change. Version 2 added
+per-node acceptance estimates (one byte each, `quantize_estimates`) and the verified count;
+a server still serves version 1 edges (no estimates: it verifies their whole trees).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from specedge.errors import InvalidRequestError
 from specedge.rpc import specedge_pb2 as pb
 from specedge.rpc import specedge_pb2_grpc as pb_grpc
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+SUPPORTED_PROTOCOL_VERSIONS = (1, 2)
+ESTIMATE_LEVELS = 255  # an estimate a travels as the byte round(255 * a)
 SERVICE_NAME = "specedge.v1.Verifier"
 
 _FINISH_TO_WIRE = {
@@ -58,6 +62,9 @@ class VerifyTree:
     round: int
     tokens: list[int]
     parents: list[int]
+    # per node, the estimate that the target accepts the path to it (non-increasing); empty:
+    # none sent, verify every node
+    estimates: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,12 +95,22 @@ class TreeVerified:
     emitted_token_ids: list[int]
     num_accepted: int
     finish_reason: str | None  # "stop" | "length" | None
+    num_verified: int = 0  # the tree's first nodes that were verified
 
 
 ServerReply = SessionOpened | TreeVerified
 
 
 # ---- encoding -------------------------------------------------------------------------------
+def quantize_estimates(estimates: tuple[float, ...] | list[float]) -> bytes:
+    """One byte per estimate in [0, 1] (rounding is monotone: the order survives)."""
+    return bytes(round(ESTIMATE_LEVELS * min(1.0, max(0.0, a))) for a in estimates)
+
+
+def dequantize_estimates(data: bytes) -> tuple[float, ...]:
+    return tuple(level / ESTIMATE_LEVELS for level in data)
+
+
 def encode_edge(message: EdgeRequest) -> pb.EdgeMessage:
     if isinstance(message, OpenSession):
         sampling = pb.SamplingParams(
@@ -115,7 +132,12 @@ def encode_edge(message: EdgeRequest) -> pb.EdgeMessage:
         )
     if isinstance(message, VerifyTree):
         return pb.EdgeMessage(
-            tree=pb.Tree(round=message.round, tokens=message.tokens, parents=message.parents)
+            tree=pb.Tree(
+                round=message.round,
+                tokens=message.tokens,
+                parents=message.parents,
+                estimates=quantize_estimates(message.estimates),
+            )
         )
     return pb.EdgeMessage(close=pb.Close())
 
@@ -146,7 +168,22 @@ def decode_edge(message: pb.EdgeMessage) -> EdgeRequest | None:
         )
     if kind == "tree":
         t = message.tree
-        return VerifyTree(round=t.round, tokens=list(t.tokens), parents=list(t.parents))
+        if t.estimates and len(t.estimates) != len(t.tokens):
+            return MalformedMessage(
+                f"round {t.round}: {len(t.estimates)} estimates for {len(t.tokens)} tree nodes"
+            )
+        levels = t.estimates
+        if any(later > earlier for earlier, later in zip(levels, levels[1:], strict=False)):
+            return MalformedMessage(
+                f"round {t.round}: acceptance estimates must not rise in node order (send the "
+                "nodes best-first)"
+            )
+        return VerifyTree(
+            round=t.round,
+            tokens=list(t.tokens),
+            parents=list(t.parents),
+            estimates=dequantize_estimates(levels),
+        )
     if kind == "close":
         return CloseSession()
     return None
@@ -163,6 +200,7 @@ def encode_server(message: ServerReply) -> pb.ServerMessage:
             emitted_token_ids=message.emitted_token_ids,
             num_accepted=message.num_accepted,
             finish_reason=_FINISH_TO_WIRE[message.finish_reason],
+            num_verified=message.num_verified,
         )
     )
 
@@ -178,6 +216,7 @@ def decode_server(message: pb.ServerMessage) -> ServerReply:
             emitted_token_ids=list(v.emitted_token_ids),
             num_accepted=v.num_accepted,
             finish_reason=_FINISH_FROM_WIRE.get(v.finish_reason),
+            num_verified=v.num_verified,
         )
     raise ValueError(f"unexpected server message kind {kind!r}")
 

@@ -67,14 +67,16 @@ class Open(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Tree(_message.Message):
-    __slots__ = ("round", "tokens", "parents")
+    __slots__ = ("round", "tokens", "parents", "estimates")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATES_FIELD_NUMBER: _ClassVar[int]
     round: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     parents: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, round: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ...) -> None: ...
+    estimates: bytes
+    def __init__(self, round: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., estimates: _Optional[bytes] = ...) -> None: ...
 
 class Close(_message.Message):
     __slots__ = ()
@@ -99,16 +101,18 @@ class Opened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class Verified(_message.Message):
-    __slots__ = ("round", "emitted_token_ids", "num_accepted", "finish_reason")
+    __slots__ = ("round", "emitted_token_ids", "num_accepted", "finish_reason", "num_verified")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     EMITTED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    NUM_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     round: int
     emitted_token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_accepted: int
     finish_reason: FinishReason
-    def __init__(self, round: _Optional[int] = ..., emitted_token_ids: _Optional[_Iterable[int]] = ..., num_accepted: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ...) -> None: ...
+    num_verified: int
+    def __init__(self, round: _Optional[int] = ..., emitted_token_ids: _Optional[_Iterable[int]] = ..., num_accepted: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., num_verified: _Optional[int] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
     __slots__ = ("opened", "verified")

@@ -35,6 +35,7 @@ from specedge.model.loader import (
 from specedge.rpc.codec import PROTOCOL_VERSION, ServerInfo, add_verifier_service
 from specedge.server.api import HttpApiServer, ServedModel, create_app
 from specedge.server.config import ServerConfig
+from specedge.server.cost_profile import load_or_profile
 from specedge.server.executor import VerificationExecutor
 from specedge.server.local_sessions import LocalSessions
 from specedge.server.metrics import MetricsHttpServer, ServerMetrics
@@ -144,7 +145,16 @@ class SpecEdgeServer:
             prefill_chunk=config.prefill_chunk,
             max_wait=config.batch_wait_ms / 1000.0,
         )
-        self.executor = VerificationExecutor(engine, policy, self.metrics)
+        batch_cost = await asyncio.to_thread(
+            load_or_profile, engine, loaded.name, refresh=config.profile_cost
+        )
+        self.executor = VerificationExecutor(
+            engine,
+            policy,
+            self.metrics,
+            batch_cost=batch_cost,
+            goodput=config.verify == "goodput",
+        )
         self.executor.start()
         info = ServerInfo(
             protocol_version=PROTOCOL_VERSION,
@@ -184,6 +194,7 @@ class SpecEdgeServer:
             max_sessions=config.max_sessions,
             slot_wait=config.session_timeout,
             status=lambda: self._status,
+            adaptive=config.adaptive,
         )
         served = ServedModel(
             name=target.name,
@@ -340,9 +351,9 @@ def _build_draft(draft: LoadedModel, config: ServerConfig, max_context: int) -> 
         max_block=shape.max_block,
     )
     logger.info(
-        "server-side drafting with %s: trees of %d nodes, depth %d (--budget, --depth)",
+        "server-side drafting with %s: trees of %s nodes, depth %d (--budget, --depth)",
         draft.name,
-        shape.budget,
+        f"up to {shape.budget}" if config.adaptive else shape.budget,
         shape.depth,
     )
     return DraftEngine(runner, shape)

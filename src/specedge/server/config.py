@@ -16,6 +16,7 @@ from typing import Any
 from specedge.config_file import (
     MODEL_HELP,
     check_auth_token,
+    check_budget,
     check_device_and_dtype,
     check_port,
     check_ranges,
@@ -23,7 +24,13 @@ from specedge.config_file import (
     setting,
 )
 from specedge.config_file import flag_and_key as _where
-from specedge.core.limits import TreeShape
+from specedge.core.limits import (
+    AUTO_BUDGET,
+    BUDGET_HELP,
+    TreeShape,
+    budget_cap,
+    parse_budget,
+)
 from specedge.errors import SpecEdgeError
 from specedge.server.scheduler import SchedulerPolicy
 
@@ -83,15 +90,31 @@ class ServerConfig:
         "Draft model for the HTTP API: speculative decoding on the server "
         "(default: autoregressive).",
     )
-    budget: int = setting(_TREE.budget, "Server-side tree nodes per round.", minimum=1)
+    budget: str = setting(AUTO_BUDGET, f"Server-side drafting: {BUDGET_HELP}")
     depth: int = setting(_TREE.depth, "Server-side tree depth (draft steps).", minimum=1)
     width: int = setting(_TREE.width, "Children proposed per expanded node.", minimum=1)
     beams: int = setting(_TREE.beams, "Nodes expanded per draft step.", minimum=1)
     lookup: int = setting(_TREE.lookup, "Context lookup chain length, 0 = off.", minimum=0)
 
+    verify: str = setting(
+        "goodput",
+        "goodput: verify of each tree the prefix that pays (DESIGN.md section 12); "
+        "all: every node sent (for experiments).",
+    )
+    profile_cost: bool = setting(
+        False, "Redo the start-up cost profile instead of reading the cached one."
+    )
+
     @property
     def tree_shape(self) -> TreeShape:
-        return TreeShape(self.budget, self.depth, self.width, self.beams, lookup=self.lookup)
+        return TreeShape(
+            budget_cap(self.budget), self.depth, self.width, self.beams, lookup=self.lookup
+        )
+
+    @property
+    def adaptive(self) -> bool:
+        """Server-side trees sized by what the selection verifies (`--budget auto`)."""
+        return parse_budget(self.budget) is None
 
     def validate(self) -> ServerConfig:
         """Return self, or raise ConfigError naming the first invalid setting."""
@@ -101,6 +124,9 @@ class ServerConfig:
             check_port(self, name, ConfigError)
         self._validate_distinct_ports()
         check_ranges(self, ConfigError)
+        check_budget(self, ConfigError)
+        if self.verify not in ("goodput", "all"):
+            raise ConfigError(f"{_where('verify')} must be goodput or all, got {self.verify!r}")
         if self.max_batch_tokens < self.max_tree_nodes + 1:
             raise ConfigError(
                 f"{_where('max_batch_tokens')} ({self.max_batch_tokens}) must hold one full tree: "
@@ -134,7 +160,7 @@ class ServerConfig:
                 "--draft drafts for the server's own HTTP API; add --api-port (`api_port` in "
                 "the config file)"
             )
-        if self.budget > self.max_tree_nodes:
+        if budget_cap(self.budget) > self.max_tree_nodes:
             raise ConfigError(
                 f"{_where('budget')} ({self.budget}) exceeds --max-tree-nodes "
                 f"({self.max_tree_nodes}); lower the budget or raise the cap"

@@ -11,6 +11,13 @@ do. Server-side drafting runs its draft-model jobs on the same worker thread
 (`run_model_job`), serialized with verification; every job's time, measured in the thread, is
 busy time.
 
+Goodput selection (DESIGN.md section 12): of each ready tree that came with acceptance
+estimates the batch verifies only the prefix that maximises expected emitted tokens per second,
+under the cost model `batch_cost` (profiled at start-up, kept current from every batch) plus
+the server's recent idle time per batch: idle time is free, so a server waiting for its users
+verifies larger trees (lower latency), a saturated one only what pays (goodput). A tree cut to
+nothing is a plain decoding step. Trees without estimates (version 1 edges) are verified whole.
+
 Invariant: model work (forwards, compaction) runs only in the worker thread, and target work
 only on the sessions of the running batch. The event loop opens sessions (taking free slots)
 and closes them; a session closed while in flight keeps its slot until the batch is over, so a
@@ -31,7 +38,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
-from specedge.core.goodput import FittedBatchCost, LinearBatchCost
+from specedge.core.goodput import (
+    UNPROFILED_BATCH_COST,
+    FittedBatchCost,
+    LinearBatchCost,
+    select_prefixes,
+)
 from specedge.core.sampling import SamplingParams
 from specedge.core.target import TargetEngine, TargetSequence
 from specedge.core.tree import DraftTree
@@ -64,19 +76,21 @@ class ServerSession:
     seq: TargetSequence
     opened_at: float
     tree: DraftTree | None = None  # the tree waiting for or in verification
+    estimates: tuple[float, ...] | None = None  # per node (None: verify the whole tree)
     future: asyncio.Future[VerifyResult] | None = None
     slot_released: bool = False
     closed: bool = False
     verify_seconds: float = 0.0  # time this session's rounds spent in batched forwards
     batched_with: int = 0  # sum over rounds of the batch size (mean = batched_with / rounds)
+    verified: int = 0  # draft nodes verified over all rounds (the selected prefixes)
 
     @property
     def finished(self) -> bool:
         return self.seq.finish_reason is not None
 
 
-# Before the first batch: a guess of the right order for a small model on a CPU core.
-UNPROFILED_BATCH_COST = LinearBatchCost(fixed_s=0.010, per_sequence_s=0.0, per_row_s=0.001)
+IDLE_SMOOTHING = 0.2  # weight of the newest gap in the idle allowance
+MAX_IDLE_ALLOWANCE_S = 0.25  # a long pause (no users) is not spare capacity per batch
 
 
 class VerificationExecutor:
@@ -86,13 +100,24 @@ class VerificationExecutor:
         policy: SchedulerPolicy | None = None,
         metrics: ServerMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        batch_cost: LinearBatchCost | None = None,
+        goodput: bool = True,
     ) -> None:
+        """`batch_cost`: the profiled cost model to start from; `goodput=False` verifies every
+        tree whole (the fixed-size behaviour, for experiments)."""
         self.engine = engine
         self.scheduler = Scheduler(policy)
         self.metrics = metrics or ServerMetrics()
         # Seconds of a verification forward by (sequences, rows), kept current from every
         # batch (the cost model of goodput-sized verification, DESIGN.md section 12).
-        self.batch_cost = FittedBatchCost(UNPROFILED_BATCH_COST)
+        self.batch_cost = FittedBatchCost(batch_cost or UNPROFILED_BATCH_COST)
+        self.goodput = goodput
+        # Server time per batch spent waiting for trees while sessions were open, smoothed:
+        # what the selection counts as free (DESIGN.md section 12).
+        self.idle_allowance = 0.0
+        self._last_batch_end: float | None = None
+        self._busy_since_batch = 0.0  # prefill and draft time since the last batch ended
         self._clock = clock
         self._sessions: dict[str, ServerSession] = {}
         self._in_flight: set[str] = set()
@@ -178,10 +203,18 @@ class VerificationExecutor:
     def session(self, session_id: str) -> ServerSession | None:
         return self._sessions.get(session_id)
 
-    async def verify(self, session_id: str, tree: DraftTree) -> VerifyResult:
-        """Verify `tree` in the session's next round. Raises InvalidRequestError (bad tree),
-        SessionStateError (closed, finished, a tree already queued) or ServerClosingError.
-        Cancelling the call closes the session."""
+    async def verify(
+        self,
+        session_id: str,
+        tree: DraftTree,
+        estimates: Sequence[float] | None = None,
+    ) -> VerifyResult:
+        """Verify `tree` in the session's next round: with `estimates` (per node, the
+        probability that the target accepts the path to it, non-increasing) the prefix the
+        goodput selection keeps, else all of it; the result's `num_verified` says how many.
+        Raises InvalidRequestError (bad tree or estimates), SessionStateError (closed,
+        finished, a tree already queued) or ServerClosingError. Cancelling the call closes
+        the session."""
         session = self._sessions.get(session_id)
         if session is None and self._closing:
             raise ServerClosingError("the server is shutting down")
@@ -191,9 +224,13 @@ class VerificationExecutor:
             raise SessionStateError("the session has finished; open a new one")
         if session.future is not None:
             raise SessionStateError("the session already has a tree in verification")
+        if estimates is not None:
+            _check_estimates(estimates, tree.num_nodes)
         tree = self.engine.admit(session.seq, tree)
         future: asyncio.Future[VerifyResult] = asyncio.get_running_loop().create_future()
         session.tree, session.future = tree, future
+        # `admit` keeps a prefix of the tree: its estimates are the same prefix.
+        session.estimates = None if estimates is None else tuple(estimates[: tree.num_nodes])
         self.scheduler.add_request(session_id, tree.num_nodes + 1, self._clock())
         self.metrics.draft_nodes.inc(tree.num_nodes)
         self.metrics.queued_requests.set(self.scheduler.num_queued)
@@ -227,6 +264,8 @@ class VerificationExecutor:
             self._deferred_release.append(session)
         else:
             self._release(session)
+        if not self._sessions:
+            self._last_batch_end = None  # a pause with no users is not spare capacity
         self.metrics.active_sessions.set(len(self._sessions))
         self.metrics.queued_requests.set(self.scheduler.num_queued)
 
@@ -250,6 +289,7 @@ class VerificationExecutor:
 
     def _draft_job(self, job: Callable[[], T]) -> T:
         result, elapsed = _timed(job)
+        self._busy_since_batch += elapsed  # a float add: atomic enough for a running estimate
         self.metrics.busy_seconds.inc(elapsed)
         self.metrics.draft_seconds.inc(elapsed)
         return result
@@ -286,10 +326,10 @@ class VerificationExecutor:
 
     async def _verify_batch(self, batch: Batch) -> None:
         sessions = [self._sessions[session_id] for session_id in batch.session_ids]
-        work: list[tuple[TargetSequence, DraftTree]] = []
-        for session in sessions:
-            assert session.tree is not None
-            work.append((session.seq, session.tree))
+        self._note_idle()
+        trees = self._select(sessions)
+        estimates = [session.estimates for session in sessions]
+        work = [(session.seq, tree) for session, tree in zip(sessions, trees, strict=True)]
         self._in_flight = set(batch.session_ids)
         try:
             # Timed in the thread: a draft job queued before the batch is not verify time.
@@ -306,15 +346,16 @@ class VerificationExecutor:
             for session in sessions:
                 self.close_session(session.session_id, failure)
             self._release_deferred()
+            self._last_batch_end = self._clock()
             return
         # Replies first: each producer resumes as soon as the loop is free.
         for session, result in zip(sessions, results, strict=True):
             if session.future is not None and not session.future.done():
                 session.future.set_result(result)
-            session.tree, session.future = None, None
+            session.tree, session.future, session.estimates = None, None, None
         self.scheduler.complete(batch, self._clock())
         self._in_flight = set()
-        self._record_batch(sessions, results, elapsed, sum(tree.num_nodes + 1 for _, tree in work))
+        self._record_batch(sessions, trees, estimates, results, elapsed)
         for session in sessions:
             if session.finished and not session.closed:
                 # Nothing more can happen in this session: give its slot to the next one now.
@@ -345,19 +386,64 @@ class VerificationExecutor:
             self._release_deferred()
             return
         self._in_flight = set()
+        self._busy_since_batch += elapsed
         self.metrics.busy_seconds.inc(elapsed)
         self.metrics.prefill_tokens.inc(chunk.num_tokens)
         self.scheduler.complete_prefill(chunk)
         self._release_deferred()
 
+    # ---- goodput selection -----------------------------------------------------------------------
+    def _select(self, sessions: list[ServerSession]) -> list[DraftTree]:
+        """The tree each session's round verifies: the goodput-optimal prefix of each tree
+        with estimates (`core.goodput.select_prefixes`), the whole of each other tree."""
+        trees: list[DraftTree] = []
+        for session in sessions:
+            assert session.tree is not None
+            trees.append(session.tree)
+        chosen = [
+            i
+            for i, session in enumerate(sessions)
+            if self.goodput and session.estimates is not None and trees[i].num_nodes > 0
+        ]
+        if not chosen:
+            return trees
+        fixed = [i for i in range(len(sessions)) if i not in set(chosen)]
+        fixed_rows = sum(trees[i].num_nodes + 1 for i in fixed)
+        idle = self.idle_allowance
+
+        def cost(sequences: int, rows: int) -> float:
+            return self.batch_cost(sequences + len(fixed), rows + fixed_rows) + idle
+
+        estimates = [sessions[i].estimates or () for i in chosen]
+        selection = select_prefixes(estimates, cost, fixed_tokens=float(len(fixed)))
+        for i, keep in zip(chosen, selection.verified, strict=True):
+            tree = trees[i]
+            if keep < tree.num_nodes:
+                trees[i] = DraftTree(tree.tokens[:keep], tree.parents[:keep])
+        return trees
+
+    def _note_idle(self) -> None:
+        """Fold the wait since the last batch (less prefill and draft time) into the idle
+        allowance; a server with no sessions has no one to spend spare capacity on."""
+        now = self._clock()
+        if self._last_batch_end is not None:
+            gap = max(0.0, now - self._last_batch_end - self._busy_since_batch)
+            gap = min(gap, MAX_IDLE_ALLOWANCE_S)
+            self.idle_allowance += IDLE_SMOOTHING * (gap - self.idle_allowance)
+            self.metrics.idle_allowance.set(self.idle_allowance)
+        self._busy_since_batch = 0.0
+
     # ---- bookkeeping ---------------------------------------------------------------------------
     def _record_batch(
         self,
         sessions: list[ServerSession],
+        trees: list[DraftTree],
+        estimates: list[tuple[float, ...] | None],
         results: list[VerifyResult],
         elapsed: float,
-        rows: int,
     ) -> None:
+        self._last_batch_end = self._clock()
+        rows = sum(tree.num_nodes + 1 for tree in trees)
         self.batch_cost.observe(len(sessions), rows, elapsed)
         metrics = self.metrics
         cost = self.batch_cost.current
@@ -370,9 +456,20 @@ class VerificationExecutor:
         metrics.rounds.inc(len(sessions))
         metrics.emitted_tokens.inc(sum(len(r.emitted_tokens) for r in results))
         metrics.accepted_tokens.inc(sum(r.num_accepted for r in results))
-        for session in sessions:
+        for session, tree in zip(sessions, trees, strict=True):
             session.verify_seconds += elapsed
             session.batched_with += len(sessions)
+            session.verified += tree.num_nodes
+            metrics.verified_nodes.inc(tree.num_nodes)
+        # Rounds with estimates: cut to nothing, and predicted against emitted tokens.
+        for tree, sent, result in zip(trees, estimates, results, strict=True):
+            if sent is None:
+                continue
+            if tree.num_nodes == 0 and sent:
+                metrics.cut_rounds.inc()
+            metrics.predicted_rounds.inc()
+            metrics.predicted_tokens.inc(1.0 + sum(sent[: tree.num_nodes]))
+            metrics.estimated_round_tokens.inc(len(result.emitted_tokens))
 
     def _release(self, session: ServerSession) -> None:
         if not session.slot_released:
@@ -385,6 +482,17 @@ class VerificationExecutor:
         deferred, self._deferred_release = self._deferred_release, []
         for session in deferred:
             self._release(session)
+
+
+def _check_estimates(estimates: Sequence[float], num_nodes: int) -> None:
+    if len(estimates) != num_nodes:
+        raise InvalidRequestError(f"{len(estimates)} acceptance estimates for {num_nodes} nodes")
+    if any(not 0.0 <= a <= 1.0 for a in estimates):
+        raise InvalidRequestError("acceptance estimates must lie in [0, 1]")
+    if any(later > earlier for earlier, later in zip(estimates, estimates[1:], strict=False)):
+        raise InvalidRequestError(
+            "acceptance estimates must not rise in node order (send the nodes best-first)"
+        )
 
 
 def _timed(job: Callable[[], T]) -> tuple[T, float]:

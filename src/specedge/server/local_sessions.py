@@ -19,8 +19,10 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from specedge.core.calibration import AcceptanceCalibrator
 from specedge.core.draft import DraftEngine, SentTree
 from specedge.core.generation import GenerationRequest
+from specedge.core.goodput import TreeSizer
 from specedge.core.round_loop import (
     Drafter,
     ModelDrafter,
@@ -46,7 +48,8 @@ class ExecutorVerifier:
         self.limits = executor.engine.tree_limits
 
     async def verify(self, sent: SentTree) -> VerifyResult:
-        return await self.executor.verify(self.session.session_id, sent.tree)
+        estimates = sent.estimates if sent.tree.num_nodes else None
+        return await self.executor.verify(self.session.session_id, sent.tree, estimates)
 
     def traffic(self) -> tuple[int, int]:
         return 0, 0
@@ -85,7 +88,10 @@ class LocalSessions(RoundLoopBackend):
         max_sessions: int,
         slot_wait: float = 60.0,
         status: Callable[[], str] = lambda: "ok",
+        adaptive: bool = True,
     ) -> None:
+        """`adaptive` (`--budget auto`): each request sizes its trees to what the selection
+        recently verified of them; otherwise every tree has the draft shape's budget."""
         max_context = executor.engine.runner.max_context
         if draft is not None:
             max_context = min(max_context, draft.runner.max_context)
@@ -95,6 +101,8 @@ class LocalSessions(RoundLoopBackend):
         self.slot_wait = slot_wait
         self._status = status
         self._jobs = ExecutorJobs(executor)
+        self.adaptive = adaptive
+        self.calibrator = AcceptanceCalibrator()  # the server's draft against its target
 
     @property
     def mode(self) -> str:
@@ -129,7 +137,15 @@ class LocalSessions(RoundLoopBackend):
     def _open_drafter(self, request: GenerationRequest, verifier: SessionVerifier) -> Drafter:
         if self.draft is None:
             return NoDrafter()
-        return ModelDrafter(self.draft, list(request.prompt_token_ids), self._jobs)
+        budget = min(self.draft.shape.budget, verifier.limits.max_tree_nodes)
+        return ModelDrafter(
+            self.draft,
+            list(request.prompt_token_ids),
+            self._jobs,
+            temperature=request.params.temperature,
+            calibrator=self.calibrator,
+            sizer=TreeSizer(budget) if self.adaptive else None,
+        )
 
     def _ended(self, outcome: str) -> None:
         self.executor.metrics.sessions.labels(outcome).inc()

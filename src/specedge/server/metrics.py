@@ -11,6 +11,14 @@ Every metric lives in the server's own `CollectorRegistry`, so several servers i
 - `specedge_server_busy_seconds_total`: time the model thread was running (verify, prefill and
   server-side drafting), of which `specedge_server_draft_seconds_total` drafting;
 - `specedge_server_prefill_tokens_total`;
+- goodput selection (DESIGN.md section 12): `specedge_server_verified_nodes_total` (of the draft
+  nodes received, those verified), `specedge_server_cut_rounds_total` (rounds whose non-empty
+  tree was cut to nothing: a plain decoding step), `specedge_server_predicted_tokens_total` and
+  `specedge_server_predicted_rounds_total` (the rounds with estimates, and the tokens their
+  estimates predicted: compare with the tokens those rounds emitted,
+  `specedge_server_estimated_round_tokens_total`), `specedge_server_idle_allowance_seconds`
+  (the idle time per batch the selection counts as free: large when the server waits for its
+  users, 0 when saturated);
 - `specedge_server_batch_cost_seconds{term}`: the fitted cost model of a verification forward,
   seconds = fixed + per_sequence x sequences + per_row x rows (gauges, one per term);
 - `specedge_server_received_bytes_total`, `specedge_server_sent_bytes_total`: serialized
@@ -90,6 +98,36 @@ class ServerMetrics:
         )
         self.prefill_tokens = Counter(
             "specedge_server_prefill_tokens", "Prompt tokens prefilled.", registry=r
+        )
+        self.verified_nodes = Counter(
+            "specedge_server_verified_nodes",
+            "Draft nodes verified (the prefix of each tree the goodput selection kept).",
+            registry=r,
+        )
+        self.cut_rounds = Counter(
+            "specedge_server_cut_rounds",
+            "Rounds whose non-empty tree was cut to nothing (a plain decoding step).",
+            registry=r,
+        )
+        self.predicted_rounds = Counter(
+            "specedge_server_predicted_rounds",
+            "Rounds whose tree came with acceptance estimates.",
+            registry=r,
+        )
+        self.predicted_tokens = Counter(
+            "specedge_server_predicted_tokens",
+            "Tokens those rounds' estimates predicted (1 + the verified nodes' estimates).",
+            registry=r,
+        )
+        self.estimated_round_tokens = Counter(
+            "specedge_server_estimated_round_tokens",
+            "Tokens those rounds emitted (compare with the predicted tokens).",
+            registry=r,
+        )
+        self.idle_allowance = Gauge(
+            "specedge_server_idle_allowance_seconds",
+            "Server idle time per batch that goodput selection counts as free (spare capacity).",
+            registry=r,
         )
         self.batch_cost = Gauge(
             "specedge_server_batch_cost_seconds",

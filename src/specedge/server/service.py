@@ -24,6 +24,7 @@ from specedge.core.tree import DraftTree
 from specedge.errors import CapacityError, InvalidRequestError
 from specedge.rpc.codec import (
     PROTOCOL_VERSION,
+    SUPPORTED_PROTOCOL_VERSIONS,
     CloseSession,
     EdgeRequest,
     MalformedMessage,
@@ -158,12 +159,12 @@ class VerifierService:
                 f"the first message of a session must be Open, got {type(message).__name__}",
                 "refused",
             )
-        if message.protocol_version != PROTOCOL_VERSION:
+        if message.protocol_version not in SUPPORTED_PROTOCOL_VERSIONS:
             raise _SessionAborted(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"protocol version {message.protocol_version} is not supported: this server "
-                f"speaks version {PROTOCOL_VERSION}; upgrade the edge and server to matching "
-                "specedge releases",
+                f"speaks versions up to {PROTOCOL_VERSION}; upgrade the edge and server to "
+                "matching specedge releases",
                 "refused",
             )
         expected = self.info_reply.tokenizer_fingerprint
@@ -197,7 +198,9 @@ class VerifierService:
     async def _round(self, session: ServerSession, message: EdgeRequest | None) -> TreeVerified:
         if message is None:
             raise _invalid("empty message: expected Tree or Close")
-        if isinstance(message, OpenSession | MalformedMessage):
+        if isinstance(message, MalformedMessage):
+            raise _invalid(message.reason)
+        if isinstance(message, OpenSession):
             raise _SessionAborted(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "the session is already open; send Tree or Close",
@@ -205,8 +208,10 @@ class VerifierService:
             )
         assert isinstance(message, VerifyTree)
         tree = DraftTree(tuple(message.tokens), tuple(message.parents))
+        # Without estimates (a version 1 edge, or an empty tree) the whole tree is verified.
+        estimates = message.estimates if message.estimates else None
         try:
-            result = await self.executor.verify(session.session_id, tree)
+            result = await self.executor.verify(session.session_id, tree, estimates)
         except InvalidRequestError as error:
             raise _invalid(f"round {message.round}: {error}") from None
         except SessionStateError as error:
@@ -222,6 +227,7 @@ class VerifierService:
             emitted_token_ids=result.emitted_tokens,
             num_accepted=result.num_accepted,
             finish_reason=result.finish_reason,
+            num_verified=tree.num_nodes if result.num_verified is None else result.num_verified,
         )
 
     def _authorized(self, context: Any) -> bool:

@@ -1,0 +1,165 @@
+"""The edge against the real server when the server verifies less than it was sent (DESIGN.md
+section 12): every cut, to nothing included and below a proactive bet, keeps the output the
+target's (greedy equality; at T > 0 the same tokens as seeded autoregressive decoding, since a
+token's draw depends only on its position); a server whose rows are too dear cuts every tree,
+and the edge's trees shrink to a probe; cheap rows verify whole trees."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from specedge.core.goodput import FittedBatchCost, LinearBatchCost
+from specedge.core.local import LocalGenerator
+from specedge.core.sampling import SamplingParams
+from specedge.core.tree import DraftTree
+from specedge.edge.app import Edge
+from specedge.model.loader import LoadedModel
+from specedge.server.app import BackgroundServer
+from specedge.server.executor import ServerSession, VerificationExecutor
+from tests.support.models import TARGET_SEED, tiny_model
+from tests.support.observe import metric
+from tests.support.reference import reference_tokens
+from tests.support.servers import edge_config, edge_generate, start_server, with_edge
+
+PROMPTS = [[1, 2, 3, 4, 5], [200, 17, 93], [7] * 12]
+MAX_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def target() -> LoadedModel:
+    return tiny_model(TARGET_SEED)
+
+
+@pytest.fixture(scope="module")
+def server(target: LoadedModel) -> Iterator[BackgroundServer]:
+    background = start_server(target)
+    yield background
+    background.stop()
+
+
+@pytest.fixture(scope="module")
+def references(target: LoadedModel) -> list[list[int]]:
+    return [reference_tokens(target, prompt, MAX_TOKENS) for prompt in PROMPTS]
+
+
+def executor_of(server: BackgroundServer) -> VerificationExecutor:
+    executor = server.server.executor
+    assert executor is not None
+    return executor
+
+
+@pytest.fixture
+def random_cuts(server: BackgroundServer) -> Iterator[random.Random]:
+    """The server verifies a random prefix of each tree (none, some or all of it), whatever
+    the selection would choose: every cut position gets exercised."""
+    executor = executor_of(server)
+    rng = random.Random(0)
+
+    def select(sessions: list[ServerSession]) -> list[DraftTree]:
+        trees = []
+        for session in sessions:
+            assert session.tree is not None
+            keep = rng.choice([0, rng.randint(0, session.tree.num_nodes), session.tree.num_nodes])
+            trees.append(DraftTree(session.tree.tokens[:keep], session.tree.parents[:keep]))
+        return trees
+
+    executor._select = select  # type: ignore[method-assign]
+    yield rng
+    del executor._select
+
+
+@pytest.fixture
+def row_cost(server: BackgroundServer) -> Iterator[dict[str, float]]:
+    """Pin the server's cost model: set `per_row_s` (seconds per verified row) in the dict."""
+    executor = executor_of(server)
+    saved = executor.batch_cost
+    pinned: dict[str, float] = {}
+
+    class Pinned(FittedBatchCost):
+        def __call__(self, sequences: int, rows: int) -> float:
+            return 0.001 + pinned["per_row_s"] * rows
+
+    executor.batch_cost = Pinned(LinearBatchCost(0.001, 0.0, 0.0))
+    yield pinned
+    executor.batch_cost = saved
+
+
+@pytest.mark.parametrize("policy", ["off", "keep-depth", "add-depth"])
+def test_every_cut_keeps_greedy_output(
+    server: BackgroundServer,
+    random_cuts: random.Random,
+    references: list[list[int]],
+    policy: str,
+) -> None:
+    draft = tiny_model(TARGET_SEED)  # agrees with the target: bets on leaves beyond the cut
+
+    async def body(edge: Edge) -> list[tuple[list[int], object]]:
+        return await asyncio.gather(*(edge_generate(edge, p, MAX_TOKENS) for p in PROMPTS))
+
+    config = edge_config(server, proactive=policy, budget="12")
+    results = asyncio.run(with_edge(config, draft, body))
+    drafted = verified = cut = 0
+    for (tokens, stats), reference in zip(results, references, strict=True):
+        assert tokens == reference
+        drafted += stats.drafted_nodes  # type: ignore[attr-defined]
+        verified += stats.verified_nodes  # type: ignore[attr-defined]
+        cut += stats.cut_rounds  # type: ignore[attr-defined]
+    assert 0 < verified < drafted and cut > 0
+
+
+def test_sampled_output_with_cuts_equals_seeded_autoregressive_decoding(
+    server: BackgroundServer, random_cuts: random.Random, target: LoadedModel
+) -> None:
+    """Each token is drawn at its position's own uniform: the edge's output with random cuts
+    is exactly what seeded autoregressive decoding gives."""
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=21)
+    expected = [
+        LocalGenerator(target).generate(prompt, params, MAX_TOKENS, ()).token_ids
+        for prompt in PROMPTS
+    ]
+
+    async def body(edge: Edge) -> list[list[int]]:
+        runs = [edge_generate(edge, p, MAX_TOKENS, params) for p in PROMPTS]
+        return [tokens for tokens, _ in await asyncio.gather(*runs)]
+
+    assert asyncio.run(with_edge(edge_config(server), tiny_model(12), body)) == expected
+
+
+def test_dear_rows_cut_every_tree_and_the_edge_drafts_probes(
+    server: BackgroundServer, row_cost: dict[str, float], references: list[list[int]]
+) -> None:
+    row_cost["per_row_s"] = 10.0  # no node can pay for its row
+    cut_before = metric(server.metrics_port, "specedge_server_cut_rounds_total")
+
+    async def body(edge: Edge) -> tuple[list[int], object]:
+        return await edge_generate(edge, PROMPTS[0], MAX_TOKENS)
+
+    config = edge_config(server, budget="auto")
+    tokens, stats = asyncio.run(with_edge(config, tiny_model(TARGET_SEED), body))
+    assert tokens == references[0]
+    assert stats.verified_nodes == 0 and stats.tokens_per_round == 1.0  # type: ignore[attr-defined]
+    assert stats.cut_rounds == stats.rounds  # type: ignore[attr-defined]
+    # The edge sizes its trees to what the server takes: after a few rounds, probes only
+    # (fixed trees would have sent the server's cap of 16 nodes every round).
+    assert stats.drafted_nodes < 0.25 * 16 * stats.rounds  # type: ignore[attr-defined]
+    cut_after = metric(server.metrics_port, "specedge_server_cut_rounds_total")
+    assert cut_after - cut_before == stats.cut_rounds  # type: ignore[attr-defined]
+
+
+def test_free_rows_verify_whole_trees(
+    server: BackgroundServer, row_cost: dict[str, float], references: list[list[int]]
+) -> None:
+    row_cost["per_row_s"] = 0.0
+
+    async def body(edge: Edge) -> tuple[list[int], object]:
+        return await edge_generate(edge, PROMPTS[0], MAX_TOKENS)
+
+    tokens, stats = asyncio.run(with_edge(edge_config(server), tiny_model(TARGET_SEED), body))
+    assert tokens == references[0]
+    # Every node with a non-zero estimate pays; only estimates that quantise to 0 are cut.
+    assert stats.verified_nodes >= 0.9 * stats.drafted_nodes  # type: ignore[attr-defined]
+    assert stats.tokens_per_round > 2.0  # type: ignore[attr-defined]

@@ -68,6 +68,10 @@ class BenchConfig:
         str(TreeShape().depth), f"Draft tree depth, or {AUTO} (calibrated: see calibrate.py)."
     )
     proactive: str = setting("keep-depth", "The full system's policy: keep-depth | add-depth.")
+    edge_mode: str = setting(
+        "shared",
+        "SpecEdge's edges: shared (one edge serves every client) | per-client (one edge each).",
+    )
     prices: str = setting("server=4.05,edge=0.35", "Machine prices, $/hour.")
     out: str = setting("bench-results", "Output directory.")
     seed: int = setting(0, "Requests' sampling seed (each request adds its prompt's index).")
@@ -136,6 +140,10 @@ class BenchConfig:
         check_budget(self, BenchConfigError)
         if not self.auto_depth and not (self.depth.isdigit() and int(self.depth) >= 1):
             raise BenchConfigError(f"{_where('depth')} must be >= 1 or 'auto', got {self.depth!r}")
+        if self.edge_mode not in ("shared", "per-client"):
+            raise BenchConfigError(
+                f"{_where('edge_mode')} must be shared or per-client, got {self.edge_mode!r}"
+            )
         if self.proactive not in ("keep-depth", "add-depth"):
             raise BenchConfigError(
                 f"{_where('proactive')} must be keep-depth or add-depth (the ablation "

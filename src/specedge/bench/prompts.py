@@ -6,12 +6,17 @@ within a category spreads its picks over the whole list, so 16 prompts from 13 c
 cover all 13 and never take only a category's first few.
 
 The Spec-Bench file ships with the package (`assets/specbench/`, with its source and licence):
-`--prompts specbench`, the default, needs no file beside the checkout.
+`--prompts specbench`, the default, needs no file beside the checkout. `--prompts random` is
+the worst case for speculation: random text, what load generators send by default (vLLM's
+`random` dataset, genai-perf's synthetic prompts), where neither the draft nor the context
+lookup can predict the answer.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +26,9 @@ from specedge.errors import InvalidRequestError
 
 SPECBENCH = "specbench"  # the name of the bundled prompt set
 SPECBENCH_FILE = ASSETS_DIR / "specbench" / "specbench_prompts.jsonl"
+RANDOM_TEXT = "random"  # generated random-text prompts (`random_text_prompts`)
+RANDOM_PROMPTS = 64
+RANDOM_WORDS = (48, 160)  # words per random prompt
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,20 @@ class BenchPrompt:
     text: str
 
 
+def random_text_prompts(count: int = RANDOM_PROMPTS, seed: int = 0) -> list[BenchPrompt]:
+    """Prompts of random lower-case "words" (2-9 letters), seeded: text no model has seen,
+    so its continuation is as unpredictable as the synthetic prompts of load generators."""
+    rng = random.Random(seed)
+    prompts = []
+    for number in range(count):
+        words = rng.randint(*RANDOM_WORDS)
+        text = " ".join(
+            "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))) for _ in range(words)
+        )
+        prompts.append(BenchPrompt(f"random-{number}", RANDOM_TEXT, text))
+    return prompts
+
+
 def prompt_file(source: str | Path) -> Path:
     """The file behind a `--prompts` value: the bundled set's name, or a path."""
     return SPECBENCH_FILE if str(source) == SPECBENCH else Path(source)
@@ -37,7 +59,9 @@ def prompt_file(source: str | Path) -> Path:
 
 def load_prompts(source: str | Path) -> list[BenchPrompt]:
     """Every question's first turn of a prompt file (or the bundled set, by name). Lines may
-    also be `{"prompt": ...}` (category "default")."""
+    also be `{"prompt": ...}` (category "default"). `random` generates random text."""
+    if str(source) == RANDOM_TEXT:
+        return random_text_prompts()
     path = prompt_file(source)
     try:
         lines = path.read_text().splitlines()

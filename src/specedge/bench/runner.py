@@ -135,6 +135,7 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> Path:
         budget=config.budget,
         depth=depth,
         proactive=config.proactive,
+        edge_mode=config.edge_mode,
         dtype=config.dtype,
         startup_timeout_s=config.startup_timeout_s,
     )
@@ -256,11 +257,22 @@ def measure_run(
     usage = ServerUsage(
         wall_s=run_window(records),
         busy_s=busy,
-        edge_engaged_s=engaged_times(records) if spec.system in EDGE_SYSTEMS else (),
+        edge_engaged_s=_edge_engaged(spec, records, config),
         wire_bytes=bytes_after - bytes_before,
     )
     metrics = compute_run_metrics(records, usage, config.price_table)
     return RunResult(spec, metrics, tuple(records), _run_notes(records))
+
+
+def _edge_engaged(
+    spec: RunSpec, records: Sequence[RequestRecord], config: BenchConfig
+) -> tuple[float, ...]:
+    """How long the run kept each edge engaged: one edge for all clients when shared."""
+    if spec.system not in EDGE_SYSTEMS:
+        return ()
+    if config.edge_mode == "shared":
+        return (run_window(records),)
+    return engaged_times(records)
 
 
 def rebase(records: Sequence[RequestRecord]) -> list[RequestRecord]:

@@ -1,7 +1,11 @@
 """The systems a benchmark compares, each started as real processes behind an OpenAI API.
 
-- `specedge`: one `specedge serve` and one `specedge edge` per client; each edge reaches the
-  server through its own delaying proxy (the WAN). Clients talk to their own edge directly.
+- `specedge`: one `specedge serve` and, by default (`edge_mode` shared), one `specedge edge`
+  serving every client (an office edge box: one draft model, its sessions' critical draft work
+  ahead of their proactive work), reaching the server through one delaying proxy (the WAN);
+  with `edge_mode` per-client, one edge per client, each with its own proxy (the ablation: on
+  one edge core their processes compete with no priorities between them). Clients talk to
+  their edge directly.
 - `specedge-no-proactive`: the same with `--proactive off` on the edges.
 - `specedge-no-pipelining`: proactive edges, but the server batches at most `clients` trees
   and holds a partial batch for every session whose next tree it predicts (its bounded batch
@@ -67,6 +71,7 @@ class SystemSettings:
     budget: str  # auto or a fixed node count
     depth: int
     proactive: str = "keep-depth"
+    edge_mode: str = "shared"  # shared: one edge for all clients; per-client: one each
     dtype: str | None = None
     startup_timeout_s: float = 300.0
 
@@ -130,13 +135,19 @@ def _serve_args(
 
 
 def _edge_args(
-    system: str, settings: SystemSettings, server: str, port: int, edge_yaml: Path
+    system: str,
+    settings: SystemSettings,
+    server: str,
+    port: int,
+    edge_yaml: Path,
+    sessions: int,
 ) -> list[str]:
     proactive = "off" if system == SPECEDGE_NO_PROACTIVE else settings.proactive
     return specedge_args(
         "edge", "--model", settings.draft, "--server", server, "--port", str(port),
         "--proactive", proactive, "--budget", str(settings.budget),
         "--depth", str(settings.depth), "--config", str(edge_yaml),
+        "--max-sessions", str(max(sessions, 1)),
         *(["--dtype", settings.dtype] if settings.dtype else []),
     )  # fmt: skip
 
@@ -170,7 +181,9 @@ def deploy(
         health = [(server, f"http://{LOCALHOST}:{ports['metrics']}/health")]
         for system in systems:
             upstream = ports["grpc"] if system in EDGE_SYSTEMS else ports["api"]
-            proxies[system] = [DelayProxy(LOCALHOST, upstream).start() for _ in range(clients)]
+            shared = system in EDGE_SYSTEMS and settings.edge_mode == "shared"
+            links = 1 if shared else clients
+            proxies[system] = [DelayProxy(LOCALHOST, upstream).start() for _ in range(links)]
             all_proxies += proxies[system]
             if system not in EDGE_SYSTEMS:
                 urls[system] = [f"http://{proxy.address}" for proxy in proxies[system]]
@@ -178,12 +191,15 @@ def deploy(
             urls[system] = []
             for number, proxy in enumerate(proxies[system]):
                 port = free_port()
-                args = _edge_args(system, settings, proxy.address, port, edge_yaml)
+                sessions = clients if shared else 1
+                args = _edge_args(system, settings, proxy.address, port, edge_yaml, sessions)
                 log = log_dir / f"{name}-{system}-edge{number}.log"
                 edge = ManagedProcess(f"{system} edge {number}", args, log, placement.edge_cpus)
                 processes.append(edge)
                 urls[system].append(f"http://{LOCALHOST}:{port}")
                 health.append((edge, urls[system][-1] + "/health"))
+            if shared:  # every client talks to the one edge
+                urls[system] = urls[system] * clients
         if kind in ("api-spec", "api-ar"):
             health.append((server, f"http://{LOCALHOST}:{ports['api']}/health"))
         for process, url in health:

@@ -94,6 +94,17 @@ class SentTree:
         return [self.builder_nodes[node] for node in verdict.accepted_nodes]
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """One planned draft step of a builder (`TreeBuilder.plan_step`)."""
+
+    row: TreeRow | None  # the forward to run (None: the step adds only lookup candidates)
+    parents: list[int]  # builder nodes whose children the forward's rows propose
+    last_only: bool = False  # only the row's last token proposes (the root step)
+    lookup_after: bool = False  # then hang the lookup chain from the root
+    entered: int = 0  # candidates that entered the budget while planning
+
+
 @dataclass
 class TreeBuilder:
     """Grows one tree. Call `step()` until it returns False, then `sent_tree()`."""
@@ -136,24 +147,47 @@ class TreeBuilder:
     # -- growth --------------------------------------------------------------------------------
     def step(self) -> bool:
         """One draft forward; False when the tree cannot grow further."""
-        if self.steps >= self.shape.depth:
+        plan = self.plan_step()
+        if plan is None:
             return False
-        entered = 0
+        hidden = self.runner.forward([plan.row])[0] if plan.row is not None else None
+        return self.finish_step(plan, hidden)
+
+    def plan_step(self) -> StepPlan | None:
+        """The next draft step's forward row (laid out in the block), or None when the tree
+        cannot grow further. Run the row's forward (alone, or batched with other builders'
+        rows: `core.draft_batch`), then `finish_step` with its hidden states."""
+        if self.steps >= self.shape.depth:
+            return None
         if not self.root_expanded:
-            top = self._forward_pending()
+            row = self._pending_row()
             self.root_expanded = True
-            entered = self._propose([ROOT_PARENT], top)
-            entered += self._add_lookup()
-        elif not self.lookup_added:
+            return StepPlan(row, [ROOT_PARENT], last_only=True, lookup_after=True)
+        if not self.lookup_added:
             entered = self._add_lookup()
             frontier = self._frontier()
-            if frontier:
-                entered += self._propose(*self._forward_nodes(frontier))
-        else:
-            frontier = self._frontier()
             if not frontier:
-                return False
-            entered = self._propose(*self._forward_nodes(frontier))
+                return StepPlan(None, [], entered=entered)
+            rows, row = self._nodes_row(frontier)
+            return StepPlan(row, rows, entered=entered)
+        frontier = self._frontier()
+        if not frontier:
+            return None
+        rows, row = self._nodes_row(frontier)
+        return StepPlan(row, rows)
+
+    def finish_step(self, plan: StepPlan, hidden: torch.Tensor | None) -> bool:
+        """Propose the children of the planned step's rows from their hidden states; whether
+        any candidate entered the best `budget`."""
+        entered = plan.entered
+        if plan.row is not None:
+            assert hidden is not None
+            top = self.runner.top_logprobs(
+                hidden[-1:] if plan.last_only else hidden, self.shape.width
+            )
+            entered += self._propose(plan.parents, top)
+        if plan.lookup_after:
+            entered += self._add_lookup()
         self.steps += 1
         return entered > 0
 
@@ -178,26 +212,32 @@ class TreeBuilder:
         candidates.sort(key=lambda i: -self.nodes[i].score)
         return candidates[: self.shape.beams]
 
-    def _forward_pending(self) -> TopLogprobs:  # one row: the root
+    def _pending_row(self) -> TreeRow:
+        """The row of the first step: the pending chain, whose last token is the root."""
         if not self.pending:
             raise AssertionError("the root is cached but has no children: nothing to expand")
         start = len(self.block_parents)
         for i in range(len(self.pending)):
             self.block_parents.append(self.attach if i == 0 else start + i - 1)
-        row = TreeRow(
+        self.num_forwarded += len(self.pending)
+        return TreeRow(
             self.seq.slot,
             self.seq.kv_len,
-            self.block_parents,
-            self.pending,
+            list(self.block_parents),
+            list(self.pending),
             num_cached=start,
         )
-        hidden = self.runner.forward([row])[0][-1:]
-        self.num_forwarded += len(self.pending)
-        return self.runner.top_logprobs(hidden, self.shape.width)
 
     def _forward_nodes(self, frontier: Sequence[int]) -> tuple[list[int], TopLogprobs]:
-        """Forward the frontier and any of its ancestors not forwarded yet (lookup nodes), in
-        one draft step; the forwarded nodes, parents first, and each one's top children."""
+        """Forward the frontier and its unforwarded ancestors in one draft step; the
+        forwarded nodes, parents first, and each one's top children."""
+        rows, row = self._nodes_row(frontier)
+        hidden = self.runner.forward([row])[0]
+        return rows, self.runner.top_logprobs(hidden, self.shape.width)
+
+    def _nodes_row(self, frontier: Sequence[int]) -> tuple[list[int], TreeRow]:
+        """Lay out the frontier and any of its ancestors not forwarded yet (lookup nodes) in
+        the block; the nodes, parents first, and their forward row."""
         todo: set[int] = set()
         for i in frontier:
             while i != ROOT_PARENT and i not in todo and self.nodes[i].block_index == NOT_CACHED:
@@ -211,13 +251,12 @@ class TreeBuilder:
         row = TreeRow(
             self.seq.slot,
             self.seq.kv_len,
-            self.block_parents,
+            list(self.block_parents),
             [self.nodes[i].token for i in rows],
             num_cached=num_cached,
         )
-        hidden = self.runner.forward([row])[0]
         self.num_forwarded += len(rows)
-        return rows, self.runner.top_logprobs(hidden, self.shape.width)
+        return rows, row
 
     def _add(self, token: int, parent: int, score: float, lookup: bool = False) -> tuple[int, bool]:
         """Add a candidate, or raise the score of the sibling with the same token (siblings

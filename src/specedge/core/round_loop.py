@@ -50,6 +50,11 @@ class ModelJobs(Protocol):
         """Run `job` after the work already queued and return its result."""
         ...
 
+    async def step(self, builder: TreeBuilder) -> bool:
+        """Run `builder`'s next draft step (`TreeBuilder.step`), batched with other
+        sessions' steps where the jobs can (`core.draft_batch`)."""
+        ...
+
     def submit_cleanup(self, job: Callable[[], None]) -> concurrent.futures.Future[None]:
         """Queue `job` without awaiting it (freeing a finished session's draft slot)."""
         ...
@@ -60,6 +65,9 @@ class InlineJobs:
 
     async def run(self, job: Callable[[], T]) -> T:
         return job()
+
+    async def step(self, builder: TreeBuilder) -> bool:
+        return builder.step()
 
     def submit_cleanup(self, job: Callable[[], None]) -> concurrent.futures.Future[None]:
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -213,7 +221,7 @@ class ModelDrafter:
             depth = min(builder.shape.depth, max(size, 1))
             builder.shape = replace(builder.shape, budget=max(size, 1), depth=depth)
         if size > 0:
-            while await self.jobs.run(builder.step):
+            while await self.jobs.step(builder):
                 pass
         return builder.sent_tree(size, self._calibrate)
 

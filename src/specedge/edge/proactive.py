@@ -27,8 +27,10 @@ from typing import TypeVar
 
 from specedge.core.calibration import AcceptanceCalibrator
 from specedge.core.draft import BuilderIndex, DraftEngine, DraftSequence, SentTree, TreeBuilder
+from specedge.core.draft_batch import StepBatcher
 from specedge.core.goodput import TreeSizer
 from specedge.core.limits import TreeLimits, TreeShape
+from specedge.core.model_runner import ModelRunner
 from specedge.core.round_loop import ModelDrafter
 from specedge.core.tree import DraftTree
 from specedge.core.verify import VerifyResult
@@ -144,13 +146,23 @@ class ProactiveDrafter:
 
 
 class WorkerJobs:
-    """`ModelJobs` on the edge's one draft worker thread (`core.round_loop.ModelJobs`)."""
+    """`ModelJobs` on the edge's one draft worker thread (`core.round_loop.ModelJobs`), shared
+    by the edge's sessions: their draft steps, critical and proactive, are batched into one
+    forward when they are ready together (`core.draft_batch`)."""
 
-    def __init__(self, worker: DraftWorker) -> None:
+    def __init__(self, worker: DraftWorker, runner: ModelRunner) -> None:
         self.worker = worker
+        self.batcher = StepBatcher(runner, lambda job, p: worker.submit(job, Priority(p)))
 
     async def run(self, job: Callable[[], T]) -> T:
         return await self.worker.run(job, Priority.CRITICAL)
+
+    async def step(self, builder: TreeBuilder) -> bool:
+        return await self.batcher.step(builder, Priority.CRITICAL)
+
+    async def proactive_step(self, builder: TreeBuilder, guard: Callable[[], bool]) -> bool:
+        """A proactive subtree's step: skipped (False) once `guard()` is false."""
+        return await self.batcher.step(builder, Priority.PROACTIVE, guard)
 
     def submit_cleanup(self, job: Callable[[], None]) -> concurrent.futures.Future[None]:
         return self.worker.submit(job, Priority.CLEANUP)
@@ -164,7 +176,7 @@ class ProactiveModelDrafter(ModelDrafter):
         self,
         engine: DraftEngine,
         prompt_tokens: list[int],
-        worker: DraftWorker,
+        jobs: WorkerJobs,
         proactive: ProactiveDrafter,
         limits: TreeLimits,
         *,
@@ -175,12 +187,13 @@ class ProactiveModelDrafter(ModelDrafter):
         super().__init__(
             engine,
             prompt_tokens,
-            WorkerJobs(worker),
+            jobs,
             temperature=temperature,
             calibrator=calibrator,
             sizer=sizer,
         )
-        self.worker = worker
+        self.worker_jobs = jobs
+        self.worker = jobs.worker
         self.proactive = proactive
         self.limits = limits
         self.pending: ProactiveDraft | None = None
@@ -203,10 +216,10 @@ class ProactiveModelDrafter(ModelDrafter):
         self.pending = pending
         subtree = pending.builder
 
-        def step() -> bool:
-            return not arrived.is_set() and subtree.step()
+        def in_flight() -> bool:
+            return not arrived.is_set()
 
-        while not verdict.done() and await self.worker.run(step, Priority.PROACTIVE):
+        while not verdict.done() and await self.worker_jobs.proactive_step(subtree, in_flight):
             pass
         return pending.started
 

@@ -19,7 +19,7 @@ from specedge.core.limits import TreeLimits
 from specedge.core.round_loop import Drafter, RoundLoopBackend, SessionVerifier
 from specedge.core.verify import VerifyResult, verdict_from_reply
 from specedge.edge.client import RemoteSession, ServerConnection, ServerUnavailableError
-from specedge.edge.proactive import ProactiveDrafter, ProactiveModelDrafter
+from specedge.edge.proactive import ProactiveDrafter, ProactiveModelDrafter, WorkerJobs
 from specedge.edge.worker import DraftWorker
 from specedge.rpc.codec import OpenSession
 
@@ -90,6 +90,7 @@ class EdgeRuntime(RoundLoopBackend):
         self.fingerprint = fingerprint
         self.adaptive = adaptive
         self.calibrator = AcceptanceCalibrator()
+        self.jobs = WorkerJobs(worker, draft.runner)  # batches the sessions' draft steps
 
     def health(self) -> dict[str, Any]:
         connection = self.connection
@@ -114,7 +115,7 @@ class EdgeRuntime(RoundLoopBackend):
         return ProactiveModelDrafter(
             self.draft,
             list(request.prompt_token_ids),
-            self.worker,
+            self.jobs,
             self.drafter,
             verifier.limits,
             temperature=request.params.temperature,

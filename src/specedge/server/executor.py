@@ -118,6 +118,10 @@ class VerificationExecutor:
         self.idle_allowance = 0.0
         self._last_batch_end: float | None = None
         self._busy_since_batch = 0.0  # prefill and draft time since the last batch ended
+        # Smoothed per verified sequence: tokens emitted and rows verified (the batch wait's
+        # guess of what an arriving sequence adds).
+        self._recent_tokens_per_round = 1.0
+        self._recent_rows_per_round = 1.0
         self._clock = clock
         self._sessions: dict[str, ServerSession] = {}
         self._in_flight: set[str] = set()
@@ -310,8 +314,8 @@ class VerificationExecutor:
                 await self._prefill(batch.prefill)
 
     async def _hold_for_arrivals(self) -> None:
-        """Wait (bounded) while the scheduler expects more trees within a few ms."""
-        delay = self.scheduler.batch_delay(self._clock())
+        """Wait (bounded) while more trees are expected soon enough to be worth it."""
+        delay = self._batch_delay()
         if delay <= 0.0:
             return
         deadline = self._clock() + delay
@@ -321,8 +325,35 @@ class VerificationExecutor:
                 await asyncio.wait_for(self._wake.wait(), remaining)
             except TimeoutError:
                 return
-            if self.scheduler.batch_delay(self._clock()) <= 0.0:
+            if self._batch_delay() <= 0.0:
                 return
+
+    def _batch_delay(self) -> float:
+        """How long to hold the ready trees for predicted arrivals. With goodput selection,
+        only as long as it pays: waiting w for j more sequences is worth it when
+        (tokens now + j more) / (the bigger batch's modelled time + w) beats tokens now / the
+        batch's time now; a forward's fixed cost is shared by more sequences. Otherwise the
+        scheduler's rule: wait for every arrival predicted within `max_wait`."""
+        now = self._clock()
+        if not self.goodput:
+            return self.scheduler.batch_delay(now)
+        ready = self.scheduler.ready_tokens()
+        if not ready or len(ready) >= self.scheduler.policy.max_batch:
+            return 0.0
+        arrivals = self.scheduler.expected_arrivals(now, self.scheduler.policy.max_wait)
+        if not arrivals:
+            return 0.0
+        per_round, rows = self._recent_tokens_per_round, self._recent_rows_per_round
+        sequences, total_rows = len(ready), sum(ready)
+        best_ratio = sequences * per_round / self.batch_cost(sequences, total_rows)
+        best_delay = 0.0
+        for more, arrival in enumerate(arrivals, start=1):
+            wait = arrival - now
+            seconds = self.batch_cost(sequences + more, total_rows + round(more * rows)) + wait
+            ratio = (sequences + more) * per_round / seconds
+            if ratio > best_ratio:
+                best_ratio, best_delay = ratio, wait
+        return best_delay
 
     async def _verify_batch(self, batch: Batch) -> None:
         sessions = [self._sessions[session_id] for session_id in batch.session_ids]
@@ -445,6 +476,13 @@ class VerificationExecutor:
         self._last_batch_end = self._clock()
         rows = sum(tree.num_nodes + 1 for tree in trees)
         self.batch_cost.observe(len(sessions), rows, elapsed)
+        emitted = sum(len(result.emitted_tokens) for result in results)
+        self._recent_tokens_per_round += IDLE_SMOOTHING * (
+            emitted / len(sessions) - self._recent_tokens_per_round
+        )
+        self._recent_rows_per_round += IDLE_SMOOTHING * (
+            rows / len(sessions) - self._recent_rows_per_round
+        )
         metrics = self.metrics
         cost = self.batch_cost.current
         metrics.batch_cost.labels("fixed").set(cost.fixed_s)

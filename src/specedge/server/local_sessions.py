@@ -20,9 +20,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from specedge.core.calibration import AcceptanceCalibrator
-from specedge.core.draft import DraftEngine, SentTree
+from specedge.core.draft import DraftEngine, SentTree, TreeBuilder
+from specedge.core.draft_batch import StepBatcher
 from specedge.core.generation import GenerationRequest
 from specedge.core.goodput import TreeSizer
+from specedge.core.model_runner import ModelRunner
 from specedge.core.round_loop import (
     Drafter,
     ModelDrafter,
@@ -62,13 +64,25 @@ class ExecutorVerifier:
 
 
 class ExecutorJobs:
-    """`ModelJobs` on the executor's model thread: draft time is server time."""
+    """`ModelJobs` on the executor's model thread: draft time is server time. The API
+    sessions' draft steps are batched into one forward when they are ready together
+    (`core.draft_batch`)."""
 
-    def __init__(self, executor: VerificationExecutor) -> None:
+    def __init__(self, executor: VerificationExecutor, runner: ModelRunner | None) -> None:
         self.executor = executor
+        self.batcher = (
+            StepBatcher(runner, lambda job, _: executor.submit_model_job(job))
+            if runner is not None
+            else None
+        )
 
     async def run(self, job: Callable[[], T]) -> T:
         return await self.executor.run_model_job(job)
+
+    async def step(self, builder: TreeBuilder) -> bool:
+        if self.batcher is None:
+            return await self.run(builder.step)
+        return await self.batcher.step(builder)
 
     def submit_cleanup(self, job: Callable[[], None]) -> concurrent.futures.Future[None]:
         return self.executor.submit_model_job(job)
@@ -100,7 +114,7 @@ class LocalSessions(RoundLoopBackend):
         self.draft = draft
         self.slot_wait = slot_wait
         self._status = status
-        self._jobs = ExecutorJobs(executor)
+        self._jobs = ExecutorJobs(executor, draft.runner if draft is not None else None)
         self.adaptive = adaptive
         self.calibrator = AcceptanceCalibrator()  # the server's draft against its target
 

@@ -37,7 +37,7 @@ class SchedulerPolicy:
     max_batch: int = 16  # verification requests per batched forward
     max_batch_tokens: int = 4096  # verified tokens (root + nodes) per batched forward
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per prefill forward
-    max_wait: float = 0.002  # seconds a partial batch may wait for a predicted arrival
+    max_wait: float = 0.02  # seconds a partial batch may wait for a predicted arrival
     timing_smoothing: float = 0.3  # weight of the newest turnaround in the moving average
 
     def __post_init__(self) -> None:
@@ -143,6 +143,26 @@ class Scheduler:
         if state.replied_at is None or state.turnaround is None:
             return None
         return state.replied_at + state.turnaround
+
+    def ready_tokens(self) -> list[int]:
+        """Verified tokens (root + nodes) of each ready request the next batch would take."""
+        return [
+            request.num_tokens
+            for session_id in self._ready_ids(limit=self.policy.max_batch)
+            if (request := self._sessions[session_id].request) is not None
+        ]
+
+    def expected_arrivals(self, now: float, horizon: float) -> list[float]:
+        """Predicted arrival times within `horizon` seconds, soonest first, as many as the
+        next batch has room for."""
+        room = self.policy.max_batch - len(self._ready_ids(limit=self.policy.max_batch))
+        arrivals = sorted(
+            arrival
+            for session_id in self._sessions
+            if (arrival := self.predicted_arrival(session_id)) is not None
+            and now <= arrival <= now + horizon
+        )
+        return arrivals[: max(room, 0)]
 
     def batch_delay(self, now: float) -> float:
         """Seconds to hold the next batch open for predicted arrivals: 0 when the batch is full,

@@ -129,7 +129,7 @@ def test_sampled_output_with_cuts_equals_seeded_autoregressive_decoding(
     assert asyncio.run(with_edge(edge_config(server), tiny_model(12), body)) == expected
 
 
-def test_dear_rows_cut_every_tree_and_the_edge_drafts_probes(
+def test_dear_rows_cut_every_tree_then_the_server_decodes_the_session(
     server: BackgroundServer, row_cost: dict[str, float], references: list[list[int]]
 ) -> None:
     row_cost["per_row_s"] = 10.0  # no node can pay for its row
@@ -142,9 +142,11 @@ def test_dear_rows_cut_every_tree_and_the_edge_drafts_probes(
     tokens, stats = asyncio.run(with_edge(config, tiny_model(TARGET_SEED), body))
     assert tokens == references[0]
     assert stats.verified_nodes == 0 and stats.tokens_per_round == 1.0  # type: ignore[attr-defined]
-    assert stats.cut_rounds == stats.rounds  # type: ignore[attr-defined]
-    # The edge sizes its trees to what the server takes: after a few rounds, probes only
-    # (fixed trees would have sent the server's cap of 16 nodes every round).
+    # Cut three times running, the session is decoded server-side: no round trip per token.
+    assert stats.cut_rounds >= 3 and stats.streamed_rounds > stats.rounds / 2  # type: ignore[attr-defined]
+    assert stats.cut_rounds + stats.streamed_rounds == stats.rounds  # type: ignore[attr-defined]
+    # Between streams the edge sizes its trees to what the server takes (fixed trees would
+    # have sent the server's cap of 16 nodes every round).
     assert stats.drafted_nodes < 0.25 * 16 * stats.rounds  # type: ignore[attr-defined]
     cut_after = metric(server.metrics_port, "specedge_server_cut_rounds_total")
     assert cut_after - cut_before == stats.cut_rounds  # type: ignore[attr-defined]
@@ -161,5 +163,7 @@ def test_free_rows_verify_whole_trees(
     tokens, stats = asyncio.run(with_edge(edge_config(server), tiny_model(TARGET_SEED), body))
     assert tokens == references[0]
     # Every node with a non-zero estimate pays; only estimates that quantise to 0 are cut.
-    assert stats.verified_nodes >= 0.9 * stats.drafted_nodes  # type: ignore[attr-defined]
-    assert stats.tokens_per_round > 2.0  # type: ignore[attr-defined]
+    # (With a model this small the server may still decode the session itself between trees:
+    # its steps take a millisecond, the edge's round trip several.)
+    assert stats.verified_nodes >= 0.8 * stats.drafted_nodes  # type: ignore[attr-defined]
+    assert stats.accepted > 5  # type: ignore[attr-defined]

@@ -99,7 +99,9 @@ def test_agreeing_draft_is_accepted_and_its_bets_hit(
     """A draft with the target's weights: its greedy path is accepted as deep as the tree
     holds it, and its bet is often the true outcome, so proactive subtrees are reused."""
     draft = tiny_model(TARGET_SEED)
-    config = edge_config(wan.port, proactive=policy)
+    # Server-side decoding off: with steps of a millisecond against a 20 ms round trip, the
+    # server would (rightly) decode this session itself, and no bet would be placed.
+    config = edge_config(wan.port, proactive=policy, server_decoding=False)
 
     async def body(edge: Edge) -> tuple[list[int], GenerationStats]:
         return await edge_generate(edge, PROMPTS[0], MAX_TOKENS)

@@ -84,6 +84,9 @@ class SentTree:
     # [num_nodes] the draft's raw estimates (`TreeBuilder.acceptance_estimate`), what the
     # calibrator learns from
     raw_estimates: tuple[float, ...] = ()
+    # not sent: the draft's guess at the next token while the verifier decodes on its own,
+    # scored against what it emits (`core.round_loop.ModelDrafter.probe`)
+    probe: bool = False
 
     @staticmethod
     def empty() -> SentTree:

@@ -44,6 +44,7 @@ class GenerationStats:
     drafted_nodes: int = 0  # draft nodes sent
     verified_nodes: int = 0  # of those, the nodes the verifier verified (the prefixes it kept)
     cut_rounds: int = 0  # rounds whose non-empty tree was cut to nothing
+    streamed_rounds: int = 0  # rounds the verifier decoded on its own (no tree sent)
     predicted_rounds: int = 0  # rounds whose tree carried acceptance estimates
     predicted_tokens: float = 0.0  # tokens their estimates predicted (1 + verified estimates)
     predicted_round_tokens: int = 0  # tokens those rounds emitted
@@ -115,6 +116,7 @@ class GenerationStats:
             "drafted_nodes": self.drafted_nodes,
             "verified_nodes": self.verified_nodes,
             "cut_rounds": self.cut_rounds,
+            "streamed_rounds": self.streamed_rounds,
             "acceptance_rate": round(self.acceptance_rate, 4),
             "proactive_hits": self.proactive_hits,
             "proactive_attempts": self.proactive_attempts,

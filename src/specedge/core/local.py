@@ -64,6 +64,12 @@ class LocalVerifier:
             self.cost.observe(1, tree.num_nodes + 1, time.perf_counter() - start)
         return result
 
+    streaming = False  # in process: nothing to stream
+    resume_threshold = 0.0
+
+    async def resume(self) -> None:
+        pass
+
     def traffic(self) -> tuple[int, int]:
         return 0, 0
 

@@ -14,7 +14,11 @@ runs this loop:
   `ExecutorVerifier`, a session of the batching executor.
 
 A verifier may verify fewer nodes than it was sent: the verdict's `num_verified` says how
-many (a prefix in the sent order), and the accepted path never leaves that prefix.
+many (a prefix in the sent order), and the accepted path never leaves that prefix. A verifier
+may also decode on its own (`streaming`: the edge's server when trees stopped paying); then
+each round is one of its steps, the drafter only *probes* (guesses the next token, scored
+against what comes), and once its guesses promise more tokens per round than the verifier's
+`resume_threshold`, the loop asks the verifier to `resume` verifying trees.
 
 Draft-model work runs through `ModelJobs`, so each caller decides where it runs (inline, the
 edge's worker thread, the server's model thread) and one job is one draft step or one prefill
@@ -37,10 +41,13 @@ from specedge.core.draft import DraftEngine, DraftSequence, SentTree, TreeBuilde
 from specedge.core.generation import GenerationRequest, GenerationStats, check_request
 from specedge.core.goodput import TreeSizer
 from specedge.core.limits import DEFAULT_PREFILL_CHUNK, TreeLimits
+from specedge.core.tree import DraftTree
 from specedge.core.verify import VerifyResult
 from specedge.errors import ServiceUnavailableError, SpecEdgeError
 
 T = TypeVar("T")
+MIN_PROBES = 8  # probes scored before a drafter may ask to resume trees
+PROBE_SMOOTHING = 0.15  # weight of the newest probe in the hit rate
 
 
 class ModelJobs(Protocol):
@@ -86,6 +93,20 @@ class SessionVerifier(Protocol):
         """The verdict on `sent.tree` (accepted nodes are tree indices)."""
         ...
 
+    @property
+    def streaming(self) -> bool:
+        """The verifier decodes on its own: the next verdict comes without a tree."""
+        ...
+
+    @property
+    def resume_threshold(self) -> float:
+        """While streaming: the tokens per round trees must promise to be worth resuming."""
+        ...
+
+    async def resume(self) -> None:
+        """While streaming: go back to verifying trees."""
+        ...
+
     def traffic(self) -> tuple[int, int]:
         """Bytes sent and received so far (0, 0 in process)."""
         ...
@@ -110,6 +131,14 @@ class Drafter(Protocol):
         """The next tree, at most `max_nodes` nodes (possibly none)."""
         ...
 
+    async def probe(self) -> SentTree:
+        """While the verifier streams: a guess at the next token (not sent)."""
+        ...
+
+    def wants_trees(self, threshold: float) -> bool:
+        """Whether the probes promise more than `threshold` tokens per round."""
+        ...
+
     async def wait(self, sent: SentTree, verdict: asyncio.Future[VerifyResult]) -> bool:
         """Use the time until `verdict` lands; whether a proactive subtree was under way."""
         ...
@@ -130,7 +159,10 @@ async def run_rounds(
     await drafter.prepare()
     context_len = prompt_len
     while True:
-        sent = await drafter.draft(verifier.limits.room(context_len))
+        if verifier.streaming:
+            sent = await drafter.probe()
+        else:
+            sent = await drafter.draft(verifier.limits.room(context_len))
         reply = asyncio.ensure_future(verifier.verify(sent))
         try:
             proactive = await drafter.wait(sent, reply)
@@ -141,10 +173,13 @@ async def run_rounds(
             elif not reply.cancelled():
                 reply.exception()  # retrieved: raised above, or abandoned with the request
         stats.record_round(len(verdict.emitted_tokens), verdict.num_accepted, verdict.finish_reason)
-        verified = verified_nodes(sent, verdict)
-        predicted = 1.0 + sum(sent.estimates[:verified]) if sent.estimates else None
-        emitted = len(verdict.emitted_tokens)
-        stats.record_verification(sent.tree.num_nodes, verified, predicted, emitted)
+        if sent.probe:
+            stats.streamed_rounds += 1
+        else:
+            verified = verified_nodes(sent, verdict)
+            predicted = 1.0 + sum(sent.estimates[:verified]) if sent.estimates else None
+            emitted = len(verdict.emitted_tokens)
+            stats.record_verification(sent.tree.num_nodes, verified, predicted, emitted)
         stats.proactive_attempts += proactive
         stats.bytes_sent, stats.bytes_received = verifier.traffic()
         yield verdict.emitted_tokens
@@ -153,6 +188,8 @@ async def run_rounds(
             return
         context_len += len(verdict.emitted_tokens)
         stats.proactive_hits += await drafter.commit(sent, verdict)
+        if verifier.streaming and drafter.wants_trees(verifier.resume_threshold):
+            await verifier.resume()
 
 
 def verified_nodes(sent: SentTree, verdict: VerifyResult) -> int:
@@ -168,6 +205,12 @@ class NoDrafter:
 
     async def draft(self, max_nodes: int) -> SentTree:
         return SentTree.empty()
+
+    async def probe(self) -> SentTree:
+        return SentTree(DraftTree(), (), probe=True)
+
+    def wants_trees(self, threshold: float) -> bool:
+        return False
 
     async def wait(self, sent: SentTree, verdict: asyncio.Future[VerifyResult]) -> bool:
         return False
@@ -202,6 +245,8 @@ class ModelDrafter:
         self.temperature = temperature
         self.calibrator = calibrator
         self.sizer = sizer
+        self.probe_hits = 0.0  # smoothed share of probes the verifier's next token matched
+        self.probes = 0
         # Taking a free slot is bookkeeping, not model work: done here, at once.
         self.seq: DraftSequence = engine.open(prompt_tokens)
         self.builder: TreeBuilder | None = None  # the next tree's, once the prompt is in
@@ -225,6 +270,21 @@ class ModelDrafter:
                 pass
         return builder.sent_tree(size, self._calibrate)
 
+    async def probe(self) -> SentTree:
+        """One draft step (batched with the other sessions'), its best guess only."""
+        builder = self.builder
+        assert builder is not None, "prepare() lays out the first tree's root"
+        builder.shape = replace(builder.shape, budget=1, depth=1)
+        await self.jobs.step(builder)
+        return replace(builder.sent_tree(1, self._calibrate), probe=True)
+
+    def wants_trees(self, threshold: float) -> bool:
+        """A chain of guesses each right with probability h emits about 1 / (1 - h) tokens
+        per round; trees do at least that well."""
+        if self.probes < MIN_PROBES:
+            return False
+        return 1.0 / max(1e-6, 1.0 - self.probe_hits) > threshold
+
     def _calibrate(self, raw: Sequence[float]) -> Sequence[float]:
         if self.calibrator is None:
             return raw
@@ -234,6 +294,14 @@ class ModelDrafter:
         """What the verdict teaches: the calibrator which verified nodes the target accepted
         (rounds cut short by a finish reason say nothing of the nodes below), the sizer how
         many nodes were verified."""
+        if sent.probe:
+            if sent.tree.num_nodes:
+                hit = float(verdict.emitted_tokens[0] == sent.tree.tokens[0])
+                self.probes += 1
+                self.probe_hits += PROBE_SMOOTHING * (hit - self.probe_hits)
+            return
+        self.probes = 0  # a fresh start the next time the verifier streams
+        self.probe_hits = 0.0
         verified = verified_nodes(sent, verdict)
         if self.calibrator is not None and verdict.finish_reason is None:
             self.calibrator.observe(

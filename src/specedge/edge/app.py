@@ -87,6 +87,7 @@ def build_edge(config: EdgeConfig, draft: LoadedModel) -> Edge:
         max_context=max_context,
         max_sessions=config.max_sessions,
         adaptive=config.adaptive,
+        server_decoding=config.server_decoding,
     )
     return Edge(runtime, draft, EdgeMetrics())
 

@@ -26,6 +26,7 @@ from specedge.rpc.codec import (
     PROTOCOL_VERSION,
     CloseSession,
     OpenSession,
+    ResumeTrees,
     ServerInfo,
     SessionCall,
     SessionOpened,
@@ -261,6 +262,20 @@ class RemoteSession:
             raise self._fail(f"reply to round {reply.round} while round {self.round} was sent")
         self.round += 1
         return reply
+
+    async def next_streamed(self) -> TreeVerified:
+        """While the server decodes the session itself: its next step's reply (no tree
+        sent)."""
+        reply = await self._receive(TreeVerified, "a streamed round")
+        if reply.round != self.round:
+            raise self._fail(f"streamed round {reply.round} while round {self.round} was due")
+        self.round += 1
+        return reply
+
+    async def resume(self) -> None:
+        """Ask the server to verify our trees again (it answers with its step in progress,
+        streaming = false)."""
+        await self._guard(self._call.send(ResumeTrees()), "a resume")
 
     async def finish(self) -> None:
         """Tell the server we are done (after its final reply), best effort."""

@@ -68,6 +68,11 @@ class EdgeConfig:
     proactive: str = setting(
         ProactivePolicy.KEEP_DEPTH.value, f"Proactive drafting: {' | '.join(ProactivePolicy)}."
     )
+    server_decoding: bool = setting(
+        True,
+        "Let the server decode a session itself (no round trip per token) while its trees do "
+        "not pay; the edge resumes trees when its draft would.",
+    )
     proactive_budget: int = setting(16, "Nodes of a proactive subtree.", minimum=1)
     proactive_depth: int = setting(3, "Depth (draft steps) of a proactive subtree.", minimum=1)
     max_sessions: int = setting(

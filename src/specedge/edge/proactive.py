@@ -200,7 +200,7 @@ class ProactiveModelDrafter(ModelDrafter):
 
     async def wait(self, sent: SentTree, verdict: asyncio.Future[VerifyResult]) -> bool:
         self.pending = None
-        if not self.proactive.enabled or sent.tree.num_nodes == 0:
+        if not self.proactive.enabled or sent.tree.num_nodes == 0 or sent.probe:
             return False
         arrived = threading.Event()  # read on the worker thread: skip steps queued too late
         verdict.add_done_callback(lambda _: arrived.set())

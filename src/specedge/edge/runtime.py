@@ -21,7 +21,7 @@ from specedge.core.verify import VerifyResult, verdict_from_reply
 from specedge.edge.client import RemoteSession, ServerConnection, ServerUnavailableError
 from specedge.edge.proactive import ProactiveDrafter, ProactiveModelDrafter, WorkerJobs
 from specedge.edge.worker import DraftWorker
-from specedge.rpc.codec import OpenSession
+from specedge.rpc.codec import OpenSession, TreeVerified
 
 
 class RemoteVerifier:
@@ -31,9 +31,24 @@ class RemoteVerifier:
         self.remote = remote
         info = remote.info
         self.limits = TreeLimits(info.max_tree_nodes, info.max_tree_depth, info.max_context)
+        self.streaming = False  # the server decodes the session itself (its last reply said)
+        self.resume_threshold = 0.0
+        self._resumed = False
+
+    async def resume(self) -> None:
+        if self.streaming and not self._resumed:
+            self._resumed = True
+            await self.remote.resume()
 
     async def verify(self, sent: SentTree) -> VerifyResult:
+        if self.streaming:  # nothing is sent: the server's next step
+            reply = await self.remote.next_streamed()
+            self._follow(reply)
+            if reply.num_accepted:
+                raise ServerUnavailableError("a streamed reply claims accepted draft tokens")
+            return VerifyResult(reply.emitted_token_ids, [], reply.finish_reason, 0)
         reply = await self.remote.verify(sent.tree, sent.estimates)
+        self._follow(reply)
         tree = sent.tree
         try:
             if reply.num_verified > tree.num_nodes:
@@ -51,6 +66,13 @@ class RemoteVerifier:
             raise ServerUnavailableError(
                 f"the server's reply does not fit our tree: {error}"
             ) from None
+
+    def _follow(self, reply: TreeVerified) -> None:
+        """Whether the server streams from now on, and what resuming must beat."""
+        self.streaming = reply.streaming
+        self.resume_threshold = reply.resume_tokens_per_round
+        if not reply.streaming:
+            self._resumed = False
 
     def traffic(self) -> tuple[int, int]:
         return self.remote.bytes_sent, self.remote.bytes_received
@@ -81,6 +103,7 @@ class EdgeRuntime(RoundLoopBackend):
         max_context: int,
         max_sessions: int,
         adaptive: bool = True,
+        server_decoding: bool = True,
     ) -> None:
         super().__init__(max_sessions=max_sessions, max_context=max_context, owner="this edge's")
         self.worker = worker
@@ -89,6 +112,7 @@ class EdgeRuntime(RoundLoopBackend):
         self.connection = connection
         self.fingerprint = fingerprint
         self.adaptive = adaptive
+        self.server_decoding = server_decoding
         self.calibrator = AcceptanceCalibrator()
         self.jobs = WorkerJobs(worker, draft.runner)  # batches the sessions' draft steps
 
@@ -107,6 +131,7 @@ class EdgeRuntime(RoundLoopBackend):
             max_tokens=max_tokens,
             stop_token_ids=list(request.stop_token_ids),
             tokenizer_fingerprint=self.fingerprint,
+            accepts_streaming=self.server_decoding,
         )
         return RemoteVerifier(await self.connection.open_session(message))
 

@@ -5,7 +5,8 @@ and wires a servicer object / a client stub to the gRPC runtime. Regenerate the 
 with `make proto` after editing `specedge.proto`.
 
 Wire protocol version `PROTOCOL_VERSION`: bump it on any incompatible change. Version 2 added
-per-node acceptance estimates (one byte each, `quantize_estimates`) and the verified count;
+per-node acceptance estimates (one byte each, `quantize_estimates`), the verified count and
+server-side decoding (streamed replies, `ResumeTrees`);
 a server still serves version 1 edges (no estimates: it verifies their whole trees).
 """
 
@@ -55,6 +56,7 @@ class OpenSession:
     stop_token_ids: list[int] = field(default_factory=list)
     tokenizer_fingerprint: str = ""
     protocol_version: int = PROTOCOL_VERSION
+    accepts_streaming: bool = False  # the edge follows server-side decoding (`ResumeTrees`)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,11 @@ class CloseSession:
 
 
 @dataclass(frozen=True)
+class ResumeTrees:
+    """While the server streams a session: go back to verifying trees."""
+
+
+@dataclass(frozen=True)
 class MalformedMessage:
     """An edge message that decodes but says something impossible (the caller reports it as
     INVALID_ARGUMENT with `reason`)."""
@@ -80,7 +87,7 @@ class MalformedMessage:
     reason: str
 
 
-EdgeRequest = OpenSession | VerifyTree | CloseSession | MalformedMessage
+EdgeRequest = OpenSession | VerifyTree | CloseSession | ResumeTrees | MalformedMessage
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,8 @@ class TreeVerified:
     num_accepted: int
     finish_reason: str | None  # "stop" | "length" | None
     num_verified: int = 0  # the tree's first nodes that were verified
+    streaming: bool = False  # the server decodes the session itself: more replies follow
+    resume_tokens_per_round: float = 0.0  # while streaming: what a tree must promise to pay
 
 
 ServerReply = SessionOpened | TreeVerified
@@ -128,6 +137,7 @@ def encode_edge(message: EdgeRequest) -> pb.EdgeMessage:
                 sampling=sampling,
                 max_tokens=message.max_tokens,
                 stop_token_ids=message.stop_token_ids,
+                accepts_streaming=message.accepts_streaming,
             )
         )
     if isinstance(message, VerifyTree):
@@ -139,6 +149,8 @@ def encode_edge(message: EdgeRequest) -> pb.EdgeMessage:
                 estimates=quantize_estimates(message.estimates),
             )
         )
+    if isinstance(message, ResumeTrees):
+        return pb.EdgeMessage(resume=pb.Resume())
     return pb.EdgeMessage(close=pb.Close())
 
 
@@ -165,6 +177,7 @@ def decode_edge(message: pb.EdgeMessage) -> EdgeRequest | None:
             stop_token_ids=list(o.stop_token_ids),
             tokenizer_fingerprint=o.tokenizer_fingerprint,
             protocol_version=o.protocol_version,
+            accepts_streaming=o.accepts_streaming,
         )
     if kind == "tree":
         t = message.tree
@@ -186,6 +199,8 @@ def decode_edge(message: pb.EdgeMessage) -> EdgeRequest | None:
         )
     if kind == "close":
         return CloseSession()
+    if kind == "resume":
+        return ResumeTrees()
     return None
 
 
@@ -201,6 +216,8 @@ def encode_server(message: ServerReply) -> pb.ServerMessage:
             num_accepted=message.num_accepted,
             finish_reason=_FINISH_TO_WIRE[message.finish_reason],
             num_verified=message.num_verified,
+            streaming=message.streaming,
+            resume_tokens_per_round=message.resume_tokens_per_round,
         )
     )
 
@@ -217,6 +234,8 @@ def decode_server(message: pb.ServerMessage) -> ServerReply:
             num_accepted=v.num_accepted,
             finish_reason=_FINISH_FROM_WIRE.get(v.finish_reason),
             num_verified=v.num_verified,
+            streaming=v.streaming,
+            resume_tokens_per_round=v.resume_tokens_per_round,
         )
     raise ValueError(f"unexpected server message kind {kind!r}")
 

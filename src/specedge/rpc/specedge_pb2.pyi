@@ -51,20 +51,22 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("protocol_version", "tokenizer_fingerprint", "prompt_token_ids", "sampling", "max_tokens", "stop_token_ids")
+    __slots__ = ("protocol_version", "tokenizer_fingerprint", "prompt_token_ids", "sampling", "max_tokens", "stop_token_ids", "accepts_streaming")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_STREAMING_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     tokenizer_fingerprint: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     max_tokens: int
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, protocol_version: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    accepts_streaming: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., accepts_streaming: _Optional[bool] = ...) -> None: ...
 
 class Tree(_message.Message):
     __slots__ = ("round", "tokens", "parents", "estimates")
@@ -82,15 +84,21 @@ class Close(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class Resume(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class EdgeMessage(_message.Message):
-    __slots__ = ("open", "tree", "close")
+    __slots__ = ("open", "tree", "close", "resume")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     TREE_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     open: Open
     tree: Tree
     close: Close
-    def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., tree: _Optional[_Union[Tree, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
+    resume: Resume
+    def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., tree: _Optional[_Union[Tree, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ...) -> None: ...
 
 class Opened(_message.Message):
     __slots__ = ("session_id", "max_new_tokens")
@@ -101,18 +109,22 @@ class Opened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class Verified(_message.Message):
-    __slots__ = ("round", "emitted_token_ids", "num_accepted", "finish_reason", "num_verified")
+    __slots__ = ("round", "emitted_token_ids", "num_accepted", "finish_reason", "num_verified", "streaming", "resume_tokens_per_round")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     EMITTED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     NUM_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    STREAMING_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKENS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
     round: int
     emitted_token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_accepted: int
     finish_reason: FinishReason
     num_verified: int
-    def __init__(self, round: _Optional[int] = ..., emitted_token_ids: _Optional[_Iterable[int]] = ..., num_accepted: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., num_verified: _Optional[int] = ...) -> None: ...
+    streaming: bool
+    resume_tokens_per_round: float
+    def __init__(self, round: _Optional[int] = ..., emitted_token_ids: _Optional[_Iterable[int]] = ..., num_accepted: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., num_verified: _Optional[int] = ..., streaming: _Optional[bool] = ..., resume_tokens_per_round: _Optional[float] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
     __slots__ = ("opened", "verified")

@@ -122,6 +122,7 @@ class VerificationExecutor:
         # guess of what an arriving sequence adds).
         self._recent_tokens_per_round = 1.0
         self._recent_rows_per_round = 1.0
+        self.recent_batch_seconds = 0.0  # smoothed duration of a verification batch
         self._clock = clock
         self._sessions: dict[str, ServerSession] = {}
         self._in_flight: set[str] = set()
@@ -476,6 +477,9 @@ class VerificationExecutor:
         self._last_batch_end = self._clock()
         rows = sum(tree.num_nodes + 1 for tree in trees)
         self.batch_cost.observe(len(sessions), rows, elapsed)
+        if self.recent_batch_seconds == 0.0:
+            self.recent_batch_seconds = elapsed
+        self.recent_batch_seconds += IDLE_SMOOTHING * (elapsed - self.recent_batch_seconds)
         emitted = sum(len(result.emitted_tokens) for result in results)
         self._recent_tokens_per_round += IDLE_SMOOTHING * (
             emitted / len(sessions) - self._recent_tokens_per_round

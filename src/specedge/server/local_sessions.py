@@ -53,6 +53,12 @@ class ExecutorVerifier:
         estimates = sent.estimates if sent.tree.num_nodes else None
         return await self.executor.verify(self.session.session_id, sent.tree, estimates)
 
+    streaming = False  # in process: nothing to stream
+    resume_threshold = 0.0
+
+    async def resume(self) -> None:
+        pass
+
     def traffic(self) -> tuple[int, int]:
         return 0, 0
 

@@ -1,12 +1,17 @@
 """The gRPC Verifier service: the handshake, per-session validation and the round loop.
 
 A session stream goes: Open -> Opened, then Tree -> Verified per round, until the edge sends
-Close or ends the stream (or a reply carries a finish reason and the edge leaves). Everything
-is checked before any model work: the bearer token (UNAUTHENTICATED), the protocol version and
-tokenizer fingerprint (FAILED_PRECONDITION), the prompt, sampling parameters and every tree
-(INVALID_ARGUMENT). A failure ends that session alone and frees its slot. A full server answers
-RESOURCE_EXHAUSTED; an edge silent for `session_timeout` seconds while the server waits for its
-tree is evicted with DEADLINE_EXCEEDED. The server, never the edge, names sessions and slots.
+Close or ends the stream (or a reply carries a finish reason and the edge leaves). When the
+edge's trees stop paying (`StreamPolicy`), the server decodes the session itself: the reply says
+`streaming`, and one Verified per decoding step follows without waiting for a tree (the session
+is in every batch, with no round trip per token) until the edge sends Resume; the reply to the
+step in progress then says streaming = false and the server waits for the next round's tree.
+Everything is checked before any model work: the bearer token (UNAUTHENTICATED), the protocol
+version and tokenizer fingerprint (FAILED_PRECONDITION), the prompt, sampling parameters and
+every tree (INVALID_ARGUMENT). A failure ends that session alone and frees its slot. A full
+server answers RESOURCE_EXHAUSTED; an edge silent for `session_timeout` seconds while the server
+waits for its tree is evicted with DEADLINE_EXCEEDED. The server, never the edge, names
+sessions and slots.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import grpc
 
 from specedge.core.tree import DraftTree
+from specedge.core.verify import VerifyResult
 from specedge.errors import CapacityError, InvalidRequestError
 from specedge.rpc.codec import (
     PROTOCOL_VERSION,
@@ -29,6 +36,7 @@ from specedge.rpc.codec import (
     EdgeRequest,
     MalformedMessage,
     OpenSession,
+    ResumeTrees,
     ServerInfo,
     ServerReply,
     SessionOpened,
@@ -44,6 +52,7 @@ from specedge.server.executor import (
     VerificationFailedError,
 )
 from specedge.server.metrics import ServerMetrics
+from specedge.server.streaming import StreamPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +101,16 @@ class VerifierService:
     async def session(
         self, requests: AsyncIterator[EdgeRequest | None], context: Any, traffic: StreamTraffic
     ) -> AsyncIterator[ServerReply]:
+        inbox = _Inbox(requests)
+        try:
+            async for reply in self._session(inbox, context, traffic):
+                yield reply
+        finally:
+            inbox.close()
+
+    async def _session(
+        self, inbox: _Inbox, context: Any, traffic: StreamTraffic
+    ) -> AsyncIterator[ServerReply]:
         traffic.on_received = self.metrics.received_bytes.inc
         traffic.on_sent = self.metrics.sent_bytes.inc
         session: ServerSession | None = None
@@ -100,7 +119,7 @@ class VerifierService:
         try:
             # Read the first message before any refusal, auth included: a status sent while
             # the edge is still writing its Open reaches it as a failed write, not as the status.
-            first = await self._receive(requests)
+            first = await self._receive(inbox)
             if not self._authorized(context):
                 outcome = "unauthenticated"
                 raise _SessionAborted(grpc.StatusCode.UNAUTHENTICATED, AUTH_MESSAGE, outcome)
@@ -108,17 +127,35 @@ class VerifierService:
                 outcome = "closed"
                 return
             session = self._open(first)
+            assert isinstance(first, OpenSession)
+            can_stream = first.accepts_streaming
             opened = SessionOpened(session.session_id, session.seq.max_new_tokens)
             yield opened
+            policy = StreamPolicy()
             while True:
-                message = await self._receive(requests)
+                message = await self._receive(inbox)
+                if isinstance(message, ResumeTrees):
+                    continue  # not streaming (a Resume that crossed the stream's last reply)
                 if isinstance(message, _StreamEnded | CloseSession):
                     outcome = "finished" if session.finished else "closed"
                     if isinstance(message, _StreamEnded) and context.cancelled():
                         outcome = "cancelled"  # a cancelled call ends its request stream too
                     return
                 reply = await self._round(session, message)
+                assert isinstance(message, VerifyTree)  # `_round` refuses anything else
+                policy.observe(message, reply, time.monotonic())
+                batch_s = self.executor.recent_batch_seconds
+                if can_stream and reply.finish_reason is None and policy.should_stream(batch_s):
+                    reply = replace(
+                        reply,
+                        streaming=True,
+                        resume_tokens_per_round=policy.resume_threshold(batch_s),
+                    )
                 yield reply
+                if reply.streaming:
+                    async for streamed in self._stream(session, inbox, reply):
+                        yield streamed
+                    policy.resumed(time.monotonic())
         except _SessionAborted as aborted:
             outcome = aborted.outcome
             if session is not None:  # free the slot before the edge hears of the error
@@ -131,14 +168,43 @@ class VerifierService:
                 self._log_end(session, traffic, outcome, time.monotonic() - started)
 
     # ---- steps ---------------------------------------------------------------------------------
-    async def _receive(
-        self, requests: AsyncIterator[EdgeRequest | None]
-    ) -> EdgeRequest | None | _StreamEnded:
+    async def _stream(
+        self, session: ServerSession, inbox: _Inbox, first: TreeVerified
+    ) -> AsyncIterator[TreeVerified]:
+        """Decode the session server-side, one Verified per step, until the edge resumes,
+        leaves or the session finishes. An edge message that ends the session is left in the
+        inbox for the caller; trees sent before the edge saw the stream are dropped."""
+        number = first.round
+        streaming = True
+        while streaming:
+            result = await self._verify(session, DraftTree(), None, number + 1)
+            number += 1
+            self.metrics.streamed_rounds.inc()
+            while (message := inbox.poll()) is not _NOTHING:
+                if isinstance(message, ResumeTrees):
+                    streaming = False
+                elif isinstance(message, _StreamEnded | CloseSession):
+                    inbox.put_back(message)
+                    streaming = False
+                    break
+                elif message is None or isinstance(message, MalformedMessage | OpenSession):
+                    await self._round(session, message)  # raises the right status
+            if result.finish_reason is not None:
+                streaming = False
+            yield TreeVerified(
+                round=number,
+                emitted_token_ids=result.emitted_tokens,
+                num_accepted=0,
+                finish_reason=result.finish_reason,
+                num_verified=0,
+                streaming=streaming,
+                resume_tokens_per_round=first.resume_tokens_per_round,
+            )
+
+    async def _receive(self, inbox: _Inbox) -> EdgeRequest | None | _StreamEnded:
         """The next edge message; aborts the session when the edge stays silent too long."""
         try:
-            message = await asyncio.wait_for(anext(requests), self.session_timeout)
-        except StopAsyncIteration:
-            return STREAM_ENDED
+            message = await inbox.receive(self.session_timeout)
         except TimeoutError:
             raise _SessionAborted(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -206,22 +272,16 @@ class VerifierService:
                 "the session is already open; send Tree or Close",
                 "failed",
             )
-        assert isinstance(message, VerifyTree)
+        if isinstance(message, ResumeTrees | CloseSession):
+            raise _SessionAborted(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"unexpected {type(message).__name__} message",
+                "failed",
+            )
         tree = DraftTree(tuple(message.tokens), tuple(message.parents))
         # Without estimates (a version 1 edge, or an empty tree) the whole tree is verified.
         estimates = message.estimates if message.estimates else None
-        try:
-            result = await self.executor.verify(session.session_id, tree, estimates)
-        except InvalidRequestError as error:
-            raise _invalid(f"round {message.round}: {error}") from None
-        except SessionStateError as error:
-            raise _SessionAborted(
-                grpc.StatusCode.FAILED_PRECONDITION, f"round {message.round}: {error}", "failed"
-            ) from None
-        except ServerClosingError as error:
-            raise _SessionAborted(grpc.StatusCode.UNAVAILABLE, str(error), "failed") from None
-        except VerificationFailedError as error:
-            raise _SessionAborted(grpc.StatusCode.INTERNAL, str(error), "failed") from None
+        result = await self._verify(session, tree, estimates, message.round)
         return TreeVerified(
             round=message.round,
             emitted_token_ids=result.emitted_tokens,
@@ -229,6 +289,26 @@ class VerifierService:
             finish_reason=result.finish_reason,
             num_verified=tree.num_nodes if result.num_verified is None else result.num_verified,
         )
+
+    async def _verify(
+        self,
+        session: ServerSession,
+        tree: DraftTree,
+        estimates: tuple[float, ...] | None,
+        number: int,
+    ) -> VerifyResult:
+        try:
+            return await self.executor.verify(session.session_id, tree, estimates)
+        except InvalidRequestError as error:
+            raise _invalid(f"round {number}: {error}") from None
+        except SessionStateError as error:
+            raise _SessionAborted(
+                grpc.StatusCode.FAILED_PRECONDITION, f"round {number}: {error}", "failed"
+            ) from None
+        except ServerClosingError as error:
+            raise _SessionAborted(grpc.StatusCode.UNAVAILABLE, str(error), "failed") from None
+        except VerificationFailedError as error:
+            raise _SessionAborted(grpc.StatusCode.INTERNAL, str(error), "failed") from None
 
     def _authorized(self, context: Any) -> bool:
         if self._auth_token is None:
@@ -260,6 +340,60 @@ class VerifierService:
             traffic.received,
             traffic.sent,
         )
+
+
+class _Nothing:
+    """Marker: no edge message has arrived (yet)."""
+
+
+_NOTHING = _Nothing()
+InboxItem = EdgeRequest | None | _StreamEnded
+
+
+class _Inbox:
+    """The edge's messages, read ahead one at a time, so the session can wait for the next
+    (with a timeout) or, while it streams, check without waiting."""
+
+    def __init__(self, requests: AsyncIterator[EdgeRequest | None]) -> None:
+        self._requests = requests
+        self._next: asyncio.Future[InboxItem] | None = None
+        self._returned: list[InboxItem] = []
+
+    async def _read(self) -> InboxItem:
+        try:
+            return await anext(self._requests)
+        except StopAsyncIteration:
+            return STREAM_ENDED
+
+    def _pending(self) -> asyncio.Future[InboxItem]:
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._read())
+        return self._next
+
+    async def receive(self, timeout: float) -> InboxItem:
+        """The next message; TimeoutError after `timeout` seconds (the read stays pending)."""
+        if self._returned:
+            return self._returned.pop()
+        message = await asyncio.wait_for(asyncio.shield(self._pending()), timeout)
+        self._next = None
+        return message
+
+    def poll(self) -> InboxItem | _Nothing:
+        """The next message if one has arrived, else `_NOTHING`."""
+        if self._returned:
+            return self._returned.pop()
+        pending = self._pending()
+        if not pending.done():
+            return _NOTHING
+        self._next = None
+        return pending.result()
+
+    def put_back(self, message: InboxItem) -> None:
+        self._returned.append(message)
+
+    def close(self) -> None:
+        if self._next is not None and not self._next.done():
+            self._next.cancel()
 
 
 def _invalid(message: str) -> _SessionAborted:

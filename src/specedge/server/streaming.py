@@ -1,0 +1,70 @@
+"""When the server should decode an edge's session itself (DESIGN.md section 12, "no round trip
+when speculation does not pay").
+
+A session that speculates pays a round trip per round: its tree comes back only after the
+reply crossed the WAN and the edge drafted again, so it misses batches. Decoding it on the
+server instead puts it in every batch with no round trip, one token per batch. `StreamPolicy`
+watches a session's rounds and says stream when
+
+- its trees were cut to nothing `CUT_STREAK` rounds running (the selection says they never
+  pay), or
+- over its recent rounds it emitted fewer tokens per round than the rounds' duration is worth
+  in server-side steps: tokens per round < seconds per round / seconds per batch.
+
+The second ratio is also what the edge's trees must promise to win the session back: the edge
+scores its draft against the streamed tokens and sends Resume above it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specedge.rpc.codec import TreeVerified, VerifyTree
+
+CUT_STREAK = 3  # rounds cut to nothing in a row
+MIN_ROUNDS = 8  # rounds of speculation observed before the rate rule applies
+SMOOTHING = 0.2  # weight of the newest round in the moving averages
+MARGIN = 1.1  # stream only when server-side decoding wins by this factor
+
+
+@dataclass
+class StreamPolicy:
+    cut_streak: int = 0
+    rounds: int = 0  # rounds since the session (re)started speculating
+    tokens_per_round: float = 0.0
+    round_seconds: float = 0.0
+    _last_reply: float | None = None
+
+    def observe(self, tree: VerifyTree | None, reply: TreeVerified, now: float) -> None:
+        """One speculative round: its tree, the reply, when the reply went out."""
+        sent = len(tree.tokens) if tree is not None else 0
+        self.cut_streak = self.cut_streak + 1 if sent and reply.num_verified == 0 else 0
+        emitted = len(reply.emitted_token_ids)
+        if self._last_reply is not None:
+            seconds = now - self._last_reply
+            if self.rounds == 0:
+                self.tokens_per_round, self.round_seconds = emitted, seconds
+            else:
+                self.tokens_per_round += SMOOTHING * (emitted - self.tokens_per_round)
+                self.round_seconds += SMOOTHING * (seconds - self.round_seconds)
+            self.rounds += 1
+        self._last_reply = now
+
+    def resume_threshold(self, batch_seconds: float) -> float:
+        """Tokens per round speculation must reach to beat server-side decoding."""
+        if batch_seconds <= 0.0 or self.rounds == 0:
+            return 1.0
+        return max(1.0, self.round_seconds / batch_seconds)
+
+    def should_stream(self, batch_seconds: float) -> bool:
+        if self.cut_streak >= CUT_STREAK:
+            return True
+        if self.rounds < MIN_ROUNDS or batch_seconds <= 0.0:
+            return False
+        return MARGIN * self.tokens_per_round < self.resume_threshold(batch_seconds)
+
+    def resumed(self, now: float) -> None:
+        """The edge took the session back: judge its trees afresh."""
+        self.cut_streak = 0
+        self.rounds = 0
+        self._last_reply = now

@@ -13,7 +13,22 @@ from specedge.bench.results import ALL_SYSTEMS
 def test_defaults_cover_the_paper_grid() -> None:
     config = load_bench_config()
     assert config.systems == ALL_SYSTEMS
-    assert config.clients == (1, 2, 4, 8) and config.rtt_ms == (0.0, 15.0, 30.0, 50.0)
+    assert config.clients == (1, 2, 4, 8, 16) and config.rtt_ms == (0.0, 15.0, 30.0, 50.0)
+    # The goodput protocol: closed-loop clients, 128 tokens, repeats, a random-text worst case.
+    assert (config.max_tokens, config.requests_per_client, config.warmup_per_client) == (128, 4, 1)
+    assert config.prompt_sets == ("specbench", "random")
+    assert config.repeats_for("specedge", 15.0) == config.repeats_for("server-ar", 0.0) == 2
+    assert (
+        config.repeats_for("specedge", 50.0)
+        == config.repeats_for("specedge-no-proactive", 15.0)
+        == 1
+    )
+    assert config.prompt_sets_for("server-ar", 15.0) == ("specbench", "random")
+    assert (
+        config.prompt_sets_for("server-spec", 15.0)
+        == config.prompt_sets_for("specedge", 0.0)
+        == ("specbench",)
+    )
     assert config.temperatures == (0.0, 0.7)
     assert config.price_table.server_per_hour == 4.05
     assert config.price_table.edge_per_hour == 0.35
@@ -73,7 +88,8 @@ def test_bad_files(tmp_path: Path) -> None:
 
 
 def test_requests_per_run() -> None:
-    config = load_bench_config()
+    assert load_bench_config().requests_for(clients=2, num_prompts=8) == 8  # 4 per client
+    config = load_bench_config(None, {"requests_per_client": 0})
     assert config.requests_for(clients=2, num_prompts=8) == 8  # every prompt once
     assert config.requests_for(clients=16, num_prompts=8) == 16  # every client sends one
     per_client = load_bench_config(None, {"requests_per_client": 3})

@@ -61,11 +61,14 @@ def test_quick_bench_writes_valid_results_and_plots(tmp_path: Path) -> None:
     assert {run["rtt_ms"] for run in specedge} == set(QUICK["rtt_ms"])
     assert {run["clients"] for run in specedge} == set(QUICK["clients"])
     for run in specedge:
-        assert run["tokens_per_round"] > 1.0  # the draft's tokens get accepted
+        # The draft's tokens get accepted, or the server decoded the session itself (trees
+        # did not pay on this machine).
+        assert run["tokens_per_round"] > 1.0 or run["streamed_share"] > 0.5, run
         assert run["server_busy_fraction"] is not None and 0 < run["server_busy_fraction"] <= 1
         assert run["bytes_per_token"] is not None and run["bytes_per_token"] > 0
-        assert run["proactive_hit_rate"] is not None
+        assert run["predicted_tokens_per_round"] is None or run["predicted_tokens_per_round"] >= 1
     report = (out / "report.md").read_text()
+    assert "## Goodput: SpecEdge against plain batched decoding" in report
     for name in PLOT_FILES:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
         assert f"]({name})" in report

@@ -167,3 +167,25 @@ def test_free_rows_verify_whole_trees(
     # its steps take a millisecond, the edge's round trip several.)
     assert stats.verified_nodes >= 0.8 * stats.drafted_nodes  # type: ignore[attr-defined]
     assert stats.accepted > 5  # type: ignore[attr-defined]
+
+
+def test_a_session_like_one_that_ended_streaming_starts_streaming(
+    server: BackgroundServer, row_cost: dict[str, float], target: LoadedModel
+) -> None:
+    """The edge remembers, per temperature regime, that the server ended up decoding its
+    last session: the next starts that way (no rounds of cut trees first), and its tokens are
+    still exactly seeded autoregressive decoding's."""
+    row_cost["per_row_s"] = 10.0
+    params = SamplingParams(temperature=0.8, seed=3)
+    expected = LocalGenerator(target).generate(PROMPTS[1], params, MAX_TOKENS, ()).token_ids
+
+    async def body(edge: Edge) -> list[tuple[list[int], object]]:
+        first = await edge_generate(edge, PROMPTS[0], MAX_TOKENS, params)
+        second = await edge_generate(edge, PROMPTS[1], MAX_TOKENS, params)
+        return [first, second]
+
+    draft = tiny_model(12)  # disagrees with the target: its probes never win trees back
+    (_, first), (tokens, second) = asyncio.run(with_edge(edge_config(server), draft, body))
+    assert first.cut_rounds >= 3  # type: ignore[attr-defined]
+    assert second.cut_rounds == 0 and second.streamed_rounds == second.rounds  # type: ignore[attr-defined]
+    assert tokens == expected

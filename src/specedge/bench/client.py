@@ -101,6 +101,8 @@ def _record(
     rounds = int(speculative.get("rounds") or 0)
     emitted = float(speculative.get("tokens_per_round") or 0.0) * rounds
     accepted = round(float(speculative.get("acceptance_rate") or 0.0) * emitted)
+    predicted_rounds = int(speculative.get("predicted_rounds") or 0)
+    predicted = float(speculative.get("predicted_tokens_per_round") or 0.0) * predicted_rounds
     return RequestRecord(
         client=client,
         prompt_id=prompt.prompt_id,
@@ -115,6 +117,10 @@ def _record(
         proactive_hits=int(speculative.get("proactive_hits") or 0),
         proactive_attempts=int(speculative.get("proactive_attempts") or 0),
         finish_reason=finish_reason,
+        predicted_rounds=predicted_rounds,
+        predicted_tokens=predicted,
+        predicted_round_tokens=int(speculative.get("predicted_round_tokens") or 0),
+        streamed_rounds=int(speculative.get("streamed_rounds") or 0),
         error=error,
         chunk_times_s=tuple(chunk_times),
     )

@@ -14,8 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from specedge.bench.metrics import Prices
-from specedge.bench.prompts import SPECBENCH
-from specedge.bench.results import ALL_SYSTEMS, BASELINES, EDGE_SYSTEMS, HF_ASSISTED
+from specedge.bench.prompts import RANDOM_TEXT, SPECBENCH
+from specedge.bench.results import (
+    ALL_SYSTEMS,
+    BASELINES,
+    EDGE_SYSTEMS,
+    HF_ASSISTED,
+    SERVER_AR,
+    SPECEDGE,
+)
 from specedge.config_file import check_budget, check_ranges, read_yaml_settings, setting
 from specedge.config_file import flag_and_key as _flag_and_key
 from specedge.core.limits import AUTO_BUDGET, BUDGET_HELP, TreeShape, budget_cap
@@ -38,7 +45,7 @@ class BenchConfig:
         f"Comma-separated: {', '.join(ALL_SYSTEMS)} (default: all).",
         show_default=False,
     )
-    clients: tuple[int, ...] = setting((1, 2, 4, 8), "Concurrent clients.", minimum=1)
+    clients: tuple[int, ...] = setting((1, 2, 4, 8, 16), "Concurrent clients.", minimum=1)
     rtt_ms: tuple[float, ...] = setting(
         (0.0, 15.0, 30.0, 50.0), "SpecEdge's edge-server RTTs, ms.", minimum=0
     )
@@ -57,9 +64,26 @@ class BenchConfig:
         8, "Prompts sampled; each run sends them all, shared by its clients.", minimum=1
     )
     requests_per_client: int = setting(
-        0, "If > 0, each run sends clients x this many, cycling the prompts.", minimum=0
+        4,
+        "Measured requests per client per run, back to back (closed loop), cycling the "
+        "prompts; 0: each run sends every prompt once, shared by its clients.",
+        minimum=0,
     )
-    max_tokens: int = setting(32, "Tokens per request.", minimum=1)
+    warmup_per_client: int = setting(
+        1, "Unmeasured requests per client before each run's measured ones.", minimum=0
+    )
+    repeats: int = setting(
+        2,
+        "Runs of each cell at the reference RTTs (0 and 15 ms), systems alternated "
+        "between repeats; the report shows medians and ranges.",
+        minimum=1,
+    )
+    worst_case_prompts: str = setting(
+        RANDOM_TEXT,
+        "A second prompt set for SpecEdge and server-ar at 15 ms RTT, every client count and "
+        "temperature: random (random text), a file, or none.",
+    )
+    max_tokens: int = setting(128, "Tokens per request.", minimum=1)
     temperatures: tuple[float, ...] = setting(
         (0.0, 0.7), "One temperature or a comma-separated list.", flag="temperature", minimum=0
     )
@@ -117,6 +141,28 @@ class BenchConfig:
             return (min(self.rtt_ms, key=lambda r: (abs(r - REFERENCE_RTT_MS), r)),)
         return self.rtt_ms
 
+    @property
+    def prompt_sets(self) -> tuple[str, ...]:
+        """The main prompt set, then the worst case (if any)."""
+        extra = self.worst_case_prompts
+        if not extra or extra == "none" or extra == self.prompts:
+            return (self.prompts,)
+        return (self.prompts, extra)
+
+    def repeats_for(self, system: str, rtt_ms: float) -> int:
+        """Repeats of a cell: `repeats` at the reference RTTs for SpecEdge and the baselines
+        (the cells the comparisons rest on), once elsewhere."""
+        if system in (SPECEDGE, *BASELINES) and rtt_ms in (0.0, REFERENCE_RTT_MS):
+            return self.repeats
+        return 1
+
+    def prompt_sets_for(self, system: str, rtt_ms: float) -> tuple[str, ...]:
+        """The worst-case set runs for SpecEdge and server-ar at the reference RTT only."""
+        sets = self.prompt_sets
+        if system in (SPECEDGE, SERVER_AR) and rtt_ms == REFERENCE_RTT_MS:
+            return sets
+        return sets[:1]
+
     def clients_for(self, system: str) -> tuple[int, ...]:
         return (1,) if system == HF_ASSISTED else self.clients
 
@@ -162,6 +208,10 @@ QUICK: dict[str, Any] = {
     "rtt_ms": (0.0, 15.0),
     "num_prompts": 4,
     "max_tokens": 16,
+    "requests_per_client": 1,
+    "warmup_per_client": 0,
+    "repeats": 1,
+    "worst_case_prompts": "none",
     "temperatures": (0.0,),
     "depth": "4",
     "out": "bench-results-quick",

@@ -77,6 +77,12 @@ class RequestRecord:
     proactive_hits: int = 0
     proactive_attempts: int = 0
     finish_reason: str | None = None
+    # goodput selection (usage.speculative): over the rounds whose tree carried estimates,
+    # the tokens the estimates predicted and the tokens those rounds emitted
+    predicted_rounds: int = 0
+    predicted_tokens: float = 0.0
+    predicted_round_tokens: int = 0
+    streamed_rounds: int = 0  # rounds the server decoded itself
     error: str | None = None  # a failed request counts in no metric but `failed_requests`
     chunk_times_s: tuple[float, ...] = ()  # arrival of each streamed chunk with tokens
 
@@ -134,6 +140,20 @@ class RunMetrics:
     cost_usd: float
     cost_per_mtok_usd: float | None
     tokens_per_usd: float | None
+    # goodput selection: tokens per round the estimates predicted, and measured on the same
+    # rounds (calibration); share of rounds the server decoded itself
+    predicted_tokens_per_round: float | None = None
+    measured_tokens_per_predicted_round: float | None = None
+    streamed_share: float | None = None
+    # tokens per server-busy second: what the server could serve if it were never idle
+    server_capacity_tok_s: float | None = None
+    bound: str | None = None  # which side limited the run: server | clients
+    # over repeats of the run (the metrics above are medians): how many, and the spread
+    repeats: int = 1
+    throughput_min: float | None = None
+    throughput_max: float | None = None
+    itl_ms_min: float | None = None
+    itl_ms_max: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -193,6 +213,8 @@ def compute_run_metrics(
     rounds = sum(r.rounds for r in ok)
     attempts = sum(r.proactive_attempts for r in ok)
     cost = cost_usd(usage, prices)
+    predicted_rounds = sum(r.predicted_rounds for r in ok)
+    busy_fraction = _ratio(usage.busy_s, usage.wall_s)
     return RunMetrics(
         requests=len(records),
         failed_requests=len(records) - len(ok),
@@ -210,13 +232,24 @@ def compute_run_metrics(
         acceptance_rate=sum(r.accepted for r in ok) / tokens if rounds and tokens else None,
         proactive_hit_rate=sum(r.proactive_hits for r in ok) / attempts if attempts else None,
         server_busy_s=usage.busy_s,
-        server_busy_fraction=_ratio(usage.busy_s, usage.wall_s),
+        server_busy_fraction=busy_fraction,
         server_busy_ms_per_token=_ratio(usage.busy_s, tokens / 1000.0),
         bytes_per_token=_ratio(usage.wire_bytes, tokens),
         edge_engaged_s=sum(usage.edge_engaged_s),
         cost_usd=cost,
         cost_per_mtok_usd=cost / tokens * 1e6 if tokens else None,
         tokens_per_usd=tokens / cost if cost > 0 else None,
+        predicted_tokens_per_round=_ratio(sum(r.predicted_tokens for r in ok), predicted_rounds),
+        measured_tokens_per_predicted_round=_ratio(
+            sum(r.predicted_round_tokens for r in ok), predicted_rounds
+        ),
+        streamed_share=_ratio(sum(r.streamed_rounds for r in ok), rounds),
+        server_capacity_tok_s=_ratio(tokens, usage.busy_s or 0.0),
+        bound=None if busy_fraction is None else ("server" if busy_fraction >= 0.9 else "clients"),
+        throughput_min=tokens / usage.wall_s if usage.wall_s > 0 else 0.0,
+        throughput_max=tokens / usage.wall_s if usage.wall_s > 0 else 0.0,
+        itl_ms_min=mean(itls) if itls else None,
+        itl_ms_max=mean(itls) if itls else None,
     )
 
 

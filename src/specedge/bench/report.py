@@ -1,6 +1,11 @@
 """report.md: the machine, the resource placement, the headline comparisons with the paper's
 claims, the plots, every run, and each run's ratios against `server-spec` and `server-ar`.
 
+Repeats of a cell are aggregated first (`results.aggregate`: medians, with the throughput and
+ITL range). The goodput section (DESIGN.md section 12) compares SpecEdge with plain batched
+decoding (`server-ar`) at the same RTT on every prompt set, client count and temperature, and
+checks calibration (predicted against measured tokens per round).
+
 The headline compares SpecEdge with the server-only baselines the way the paper does:
 server throughput at the same clients and ~15 ms RTT, server busy time per token, ITL against
 `server-spec` with no network delay on the baseline side, cost per 1M tokens, and the tokens per
@@ -22,6 +27,7 @@ from specedge.bench.results import (
     SPECEDGE_NO_PROACTIVE,
     BenchMeta,
     RunResult,
+    aggregate,
     find_run,
     read_results,
     reference_rtt,
@@ -235,9 +241,155 @@ def ratios_table(runs: Sequence[RunResult], temperature: float) -> list[str]:
     return lines
 
 
+def _spread(value: float | None, low: float | None, high: float | None, digits: int = 1) -> str:
+    if value is None:
+        return MISSING
+    if low is None or high is None or low == high:
+        return _num(value, digits)
+    return f"{_num(value, digits)} [{_num(low, digits)}-{_num(high, digits)}]"
+
+
+def _cell(runs: Sequence[RunResult], system: str, clients: int, temperature: float,
+          rtt: float, prompt_set: str) -> RunResult | None:  # fmt: skip
+    for run in runs:
+        s = run.spec
+        if (s.system, s.clients, s.temperature, s.rtt_ms, s.prompt_set) == (
+            system, clients, temperature, rtt, prompt_set
+        ):  # fmt: skip
+            return run
+    return None
+
+
+def goodput_section(cells: Sequence[RunResult], rtt: float) -> list[str]:
+    """SpecEdge against plain decoding (server-ar) at `rtt` on every prompt set, client count
+    and temperature, then the checks of issue 11's must-show list that these runs answer."""
+    pairs = []
+    for run in cells:
+        s = run.spec
+        if s.system != SPECEDGE or s.rtt_ms != rtt:
+            continue
+        ar = _cell(cells, SERVER_AR, s.clients, s.temperature, rtt, s.prompt_set)
+        if ar is not None:
+            pairs.append((run, ar))
+    if not pairs:
+        return ["No SpecEdge / server-ar pair at the same RTT was measured."]
+    out = [
+        f"SpecEdge against `server-ar` at {rtt:g} ms RTT (both sides): medians over repeats, "
+        "[min-max] where a cell ran more than once. Capacity: tokens per server-busy second. "
+        "Streamed: share of SpecEdge's rounds the server decoded itself. Bound: which side "
+        "limited the run (server busy >= 90%: server).",
+        "",
+        "| prompts | T | clients | SpecEdge tok/s | server-ar tok/s | ratio | SpecEdge ITL ms | "
+        "server-ar ITL ms | ITL ratio | capacity ratio | tok/round (predicted) | streamed | "
+        "bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for ours, ar in sorted(pairs, key=lambda p: (p[0].spec.prompt_set, p[0].spec.temperature,
+                                                 p[0].spec.clients)):  # fmt: skip
+        m, b = ours.metrics, ar.metrics
+        out.append(
+            f"| {ours.spec.prompt_set} | {ours.spec.temperature:g} | {ours.spec.clients} | "
+            f"{_spread(m.server_throughput_tok_s, m.throughput_min, m.throughput_max)} | "
+            f"{_spread(b.server_throughput_tok_s, b.throughput_min, b.throughput_max)} | "
+            f"{_num(_ratio(m.server_throughput_tok_s, b.server_throughput_tok_s), 2)}x | "
+            f"{_spread(m.itl_ms_mean, m.itl_ms_min, m.itl_ms_max, 0)} | "
+            f"{_spread(b.itl_ms_mean, b.itl_ms_min, b.itl_ms_max, 0)} | "
+            f"{_num(_ratio(m.itl_ms_mean, b.itl_ms_mean), 2)}x | "
+            f"{_num(_ratio(m.server_capacity_tok_s, b.server_capacity_tok_s), 2)}x | "
+            f"{_num(m.measured_tokens_per_predicted_round, 2)} "
+            f"({_num(m.predicted_tokens_per_round, 2)}) | {_num(m.streamed_share, 2)} | "
+            f"{m.bound or MISSING} / {b.bound or MISSING} |"
+        )
+    out += ["", *_must_shows(cells, pairs, rtt)]
+    return out
+
+
+def _must_shows(
+    cells: Sequence[RunResult], pairs: list[tuple[RunResult, RunResult]], rtt: float
+) -> list[str]:
+    def ratio(pair: tuple[RunResult, RunResult]) -> float | None:
+        return _ratio(
+            pair[0].metrics.server_throughput_tok_s, pair[1].metrics.server_throughput_tok_s
+        )
+
+    def itl_ratio(pair: tuple[RunResult, RunResult]) -> float | None:
+        return _ratio(pair[0].metrics.itl_ms_mean, pair[1].metrics.itl_ms_mean)
+
+    primary = pairs[0][0].spec.prompt_set
+    lines = ["Checks (issue 11):", ""]
+    for temperature, aim in ((0.0, 1.5), (0.7, 1.2)):
+        for clients in (4, 8):
+            key = (primary, temperature, clients)
+            found = [
+                p
+                for p in pairs
+                if (p[0].spec.prompt_set, p[0].spec.temperature, p[0].spec.clients) == key
+            ]
+            if found:
+                value = ratio(found[0])
+                verdict = "met" if value is not None and value >= aim else "missed"
+                lines.append(
+                    f"- Throughput vs server-ar, {clients} clients, T={temperature:g}, "
+                    f"{primary}: {_num(value, 2)}x (aim >= {aim:g}x): {verdict}"
+                )
+    ratios = [(r, p) for p in pairs if (r := ratio(p)) is not None]
+    itls = [(r, p) for p in pairs if (r := itl_ratio(p)) is not None]
+    if ratios:
+        worst, where = min(ratios, key=lambda x: x[0])
+        verdict = "met" if worst >= 0.95 else "missed"
+        lines.append(f"- Never slower than server-ar: lowest throughput ratio {worst:.2f}x at "
+                     f"{_where(where[0])} (aim >= 0.95x): {verdict}")  # fmt: skip
+    if itls:
+        worst, where = max(itls, key=lambda x: x[0])
+        verdict = "met" if worst <= 1.05 else "missed"
+        lines.append(f"- ITL at most server-ar's: highest ITL ratio {worst:.2f}x at "
+                     f"{_where(where[0])} (aim <= 1.05x): {verdict}")  # fmt: skip
+    ours8 = _cell(cells, SPECEDGE, 8, 0.0, rtt, primary)
+    spec8 = _cell(cells, SERVER_SPEC, 8, 0.0, rtt, primary)
+    if ours8 and spec8:
+        value = _ratio(ours8.metrics.server_throughput_tok_s, spec8.metrics.server_throughput_tok_s)
+        verdict = "met" if value is not None and value >= 1.6 else "missed"
+        lines.append(f"- Throughput vs server-spec, 8 clients, T=0: {_num(value, 2)}x "
+                     f"(aim >= 1.6x): {verdict}")  # fmt: skip
+    for clients in (1, 2):
+        ours = _cell(cells, SPECEDGE, clients, 0.0, rtt, primary)
+        local = _cell(cells, SERVER_AR, clients, 0.0, 0.0, primary)
+        if ours and local and ours.metrics.itl_ms_mean and local.metrics.itl_ms_mean:
+            value = ours.metrics.itl_ms_mean / local.metrics.itl_ms_mean
+            verdict = "met" if value <= 1.0 else "missed"
+            lines.append(f"- ITL at {rtt:g} ms vs server-ar at 0 ms, {clients} client(s), T=0: "
+                         f"{value:.2f}x (aim <= 1x): {verdict}")  # fmt: skip
+    for system in (SPECEDGE, SERVER_SPEC):
+        for temperature in sorted({r.spec.temperature for r in cells}):
+            chosen = [r.metrics for r in cells if r.spec.system == system
+                      and r.spec.temperature == temperature
+                      and r.metrics.predicted_tokens_per_round]  # fmt: skip
+            if not chosen:
+                continue
+            predicted = sum(m.predicted_tokens_per_round or 0.0 for m in chosen) / len(chosen)
+            measured = sum(m.measured_tokens_per_predicted_round or 0.0 for m in chosen) / len(
+                chosen
+            )
+            error = predicted / measured - 1.0 if measured else None
+            verdict = "met" if error is not None and abs(error) <= 0.10 else "missed"
+            lines.append(f"- Calibration, {system}, T={temperature:g}: predicted "
+                         f"{predicted:.2f} vs measured {measured:.2f} tokens per round "
+                         f"({_num(None if error is None else 100 * error, 1)}%, aim within "
+                         f"10%): {verdict}")  # fmt: skip
+    return lines
+
+
+def _where(run: RunResult) -> str:
+    s = run.spec
+    return f"{s.clients} clients, T={s.temperature:g}, {s.prompt_set}"
+
+
 def render_report(
     runs: Sequence[RunResult], meta: BenchMeta, plots: Sequence[str], discussion: str = ""
 ) -> str:
+    cells = aggregate(runs)
+    primary = cells[0].spec.prompt_set if cells else "specbench"
+    runs = [r for r in cells if r.spec.prompt_set == primary]
     temperatures = sorted({r.spec.temperature for r in runs})
     out = ["# SpecEdge benchmark report", ""]
     if meta.started_at:
@@ -248,6 +400,8 @@ def render_report(
     out += [f"- {line}" for line in meta.placement] or ["- not recorded"]
     out += ["", "## Settings", ""]
     out += [f"- {key}: {value}" for key, value in meta.config.items()]
+    out += ["", "## Goodput: SpecEdge against plain batched decoding", ""]
+    out += goodput_section(cells, reference_rtt(runs))
     out += ["", "## Headline: SpecEdge against server-only speculative decoding", ""]
     for temperature in temperatures:
         rows = headline(runs, temperature)
@@ -286,8 +440,8 @@ def render_report(
         out += ["| deployment | client slots | start-up s | warm-up s | measured s | total s |"]
         out += ["|---|---|---|---|---|---|"]
         for step in meta.timeline:
-            cells = [step.get(k) for k in ("startup_s", "warmup_s", "runs_s", "total_s")]
-            shown = [_num(c) if isinstance(c, int | float) else MISSING for c in cells]
+            times = [step.get(k) for k in ("startup_s", "warmup_s", "runs_s", "total_s")]
+            shown = [_num(c) if isinstance(c, int | float) else MISSING for c in times]
             out.append(f"| {step['systems']} | {step['client_slots']} | {' | '.join(shown)} |")
     if meta.notes:
         out += ["", "## Notes", ""]
@@ -325,7 +479,9 @@ def rewrite_report(out_dir: Path) -> Path:
 def _render(out_dir: Path, runs: Sequence[RunResult], meta: BenchMeta) -> Path:
     """Plots and report.md; a hand-written `discussion.md` in `out_dir` (why a number misses,
     what limits this machine) goes in after the headline."""
-    plots = write_plots(runs, out_dir)
+    cells = aggregate(runs)
+    primary = cells[0].spec.prompt_set if cells else "specbench"
+    plots = write_plots([r for r in cells if r.spec.prompt_set == primary], out_dir)
     discussion_path = out_dir / DISCUSSION_FILE
     discussion = discussion_path.read_text() if discussion_path.exists() else ""
     path = out_dir / REPORT_FILE

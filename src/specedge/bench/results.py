@@ -11,8 +11,9 @@ Files in the output directory:
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,8 @@ class RunSpec:
     jitter_ms: float = 0.0
     depth: int | None = None  # draft tree depth (None: no drafting)
     budget: str | None = None  # draft tree nodes per round: auto or a fixed count
+    prompt_set: str = "specbench"  # the prompts: specbench, random (random text), or a file
+    repeat: int = 0  # which repeat of the cell (runs differing only here are aggregated)
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,40 @@ def read_results(out_dir: Path) -> tuple[list[RunResult], BenchMeta]:
     meta_path = out_dir / META_FILE
     meta = BenchMeta(**json.loads(meta_path.read_text())) if meta_path.exists() else BenchMeta()
     return runs, meta
+
+
+def aggregate(runs: Sequence[RunResult]) -> list[RunResult]:
+    """One run per cell (the spec but its repeat): the median of each metric over the cell's
+    repeats, their count, and the spread of throughput and ITL. Order: first appearance."""
+    cells: dict[RunSpec, list[RunResult]] = {}
+    for run in runs:
+        cells.setdefault(replace(run.spec, repeat=0), []).append(run)
+    merged = []
+    for spec, repeats in cells.items():
+        if len(repeats) == 1:
+            merged.append(replace(repeats[0], spec=spec))
+            continue
+        values: dict[str, Any] = {}
+        for name in RunMetrics.__dataclass_fields__:
+            column = [getattr(r.metrics, name) for r in repeats]
+            numbers = [v for v in column if isinstance(v, int | float) and v is not None]
+            if numbers and len(numbers) == len(column):
+                values[name] = statistics.median(numbers)
+            else:  # text (which side bound the run): the most common
+                present = [v for v in column if v is not None]
+                values[name] = max(set(present), key=present.count) if present else None
+        throughputs = [r.metrics.server_throughput_tok_s for r in repeats]
+        itls = [r.metrics.itl_ms_mean for r in repeats if r.metrics.itl_ms_mean is not None]
+        values.update(
+            repeats=len(repeats),
+            throughput_min=min(throughputs),
+            throughput_max=max(throughputs),
+            itl_ms_min=min(itls) if itls else None,
+            itl_ms_max=max(itls) if itls else None,
+        )
+        notes = "; ".join(sorted({r.notes for r in repeats if r.notes}))
+        merged.append(RunResult(spec, RunMetrics(**values), (), notes))
+    return merged
 
 
 def find_run(

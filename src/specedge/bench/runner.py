@@ -77,31 +77,39 @@ class RunGroup:
 
 
 def plan_runs(config: BenchConfig, depth: int) -> list[RunGroup]:
-    """Every run of the benchmark, grouped by deployment, in the order they will run."""
-    groups: dict[tuple[str, int], list[RunSpec]] = {}
+    """Every run of the benchmark, grouped by deployment, in the order they will run: the
+    groups once per repeat, so that the systems alternate between repeats of a cell."""
+    passes: list[dict[tuple[str, int], list[RunSpec]]] = [{} for _ in range(config.repeats)]
     for system in config.systems:
         clients = config.clients_for(system)
         drafts = system != SERVER_AR
-        for temperature in config.temperatures:
-            for count in clients:
-                for rtt in config.rtts_for(system):
-                    if system == HF_ASSISTED:
-                        key = (HF_ASSISTED, 1)
-                    else:
-                        key = deployment_key(system, count, max(clients))
-                    groups.setdefault(key, []).append(
-                        RunSpec(
-                            system=system,
-                            clients=count,
-                            rtt_ms=rtt,
-                            temperature=temperature,
-                            jitter_ms=config.jitter_ms if rtt > 0 else 0.0,
-                            depth=depth if drafts else None,
-                            budget=config.budget if drafts else None,
-                        )
-                    )
+        for prompt_set in config.prompt_sets:
+            for temperature in config.temperatures:
+                for count in clients:
+                    for rtt in config.rtts_for(system):
+                        if prompt_set not in config.prompt_sets_for(system, rtt):
+                            continue
+                        if system == HF_ASSISTED:
+                            key = (HF_ASSISTED, 1)
+                        else:
+                            key = deployment_key(system, count, max(clients))
+                        for repeat in range(config.repeats_for(system, rtt)):
+                            passes[repeat].setdefault(key, []).append(
+                                RunSpec(
+                                    system=system,
+                                    clients=count,
+                                    rtt_ms=rtt,
+                                    temperature=temperature,
+                                    jitter_ms=config.jitter_ms if rtt > 0 else 0.0,
+                                    depth=depth if drafts else None,
+                                    budget=config.budget if drafts else None,
+                                    prompt_set=prompt_set,
+                                    repeat=repeat,
+                                )
+                            )
     return [
         RunGroup(tuple(dict.fromkeys(s.system for s in specs)), slots, tuple(specs))
+        for groups in passes
         for (_, slots), specs in groups.items()
     ]
 
@@ -113,7 +121,13 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> Path:
     out_dir = Path(config.out)
     placement = Placement.plan(config.server_cpus, config.edge_cpus)
     placement.pin_this_process()
-    prompts = sample_prompts(load_prompts(config.prompts), config.num_prompts, config.categories)
+    prompt_sets = {
+        name: sample_prompts(
+            load_prompts(name), config.num_prompts, config.categories if index == 0 else ()
+        )
+        for index, name in enumerate(config.prompt_sets)
+    }
+    prompts = prompt_sets[config.prompts]
     meta = BenchMeta(
         config=_config_summary(config, prompts),
         machine=describe_machine(),
@@ -152,7 +166,7 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> Path:
         for group in plan:
             try:
                 runs += _run_group(
-                    group, config, settings, placement, prompts, progress, out_dir, meta
+                    group, config, settings, placement, prompt_sets, progress, out_dir, meta
                 )
             except SpecEdgeError as error:
                 lines = (line.strip(" │╭╮╰╯─") for line in str(error).splitlines())
@@ -171,7 +185,7 @@ def _run_group(
     config: BenchConfig,
     settings: SystemSettings,
     placement: Placement,
-    prompts: Sequence[BenchPrompt],
+    prompt_sets: dict[str, list[BenchPrompt]],
     progress: Progress,
     out_dir: Path,
     meta: BenchMeta,
@@ -184,7 +198,12 @@ def _run_group(
         task = progress.add_task(f"{HF_ASSISTED}: loading", total=None)
         try:
             return run_hf_assisted(
-                group.specs, config, prompts, placement, out_dir / "logs", config.price_table
+                group.specs,
+                config,
+                prompt_sets[config.prompts],
+                placement,
+                out_dir / "logs",
+                config.price_table,
             )
         finally:
             timeline["runs_s"] = time.monotonic() - clock
@@ -199,6 +218,7 @@ def _run_group(
             timeline["warmup_s"] = time.monotonic() - clock - timeline["startup_s"]
             results = []
             for spec in group.specs:
+                prompts = prompt_sets[spec.prompt_set]
                 results.append(measure_run(deployment, spec, prompts, config, progress, task))
             timeline["runs_s"] = sum(r.metrics.wall_s for r in results)
             return results
@@ -236,14 +256,24 @@ def measure_run(
         total=total,
         completed=0,
     )
-    busy_before = deployment.busy_seconds()
-    bytes_before = deployment.wire_bytes(spec.system)
     settings = RequestSettings(
         config.max_tokens, spec.temperature, seed=config.seed, timeout_s=config.request_timeout_s
     )
+    urls = deployment.client_urls[spec.system][: spec.clients]
+    if config.warmup_per_client:  # the run's own warm-up: same settings, not measured
+        warm = asyncio.run(
+            run_clients(
+                urls, prompts[::-1], settings, num_requests=len(urls) * config.warmup_per_client
+            )
+        )
+        failed = [r.error for r in warm if r.error]
+        if failed:
+            raise SpecEdgeError(f"warm-up of {spec.system} failed: {failed[0]}")
+    busy_before = deployment.busy_seconds()
+    bytes_before = deployment.wire_bytes(spec.system)
     records = asyncio.run(
         run_clients(
-            deployment.client_urls[spec.system][: spec.clients],
+            urls,
             prompts,
             settings,
             on_done=lambda _: progress.advance(task),

@@ -113,6 +113,8 @@ class GenerationStats:
             "rounds": self.rounds,
             "tokens_per_round": round(self.tokens_per_round, 4),
             "predicted_tokens_per_round": None if predicted is None else round(predicted, 4),
+            "predicted_rounds": self.predicted_rounds,
+            "predicted_round_tokens": self.predicted_round_tokens,
             "drafted_nodes": self.drafted_nodes,
             "verified_nodes": self.verified_nodes,
             "cut_rounds": self.cut_rounds,

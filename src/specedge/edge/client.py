@@ -266,6 +266,7 @@ class RemoteSession:
     async def next_streamed(self) -> TreeVerified:
         """While the server decodes the session itself: its next step's reply (no tree
         sent)."""
+        await self.opened()
         reply = await self._receive(TreeVerified, "a streamed round")
         if reply.round != self.round:
             raise self._fail(f"streamed round {reply.round} while round {self.round} was due")

@@ -9,9 +9,10 @@ tree. Sessions interleave on the one model thread; network waits never block it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from specedge.core.calibration import AcceptanceCalibrator
+from specedge.core.calibration import AcceptanceCalibrator, temperature_regime
 from specedge.core.draft import DraftEngine, SentTree
 from specedge.core.generation import GenerationRequest
 from specedge.core.goodput import TreeSizer
@@ -27,13 +28,16 @@ from specedge.rpc.codec import OpenSession, TreeVerified
 class RemoteVerifier:
     """One session's verifier on the server (`core.round_loop.SessionVerifier`)."""
 
-    def __init__(self, remote: RemoteSession) -> None:
+    def __init__(self, remote: RemoteSession, streaming: bool = False) -> None:
         self.remote = remote
         info = remote.info
         self.limits = TreeLimits(info.max_tree_nodes, info.max_tree_depth, info.max_context)
-        self.streaming = False  # the server decodes the session itself (its last reply said)
+        # the server decodes the session itself (its last reply said, or the Open asked)
+        self.streaming = streaming
         self.resume_threshold = 0.0
         self._resumed = False
+        self.last_streamed = False  # the latest verdict was a server-side step
+        self.on_end: Callable[[bool], None] | None = None  # told at the end: streamed last?
 
     async def resume(self) -> None:
         if self.streaming and not self._resumed:
@@ -41,6 +45,7 @@ class RemoteVerifier:
             await self.remote.resume()
 
     async def verify(self, sent: SentTree) -> VerifyResult:
+        self.last_streamed = self.streaming
         if self.streaming:  # nothing is sent: the server's next step
             reply = await self.remote.next_streamed()
             self._follow(reply)
@@ -78,6 +83,8 @@ class RemoteVerifier:
         return self.remote.bytes_sent, self.remote.bytes_received
 
     async def finish(self) -> None:
+        if self.on_end is not None:
+            self.on_end(self.last_streamed)
         await self.remote.finish()
 
     def close(self) -> None:
@@ -113,6 +120,9 @@ class EdgeRuntime(RoundLoopBackend):
         self.fingerprint = fingerprint
         self.adaptive = adaptive
         self.server_decoding = server_decoding
+        # Per temperature regime: whether the latest session ended with the server decoding
+        # it (the next one then starts that way, and probes its way back to trees).
+        self._ended_streaming: dict[str, bool] = {}
         self.calibrator = AcceptanceCalibrator()
         self.jobs = WorkerJobs(worker, draft.runner)  # batches the sessions' draft steps
 
@@ -125,6 +135,8 @@ class EdgeRuntime(RoundLoopBackend):
         }
 
     async def _open_verifier(self, request: GenerationRequest, max_tokens: int) -> RemoteVerifier:
+        regime = temperature_regime(request.params.temperature)
+        start_streaming = self.server_decoding and self._ended_streaming.get(regime, False)
         message = OpenSession(
             prompt_token_ids=list(request.prompt_token_ids),
             sampling=request.params,
@@ -132,8 +144,12 @@ class EdgeRuntime(RoundLoopBackend):
             stop_token_ids=list(request.stop_token_ids),
             tokenizer_fingerprint=self.fingerprint,
             accepts_streaming=self.server_decoding,
+            start_streaming=start_streaming,
         )
-        return RemoteVerifier(await self.connection.open_session(message))
+        remote = await self.connection.open_session(message)
+        verifier = RemoteVerifier(remote, streaming=start_streaming)
+        verifier.on_end = lambda streaming: self._ended_streaming.__setitem__(regime, streaming)
+        return verifier
 
     def _open_drafter(self, request: GenerationRequest, verifier: SessionVerifier) -> Drafter:
         budget = min(self.draft.shape.budget, verifier.limits.max_tree_nodes)

@@ -57,6 +57,7 @@ class OpenSession:
     tokenizer_fingerprint: str = ""
     protocol_version: int = PROTOCOL_VERSION
     accepts_streaming: bool = False  # the edge follows server-side decoding (`ResumeTrees`)
+    start_streaming: bool = False  # ... and asks for it from the first round
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ def encode_edge(message: EdgeRequest) -> pb.EdgeMessage:
                 max_tokens=message.max_tokens,
                 stop_token_ids=message.stop_token_ids,
                 accepts_streaming=message.accepts_streaming,
+                start_streaming=message.start_streaming,
             )
         )
     if isinstance(message, VerifyTree):
@@ -178,6 +180,7 @@ def decode_edge(message: pb.EdgeMessage) -> EdgeRequest | None:
             tokenizer_fingerprint=o.tokenizer_fingerprint,
             protocol_version=o.protocol_version,
             accepts_streaming=o.accepts_streaming,
+            start_streaming=o.start_streaming,
         )
     if kind == "tree":
         t = message.tree

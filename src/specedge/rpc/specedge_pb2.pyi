@@ -51,7 +51,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("protocol_version", "tokenizer_fingerprint", "prompt_token_ids", "sampling", "max_tokens", "stop_token_ids", "accepts_streaming")
+    __slots__ = ("protocol_version", "tokenizer_fingerprint", "prompt_token_ids", "sampling", "max_tokens", "stop_token_ids", "accepts_streaming", "start_streaming")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class Open(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_STREAMING_FIELD_NUMBER: _ClassVar[int]
+    START_STREAMING_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     tokenizer_fingerprint: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -66,7 +67,8 @@ class Open(_message.Message):
     max_tokens: int
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     accepts_streaming: bool
-    def __init__(self, protocol_version: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., accepts_streaming: _Optional[bool] = ...) -> None: ...
+    start_streaming: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., accepts_streaming: _Optional[bool] = ..., start_streaming: _Optional[bool] = ...) -> None: ...
 
 class Tree(_message.Message):
     __slots__ = ("round", "tokens", "parents", "estimates")

@@ -27,6 +27,9 @@ from dataclasses import dataclass
 
 from specedge.core.limits import DEFAULT_PREFILL_CHUNK
 
+OVERDUE_GRACE_S = 0.005  # a predicted arrival this late is still expected
+IMMINENT_S = 0.0005  # how soon an overdue arrival is expected
+
 
 class SchedulerError(Exception):
     """A request the state machine cannot accept (an internal invariant of the caller broke)."""
@@ -152,15 +155,18 @@ class Scheduler:
             if (request := self._sessions[session_id].request) is not None
         ]
 
-    def expected_arrivals(self, now: float, horizon: float) -> list[float]:
+    def expected_arrivals(
+        self, now: float, horizon: float, grace: float = OVERDUE_GRACE_S
+    ) -> list[float]:
         """Predicted arrival times within `horizon` seconds, soonest first, as many as the
-        next batch has room for."""
+        next batch has room for. A session overdue by less than `grace` (a server-side
+        decoding session whose next step is being submitted) counts as arriving in a moment."""
         room = self.policy.max_batch - len(self._ready_ids(limit=self.policy.max_batch))
         arrivals = sorted(
-            arrival
+            max(arrival, now + IMMINENT_S)
             for session_id in self._sessions
             if (arrival := self.predicted_arrival(session_id)) is not None
-            and now <= arrival <= now + horizon
+            and now - grace <= arrival <= now + horizon
         )
         return arrivals[: max(room, 0)]
 

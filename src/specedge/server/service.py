@@ -87,6 +87,8 @@ class VerifierService:
         self.info_reply = info
         self.session_timeout = session_timeout
         self._auth_token = auth_token.encode() if auth_token is not None else None
+        # The latest threshold a stream was given: what a session that starts streaming gets.
+        self._resume_threshold = 2.0
 
     @property
     def metrics(self) -> ServerMetrics:
@@ -132,6 +134,12 @@ class VerifierService:
             opened = SessionOpened(session.session_id, session.seq.max_new_tokens)
             yield opened
             policy = StreamPolicy()
+            if can_stream and first.start_streaming:  # round 0 on is decoded here
+                start = TreeVerified(-1, [], 0, None, streaming=True,
+                                     resume_tokens_per_round=self._resume_threshold)  # fmt: skip
+                async for streamed in self._stream(session, inbox, start):
+                    yield streamed
+                policy.resumed(time.monotonic())
             while True:
                 message = await self._receive(inbox)
                 if isinstance(message, ResumeTrees):
@@ -146,11 +154,9 @@ class VerifierService:
                 policy.observe(message, reply, time.monotonic())
                 batch_s = self.executor.recent_batch_seconds
                 if can_stream and reply.finish_reason is None and policy.should_stream(batch_s):
-                    reply = replace(
-                        reply,
-                        streaming=True,
-                        resume_tokens_per_round=policy.resume_threshold(batch_s),
-                    )
+                    threshold = policy.resume_threshold(batch_s)
+                    self._resume_threshold = threshold  # for sessions that start streaming
+                    reply = replace(reply, streaming=True, resume_tokens_per_round=threshold)
                 yield reply
                 if reply.streaming:
                     async for streamed in self._stream(session, inbox, reply):

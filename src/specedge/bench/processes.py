@@ -84,10 +84,20 @@ def _cores(cpus: frozenset[int] | None) -> str:
     return "any" if cpus is None else ",".join(map(str, sorted(cpus)))
 
 
+_HANDED_OUT: set[int] = set()  # ports given to processes that may not have bound them yet
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port, never one this process handed out before: the OS may offer a
+    port again until the process it was meant for binds it (two processes of one deployment
+    then collide)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def specedge_args(*args: str) -> list[str]:

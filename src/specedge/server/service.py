@@ -374,6 +374,8 @@ class _Inbox:
     def _pending(self) -> asyncio.Future[InboxItem]:
         if self._next is None:
             self._next = asyncio.ensure_future(self._read())
+            # An aborted call fails the read; whoever awaits it sees that, nobody else must.
+            self._next.add_done_callback(_retrieve)
         return self._next
 
     async def receive(self, timeout: float) -> InboxItem:
@@ -400,6 +402,11 @@ class _Inbox:
     def close(self) -> None:
         if self._next is not None and not self._next.done():
             self._next.cancel()
+
+
+def _retrieve(future: asyncio.Future[InboxItem]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _invalid(message: str) -> _SessionAborted:

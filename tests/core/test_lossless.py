@@ -309,7 +309,7 @@ def cut_tree(tree: DraftTree, rng: random.Random | None) -> DraftTree:
     if rng is None:
         return tree
     keep = rng.randint(0, tree.num_nodes)
-    return DraftTree(tree.tokens[:keep], tree.parents[:keep])
+    return tree.prefix(keep)
 
 
 def chi_square_pvalue(observed: torch.Tensor, exact: torch.Tensor) -> float:

@@ -19,10 +19,16 @@ from specedge.core.generation import GenerationStats
 from specedge.core.goodput import UNPROFILED_BATCH_COST, FittedBatchCost, TreeSizer, select_prefixes
 from specedge.core.limits import DEFAULT_MAX_CONTEXT, TreeShape
 from specedge.core.model_runner import ModelRunner
-from specedge.core.round_loop import Drafter, InlineJobs, ModelDrafter, NoDrafter, run_rounds
+from specedge.core.round_loop import (
+    Drafter,
+    InlineJobs,
+    InProcessVerifier,
+    ModelDrafter,
+    NoDrafter,
+    run_rounds,
+)
 from specedge.core.sampling import SamplingParams
 from specedge.core.target import GenerationLimits, TargetEngine, TargetSequence
-from specedge.core.tree import DraftTree
 from specedge.core.verify import VerifyResult
 from specedge.model.loader import LoadedModel, check_same_tokenizer
 
@@ -39,7 +45,7 @@ class GenerationOutput:
         return len(self.token_ids)
 
 
-class LocalVerifier:
+class LocalVerifier(InProcessVerifier):
     """The target in this process verifies one sequence per round
     (`core.round_loop.SessionVerifier`): of a tree with estimates, the prefix that maximises
     expected tokens per second under `cost` (kept current from each round's time), as the
@@ -57,24 +63,12 @@ class LocalVerifier:
         tree = self.target.admit(self.seq, sent.tree)
         if self.cost is not None and sent.estimates and tree.num_nodes:
             keep = select_prefixes([sent.estimates[: tree.num_nodes]], self.cost).verified[0]
-            tree = DraftTree(tree.tokens[:keep], tree.parents[:keep])
+            tree = tree.prefix(keep)
         start = time.perf_counter()
         result = self.target.verify([(self.seq, tree)])[0]
         if self.cost is not None:
             self.cost.observe(1, tree.num_nodes + 1, time.perf_counter() - start)
         return result
-
-    streaming = False  # in process: nothing to stream
-    resume_threshold = 0.0
-
-    async def resume(self) -> None:
-        pass
-
-    def traffic(self) -> tuple[int, int]:
-        return 0, 0
-
-    async def finish(self) -> None:
-        pass
 
     def close(self) -> None:
         self.target.close(self.seq)

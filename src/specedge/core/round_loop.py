@@ -192,6 +192,24 @@ async def run_rounds(
             await verifier.resume()
 
 
+class InProcessVerifier:
+    """What every verifier in the drafter's process shares: no wire (no traffic, nothing to
+    finish) and no server-side decoding to follow. Subclasses add `limits`, `verify` and
+    `close` (`SessionVerifier`)."""
+
+    streaming = False
+    resume_threshold = 0.0
+
+    async def resume(self) -> None:
+        pass
+
+    def traffic(self) -> tuple[int, int]:
+        return 0, 0
+
+    async def finish(self) -> None:
+        pass
+
+
 def verified_nodes(sent: SentTree, verdict: VerifyResult) -> int:
     """How many of the sent nodes the verdict covers (all of them unless it says fewer)."""
     return sent.tree.num_nodes if verdict.num_verified is None else verdict.num_verified

@@ -188,4 +188,4 @@ def fit_to_context(tree: DraftTree, context_len: int, max_context: int) -> Draft
     room = max_context - context_len
     if tree.num_nodes <= room or room < 0:
         return tree  # room < 0 cannot happen for an open session: its prompt was checked
-    return DraftTree(tree.tokens[:room], tree.parents[:room])
+    return tree.prefix(room)

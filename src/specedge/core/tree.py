@@ -115,6 +115,12 @@ class DraftTree:
     def depths(self) -> list[int]:
         return depths(self.parents)
 
+    def prefix(self, num_nodes: int) -> DraftTree:
+        """The first `num_nodes` nodes (a tree whenever parents come before children)."""
+        if num_nodes >= self.num_nodes:
+            return self
+        return DraftTree(self.tokens[:num_nodes], self.parents[:num_nodes])
+
     def rooted(self, root_token: int) -> tuple[list[int], list[int]]:
         """The verification block: the root then the nodes, parents shifted by one."""
         tokens = [root_token, *self.tokens]

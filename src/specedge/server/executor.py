@@ -449,9 +449,7 @@ class VerificationExecutor:
         estimates = [sessions[i].estimates or () for i in chosen]
         selection = select_prefixes(estimates, cost, fixed_tokens=float(len(fixed)))
         for i, keep in zip(chosen, selection.verified, strict=True):
-            tree = trees[i]
-            if keep < tree.num_nodes:
-                trees[i] = DraftTree(tree.tokens[:keep], tree.parents[:keep])
+            trees[i] = trees[i].prefix(keep)
         return trees
 
     def _note_idle(self) -> None:

@@ -27,6 +27,7 @@ from specedge.core.goodput import TreeSizer
 from specedge.core.model_runner import ModelRunner
 from specedge.core.round_loop import (
     Drafter,
+    InProcessVerifier,
     ModelDrafter,
     NoDrafter,
     RoundLoopBackend,
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class ExecutorVerifier:
+class ExecutorVerifier(InProcessVerifier):
     """One session on the executor (`core.round_loop.SessionVerifier`)."""
 
     def __init__(self, executor: VerificationExecutor, session: ServerSession) -> None:
@@ -52,18 +53,6 @@ class ExecutorVerifier:
     async def verify(self, sent: SentTree) -> VerifyResult:
         estimates = sent.estimates if sent.tree.num_nodes else None
         return await self.executor.verify(self.session.session_id, sent.tree, estimates)
-
-    streaming = False  # in process: nothing to stream
-    resume_threshold = 0.0
-
-    async def resume(self) -> None:
-        pass
-
-    def traffic(self) -> tuple[int, int]:
-        return 0, 0
-
-    async def finish(self) -> None:
-        pass
 
     def close(self) -> None:
         self.executor.close_session(self.session.session_id)

@@ -138,6 +138,27 @@ def distill(
 
 
 @app.command()
+def export(
+    model: Annotated[str, typer.Argument(help=f"The model to export: {MODEL_HELP}.")],
+    directory: Annotated[Path, typer.Argument(help="The Hugging Face folder to write.")],
+    dtype: Annotated[
+        str, typer.Option(help="float32|bfloat16|float16 of the written weights.")
+    ] = "float32",
+    force: Annotated[
+        bool, typer.Option(help="Replace DIRECTORY if it is not empty (deletes its contents).")
+    ] = False,
+) -> None:
+    """Write MODEL as a Hugging Face folder (config, safetensors, tokenizer) that
+    transformers, vLLM and specedge load."""
+    from specedge.model.export import check_destination, export_model
+    from specedge.model.loader import load_model, parse_dtype
+
+    check_destination(directory, force)  # before a load that may take minutes
+    loaded = load_model(model, dtype=parse_dtype(dtype))
+    typer.echo(f"wrote {export_model(loaded, directory, force=force)}")
+
+
+@app.command()
 @settings_options(EdgeConfig)
 def edge(
     auth_token_file: Annotated[Path | None, typer.Option(help="File holding the token.")] = None,

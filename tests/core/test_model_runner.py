@@ -18,26 +18,36 @@ from tests.support.trees import random_tree
 ATOL = 1e-4
 
 
-def test_forward_inputs_positions_and_mask() -> None:
+def test_forward_inputs_positions_and_mask(tiny_model: LoadedModel) -> None:
     """A draft-step row: 2 of the block's 4 nodes are cached, 2 are new, after 3 context
-    positions; a second row is a 1-token chain, padded."""
+    positions; a second row is a 1-token chain. Rows are concatenated (no padding), a mask
+    only where the block is more than one new token, KV writes at the slots' pool indices."""
+    runner = ModelRunner(tiny_model, num_slots=2, max_context=32, max_block=8)
+    first, second = runner.kv.allocate(), runner.kv.allocate()
     rows = [
         TreeRow(
-            slot=1, context_len=3, parents=[ROOT_PARENT, 0, 0, 1], new_tokens=[11, 12], num_cached=2
+            slot=second,
+            context_len=3,
+            parents=[ROOT_PARENT, 0, 0, 1],
+            new_tokens=[11, 12],
+            num_cached=2,
         ),
-        TreeRow(slot=0, context_len=1, parents=[ROOT_PARENT], new_tokens=[13]),
+        TreeRow(slot=first, context_len=1, parents=[ROOT_PARENT], new_tokens=[13]),
     ]
-    inputs = build_forward_inputs(rows)
-    assert inputs.tokens[0].tolist() == [11, 12] and inputs.tokens[1, 0] == 13
-    assert inputs.positions[0].tolist() == [3 + 1, 3 + 2]  # context_len + depth - 1
-    assert inputs.positions[1, 0] == 1
-    assert inputs.kv_write.slots == (1, 0) and inputs.kv_write.starts == (5, 1)
+    inputs = build_forward_inputs(rows, runner.kv)
+    assert inputs.tokens.tolist() == [11, 12, 13]
+    assert inputs.positions.tolist() == [3 + 1, 3 + 2, 1]  # context_len + depth - 1
     assert inputs.num_new == [2, 1]
-    assert inputs.attn_mask.shape == (2, 2, 7)
+    second_base = runner.kv.physical(second, 0, 1).item()
+    assert inputs.batch.write_index.tolist() == [second_base + 5, second_base + 6, 1]
+    tree_block, chain_block = inputs.batch.sequences
+    assert (tree_block.slot, tree_block.first_row, tree_block.num_rows) == (second, 0, 2)
+    assert (chain_block.slot, chain_block.first_row, chain_block.num_rows) == (first, 2, 1)
+    assert tree_block.kv_len == 7 and chain_block.kv_len == 2
+    assert tree_block.mask is not None and chain_block.mask is None
     # Node 2 (child of 0) sees the context, node 0 and itself; node 3 sees 0, 1 and itself.
-    assert inputs.attn_mask[0, 0].tolist() == [1, 1, 1, 1, 0, 1, 0]
-    assert inputs.attn_mask[0, 1].tolist() == [1, 1, 1, 1, 1, 0, 1]
-    assert inputs.attn_mask[1, 0].tolist() == [1, 1, 0, 0, 0, 0, 0]
+    assert tree_block.mask[0].tolist() == [1, 1, 1, 1, 0, 1, 0]
+    assert tree_block.mask[1].tolist() == [1, 1, 1, 1, 1, 0, 1]
 
 
 # ---- tree attention ------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from transformers.generation.logits_process import (
 from specedge.core.sampling import (
     SamplingParams,
     filter_logits,
+    greedy_tokens,
+    invert_cdf,
     make_generator,
     probabilities,
     sample,
@@ -180,3 +182,35 @@ def test_unseeded_generators_differ() -> None:
 def test_invalid_params_are_rejected(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("vocab", [49152, 151936, 1000, 97])
+def test_greedy_tokens_equal_argmax_with_ties(vocab: int) -> None:
+    """The two-level argmax is `argmax` exactly, first maximum included, for vocabularies
+    with chunk divisors (SmolLM2's, Qwen's) and without (a prime)."""
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(12, vocab, generator=generator).round(decimals=1)  # many ties
+    logits[3] = 0.0  # a row of ties only: the first index
+    logits[4, -1] = 100.0  # the last column
+    assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1))
+    assert torch.equal(greedy_tokens(logits.bfloat16()), logits.bfloat16().argmax(dim=-1))
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000, 97])
+def test_invert_cdf_equals_a_whole_vocabulary_search_and_skips_zero_probability(
+    vocab: int,
+) -> None:
+    """The two-level inverse CDF picks the token a float64 cumulative sum over the whole
+    vocabulary picks (up to summation rounding at exact boundaries, so: almost always), and
+    never one of probability zero, even at u next to 1 with zero-probability tails."""
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(64, vocab, generator=generator) * 3
+    logits[:, vocab // 2 :] = -math.inf  # filtered tail: zero probability
+    probs = logits.softmax(dim=-1)
+    u = torch.rand(64, generator=generator, dtype=torch.float64)
+    u[:4] = torch.tensor([0.0, 1e-300, 1 - 1e-16, math.nextafter(1.0, 0.0)])
+    cdf = probs.double().cumsum(dim=-1)
+    expected = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    actual = invert_cdf(probs, u)
+    assert (actual == expected.clamp(max=vocab - 1)).float().mean() >= 0.95
+    assert (probs.gather(1, actual[:, None]) > 0).all()

@@ -14,9 +14,9 @@ from transformers import GPT2Config, PretrainedConfig
 
 from specedge.errors import ModelLoadError
 from specedge.model.config import ModelConfig
-from specedge.model.kv_cache import KVCache, KVWrite
+from specedge.model.kv_cache import KVCache
 from specedge.model.loader import build_model, convert_hf_state_dict, load_model
-from specedge.model.transformer import Linear
+from specedge.model.transformer import Linear, chain_batch
 from tests.support.models import (
     LLAMA3_ROPE_SCALING,
     TINY_VOCAB,
@@ -80,12 +80,12 @@ def test_decode_with_kv_cache_matches_transformers(case: str) -> None:
     generator = torch.Generator().manual_seed(4)
     num_prompt, num_steps = 12, 10
     sequence = torch.randint(0, config.vocab_size, (1, num_prompt), generator=generator)
-    kv = KVCache(config, num_slots=2, max_len=num_prompt + num_steps)
-    slot = 1  # not slot 0, so that slot indexing matters
-    write = KVWrite(slots=(slot,), starts=(0,))
-    prompt_mask = torch.ones(num_prompt, num_prompt, dtype=torch.bool).tril()[None]
+    kv = KVCache(config, num_slots=2, max_len=num_prompt + num_steps, block_size=4)
+    kv.allocate(capacity=8)  # slot 0 takes the first blocks, so that pool addressing matters
+    slot = kv.allocate()
+    batch = chain_batch(kv, [(slot, 0, num_prompt)])
     with torch.inference_mode():
-        logits = model(sequence, torch.arange(num_prompt)[None], prompt_mask, kv, write)[0, -1]
+        logits = model(sequence[0], torch.arange(num_prompt), batch, kv)[-1]
     for step in range(num_steps):
         with torch.no_grad():
             expected = hf_model(sequence).logits[0, -1]
@@ -93,10 +93,9 @@ def test_decode_with_kv_cache_matches_transformers(case: str) -> None:
         next_token = torch.randint(0, config.vocab_size, (1, 1), generator=generator)
         position = num_prompt + step
         sequence = torch.cat([sequence, next_token], dim=1)
-        mask = torch.ones(1, 1, position + 1, dtype=torch.bool)
-        write = KVWrite(slots=(slot,), starts=(position,))
+        batch = chain_batch(kv, [(slot, position, 1)])
         with torch.inference_mode():
-            logits = model(next_token, torch.tensor([[position]]), mask, kv, write)[0, -1]
+            logits = model(next_token[0], torch.tensor([position]), batch, kv)[-1]
     assert logits.shape == (config.vocab_size,)
 
 
@@ -149,12 +148,12 @@ def test_bf16_cpu_models_pack_their_linears_without_changing_a_bit() -> None:
         if isinstance(m, Linear)
     )
     tokens = torch.randint(0, config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(6))
-    mask = torch.ones(9, 9, dtype=torch.bool).tril()[None]
 
     def prefill() -> torch.Tensor:
         kv = KVCache(config, num_slots=1, max_len=9, dtype=torch.bfloat16)
+        batch = chain_batch(kv, [(kv.allocate(), 0, 9)])
         with torch.inference_mode():
-            return model(tokens, torch.arange(9)[None], mask, kv, KVWrite(slots=(0,), starts=(0,)))
+            return model(tokens[0], torch.arange(9), batch, kv)
 
     packed = prefill()
     for m in linears:

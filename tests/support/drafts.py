@@ -48,10 +48,10 @@ def assert_draft_kv_matches_prefill(engine: DraftEngine, seq: DraftSequence) -> 
     reference = kv.allocate()
     try:
         engine.runner.prefill(reference, seq.committed[:length], 0)
-        for keys, values in zip(kv.keys, kv.values, strict=True):
-            for cache in (keys, values):
-                torch.testing.assert_close(
-                    cache[seq.slot, :, :length], cache[reference, :, :length], atol=1e-5, rtol=0
-                )
+        for layer in range(kv.keys.shape[0]):
+            for cache, fresh in zip(
+                kv.read(layer, seq.slot, length), kv.read(layer, reference, length), strict=True
+            ):
+                torch.testing.assert_close(cache, fresh, atol=1e-5, rtol=0)
     finally:
         kv.free(reference)

@@ -26,9 +26,9 @@ from transformers import (
 )
 
 from specedge.model.config import ModelConfig
-from specedge.model.kv_cache import KVCache, KVWrite
+from specedge.model.kv_cache import KVCache
 from specedge.model.loader import LoadedModel, build_model, convert_hf_state_dict, load_model
-from specedge.model.transformer import Transformer
+from specedge.model.transformer import Transformer, chain_batch
 
 TINY_VOCAB = 256
 TARGET_SEED = 11  # the seed of the tiny target; drafts use other seeds (or this one to agree)
@@ -203,14 +203,17 @@ def bundled_model() -> LoadedModel:
 # ---- reference forwards ------------------------------------------------------------------------
 def causal_forward(model: Transformer, sequences: Tensor) -> tuple[Tensor, KVCache]:
     """Plain causal forward of whole sequences ([B, L]) from position 0 in a fresh KV cache
-    (sequence b in slot b): the logits ([B, L, V]) and the cache."""
+    (sequence b in the b-th slot allocated): the logits ([B, L, V]) and the cache."""
     batch, length = sequences.shape
     kv = KVCache(model.config, num_slots=batch, max_len=length)
-    positions = torch.arange(length).expand(batch, length)
-    mask = torch.ones(length, length, dtype=torch.bool).tril().expand(batch, length, length)
-    write = KVWrite(slots=tuple(range(batch)), starts=(0,) * batch)
+    slots = [kv.allocate() for _ in range(batch)]
+    flat = chain_batch(kv, [(slot, 0, length) for slot in slots])
+    positions = torch.arange(length).repeat(batch)
     with torch.inference_mode():
-        return model(sequences, positions, mask, kv, write), kv
+        logits = model(sequences.flatten(), positions, flat, kv).view(batch, length, -1)
+    for slot in slots:
+        kv.set_length(slot, length)
+    return logits, kv
 
 
 def causal_logits(model: Transformer, sequences: Tensor) -> Tensor:  # [B, L] -> [B, L, V]

@@ -41,9 +41,7 @@ def assert_slot_matches_fresh_prefill(
         return
     _, fresh = causal_forward(loaded.model, torch.tensor([tokens]))
     for layer in range(loaded.config.num_layers):
-        torch.testing.assert_close(
-            kv.keys[layer][slot, :, :length], fresh.keys[layer][0], atol=KV_ATOL, rtol=0
-        )
-        torch.testing.assert_close(
-            kv.values[layer][slot, :, :length], fresh.values[layer][0], atol=KV_ATOL, rtol=0
-        )
+        keys, values = kv.read(layer, slot, length)
+        fresh_keys, fresh_values = fresh.read(layer, 0, length)
+        torch.testing.assert_close(keys, fresh_keys, atol=KV_ATOL, rtol=0)
+        torch.testing.assert_close(values, fresh_values, atol=KV_ATOL, rtol=0)

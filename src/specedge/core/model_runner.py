@@ -16,8 +16,9 @@ from torch import Tensor
 
 from specedge.core.limits import DEFAULT_PREFILL_CHUNK
 from specedge.core.tree import ROOT_PARENT, ancestor_mask, depths
-from specedge.model.kv_cache import KVCache, KVWrite
+from specedge.model.kv_cache import KVCache
 from specedge.model.loader import LoadedModel
+from specedge.model.transformer import FlatBatch, SequenceBlock
 
 
 @dataclass(frozen=True)
@@ -40,43 +41,39 @@ class TreeRow:
 
 @dataclass
 class ForwardInputs:
-    """Padded batch for `Transformer.forward`, plus where each row's real tokens are."""
+    """A flat batch for `Transformer.hidden_states`: every row's new tokens concatenated."""
 
-    tokens: Tensor  # [B, N]
-    positions: Tensor  # [B, N]
-    attn_mask: Tensor  # [B, N, S]
-    kv_write: KVWrite
-    num_new: list[int] = field(default_factory=list)  # real new tokens per row
+    tokens: Tensor  # [T]
+    positions: Tensor  # [T]
+    batch: FlatBatch
+    num_new: list[int] = field(default_factory=list)  # new tokens per row
 
 
-def build_forward_inputs(
-    rows: Sequence[TreeRow], device: torch.device | str = "cpu"
-) -> ForwardInputs:
-    """Tokens, positions, masks and KV write locations for a batch of blocks."""
-    num_rows = len(rows)
-    width = max(len(row.new_tokens) for row in rows)
-    span = max(row.context_len + len(row.parents) for row in rows)
-    tokens = torch.zeros(num_rows, width, dtype=torch.long)
-    positions = torch.zeros(num_rows, width, dtype=torch.long)
-    mask = torch.zeros(num_rows, width, span, dtype=torch.bool)
-    for b, row in enumerate(rows):
+def build_forward_inputs(rows: Sequence[TreeRow], kv: KVCache) -> ForwardInputs:
+    """Tokens, positions, masks and KV write locations for a batch of blocks, built once per
+    forward: no padding, and a mask only where a row's block is not a single new token."""
+    device = kv.keys.device
+    tokens: list[int] = []
+    positions: list[Tensor] = []
+    index: list[Tensor] = []
+    blocks = []
+    for row in rows:
         num_new, base = len(row.new_tokens), row.context_len
         block_end = base + len(row.parents)
-        tokens[b, :num_new] = torch.tensor(list(row.new_tokens), dtype=torch.long)
         node_depths = torch.tensor(depths(row.parents), dtype=torch.long)
-        positions[b, :num_new] = base + node_depths[row.num_cached :] - 1
-        mask[b, :num_new, :base] = True
-        mask[b, :num_new, base:block_end] = ancestor_mask(row.parents)[row.num_cached :]
-        # Padding rows attend only to themselves so that attention stays finite.
-        pad = torch.arange(num_new, width)
-        mask[b, pad, (block_end + pad - num_new).clamp(max=span - 1)] = True
-        positions[b, num_new:] = base
-    starts = tuple(row.context_len + row.num_cached for row in rows)
+        positions.append(base + node_depths[row.num_cached :] - 1)
+        tokens.extend(row.new_tokens)
+        index.append(kv.physical(row.slot, base + row.num_cached, num_new))
+        mask = None
+        if len(row.parents) > 1:
+            mask = torch.ones(num_new, block_end, dtype=torch.bool)
+            mask[:, base:] = ancestor_mask(row.parents)[row.num_cached :]
+            mask = mask.to(device)
+        blocks.append(SequenceBlock(row.slot, len(tokens) - num_new, num_new, block_end, mask))
     return ForwardInputs(
-        tokens=tokens.to(device),
-        positions=positions.to(device),
-        attn_mask=mask.to(device),
-        kv_write=KVWrite(slots=tuple(row.slot for row in rows), starts=starts),
+        tokens=torch.tensor(tokens, dtype=torch.long).to(device),
+        positions=torch.cat(positions).to(device),
+        batch=FlatBatch(tuple(blocks), torch.cat(index)),
         num_new=[len(row.new_tokens) for row in rows],
     )
 
@@ -89,19 +86,23 @@ class ModelRunner:
         num_slots: int,
         max_context: int,
         max_block: int,
+        kv_blocks: int | None = None,
     ) -> None:
         """`max_context`: longest committed context; `max_block`: most tokens laid out past
-        it at once (tree nodes, padding), so a slot holds max_context + max_block positions."""
+        it at once (tree nodes), so a slot holds up to max_context + max_block positions;
+        `kv_blocks`: the KV pool's blocks (default: every slot at full length)."""
         self.loaded = loaded
         self.model = loaded.model
         self.config = loaded.config
         self.max_context = max_context
+        self.max_block = max_block
         self.kv = KVCache(
             loaded.config,
             num_slots=num_slots,
             max_len=max_context + max_block,
             device=loaded.device,
             dtype=loaded.dtype,
+            num_blocks=kv_blocks,
         )
         self.num_forwards = 0
 
@@ -112,12 +113,10 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, rows: Sequence[TreeRow]) -> list[Tensor]:
         """Hidden states of each row's new tokens: a list of [num_new_b, E]."""
-        inputs = build_forward_inputs(rows, self.device)
-        hidden = self.model.hidden_states(
-            inputs.tokens, inputs.positions, inputs.attn_mask, self.kv, inputs.kv_write
-        )
+        inputs = build_forward_inputs(rows, self.kv)
+        hidden = self.model.hidden_states(inputs.tokens, inputs.positions, inputs.batch, self.kv)
         self.num_forwards += 1
-        return [hidden[b, :num_new] for b, num_new in enumerate(inputs.num_new)]
+        return list(hidden.split(inputs.num_new))
 
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:  # [n, E] -> [n, V] float32

@@ -86,14 +86,55 @@ def sample_at(
     is still an exact draw from the target's distribution at the emitted prefix, with
     independent uniforms across positions: verification stays lossless."""
     if params.greedy:
-        return logits.argmax(dim=-1)
-    probs = filter_logits(logits, params).softmax(dim=-1).double()
-    cdf = probs.cumsum(dim=-1)
+        return greedy_tokens(logits)
+    probs = filter_logits(logits, params).softmax(dim=-1)
     u = torch.tensor(
-        [position_uniform(stream, p) for p in positions], dtype=torch.float64, device=cdf.device
+        [position_uniform(stream, p) for p in positions], dtype=torch.float64, device=probs.device
     )
-    targets = (u * cdf[:, -1]).unsqueeze(-1)  # scaled by each row's mass: never past the end
-    return torch.searchsorted(cdf, targets, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+    return invert_cdf(probs, u)
+
+
+def _chunk_size(vocab: int) -> int:
+    """Columns per chunk of the two-level searches below: the largest divisor of the
+    vocabulary in [64, 1024], or the whole vocabulary when it has none."""
+    return next((c for c in range(1024, 63, -1) if vocab % c == 0), vocab)
+
+
+def greedy_tokens(logits: Tensor) -> Tensor:  # [n, V] -> [n] int64
+    """`logits.argmax(-1)` (the first maximum of each row), in two levels: the chunks'
+    maxima, then the best chunk's argmax. torch's CPU argmax over a whole vocabulary is
+    unvectorised, about 9x slower than `amax`; a 17-node tree's samples took 1.7 ms."""
+    rows, vocab = logits.shape
+    chunk = _chunk_size(vocab)
+    if chunk == vocab:
+        return logits.argmax(dim=-1)
+    blocks = logits.contiguous().view(rows, vocab // chunk, chunk)
+    best = blocks.amax(dim=-1).argmax(dim=-1)  # the first chunk holding the row's maximum
+    index = torch.arange(rows, device=logits.device)
+    return best * chunk + blocks[index, best].argmax(dim=-1)
+
+
+def invert_cdf(probs: Tensor, u: Tensor) -> Tensor:  # [n, V], [n] float64 -> [n] int64
+    """The first token whose cumulative probability exceeds `u` times the row's mass, with
+    float64 cumulative sums, in two levels (chunk masses, then one chunk's cumulative sum) instead of a
+    float64 copy and cumulative sum of the whole vocabulary. Never a zero-probability token:
+    the chosen chunk has mass, and inside it the search stops where the sum last grew."""
+    rows, vocab = probs.shape
+    chunk = _chunk_size(vocab)
+    blocks = probs.contiguous().view(rows, vocab // chunk, chunk)
+    cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [n, chunks]
+    mass = cdf[:, -1]
+    # Scaled by each row's mass and kept below it, so the chosen chunk is one that has mass.
+    targets = torch.minimum(u * mass, torch.nextafter(mass, torch.zeros_like(mass)))
+    best = torch.searchsorted(cdf, targets[:, None], right=True)[:, 0]
+    best = best.clamp_(max=cdf.shape[-1] - 1)
+    before = torch.where(best > 0, cdf.gather(1, (best - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+    index = torch.arange(rows, device=probs.device)
+    inside = blocks[index, best].double().cumsum(dim=-1)  # [n, chunk]
+    last = inside[:, -1]
+    rest = torch.minimum(targets - before, torch.nextafter(last, torch.zeros_like(last)))
+    within = torch.searchsorted(inside, rest[:, None], right=True)[:, 0]
+    return best * chunk + within.clamp_(max=chunk - 1)
 
 
 def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:  # [n, V] -> [n, V]
@@ -123,6 +164,6 @@ def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:  # [n, V] -
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> Tensor:
     """One token per row: [n, V] -> [n] int64."""
     if params.greedy:
-        return logits.argmax(dim=-1)
+        return greedy_tokens(logits)
     probs = filter_logits(logits, params).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -95,7 +95,9 @@ class TargetEngine:
                 f"{self.runner.max_context} (prompt + generated)"
             )
         max_new_tokens = min(max_new_tokens, self.runner.max_context - len(prompt_tokens))
-        slot = self.runner.kv.allocate()
+        # The slot reserves what this request can use (its prompt, its answer, one tree past
+        # the end), not the longest context: short requests leave the pool to others.
+        slot = self.runner.kv.allocate(self.capacity_for(len(prompt_tokens), max_new_tokens))
         return TargetSequence(
             slot=slot,
             committed=list(prompt_tokens),
@@ -105,6 +107,15 @@ class TargetEngine:
             stop_token_ids=frozenset(stop_token_ids),
             max_new_tokens=max_new_tokens,
         )
+
+    def capacity_for(self, num_prompt: int, max_new_tokens: int) -> int:
+        """KV positions a request of this size reserves."""
+        max_new_tokens = min(max_new_tokens, self.runner.max_context - num_prompt)
+        return num_prompt + max_new_tokens + self.runner.max_block
+
+    def can_open(self, num_prompt: int, max_new_tokens: int) -> bool:
+        """Whether a request of this size would get a KV slot now."""
+        return self.runner.kv.can_allocate(self.capacity_for(num_prompt, max_new_tokens))
 
     def prefill_chunk(self, seq: TargetSequence, chunk: int = DEFAULT_PREFILL_CHUNK) -> bool:
         """Prefill at most `chunk` prompt tokens; True when the sequence is ready to verify."""

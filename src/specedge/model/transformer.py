@@ -1,16 +1,20 @@
 """A lean decoder-only transformer for the Llama family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3).
 
-Terms: B = sequences in the batch, N = new tokens per sequence (padded), S = KV slot positions
-attended, H / H_kv = query / key-value heads, D = head dim, E = hidden size, V = vocabulary.
+Terms: T = new tokens of the whole batch, H / H_kv = query / key-value heads, D = head dim,
+E = hidden size, V = vocabulary, S = KV positions one sequence attends.
 
-The model knows nothing about trees or sessions: it takes tokens, their positions, an explicit
-boolean attention mask over KV slot positions, and where in the KV cache each new token's key
-and value go. Whoever builds the mask decides what attends to what (see `specedge.core.tree`).
+Batches are *flat*: every sequence's new tokens are concatenated into [T] rows, with no
+padding, and `FlatBatch` says which rows belong to which sequence, where their keys and values
+go in the KV pool, and what they attend. The model knows nothing about trees or sessions: a
+sequence's rows attend its slot positions 0..S-1 through an explicit boolean mask, or all of
+them when the mask is None (a one-token decode step). Whoever builds the batch decides what
+attends to what (see `specedge.core.model_runner`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specedge.model.config import ModelConfig
-from specedge.model.kv_cache import KVCache, KVWrite
+from specedge.model.kv_cache import KVCache
 
 
 class Linear(nn.Linear):
@@ -108,25 +112,60 @@ def rotate_half(x: Tensor) -> Tensor:  # [..., D] -> [..., D]
 
 
 @dataclass(frozen=True)
+class SequenceBlock:
+    """One sequence's rows of a flat batch: rows `first_row .. first_row + num_rows - 1`
+    attend positions 0..kv_len-1 of KV slot `slot` (their own keys included, written first),
+    as `mask` says ([num_rows, kv_len] bool), or all of them when `mask` is None."""
+
+    slot: int
+    first_row: int
+    num_rows: int
+    kv_len: int
+    mask: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class FlatBatch:
+    """What a flat forward needs besides tokens and positions."""
+
+    sequences: tuple[SequenceBlock, ...]
+    write_index: Tensor  # [T] int64: the KV pool index of each row's keys and values
+
+
+def chain_batch(kv: KVCache, chains: Sequence[tuple[int, int, int]]) -> FlatBatch:
+    """A batch of causal chains: (slot, start, count) writes `count` tokens at slot positions
+    start.. and each attends everything before it (a prefill, a decode step)."""
+    sequences, index, row = [], [], 0
+    for slot, start, count in chains:
+        end = start + count
+        mask = None
+        if count > 1:
+            mask = torch.ones(count, end, dtype=torch.bool, device=kv.keys.device)
+            mask[:, start:] = torch.ones(count, count, dtype=torch.bool).tril()
+        sequences.append(SequenceBlock(slot, row, count, end, mask))
+        index.append(kv.physical(slot, start, count))
+        row += count
+    return FlatBatch(tuple(sequences), torch.cat(index))
+
+
+@dataclass(frozen=True)
 class LayerInputs:
     """What every layer of one forward shares, derived once from the forward's arguments."""
 
-    cos: Tensor  # [B, N, 1, D]
-    sin: Tensor  # [B, N, 1, D]
-    attn_bias: Tensor | None  # [B, 1, N, S] additive; None = every query attends all S
-    num_kv: int  # S: slot positions attended
+    cos: Tensor  # [T, 1, D]
+    sin: Tensor  # [T, 1, D]
+    biases: tuple[Tensor | None, ...]  # per sequence: [1, 1, n, S] additive, None = attend all
+    batch: FlatBatch
     kv: KVCache
-    kv_write: KVWrite
 
 
-def attention_bias(attn_mask: Tensor, dtype: torch.dtype) -> Tensor | None:
-    """The boolean mask as `scaled_dot_product_attention` takes it, converted once per forward
-    instead of once per layer: None when every query attends every slot position (a one-token
-    decode step), else an additive [B, 1, N, S] mask (0 = attend, -inf = not)."""
-    if bool(attn_mask.all()):
+def attention_bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A boolean mask as `scaled_dot_product_attention` takes it, converted once per forward
+    instead of once per layer: an additive [1, 1, n, S] mask (0 = attend, -inf = not)."""
+    if mask is None:
         return None
-    bias = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device)
-    return bias.masked_fill_(~attn_mask, -math.inf).unsqueeze(1)
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill_(~mask, -math.inf)[None, None]
 
 
 class Attention(nn.Module):
@@ -142,31 +181,41 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
-    def forward(self, x: Tensor, inputs: LayerInputs) -> Tensor:  # [B, N, E] -> [B, N, E]
-        batch, num_new, _ = x.shape
+    def forward(self, x: Tensor, inputs: LayerInputs) -> Tensor:  # [T, E] -> [T, E]
+        num_rows = x.shape[0]
         num_heads, num_kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.wqkv(x)  # [B, N, (H + 2 H_kv) D]
+        qkv = self.wqkv(x)  # [T, (H + 2 H_kv) D]
         # Queries and keys side by side, so that RoPE is one set of element-wise kernels.
-        qk = qkv[..., : (num_heads + num_kv_heads) * head_dim]
-        qk = qk.view(batch, num_new, num_heads + num_kv_heads, head_dim)
-        v = qkv[..., (num_heads + num_kv_heads) * head_dim :]
-        v = v.view(batch, num_new, num_kv_heads, head_dim)
+        qk = qkv[:, : (num_heads + num_kv_heads) * head_dim]
+        qk = qk.view(num_rows, num_heads + num_kv_heads, head_dim)
+        v = qkv[:, (num_heads + num_kv_heads) * head_dim :].view(num_rows, num_kv_heads, head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = qk.split([num_heads, num_kv_heads], dim=2)
-            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2)
+            q, k = qk.split([num_heads, num_kv_heads], dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
         qk = qk * inputs.cos + rotate_half(qk) * inputs.sin
-        q, k = qk.split([num_heads, num_kv_heads], dim=2)  # [B, N, H, D], [B, N, H_kv, D]
+        q, k = qk.split([num_heads, num_kv_heads], dim=1)  # [T, H, D], [T, H_kv, D]
 
-        inputs.kv.write(self.layer_index, inputs.kv_write, k, v)
-        keys, values = inputs.kv.read(self.layer_index, inputs.kv_write.slots, inputs.num_kv)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),  # [B, H, N, D]
-            keys,  # [B, H_kv, S, D]
-            values,
-            attn_mask=inputs.attn_bias,
-            enable_gqa=num_heads != num_kv_heads,
-        )  # [B, H, N, D]
-        return self.wo(out.transpose(1, 2).reshape(batch, num_new, num_heads * head_dim))
+        inputs.kv.write(self.layer_index, inputs.batch.write_index, k, v)
+        out = self.attend(q.transpose(0, 1), inputs)  # [H, T, D]
+        return self.wo(out.transpose(0, 1).reshape(num_rows, num_heads * head_dim))
+
+    def attend(self, q: Tensor, inputs: LayerInputs) -> Tensor:  # [H, T, D] -> [H, T, D]
+        """Each sequence's queries against its own keys and values, read in place from the
+        pool (`KVCache.read`); grouped-query heads share their K/V without copies."""
+        outputs = []
+        for block, bias in zip(inputs.batch.sequences, inputs.biases, strict=True):
+            keys, values = inputs.kv.read(self.layer_index, block.slot, block.kv_len)
+            rows = q[:, block.first_row : block.first_row + block.num_rows]
+            outputs.append(
+                F.scaled_dot_product_attention(
+                    rows[None],  # [1, H, n, D]
+                    keys[None],  # [1, H_kv, S, D]
+                    values[None],
+                    attn_mask=bias,
+                    enable_gqa=self.num_heads != self.num_kv_heads,
+                )[0]
+            )
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
 class FeedForward(nn.Module):
@@ -175,7 +224,7 @@ class FeedForward(nn.Module):
         self.w13 = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.w2 = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:  # [B, N, E] -> [B, N, E]
+    def forward(self, x: Tensor) -> Tensor:  # [T, E] -> [T, E]
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
@@ -188,7 +237,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: Tensor, inputs: LayerInputs) -> Tensor:  # [B, N, E] -> [B, N, E]
+    def forward(self, x: Tensor, inputs: LayerInputs) -> Tensor:  # [T, E] -> [T, E]
         x = x + self.attention(self.attention_norm(x), inputs)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -213,22 +262,20 @@ class Transformer(nn.Module):
 
     def hidden_states(
         self,
-        tokens: Tensor,  # [B, N] int64
-        positions: Tensor,  # [B, N] int64
-        attn_mask: Tensor,  # [B, N, S] bool
+        tokens: Tensor,  # [T] int64
+        positions: Tensor,  # [T] int64
+        batch: FlatBatch,
         kv: KVCache,
-        kv_write: KVWrite,
-    ) -> Tensor:  # [B, N, E], after the final norm
+    ) -> Tensor:  # [T, E], after the final norm
         x = self.embed_tokens(tokens)
-        freqs = positions.unsqueeze(-1).float() * self.inv_freq  # [B, N, D/2]
-        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)  # [B, N, 1, D]
+        freqs = positions.unsqueeze(-1).float() * self.inv_freq  # [T, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [T, 1, D]
         inputs = LayerInputs(
             cos=angles.cos().to(x.dtype),
             sin=angles.sin().to(x.dtype),
-            attn_bias=attention_bias(attn_mask, x.dtype),
-            num_kv=attn_mask.shape[-1],
+            biases=tuple(attention_bias(block.mask, x.dtype) for block in batch.sequences),
+            batch=batch,
             kv=kv,
-            kv_write=kv_write,
         )
         for layer in self.layers:
             x = layer(x, inputs)
@@ -253,11 +300,6 @@ class Transformer(nn.Module):
         return top.values, self.head_token_ids[top.indices]
 
     def forward(
-        self,
-        tokens: Tensor,  # [B, N]
-        positions: Tensor,  # [B, N]
-        attn_mask: Tensor,  # [B, N, S]
-        kv: KVCache,
-        kv_write: KVWrite,
-    ) -> Tensor:  # [B, N, V] float32
-        return self.logits(self.hidden_states(tokens, positions, attn_mask, kv, kv_write))
+        self, tokens: Tensor, positions: Tensor, batch: FlatBatch, kv: KVCache
+    ) -> Tensor:  # [T] -> [T, V] float32
+        return self.logits(self.hidden_states(tokens, positions, batch, kv))

@@ -131,7 +131,7 @@ class SpecEdgeServer:
         self._model_name = loaded.name
         engine = _build_engine(loaded, config)
         kv = engine.runner.kv
-        kv_bytes = sum(t.numel() * t.element_size() for t in [*kv.keys, *kv.values])
+        kv_bytes = sum(t.numel() * t.element_size() for t in (kv.keys, kv.values))
         logger.info(
             "KV cache: %d sessions x %d positions, %s, %.2f GB (--max-sessions, --max-context)",
             kv.num_slots,

@@ -62,7 +62,7 @@ def test_quick_flag_alone() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"systems": "specedge,vllm"}, "unknown vllm"),
+        ({"systems": "specedge,tgi"}, "unknown tgi"),
         ({"clients": "0,2"}, "--clients"),
         ({"clients": "two"}, "bad value"),
         ({"rtt_ms": "-5"}, "--rtt-ms"),

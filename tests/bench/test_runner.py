@@ -36,13 +36,15 @@ def test_plan_groups_runs_by_deployment() -> None:
         (("specedge-no-pipelining",), 2),
         (("server-spec",), 2),
         (("server-ar",), 2),
+        (("vllm",), 2),
+        (("vllm-ngram",), 2),
         (("hf-assisted",), 1),
     ]
     edges = groups[0].specs
     assert len([s for s in edges if s.system == "specedge"]) == 2 * 2 * 3
     assert {s.rtt_ms for s in edges if s.system == "specedge-no-proactive"} == {15.0}
     assert {s.rtt_ms for s in groups[3].specs} == {0.0, 15.0}
-    assert [(s.clients, s.rtt_ms) for s in groups[5].specs] == [(1, 0.0), (1, 0.0)]
+    assert [(s.clients, s.rtt_ms) for s in groups[7].specs] == [(1, 0.0), (1, 0.0)]
     ar = groups[4].specs[0]
     assert ar.depth is None and ar.budget is None
     spec = edges[0]

@@ -112,6 +112,14 @@ class BenchConfig:
     startup_timeout_s: float = setting(
         300.0, "Seconds a process may take to start.", minimum=0, exclusive=True
     )
+    vllm_python: str | None = setting(
+        None,
+        "Python of a virtual environment with vLLM, for the vllm systems (default: this Python "
+        "if it imports vllm, else $SPECEDGE_VLLM_PYTHON; without one they are skipped with a "
+        "note).",
+        show_default=False,
+    )
+    vllm_kv_cache_gb: int = setting(4, "vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE), GB.", minimum=1)
     quick: bool = setting(False, "A small run of everything (minutes).")
 
     # -- derived ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -67,7 +67,7 @@ class Placement:
             ]
         return [
             f"server (`specedge serve`, target model; server-side drafting for server-spec; "
-            f"hf-assisted): cores {_cores(self.server_cpus)}",
+            f"vLLM; hf-assisted): cores {_cores(self.server_cpus)}",
             f"edges (`specedge edge`, draft model), benchmark clients and WAN proxies: cores "
             f"{_cores(self.edge_cpus)}",
             "every process runs torch with 1 thread (OMP_NUM_THREADS=1)",
@@ -106,8 +106,9 @@ def specedge_args(*args: str) -> list[str]:
 
 
 class ManagedProcess:
-    """A subprocess with a log file, pinned to `cpus` (None: not pinned), running torch with
-    one thread unless `single_thread` is False, stopped by `stop()` (or `managed`)."""
+    """A subprocess of `python` (default: this one) with a log file, pinned to `cpus` (None:
+    not pinned), running torch with one thread unless `single_thread` is False, with `env` added
+    to this process's environment, stopped by `stop()` (or `managed`)."""
 
     def __init__(
         self,
@@ -117,22 +118,25 @@ class ManagedProcess:
         cpus: frozenset[int] | None,
         *,
         single_thread: bool = True,
+        python: str = sys.executable,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         if cpus is None:
-            command = [sys.executable, *python_args]
+            command = [python, *python_args]
         else:
-            command = [sys.executable, "-c", _PIN_AND_EXEC, _cores(cpus), *python_args]
+            command = [python, "-c", _PIN_AND_EXEC, _cores(cpus), *python_args]
         self.command = command
+        threads = SINGLE_THREAD_ENV if single_thread else {}
         with log_path.open("w") as log:
             self.process = subprocess.Popen(
                 command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **(SINGLE_THREAD_ENV if single_thread else {})},
+                env={**os.environ, **threads, **(env or {})},
             )
 
     def check_alive(self) -> None:

@@ -6,6 +6,10 @@ ITL range). The goodput section (DESIGN.md section 12) compares SpecEdge with pl
 decoding (`server-ar`) at the same RTT on every prompt set, client count and temperature, and
 checks calibration (predicted against measured tokens per round).
 
+The vLLM section compares `server-ar` and SpecEdge with vLLM's CPU build (`vllm`, and
+`vllm-ngram` alongside) at the same clients, temperature and RTT, or quotes the note that says
+why vLLM did not run.
+
 The headline compares SpecEdge with the server-only baselines the way the paper does:
 server throughput at the same clients and ~15 ms RTT, server busy time per token, ITL against
 `server-spec` with no network delay on the baseline side, cost per 1M tokens, and the tokens per
@@ -25,6 +29,8 @@ from specedge.bench.results import (
     SERVER_SPEC,
     SPECEDGE,
     SPECEDGE_NO_PROACTIVE,
+    VLLM,
+    VLLM_NGRAM,
     BenchMeta,
     RunResult,
     aggregate,
@@ -379,6 +385,54 @@ def _must_shows(
     return lines
 
 
+VLLM_AIM = 0.9  # issue 12: server-ar's throughput at least 0.9x vLLM's, same placement
+
+
+def vllm_section(cells: Sequence[RunResult], notes: Sequence[str]) -> list[str]:
+    """server-ar and SpecEdge against vLLM (autoregressive) at the same clients, temperature,
+    RTT and prompts, with vllm-ngram alongside; or the note that says why vLLM did not run."""
+    rows = [r for r in cells if r.spec.system == VLLM]
+    if not rows:
+        skipped = [note for note in notes if note.startswith(VLLM) and "skipped" in note]
+        return skipped or ["vLLM was not part of this benchmark (`--systems ...,vllm`)."]
+    out = [
+        "Output throughput (tokens per second of wall time) at the same clients, temperature, "
+        "RTT and prompts; ratios against `vllm`.",
+        "",
+        "| prompts | T | clients | RTT ms | vllm tok/s | vllm-ngram tok/s | server-ar tok/s | "
+        "server-ar / vllm | SpecEdge tok/s | SpecEdge / vllm | vllm ITL ms | server-ar ITL ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    checks = []
+    for run in sorted(rows, key=lambda r: (r.spec.prompt_set, r.spec.temperature,
+                                           r.spec.clients, r.spec.rtt_ms)):  # fmt: skip
+        s, m = run.spec, run.metrics
+        key = (s.clients, s.temperature, s.rtt_ms, s.prompt_set)
+        ngram, ar, ours = (_cell(cells, name, *key) for name in (VLLM_NGRAM, SERVER_AR, SPECEDGE))
+        ar_ratio = _ratio(_tok_s(ar), m.server_throughput_tok_s)
+        out.append(
+            f"| {s.prompt_set} | {s.temperature:g} | {s.clients} | {s.rtt_ms:g} | "
+            f"{_num(m.server_throughput_tok_s)} | {_num(_tok_s(ngram))} | {_num(_tok_s(ar))} | "
+            f"{_times(ar_ratio)} | {_num(_tok_s(ours))} | "
+            f"{_times(_ratio(_tok_s(ours), m.server_throughput_tok_s))} | "
+            f"{_num(m.itl_ms_mean)} | {_num(ar.metrics.itl_ms_mean if ar else None)} |"
+        )
+        if ar_ratio is not None:
+            verdict = "met" if ar_ratio >= VLLM_AIM else "missed"
+            checks.append(f"- server-ar / vllm, {s.clients} clients, T={s.temperature:g}, "
+                          f"{s.rtt_ms:g} ms, {s.prompt_set}: {ar_ratio:.2f}x "
+                          f"(aim >= {VLLM_AIM:g}x): {verdict}")  # fmt: skip
+    return out + (["", "Checks (issue 12):", "", *checks] if checks else [])
+
+
+def _times(ratio: float | None) -> str:
+    return MISSING if ratio is None else f"{ratio:.2f}x"
+
+
+def _tok_s(run: RunResult | None) -> float | None:
+    return None if run is None else run.metrics.server_throughput_tok_s
+
+
 def _where(run: RunResult) -> str:
     s = run.spec
     return f"{s.clients} clients, T={s.temperature:g}, {s.prompt_set}"
@@ -420,6 +474,7 @@ def render_report(
                 f"{row.shown(row.value)} | {row.shown(row.paper)} | {row.verdict()} |"
             )
         out.append("")
+    out += ["## Against vLLM", "", *vllm_section(cells, meta.notes), ""]
     if discussion.strip():
         out += ["## Discussion", "", discussion.strip(), ""]
     titles = {

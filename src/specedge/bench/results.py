@@ -24,6 +24,8 @@ SPECEDGE_NO_PROACTIVE = "specedge-no-proactive"
 SPECEDGE_NO_PIPELINING = "specedge-no-pipelining"
 SERVER_SPEC = "server-spec"
 SERVER_AR = "server-ar"
+VLLM = "vllm"
+VLLM_NGRAM = "vllm-ngram"
 HF_ASSISTED = "hf-assisted"
 ALL_SYSTEMS = (
     SPECEDGE,
@@ -31,10 +33,13 @@ ALL_SYSTEMS = (
     SPECEDGE_NO_PIPELINING,
     SERVER_SPEC,
     SERVER_AR,
+    VLLM,
+    VLLM_NGRAM,
     HF_ASSISTED,
 )
 EDGE_SYSTEMS = (SPECEDGE, SPECEDGE_NO_PROACTIVE, SPECEDGE_NO_PIPELINING)
-BASELINES = (SERVER_SPEC, SERVER_AR)
+VLLM_SYSTEMS = (VLLM, VLLM_NGRAM)  # vLLM's OpenAI server (bench/vllm_server.py)
+BASELINES = (SERVER_SPEC, SERVER_AR, *VLLM_SYSTEMS)  # the server-only systems
 
 RESULTS_FILE = "results.json"
 REQUESTS_FILE = "requests.jsonl"

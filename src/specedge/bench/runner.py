@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import json
 import logging
 import math
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from specedge.bench.results import (
     HF_ASSISTED,
     SERVER_AR,
     SPECEDGE_NO_PIPELINING,
+    VLLM_SYSTEMS,
     BenchMeta,
     RunResult,
     RunSpec,
@@ -56,6 +58,7 @@ from specedge.bench.systems import (
     deploy,
     deployment_key,
 )
+from specedge.bench.vllm_server import MAX_MODEL_LEN, NGRAM_SPECULATION, VllmRuntime, find_vllm
 from specedge.errors import SpecEdgeError
 
 logger = logging.getLogger(__name__)
@@ -76,13 +79,14 @@ class RunGroup:
         return " + ".join(self.systems)
 
 
-def plan_runs(config: BenchConfig, depth: int) -> list[RunGroup]:
-    """Every run of the benchmark, grouped by deployment, in the order they will run: the
-    groups once per repeat, so that the systems alternate between repeats of a cell."""
+def plan_runs(config: BenchConfig, depth: int, skipped: Collection[str] = ()) -> list[RunGroup]:
+    """Every run of the benchmark but those of the `skipped` systems, grouped by deployment,
+    in the order they will run: the groups once per repeat, so that the systems alternate
+    between repeats of a cell."""
     passes: list[dict[tuple[str, int], list[RunSpec]]] = [{} for _ in range(config.repeats)]
-    for system in config.systems:
+    for system in (s for s in config.systems if s not in skipped):
         clients = config.clients_for(system)
-        drafts = system != SERVER_AR
+        drafts = system not in (SERVER_AR, *VLLM_SYSTEMS)  # n-gram lookup grows no draft tree
         for prompt_set in config.prompt_sets:
             for temperature in config.temperatures:
                 for count in clients:
@@ -142,7 +146,8 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> Path:
             "is not waited for)"
         )
     depth = _resolve_depth(config, placement, prompts, meta)
-    plan = plan_runs(config, depth)
+    vllm = _find_vllm(config, meta)
+    plan = plan_runs(config, depth, skipped=() if vllm else VLLM_SYSTEMS)
     settings = SystemSettings(
         target=config.target,
         draft=config.draft,
@@ -152,6 +157,8 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> Path:
         edge_mode=config.edge_mode,
         dtype=config.dtype,
         startup_timeout_s=config.startup_timeout_s,
+        vllm=vllm,
+        vllm_kv_cache_gb=config.vllm_kv_cache_gb,
     )
     runs: list[RunResult] = []
     progress = Progress(
@@ -325,6 +332,27 @@ def rebase(records: Sequence[RequestRecord]) -> list[RequestRecord]:
 def _run_notes(records: Sequence[RequestRecord]) -> str:
     errors = sorted({r.error for r in records if r.error})
     return "; ".join(f"failed: {e}" for e in errors[:3])
+
+
+def _find_vllm(config: BenchConfig, meta: BenchMeta) -> VllmRuntime | None:
+    """The vLLM to run when the benchmark has vLLM systems; the report notes which one, or
+    why there is none (its systems are then skipped)."""
+    wanted = [system for system in config.systems if system in VLLM_SYSTEMS]
+    if not wanted:
+        return None
+    found = find_vllm(config.vllm_python)
+    if isinstance(found, str):
+        note = f"{', '.join(wanted)} skipped: {found}"
+        logger.warning(note)
+        meta.notes.append(note)
+        return None
+    meta.notes.append(
+        f"{', '.join(wanted)}: vLLM {found.version} ({found.python}), CPU build, the "
+        f"benchmark's dtype, eager mode, --max-model-len {MAX_MODEL_LEN}, prefix caching off, KV "
+        f"cache {config.vllm_kv_cache_gb} GB, one OpenMP thread per server core; vllm-ngram: "
+        f"n-gram speculation {json.dumps(NGRAM_SPECULATION)}"
+    )
+    return found
 
 
 def _resolve_depth(

@@ -14,6 +14,8 @@
   not waited for.
 - `server-spec` / `server-ar`: `specedge serve --api-port P` (with `--draft` for server-side
   tree speculation); each client reaches the API through its own delaying proxy (the WAN).
+- `vllm` / `vllm-ngram`: vLLM's OpenAI server on the server's cores, serving the target
+  exported as a Hugging Face folder (see `vllm_server.py`), reached like `server-ar`.
 - `hf-assisted`: see `hf_assisted.py` (not a deployment: one process, one request at a time).
 
 A `Deployment` is one server and the edges of the systems that share it (`specedge` and
@@ -30,7 +32,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from specedge.bench import vllm_server
 from specedge.bench.processes import (
+    BenchProcessError,
     ManagedProcess,
     Placement,
     free_port,
@@ -45,7 +49,11 @@ from specedge.bench.results import (
     SPECEDGE,
     SPECEDGE_NO_PIPELINING,
     SPECEDGE_NO_PROACTIVE,
+    VLLM,
+    VLLM_NGRAM,
+    VLLM_SYSTEMS,
 )
+from specedge.bench.vllm_server import VllmRuntime
 from specedge.bench.wan import DelayProxy
 from specedge.core.limits import budget_cap
 
@@ -59,7 +67,10 @@ SERVER_KINDS = {
     SPECEDGE_NO_PIPELINING: "lockstep",
     SERVER_SPEC: "api-spec",
     SERVER_AR: "api-ar",
+    VLLM: VLLM,
+    VLLM_NGRAM: VLLM_NGRAM,
 }
+API_KINDS = ("api-spec", "api-ar")  # `specedge serve --api-port`
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,8 @@ class SystemSettings:
     edge_mode: str = "shared"  # shared: one edge for all clients; per-client: one each
     dtype: str | None = None
     startup_timeout_s: float = 300.0
+    vllm: VllmRuntime | None = None  # None: vLLM not available
+    vllm_kv_cache_gb: int = 4
 
 
 @dataclass
@@ -126,7 +139,7 @@ def _serve_args(
         server_yaml = log_dir / f"lockstep-{clients}-server.yaml"
         server_yaml.write_text(f"batch_wait_ms: {LOCKSTEP_BATCH_WAIT_MS}\n")
         args += ["--max-batch", str(clients), "--config", str(server_yaml)]
-    if kind in ("api-spec", "api-ar"):
+    if kind in API_KINDS:
         args += ["--api-port", str(ports["api"])]
     if kind == "api-spec":
         args += ["--draft", settings.draft]
@@ -170,15 +183,21 @@ def deploy(
     name = f"{kind}-{clients}"
     # Processes stop before the proxies, so that no proxy is cut mid-connection.
     with _proxies() as all_proxies, managed([]) as processes:
-        serve = _serve_args(kind, settings, clients, ports, log_dir)
         server_log = log_dir / f"{name}-server.log"
-        server = ManagedProcess("server", specedge_args(*serve), server_log, placement.server_cpus)
+        vllm = kind in VLLM_SYSTEMS
+        if vllm:
+            server = _vllm_process(kind, settings, ports["api"], placement, server_log)
+        else:
+            serve = _serve_args(kind, settings, clients, ports, log_dir)
+            args = specedge_args(*serve)
+            server = ManagedProcess("server", args, server_log, placement.server_cpus)
         processes.append(server)
         edge_yaml = log_dir / "edge.yaml"  # settings with no flag
         edge_yaml.write_text(f"startup_timeout: {settings.startup_timeout_s}\n")
         urls: dict[str, list[str]] = {}
         proxies: dict[str, list[DelayProxy]] = {}
-        health = [(server, f"http://{LOCALHOST}:{ports['metrics']}/health")]
+        metrics_port = ports["api"] if vllm else ports["metrics"]  # vLLM serves both on one
+        health = [(server, f"http://{LOCALHOST}:{metrics_port}/health")]
         for system in systems:
             upstream = ports["grpc"] if system in EDGE_SYSTEMS else ports["api"]
             shared = system in EDGE_SYSTEMS and settings.edge_mode == "shared"
@@ -200,12 +219,35 @@ def deploy(
                 health.append((edge, urls[system][-1] + "/health"))
             if shared:  # every client talks to the one edge
                 urls[system] = urls[system] * clients
-        if kind in ("api-spec", "api-ar"):
+        if kind in API_KINDS:
             health.append((server, f"http://{LOCALHOST}:{ports['api']}/health"))
         for process, url in health:
             process.wait_healthy(url, settings.startup_timeout_s)
-        metrics_url = f"http://{LOCALHOST}:{ports['metrics']}/metrics"
+        metrics_url = f"http://{LOCALHOST}:{metrics_port}/metrics"
         yield Deployment(urls, proxies, metrics_url, processes)
+
+
+def _vllm_process(
+    system: str, settings: SystemSettings, port: int, placement: Placement, log_path: Path
+) -> ManagedProcess:
+    """vLLM's OpenAI server for `system` on `port`, on the server's cores, serving the target
+    exported (once, cached) in the benchmark's dtype."""
+    from specedge.model.export import cached_export
+    from specedge.model.loader import default_dtype, parse_dtype
+
+    if settings.vllm is None:
+        raise BenchProcessError(f"{system} needs vLLM, which is not available here")
+    dtype = parse_dtype(settings.dtype) if settings.dtype else default_dtype("cpu")
+    model_dir = cached_export(settings.target, dtype)
+    args = vllm_server.server_args(system, model_dir, port, str(dtype).removeprefix("torch."))
+    return ManagedProcess(
+        f"{system} server",
+        args,
+        log_path,
+        placement.server_cpus,
+        python=settings.vllm.python,
+        env=vllm_server.server_env(placement.server_cpus, settings.vllm_kv_cache_gb),
+    )
 
 
 @contextlib.contextmanager

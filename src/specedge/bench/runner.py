@@ -45,6 +45,7 @@ from specedge.bench.results import (
     HF_ASSISTED,
     SERVER_AR,
     SPECEDGE_NO_PIPELINING,
+    VLLM_NGRAM,
     VLLM_SYSTEMS,
     BenchMeta,
     RunResult,
@@ -346,11 +347,12 @@ def _find_vllm(config: BenchConfig, meta: BenchMeta) -> VllmRuntime | None:
         logger.warning(note)
         meta.notes.append(note)
         return None
+    ngram = f"; {VLLM_NGRAM}: n-gram speculation {json.dumps(NGRAM_SPECULATION)}"
     meta.notes.append(
         f"{', '.join(wanted)}: vLLM {found.version} ({found.python}), CPU build, the "
         f"benchmark's dtype, eager mode, --max-model-len {MAX_MODEL_LEN}, prefix caching off, KV "
-        f"cache {config.vllm_kv_cache_gb} GB, one OpenMP thread per server core; vllm-ngram: "
-        f"n-gram speculation {json.dumps(NGRAM_SPECULATION)}"
+        f"cache {config.vllm_kv_cache_gb} GB, one OpenMP thread per server core"
+        + (ngram if VLLM_NGRAM in wanted else "")
     )
     return found
 

@@ -116,8 +116,8 @@ def greedy_tokens(logits: Tensor) -> Tensor:  # [n, V] -> [n] int64
 
 def invert_cdf(probs: Tensor, u: Tensor) -> Tensor:  # [n, V], [n] float64 -> [n] int64
     """The first token whose cumulative probability exceeds `u` times the row's mass, with
-    float64 cumulative sums, in two levels (chunk masses, then one chunk's cumulative sum) instead of a
-    float64 copy and cumulative sum of the whole vocabulary. Never a zero-probability token:
+    float64 cumulative sums in two levels (chunk masses, then one chunk's cumulative sum)
+    instead of over a float64 copy of the whole vocabulary. Never a zero-probability token:
     the chosen chunk has mass, and inside it the search stops where the sum last grew."""
     rows, vocab = probs.shape
     chunk = _chunk_size(vocab)

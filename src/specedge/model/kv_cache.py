@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,45 @@ from specedge.errors import CapacityError
 from specedge.model.config import ModelConfig
 
 DEFAULT_BLOCK_SIZE = 16  # positions per block: small enough that a short request wastes little
+DEFAULT_MEMORY_FRACTION = 0.5  # of the free memory, for a pool sized by default
+
+
+def free_memory_bytes(device: torch.device | str) -> int:
+    """Memory a new allocation could take now: free device memory on CUDA, the kernel's
+    MemAvailable on the host."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def pool_blocks(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    num_slots: int,
+    max_len: int,
+    memory_gb: float | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> int:
+    """Blocks of a pool of `memory_gb` GB (default: `DEFAULT_MEMORY_FRACTION` of the free
+    memory), never more than `num_slots` slots of `max_len` positions can use."""
+    block_bytes = KVCache.bytes_per_position(config, dtype) * block_size
+    most = num_slots * math.ceil(max_len / block_size)
+    budget = (
+        memory_gb * 1e9
+        if memory_gb is not None
+        else DEFAULT_MEMORY_FRACTION * free_memory_bytes(device)
+    )
+    return max(1, min(most, int(budget // block_bytes)))
 
 
 @dataclass(frozen=True)

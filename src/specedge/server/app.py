@@ -25,6 +25,7 @@ from specedge.core.draft import DraftEngine
 from specedge.core.model_runner import ModelRunner
 from specedge.core.target import GenerationLimits, TargetEngine
 from specedge.errors import SpecEdgeError
+from specedge.model.kv_cache import pool_blocks
 from specedge.model.loader import (
     LoadedModel,
     check_same_tokenizer,
@@ -133,11 +134,15 @@ class SpecEdgeServer:
         kv = engine.runner.kv
         kv_bytes = sum(t.numel() * t.element_size() for t in (kv.keys, kv.values))
         logger.info(
-            "KV cache: %d sessions x %d positions, %s, %.2f GB (--max-sessions, --max-context)",
-            kv.num_slots,
-            kv.max_len,
-            loaded.dtype,
+            "KV cache: %.2f GB, %s, %d blocks of %d positions (%d full-length sessions; "
+            "up to %d sessions, each reserving what its prompt and max tokens need) "
+            "(--kv-memory, --max-sessions, --max-context)",
             kv_bytes / 1e9,
+            loaded.dtype,
+            kv.num_blocks,
+            kv.block_size,
+            kv.num_blocks // kv.blocks_for(kv.max_len),
+            kv.num_slots,
         )
         policy = SchedulerPolicy(
             max_batch=config.max_batch,
@@ -328,12 +333,21 @@ def _build_engine(loaded: LoadedModel, config: ServerConfig) -> TargetEngine:
             loaded.config.max_context,
             max_context,
         )
+    max_block = config.max_tree_nodes + 8  # room past the context for a tree and its root
+    kv_blocks = pool_blocks(
+        loaded.config,
+        loaded.dtype,
+        loaded.device,
+        num_slots=config.max_sessions,
+        max_len=max_context + max_block,
+        memory_gb=config.kv_memory,
+    )
     runner = ModelRunner(
         loaded,
         num_slots=config.max_sessions,
         max_context=max_context,
-        # Room past the context for a full tree, its root and batch padding.
-        max_block=config.max_tree_nodes + 8,
+        max_block=max_block,
+        kv_blocks=kv_blocks,
     )
     limits = GenerationLimits(
         max_tree_nodes=config.max_tree_nodes, max_tree_depth=config.max_tree_depth

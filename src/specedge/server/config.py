@@ -52,7 +52,19 @@ class ServerConfig:
     max_batch_tokens: int = setting(
         _POLICY.max_batch_tokens, "Verified tokens (roots + nodes) per batched forward.", minimum=1
     )
-    max_sessions: int = setting(16, "Concurrent sessions (KV slots).", minimum=1)
+    max_sessions: int = setting(16, "Concurrent sessions, memory permitting.", minimum=1)
+    kv_memory: float | None = setting(
+        None,
+        "GB of KV cache, shared by all sessions in blocks (default: half the free memory, "
+        "at most what --max-sessions sessions of --max-context need).",
+        minimum=0,
+        exclusive=True,
+    )
+    tensor_parallel: int = setting(
+        1,
+        "Processes the target is split over (torch.distributed: NCCL on GPUs, gloo on CPU).",
+        minimum=1,
+    )
     max_tree_nodes: int = setting(64, "Nodes per tree.", minimum=1)
     max_tree_depth: int = setting(16, "Tree depth.", minimum=1)
     max_context: int = setting(

@@ -134,13 +134,12 @@ class LocalSessions(RoundLoopBackend):
                     request.prompt_token_ids, request.params, max_tokens, request.stop_token_ids
                 )
                 return ExecutorVerifier(self.executor, session)
-            except CapacityError:
+            except CapacityError as error:
                 remaining = deadline - loop.time()
                 if remaining <= 0 or not await self.executor.wait_for_free_slot(remaining):
                     raise ServiceUnavailableError(
-                        f"the server is full ({self.executor.engine.runner.kv.num_slots} "
-                        f"sessions, edges included) and none freed within {self.slot_wait:g} "
-                        "s; retry later"
+                        f"the server is full ({error}; edges included) and no room freed "
+                        f"within {self.slot_wait:g} s; retry later"
                     ) from None
 
     def _open_drafter(self, request: GenerationRequest, verifier: SessionVerifier) -> Drafter:

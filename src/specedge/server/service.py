@@ -257,11 +257,10 @@ class VerifierService:
             )
         except InvalidRequestError as error:
             raise _invalid(str(error)) from None
-        except CapacityError:
+        except CapacityError as error:
             raise _SessionAborted(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server is full ({self.executor.engine.runner.kv.num_slots} sessions); "
-                "retry later or use another server",
+                f"the server is full ({error}); retry later or use another server",
                 "refused",
             ) from None
         except ServerClosingError as error:

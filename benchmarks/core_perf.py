@@ -2,6 +2,8 @@
 the cost of one batched verification as a function of batch and tree size.
 
     .venv/bin/python benchmarks/core_perf.py [--quick] [--out benchmarks/results/core_perf.md]
+    .venv/bin/python benchmarks/core_perf.py --baseline-src ../old/src --baseline-label OLD \
+        --out benchmarks/results/verify_side_by_side.md   # verification, two checkouts
 
 Writes a Markdown report and the raw numbers as JSON next to it (same name, `.json`). On a
 machine shared with other work, `--threads 1` measures more steadily than torch's default.
@@ -28,7 +30,9 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -190,20 +194,25 @@ def bench_decoding(
 
 def bench_matrix_vector(loaded: LoadedModel, repetitions: int) -> dict[str, list[float]]:
     """Seconds for one decode step's weight products (every projection and the head) on one
-    row: through `F.linear` (the matrix-matrix path) and through `torch.mv`, interleaved."""
-    weights = [m.weight for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
-    rows = {w.shape[1]: torch.randn(w.shape[1], dtype=loaded.dtype) for w in weights}
-    kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-        "linear": lambda w, x: F.linear(x.unsqueeze(0), w),
-        "mv": torch.mv,
+    row: through `F.linear` (the matrix-matrix path), `torch.mv` and, where the model holds
+    them, oneDNN's prepacked weights (`Linear.pack`, what our `Linear` takes), interleaved."""
+    linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
+    rows = {m.in_features: torch.randn(1, m.in_features, dtype=loaded.dtype) for m in linears}
+    kernels: dict[str, Callable[[torch.nn.Linear, torch.Tensor], torch.Tensor]] = {
+        "linear": lambda m, x: F.linear(x, m.weight),
+        "mv": lambda m, x: torch.mv(m.weight, x[0]),
     }
+    if all(getattr(m, "packed_weight", None) is not None for m in linears):
+        kernels["packed"] = lambda m, x: torch.ops.mkldnn._linear_pointwise(
+            x, m.packed_weight, None, "none", [], ""
+        )
     seconds: dict[str, list[float]] = {name: [] for name in kernels}
     with torch.inference_mode():
         for repetition in range(repetitions + 1):  # the first is a warm-up
             for name, kernel in kernels.items():
                 start = time.perf_counter()
-                for weight in weights:
-                    kernel(weight, rows[weight.shape[1]])
+                for module in linears:
+                    kernel(module, rows[module.in_features])
                 if repetition:
                     seconds[name].append(time.perf_counter() - start)
     return seconds
@@ -391,17 +400,16 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "One decode step's weight products on one row (every projection of every layer and the "
-        "head; ms, median), through `F.linear` (the matrix-matrix path) and through `torch.mv` "
-        "(the matrix-vector kernel). Our `Linear` takes `torch.mv` for a single bf16/fp16 row; "
-        "fp32 gains nothing from it and keeps `F.linear`.",
+        "head; ms, median), through `F.linear` (the matrix-matrix path), `torch.mv` (the "
+        "matrix-vector kernel) and oneDNN with prepacked weights (`Linear.pack`), which our "
+        "`Linear` takes for every CPU bf16 product; fp32 keeps `F.linear`.",
         "",
-        "| dtype | F.linear ms | torch.mv ms | speed-up |",
+        "| dtype | F.linear ms | torch.mv ms | packed ms |",
         "|---|---|---|---|",
     ]
     for dtype, k in results["matrix_vector_ms"].items():
-        lines.append(
-            f"| {dtype} | {k['linear']:.1f} | {k['mv']:.1f} | {k['linear'] / k['mv']:.2f}x |"
-        )
+        packed = f"{k['packed']:.1f}" if "packed" in k else "-"
+        lines.append(f"| {dtype} | {k['linear']:.1f} | {k['mv']:.1f} | {packed} |")
     lines += [
         "",
         "## Verification cost",
@@ -438,14 +446,101 @@ def fmt_load(load: list[float] | tuple[float, ...]) -> str:
     return ", ".join(f"{x:.1f}" for x in load)
 
 
+# ---- side by side with another checkout ------------------------------------------------------
+
+AB_BATCH_SIZES = (1, 8, 16)
+AB_TREE_SIZES = (0, 8, 16, 32)
+
+
+def verification_worker(out: Path, repetitions: int, seed: int) -> None:
+    """One process's bf16 verification timings (whatever `specedge` is on sys.path), as JSON."""
+    loaded = load_model(MODEL, dtype=torch.bfloat16)
+    settings = Settings(0, 0, repetitions, AB_BATCH_SIZES, AB_TREE_SIZES)
+    timings = bench_verification(loaded, settings, random.Random(seed))
+    rows = [
+        {"batch": b, "tree_nodes": n, "ms": [1000 * w for w in t.wall]}
+        for (b, n), t in timings.items()
+    ]
+    out.write_text(json.dumps(rows))
+
+
+def side_by_side(baseline_src: Path, label: str, rounds: int, out: Path) -> None:
+    """bf16 verification costs of this checkout and of `baseline_src` (another checkout's
+    `src`), measured in alternating processes (baseline, ours, ours, baseline, ...) so that
+    load from other processes hits both alike; a Markdown table of medians and speed-ups."""
+    ours_src = Path(__file__).resolve().parents[1] / "src"
+    samples: dict[str, dict[tuple[int, int], list[float]]] = {label: {}, "this checkout": {}}
+    order = [(label, baseline_src), ("this checkout", ours_src)]
+    with tempfile.TemporaryDirectory() as scratch:
+        for round_index in range(rounds):
+            for name, src in order if round_index % 2 == 0 else order[::-1]:
+                result = Path(scratch) / "worker.json"
+                env = dict(os.environ, PYTHONPATH=str(src))
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    str(result),
+                    "--seed",
+                    str(round_index),
+                ]
+                command += ["--threads", str(torch.get_num_threads())]
+                subprocess.run(command, env=env, check=True)
+                for row in json.loads(result.read_text()):
+                    key = (row["batch"], row["tree_nodes"])
+                    samples[name].setdefault(key, []).extend(row["ms"])
+                print(f"  round {round_index + 1}/{rounds}: {name} done", file=sys.stderr)
+    base, mine = samples[label], samples["this checkout"]
+    lines = [
+        "# Verification cost, side by side",
+        "",
+        f"Written by `benchmarks/core_perf.py --baseline-src ...`: bf16 `TargetEngine.verify` "
+        f"(B sequences, root + a random tree of n nodes after ~{CONTEXT} context tokens), "
+        f"median ms over {rounds} alternating processes per checkout; baseline: {label}.",
+        "",
+        f"- CPU: {machine()['cpu']}, {torch.get_num_threads()} torch thread(s); "
+        f"load average at end {fmt_load(os.getloadavg())}",
+        "",
+        f"| B | n | {label} ms | this checkout ms | speed-up |",
+        "|---|---|---|---|---|",
+    ]
+    for key in sorted(base):
+        before, after = statistics.median(base[key]), statistics.median(mine[key])
+        lines.append(
+            f"| {key[0]} | {key[1]} | {before:.1f} | {after:.1f} | {before / after:.2f}x |"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {name: {f"{b}x{n}": ms for (b, n), ms in t.items()} for name, t in samples.items()},
+            indent=1,
+        )
+    )
+    print(f"wrote {out}", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repetitions")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/core_perf.md"))
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--baseline-src", type=Path, help="another checkout's src/: verification side by side"
+    )
+    parser.add_argument("--baseline-label", default="baseline", help="its name in the report")
+    parser.add_argument("--rounds", type=int, default=4, help="processes per checkout")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.worker:
+        verification_worker(args.worker, repetitions=3, seed=args.seed)
+        return
+    if args.baseline_src:
+        side_by_side(args.baseline_src, args.baseline_label, args.rounds, args.out)
+        return
     settings = QUICK if args.quick else FULL
     machine_info = machine()
     models = {name: load_model(MODEL, dtype=dtype) for name, dtype in DTYPES.items()}

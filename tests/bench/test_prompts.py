@@ -57,3 +57,13 @@ def test_load_first_turns_and_plain_prompts(tmp_path: Path) -> None:
 def test_spec_bench_sample_covers_all_thirteen_categories() -> None:
     picked = sample_prompts(load_prompts(SPEC_BENCH), 16)
     assert len({p.category for p in picked}) == 13
+
+
+def test_long_prompts_stack_spec_bench_documents_to_about_1500_tokens() -> None:
+    prompts = load_prompts("long")
+    documents = {p.text for p in load_prompts(SPEC_BENCH) if p.category in ("rag", "summarization")}
+    assert len(prompts) >= 16 and prompts == load_prompts("long")  # enough, deterministic
+    for prompt in prompts:
+        assert 5_600 <= len(prompt.text) <= 6_800 and prompt.category == "long"
+        assert any(prompt.text.startswith(document) for document in documents)
+    assert len({p.text for p in prompts}) == len(prompts)

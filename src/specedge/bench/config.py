@@ -57,7 +57,9 @@ class BenchConfig:
     )
     jitter_ms: float = setting(0.0, "RTT jitter, ms.", minimum=0)
     prompts: str = setting(
-        SPECBENCH, "Spec-Bench style JSON Lines, or specbench (the bundled set)."
+        SPECBENCH,
+        "Spec-Bench style JSON Lines, or specbench (the bundled set), random (random text) or "
+        "long (Spec-Bench documents stacked to about 1,500 tokens).",
     )
     categories: tuple[str, ...] = setting((), "Comma-separated prompt categories (default: all).")
     num_prompts: int = setting(

@@ -9,7 +9,9 @@ The Spec-Bench file ships with the package (`assets/specbench/`, with its source
 `--prompts specbench`, the default, needs no file beside the checkout. `--prompts random` is
 the worst case for speculation: random text, what load generators send by default (vLLM's
 `random` dataset, genai-perf's synthetic prompts), where neither the draft nor the context
-lookup can predict the answer.
+lookup can predict the answer. `--prompts long` stacks Spec-Bench's longest first turns (its
+RAG and summarization documents) into prompts of about 1,500 tokens, for serving at long
+context.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ SPECBENCH_FILE = ASSETS_DIR / "specbench" / "specbench_prompts.jsonl"
 RANDOM_TEXT = "random"  # generated random-text prompts (`random_text_prompts`)
 RANDOM_PROMPTS = 64
 RANDOM_WORDS = (48, 160)  # words per random prompt
+LONG_CONTEXT = "long"  # Spec-Bench documents stacked to about 1,500 tokens (`long_prompts`)
+LONG_CATEGORIES = ("rag", "summarization")
+LONG_CHARACTERS = (5_600, 6_800)  # about 1,300-1,700 tokens of English (Llama tokenizers)
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,28 @@ def random_text_prompts(count: int = RANDOM_PROMPTS, seed: int = 0) -> list[Benc
     return prompts
 
 
+def long_prompts(characters: tuple[int, int] = LONG_CHARACTERS) -> list[BenchPrompt]:
+    """Spec-Bench's RAG and summarization first turns packed (first fit, longest first) into
+    prompts of `characters` (min, max) characters, joined by blank lines; documents longer
+    than the maximum, and packs that stay short of the minimum, are left out. Deterministic."""
+    shortest, longest = characters
+    documents = [p.text for p in load_prompts(SPECBENCH) if p.category in LONG_CATEGORIES]
+    packs: list[list[str]] = []
+    for document in sorted(documents, key=len, reverse=True):
+        if len(document) > longest:
+            continue
+        pack = next((p for p in packs if _joined_length([*p, document]) <= longest), None)
+        if pack is None:
+            packs.append(pack := [])
+        pack.append(document)
+    full = [pack for pack in packs if _joined_length(pack) >= shortest]
+    return [BenchPrompt(f"long-{i}", LONG_CONTEXT, "\n\n".join(p)) for i, p in enumerate(full)]
+
+
+def _joined_length(parts: Sequence[str]) -> int:
+    return sum(map(len, parts)) + 2 * (len(parts) - 1)  # blank lines between
+
+
 def prompt_file(source: str | Path) -> Path:
     """The file behind a `--prompts` value: the bundled set's name, or a path."""
     return SPECBENCH_FILE if str(source) == SPECBENCH else Path(source)
@@ -59,9 +86,12 @@ def prompt_file(source: str | Path) -> Path:
 
 def load_prompts(source: str | Path) -> list[BenchPrompt]:
     """Every question's first turn of a prompt file (or the bundled set, by name). Lines may
-    also be `{"prompt": ...}` (category "default"). `random` generates random text."""
+    also be `{"prompt": ...}` (category "default"). `random` generates random text, `long`
+    stacks Spec-Bench documents (`long_prompts`)."""
     if str(source) == RANDOM_TEXT:
         return random_text_prompts()
+    if str(source) == LONG_CONTEXT:
+        return long_prompts()
     path = prompt_file(source)
     try:
         lines = path.read_text().splitlines()

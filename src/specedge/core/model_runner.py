@@ -119,8 +119,9 @@ class ModelRunner:
         return list(hidden.split(inputs.num_new))
 
     @torch.inference_mode()
-    def logits(self, hidden: Tensor) -> Tensor:  # [n, E] -> [n, V] float32
-        return self.model.logits(hidden)
+    def logits(self, hidden: Tensor, upcast: bool = True) -> Tensor:  # [n, E] -> [n, V]
+        """float32 logits, or in the model's dtype with `upcast=False` (`Transformer.logits`)."""
+        return self.model.logits(hidden, upcast)
 
     @torch.inference_mode()
     def top_logprobs(self, hidden: Tensor, k: int) -> tuple[Tensor, Tensor]:

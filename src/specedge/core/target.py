@@ -154,21 +154,28 @@ class TargetEngine:
             rows.append(TreeRow(seq.slot, len(seq.committed) - 1, parents, tokens))
         hidden = self.runner.forward(rows)
         # One LM-head matmul for the whole batch (one per sequence re-reads the head's weights
-        # each time: the head is a fifth of a 135M target), then each sequence samples its rows.
-        logits = self.runner.logits(torch.cat(hidden)).split([len(h) for h in hidden])
-        results = []
+        # each time: the head is a fifth of a 135M target), in the model's dtype: greedy rows
+        # take their argmax there (the same token), sampled rows are converted to float32.
+        logits = self.runner.logits(torch.cat(hidden), upcast=False).split([len(h) for h in hidden])
+        samples = []
         for (seq, tree), node_logits in zip(batch, logits, strict=True):
             # The root draws for the next position, a node at depth d for d positions later.
             root_position = len(seq.committed)
             positions = [root_position, *(root_position + d for d in tree.depths())]
-            samples = sample_at(node_logits, seq.params, seq.stream, positions)
+            if not seq.params.greedy:
+                node_logits = node_logits.float()
+            samples.append(sample_at(node_logits, seq.params, seq.stream, positions))
+        flat_samples = torch.cat(samples).tolist()  # the round's one device-to-host copy
+        results, first = [], 0
+        for (seq, tree), node_samples in zip(batch, samples, strict=True):
             result = verify_tree(
                 tree.tokens,
                 tree.parents,
-                samples.tolist(),
+                flat_samples[first : first + len(node_samples)],
                 stop_token_ids=seq.stop_token_ids,
                 max_new_tokens=seq.max_new_tokens - seq.num_generated,
             )
+            first += len(node_samples)
             self._commit(seq, tree, result)
             results.append(replace(result, num_verified=tree.num_nodes))
         return results

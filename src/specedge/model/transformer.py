@@ -26,23 +26,21 @@ from specedge.model.kv_cache import KVCache
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` with two bf16 CPU fast paths, each equal to `F.linear` bit for bit.
+    """`nn.Linear` with a bf16 CPU fast path, equal to `F.linear` bit for bit.
 
-    Decoding one token multiplies every weight by one vector. For bf16, `torch.mv` takes a
-    kernel about 1.4x faster on CPU than the matrix-matrix path `F.linear` takes for one row;
-    fp32 gains nothing from it, so keeps `F.linear` (see benchmarks/results/core_perf.md).
-
-    Several rows (a tree verification, a draft step, a prefill chunk) go through oneDNN with
-    the weight reordered once into its blocked layout (`pack`), instead of on every call as
-    `F.linear` does: 1.4-1.9x faster for 1-132 rows at SmolLM2's shapes. The packed copy
-    doubles the memory of the weights, so only CPU bf16 inference models get it (`build_model`).
+    oneDNN multiplies with the weight reordered once into its blocked layout (`pack`), instead
+    of on every call as `F.linear` does. For one row (a decode step) that streams the weights
+    at memory bandwidth, 2x faster than `F.linear` and 4x faster than `torch.mv` on an AVX512
+    CPU; for 2-132 rows (trees, draft steps, prefill chunks) 1.4-1.9x faster than `F.linear`
+    (see benchmarks/results/core_perf.md). The packed copy doubles the memory of the weights,
+    so only CPU bf16 inference models get it (`build_model`).
     """
 
     packed_weight: Tensor | None = None  # oneDNN-blocked copy of `weight`, see `pack`
 
     def pack(self) -> bool:
-        """Keep a oneDNN-blocked copy of the (final, frozen) weight for multi-row products;
-        False, changing nothing, where this torch build cannot."""
+        """Keep a oneDNN-blocked copy of the (final, frozen) weight; False, changing nothing,
+        where this torch build cannot."""
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
             probe = torch.zeros(2, self.in_features, dtype=self.weight.dtype)
@@ -53,19 +51,11 @@ class Linear(nn.Linear):
         return True
 
     def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
-        if x.numel() != self.in_features or x.dtype == torch.float32:
-            if self.packed_weight is not None and x.dtype == self.weight.dtype:
-                rows = x.reshape(-1, self.in_features)
-                out = torch.ops.mkldnn._linear_pointwise(
-                    rows, self.packed_weight, self.bias, "none", [], ""
-                )
-                return out.view(*x.shape[:-1], self.out_features)
+        if self.packed_weight is None or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
-        row = x.reshape(-1)
-        out = (
-            torch.mv(self.weight, row)
-            if self.bias is None
-            else torch.addmv(self.bias, self.weight, row)
+        rows = x.reshape(-1, self.in_features)
+        out = torch.ops.mkldnn._linear_pointwise(
+            rows, self.packed_weight, self.bias, "none", [], ""
         )
         return out.view(*x.shape[:-1], self.out_features)
 
@@ -154,18 +144,19 @@ class LayerInputs:
 
     cos: Tensor  # [T, 1, D]
     sin: Tensor  # [T, 1, D]
-    biases: tuple[Tensor | None, ...]  # per sequence: [1, 1, n, S] additive, None = attend all
+    biases: tuple[Tensor | None, ...]  # per sequence: [1, 1, g n, S] additive, None = all
     batch: FlatBatch
     kv: KVCache
 
 
-def attention_bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """A boolean mask as `scaled_dot_product_attention` takes it, converted once per forward
-    instead of once per layer: an additive [1, 1, n, S] mask (0 = attend, -inf = not)."""
+def attention_bias(mask: Tensor | None, group: int, dtype: torch.dtype) -> Tensor | None:
+    """A boolean [n, S] mask as `Attention.attend` passes it to `scaled_dot_product_attention`,
+    converted once per forward instead of once per layer: additive (0 = attend, -inf = not)
+    and repeated for the `group` query heads folded into each K/V head's rows: [1, 1, g n, S]."""
     if mask is None:
         return None
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    return bias.masked_fill_(~mask, -math.inf)[None, None]
+    return bias.masked_fill_(~mask, -math.inf).repeat(group, 1)[None, None]
 
 
 class Attention(nn.Module):
@@ -201,20 +192,23 @@ class Attention(nn.Module):
 
     def attend(self, q: Tensor, inputs: LayerInputs) -> Tensor:  # [H, T, D] -> [H, T, D]
         """Each sequence's queries against its own keys and values, read in place from the
-        pool (`KVCache.read`); grouped-query heads share their K/V without copies."""
+        pool (`KVCache.read`). Grouped-query heads share their K/V without copies: the g query
+        heads of one K/V head are folded into its rows ([H_kv, g n, D]), which is what SDPA's
+        `enable_gqa` computes, through its dense kernel instead of the slower GQA path (6x for
+        a decode step on CPU; see benchmarks/results/core_perf.md)."""
+        group = self.num_heads // self.num_kv_heads
         outputs = []
         for block, bias in zip(inputs.batch.sequences, inputs.biases, strict=True):
             keys, values = inputs.kv.read(self.layer_index, block.slot, block.kv_len)
-            rows = q[:, block.first_row : block.first_row + block.num_rows]
-            outputs.append(
-                F.scaled_dot_product_attention(
-                    rows[None],  # [1, H, n, D]
-                    keys[None],  # [1, H_kv, S, D]
-                    values[None],
-                    attn_mask=bias,
-                    enable_gqa=self.num_heads != self.num_kv_heads,
-                )[0]
-            )
+            rows = q[:, block.first_row : block.first_row + block.num_rows]  # [H, n, D]
+            folded = rows.reshape(self.num_kv_heads, group * block.num_rows, self.head_dim)
+            out = F.scaled_dot_product_attention(
+                folded[None],  # [1, H_kv, g n, D]
+                keys[None],  # [1, H_kv, S, D]
+                values[None],
+                attn_mask=bias,  # [1, 1, g n, S] or None
+            )[0]
+            outputs.append(out.view(self.num_heads, block.num_rows, self.head_dim))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
@@ -268,12 +262,13 @@ class Transformer(nn.Module):
         kv: KVCache,
     ) -> Tensor:  # [T, E], after the final norm
         x = self.embed_tokens(tokens)
+        group = self.config.num_heads // self.config.num_kv_heads
         freqs = positions.unsqueeze(-1).float() * self.inv_freq  # [T, D/2]
         angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [T, 1, D]
         inputs = LayerInputs(
             cos=angles.cos().to(x.dtype),
             sin=angles.sin().to(x.dtype),
-            biases=tuple(attention_bias(block.mask, x.dtype) for block in batch.sequences),
+            biases=tuple(attention_bias(block.mask, group, x.dtype) for block in batch.sequences),
             batch=batch,
             kv=kv,
         )
@@ -281,8 +276,12 @@ class Transformer(nn.Module):
             x = layer(x, inputs)
         return self.norm(x)
 
-    def logits(self, hidden: Tensor) -> Tensor:  # [..., E] -> [..., V] float32
-        logits = self.lm_head(hidden).float()
+    def logits(self, hidden: Tensor, upcast: bool = True) -> Tensor:  # [..., E] -> [..., V]
+        """The head's logits, in float32 (or, `upcast=False`, in the model's dtype: enough for
+        an argmax, and it skips converting a [T, V] tensor)."""
+        logits = self.lm_head(hidden)
+        if upcast:
+            logits = logits.float()
         if self.head_token_ids is None:
             return logits
         # Reduced head: scatter its [..., K_head] logits into the vocabulary, -inf elsewhere.

@@ -31,11 +31,10 @@ from specedge.distill.student import layer_sources
 from specedge.model.loader import (
     LoadedModel,
     build_model,
-    convert_hf_state_dict,
     load_model,
     parse_dtype,
 )
-from specedge.model.loader import _load_state_dict as load_state_dict
+from specedge.model.weights import convert_hf_state_dict, read_state_dict
 from specedge.text import encode_prompt
 
 ROOT = Path(__file__).resolve().parent
@@ -45,7 +44,7 @@ DATA = SPECBENCH_FILE
 def shallow_untrained_draft(target: LoadedModel, num_layers: int = 4) -> LoadedModel:
     """The target's embeddings, final norm, head and layers [0, 1, L-2, L-1], untrained."""
     config = replace(target.config, num_layers=num_layers)
-    hf = load_state_dict(target.directory, target.config)
+    hf = read_state_dict(target.directory)
     state = convert_hf_state_dict(hf, target.config)
     sources = layer_sources(target.config.num_layers, num_layers)
     picked = {k: v for k, v in state.items() if not k.startswith("layers.")}

@@ -20,7 +20,8 @@ from specedge.distill import DistillConfig, run_distill
 from specedge.distill.prompts import builtin_prompts
 from specedge.distill.student import layer_sources, select_head_tokens
 from specedge.distill.teacher import TeacherSample
-from specedge.model.loader import build_model, convert_hf_state_dict, load_model, resolve_model_dir
+from specedge.model.loader import build_model, load_model, resolve_model_dir
+from specedge.model.weights import convert_hf_state_dict
 from specedge.text import encode_prompt
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")

@@ -13,29 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from specedge.model.config import ModelConfig
 from specedge.model.export import ExportError, export_model, hf_config, to_hf_state_dict
-from specedge.model.loader import (
-    LoadedModel,
-    convert_hf_state_dict,
-    load_model,
-    tokenizer_fingerprint,
-)
+from specedge.model.loader import LoadedModel, load_model, tokenizer_fingerprint
+from specedge.model.weights import convert_hf_state_dict
 from tests.support.models import (
     LLAMA3_ROPE_SCALING,
-    TINY_VOCAB,
+    WORD_EOS,
     causal_logits,
     random_hf_model,
     tiny_hf_config,
+    word_tokenizer,
 )
 
 SEED = 5
-EOS = 1
 FAMILIES = {
     "llama": lambda: tiny_hf_config("llama"),
     "llama-tied": lambda: tiny_hf_config("llama", tie_word_embeddings=True),
@@ -49,18 +42,10 @@ FAMILIES = {
 }
 
 
-def word_tokenizer(vocab_size: int = TINY_VOCAB) -> PreTrainedTokenizerFast:
-    """A real (saveable) word-level tokenizer: token i is the word "w<i>", 1 is <eos>."""
-    vocab = {"<unk>": 0, "<eos>": EOS, **{f"w{i}": i for i in range(2, vocab_size)}}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
-
-
 def tiny_loaded(hf: PretrainedConfig, folder: Path) -> LoadedModel:
     """A random-weight model of `hf` saved by transformers (with a word tokenizer) into
     `folder` and loaded from there in fp32, as a user's local model would be."""
-    hf.eos_token_id = EOS
+    hf.eos_token_id = WORD_EOS
     random_hf_model(hf, SEED).save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
     return load_model(str(folder), dtype=torch.float32)
@@ -106,7 +91,7 @@ def test_tiny_export_loads_back_in_transformers_and_specedge(family: str, tmp_pa
     torch.testing.assert_close(hf_logits(directory, sequence), ours, atol=1e-4, rtol=1e-4)
     again = load_model(str(directory), dtype=torch.float32)
     assert again.config == loaded.config
-    assert again.stop_token_ids == (EOS,)
+    assert again.stop_token_ids == (WORD_EOS,)
     assert tokenizer_fingerprint(again.tokenizer) == tokenizer_fingerprint(loaded.tokenizer)
     assert (directory / "generation_config.json").read_text() == (
         loaded.directory / "generation_config.json"

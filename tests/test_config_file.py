@@ -15,7 +15,14 @@ from typer.testing import CliRunner
 
 from specedge import cli
 from specedge.bench.config import BenchConfig
-from specedge.config_file import check_ranges, flag_of, setting, settings_options
+from specedge.config_file import (
+    DEFAULT_DEVICE,
+    check_device_and_dtype,
+    check_ranges,
+    flag_of,
+    setting,
+    settings_options,
+)
 from specedge.core.limits import TreeShape
 from specedge.edge.config import EdgeConfig
 from specedge.local_cli import GenerateSettings
@@ -151,3 +158,32 @@ def test_serve_flag_beats_file_beats_default(
     assert (config.budget, config.depth, config.width) == ("24", 5, TreeShape().width)
     assert not config.adaptive and config.tree_shape.budget == 24
     assert (config.batch_wait_ms, config.shutdown_grace) == (3.0, 1.0)
+
+
+# ---- devices -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Placed:
+    device: str = "auto"
+    dtype: str | None = None
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+def test_every_device_spelling_is_accepted(device: str) -> None:
+    check_device_and_dtype(Placed(device), ToyError)
+
+
+@pytest.mark.parametrize("device", ["tpu", "gpu", "cuda:", "cuda:x", "cudaa", "CPU", ""])
+def test_other_devices_are_refused_with_the_choices(device: str) -> None:
+    with pytest.raises(ToyError, match=r"--device .* must be auto, cpu, cuda or cuda:N"):
+        check_device_and_dtype(Placed(device), ToyError)
+
+
+@pytest.mark.parametrize("settings_class", [ServerConfig, EdgeConfig, GenerateSettings])
+def test_roles_place_models_automatically_by_default(settings_class: type) -> None:
+    """`auto` is the loader's word for "CUDA when present" (spelled in both, so that the
+    command line loads no torch)."""
+    from specedge.model.loader import AUTO_DEVICE
+
+    (device,) = (f for f in fields(settings_class) if f.name == "device")
+    assert device.default == DEFAULT_DEVICE == AUTO_DEVICE
+    assert "auto" in device.metadata["help"]

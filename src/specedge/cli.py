@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from specedge.bench.config import BenchConfig, load_bench_config
-from specedge.config_file import MODEL_HELP, settings_options
+from specedge.config_file import DEFAULT_DEVICE, DEVICE_HELP, MODEL_HELP, settings_options
 from specedge.edge.config import EdgeConfig, load_edge_config
 from specedge.errors import InvalidRequestError, SpecEdgeError
 from specedge.local_cli import GenerateSettings, run_generate
@@ -111,7 +111,7 @@ def distill(
     ] = None,
     max_minutes: Annotated[float, typer.Option(help="Teacher data + training time.")] = 30.0,
     head_tokens: Annotated[int, typer.Option(help="LM head size, 0 = full vocabulary.")] = 8192,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = DEFAULT_DEVICE,
     dtype: Annotated[str | None, typer.Option(help="Default: best for device.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import MISSING, Field, field, fields
 from pathlib import Path
@@ -25,6 +26,10 @@ import yaml
 
 MAX_PORT = 65535
 MODEL_HELP = "alias (smollm2-135m, smollm2-135m-draft), .gguf file, model directory or hub id"
+# `specedge.model.loader.AUTO_DEVICE`, spelled out here so that the command line loads no torch;
+# `loader.resolve_device` turns it into a device when a model loads.
+DEFAULT_DEVICE = "auto"
+DEVICE_HELP = "auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N."
 
 
 def setting(
@@ -85,10 +90,11 @@ def check_port(settings: Any, name: str, error: type[Exception]) -> None:
 
 
 def check_device_and_dtype(settings: Any, error: type[Exception]) -> None:
-    """`device` is cpu, cuda or cuda:N; `dtype` (None: best for the device) one we load."""
-    if not (settings.device == "cpu" or settings.device.startswith("cuda")):
+    """`device` is auto, cpu, cuda or cuda:N; `dtype` (None: best for the device) one we
+    load. Whether the device exists is checked when the model loads (`loader.resolve_device`)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", settings.device):
         raise error(
-            f"{flag_and_key('device')} must be cpu, cuda or cuda:N, got {settings.device!r}"
+            f"{flag_and_key('device')} must be auto, cpu, cuda or cuda:N, got {settings.device!r}"
         )
     if settings.dtype is not None:
         from specedge.model.loader import DTYPES

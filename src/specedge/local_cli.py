@@ -10,7 +10,7 @@ import sys
 from dataclasses import MISSING, dataclass
 from typing import Any
 
-from specedge.config_file import MODEL_HELP, setting
+from specedge.config_file import DEFAULT_DEVICE, DEVICE_HELP, MODEL_HELP, setting
 from specedge.core.limits import AUTO_BUDGET, BUDGET_HELP, TreeShape, budget_cap, parse_budget
 from specedge.errors import InvalidRequestError
 
@@ -33,7 +33,7 @@ class GenerateSettings:
     width: int = setting(_TREE.width, "Children per expanded node.")
     beams: int = setting(_TREE.beams, "Nodes expanded per draft step.")
     lookup: int = setting(_TREE.lookup, "Context lookup chain length (prompt lookup), 0 = off.")
-    device: str = setting("cpu", "cpu or cuda.")
+    device: str = setting(DEFAULT_DEVICE, DEVICE_HELP)
     dtype: str | None = setting(None, "float32|bfloat16|float16 (default: best for the device).")
     json_output: bool = setting(False, "One JSON object per prompt.", flag="json")
 

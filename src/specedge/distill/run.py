@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from specedge.model.loader import (
     default_dtype,
     load_tokenizer,
     parse_dtype,
+    resolve_device,
     resolve_model_dir,
     stop_token_ids,
 )
@@ -69,7 +70,7 @@ class DistillConfig:
     init_from_target: bool = True
     prompts: Path | None = None
     max_minutes: float = 30.0
-    device: str = "cpu"
+    device: str = "auto"  # resolved by `run_distill` (`loader.resolve_device`)
     seed: int = 0
     head_tokens: int = 8192  # 0 = full-vocabulary head
     max_teacher_tokens: int = 400_000
@@ -107,6 +108,7 @@ def run_distill(config: DistillConfig) -> Path:
     (work / "data").mkdir(parents=True, exist_ok=True)
     timing = _read_state(work)
     target_dir = resolve_model_dir(config.target)
+    config = replace(config, device=resolve_device(config.device))
     dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(config.device)
     tokenizer = load_tokenizer(target_dir)
     stops = stop_token_ids(tokenizer, target_dir)

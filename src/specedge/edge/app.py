@@ -165,7 +165,6 @@ class BackgroundEdge:
 
 def _load_draft(config: EdgeConfig) -> LoadedModel:
     dtype = parse_dtype(config.dtype) if config.dtype else None
-    logger.info("loading %s on %s", config.model, config.device)
     return load_model(config.model, config.device, dtype)
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from specedge.config_file import (
+    DEFAULT_DEVICE,
+    DEVICE_HELP,
     MAX_PORT,
     MODEL_HELP,
     check_auth_token,
@@ -90,7 +92,7 @@ class EdgeConfig:
     startup_timeout: float = setting(
         30.0, "Seconds to wait at start-up for the server to answer.", minimum=0, exclusive=True
     )
-    device: str = setting("cpu", "cpu, cuda or cuda:N.")
+    device: str = setting(DEFAULT_DEVICE, DEVICE_HELP)
     dtype: str | None = setting(None, "float32|bfloat16|float16 (default: best for the device).")
     auth_token: str | None = setting(None, "Bearer token the server requires (default: no auth).")
 

@@ -136,7 +136,7 @@ def safetensors_files(directory: Path) -> list[Path]:
 
 def tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     """Names (without `model.`) and shapes of a file's tensors, from its header alone."""
-    with safe_open(file, framework="pt", device="cpu") as handle:
+    with safe_open(str(file), framework="pt", device="cpu") as handle:
         names: list[str] = handle.keys()  # a safe_open handle is no mapping
         return {
             name.removeprefix(HF_PREFIX): tuple(handle.get_slice(name).get_shape())
@@ -148,7 +148,7 @@ def read_tensors(reads: Mapping[Path, Iterable[str]]) -> Iterator[tuple[str, Ten
     """(name, tensor) for the named tensors of each file (names without `model.`), one at a
     time: nothing here keeps a tensor once the consumer moves on."""
     for file, names in reads.items():
-        with safe_open(file, framework="pt", device="cpu") as handle:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
             stored_names: list[str] = handle.keys()
             stored = {name.removeprefix(HF_PREFIX): name for name in stored_names}
             for name in names:

@@ -320,7 +320,6 @@ class BackgroundServer:
 # ---- construction ------------------------------------------------------------------------------
 def _load_model(name: str, config: ServerConfig) -> LoadedModel:
     dtype = parse_dtype(config.dtype) if config.dtype else None
-    logger.info("loading %s on %s", name, config.device)
     return load_model(name, config.device, dtype)
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from specedge.config_file import (
+    DEFAULT_DEVICE,
+    DEVICE_HELP,
     MODEL_HELP,
     check_auth_token,
     check_budget,
@@ -86,7 +88,7 @@ class ServerConfig:
     shutdown_grace: float = setting(
         5.0, "Seconds running sessions get to finish on SIGTERM.", minimum=0
     )
-    device: str = setting("cpu", "cpu, cuda or cuda:N.")
+    device: str = setting(DEFAULT_DEVICE, DEVICE_HELP)
     dtype: str | None = setting(None, "float32|bfloat16|float16 (default: best for the device).")
     auth_token: str | None = setting(
         None, "Require 'authorization: Bearer TOKEN' from edges (default: no auth)."

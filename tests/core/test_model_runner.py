@@ -11,6 +11,7 @@ import torch
 
 from specedge.core.model_runner import ModelRunner, TreeRow, build_forward_inputs
 from specedge.core.tree import ROOT_PARENT, path_to
+from specedge.model.attention import ATTENTION_KERNELS
 from specedge.model.loader import LoadedModel
 from tests.support.models import causal_logits, tiny_hf_config, tiny_loaded_model
 from tests.support.trees import random_tree
@@ -67,17 +68,21 @@ def path_logits(
 
 
 @pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("kernel", ATTENTION_KERNELS)
 def test_batched_tree_forward_equals_causal_forward_per_path(
-    tiny_model: LoadedModel, seed: int
+    tiny_model: LoadedModel, seed: int, kernel: str
 ) -> None:
     """Four sequences with different prefix lengths (0 included) and random trees of different
     sizes in ONE forward; then the same trees forwarded in two steps, the second step reading
-    the first step's nodes from the cache (as a draft step does)."""
+    the first step's nodes from the cache (as a draft step does). Every attention kernel,
+    against the same reference (prefill chunks of one token are decode steps: no mask)."""
     rng = random.Random(seed)
     vocab = tiny_model.config.vocab_size
     prefix_lengths = [0, 1, 6, 19]
     tree_sizes = [rng.randint(2, 6), rng.randint(8, 16), 1 + rng.randint(1, 3), rng.randint(20, 30)]
-    runner = ModelRunner(tiny_model, num_slots=5, max_context=32, max_block=32)
+    runner = ModelRunner(
+        tiny_model, num_slots=5, max_context=32, max_block=32, attention_kernel=kernel
+    )
     slots = [runner.kv.allocate() for _ in range(5)][1:]  # leave slot order non-trivial
     rng.shuffle(slots)
     prefixes = [[rng.randrange(vocab) for _ in range(n)] for n in prefix_lengths]

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from specedge.core.limits import DEFAULT_PREFILL_CHUNK
 from specedge.core.tree import ROOT_PARENT, ancestor_mask, depths
+from specedge.model import attention
 from specedge.model.kv_cache import KVCache
 from specedge.model.loader import LoadedModel
 from specedge.model.transformer import FlatBatch, SequenceBlock
@@ -49,9 +50,12 @@ class ForwardInputs:
     num_new: list[int] = field(default_factory=list)  # new tokens per row
 
 
-def build_forward_inputs(rows: Sequence[TreeRow], kv: KVCache) -> ForwardInputs:
+def build_forward_inputs(
+    rows: Sequence[TreeRow], kv: KVCache, kernel: str = attention.SDPA
+) -> ForwardInputs:
     """Tokens, positions, masks and KV write locations for a batch of blocks, built once per
-    forward: no padding, and a mask only where a row's block is not a single new token."""
+    forward: no padding, and a mask only where a row's block is not a single new token;
+    `kernel` runs its attention (`specedge.model.attention`)."""
     device = kv.keys.device
     tokens: list[int] = []
     positions: list[Tensor] = []
@@ -73,12 +77,15 @@ def build_forward_inputs(rows: Sequence[TreeRow], kv: KVCache) -> ForwardInputs:
     return ForwardInputs(
         tokens=torch.tensor(tokens, dtype=torch.long).to(device),
         positions=torch.cat(positions).to(device),
-        batch=FlatBatch(tuple(blocks), torch.cat(index)),
+        batch=FlatBatch(tuple(blocks), torch.cat(index), kernel),
         num_new=[len(row.new_tokens) for row in rows],
     )
 
 
 class ModelRunner:
+    tensor_parallel = 1  # processes the model is split over (`server.tensor_parallel`)
+    failure: str | None = None  # why the runner cannot run any more (a lost rank)
+
     def __init__(
         self,
         loaded: LoadedModel,
@@ -87,24 +94,32 @@ class ModelRunner:
         max_context: int,
         max_block: int,
         kv_blocks: int | None = None,
+        attention_kernel: str = attention.AUTO,
     ) -> None:
         """`max_context`: longest committed context; `max_block`: most tokens laid out past
         it at once (tree nodes), so a slot holds up to max_context + max_block positions;
-        `kv_blocks`: the KV pool's blocks (default: every slot at full length)."""
+        `kv_blocks`: the KV pool's blocks (default: every slot at full length);
+        `attention_kernel`: one of `specedge.model.attention.ATTENTION_KERNELS`."""
         self.loaded = loaded
+        self.attention_kernel = attention.resolve_attention(attention_kernel)
         self.model = loaded.model
         self.config = loaded.config
         self.max_context = max_context
         self.max_block = max_block
-        self.kv = KVCache(
-            loaded.config,
-            num_slots=num_slots,
-            max_len=max_context + max_block,
-            device=loaded.device,
-            dtype=loaded.dtype,
-            num_blocks=kv_blocks,
-        )
+        self.kv = self.new_kv_cache(num_slots, max_context + max_block, kv_blocks)
         self.num_forwards = 0
+
+    def new_kv_cache(self, num_slots: int, max_len: int, num_blocks: int | None) -> KVCache:
+        """The runner's KV pool, of the model's geometry (a tensor-parallel runner's holds
+        its own rank's heads)."""
+        return KVCache(
+            self.config,
+            num_slots=num_slots,
+            max_len=max_len,
+            device=self.device,
+            dtype=self.loaded.dtype,
+            num_blocks=num_blocks,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -113,7 +128,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, rows: Sequence[TreeRow]) -> list[Tensor]:
         """Hidden states of each row's new tokens: a list of [num_new_b, E]."""
-        inputs = build_forward_inputs(rows, self.kv)
+        inputs = build_forward_inputs(rows, self.kv, self.attention_kernel)
         hidden = self.model.hidden_states(inputs.tokens, inputs.positions, inputs.batch, self.kv)
         self.num_forwards += 1
         return list(hidden.split(inputs.num_new))
@@ -127,6 +142,9 @@ class ModelRunner:
     def top_logprobs(self, hidden: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """[n, E] -> the k best log-probabilities per row and their token ids, [n, k] each."""
         return self.model.top_logprobs(hidden, k)
+
+    def close(self) -> None:
+        """Release what the runner holds besides memory (tensor parallelism's processes)."""
 
     def prefill(
         self, slot: int, tokens: Sequence[int], start: int, chunk: int = DEFAULT_PREFILL_CHUNK

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from specedge.model import attention
+from specedge.model.attention import PreparedMask
 from specedge.model.config import ModelConfig
 from specedge.model.kv_cache import KVCache
 
@@ -120,9 +122,12 @@ class FlatBatch:
 
     sequences: tuple[SequenceBlock, ...]
     write_index: Tensor  # [T] int64: the KV pool index of each row's keys and values
+    attention: str = attention.SDPA  # the kernel (`specedge.model.attention`), never "auto"
 
 
-def chain_batch(kv: KVCache, chains: Sequence[tuple[int, int, int]]) -> FlatBatch:
+def chain_batch(
+    kv: KVCache, chains: Sequence[tuple[int, int, int]], kernel: str = attention.SDPA
+) -> FlatBatch:
     """A batch of causal chains: (slot, start, count) writes `count` tokens at slot positions
     start.. and each attends everything before it (a prefill, a decode step)."""
     sequences, index, row = [], [], 0
@@ -135,7 +140,7 @@ def chain_batch(kv: KVCache, chains: Sequence[tuple[int, int, int]]) -> FlatBatc
         sequences.append(SequenceBlock(slot, row, count, end, mask))
         index.append(kv.physical(slot, start, count))
         row += count
-    return FlatBatch(tuple(sequences), torch.cat(index))
+    return FlatBatch(tuple(sequences), torch.cat(index), kernel)
 
 
 @dataclass(frozen=True)
@@ -144,19 +149,9 @@ class LayerInputs:
 
     cos: Tensor  # [T, 1, D]
     sin: Tensor  # [T, 1, D]
-    biases: tuple[Tensor | None, ...]  # per sequence: [1, 1, g n, S] additive, None = all
+    masks: tuple[PreparedMask, ...]  # per sequence, in the form the kernel takes
     batch: FlatBatch
     kv: KVCache
-
-
-def attention_bias(mask: Tensor | None, group: int, dtype: torch.dtype) -> Tensor | None:
-    """A boolean [n, S] mask as `Attention.attend` passes it to `scaled_dot_product_attention`,
-    converted once per forward instead of once per layer: additive (0 = attend, -inf = not)
-    and repeated for the `group` query heads folded into each K/V head's rows: [1, 1, g n, S]."""
-    if mask is None:
-        return None
-    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    return bias.masked_fill_(~mask, -math.inf).repeat(group, 1)[None, None]
 
 
 class Attention(nn.Module):
@@ -192,23 +187,12 @@ class Attention(nn.Module):
 
     def attend(self, q: Tensor, inputs: LayerInputs) -> Tensor:  # [H, T, D] -> [H, T, D]
         """Each sequence's queries against its own keys and values, read in place from the
-        pool (`KVCache.read`). Grouped-query heads share their K/V without copies: the g query
-        heads of one K/V head are folded into its rows ([H_kv, g n, D]), which is what SDPA's
-        `enable_gqa` computes, through its dense kernel instead of the slower GQA path (6x for
-        a decode step on CPU; see benchmarks/results/core_perf.md)."""
-        group = self.num_heads // self.num_kv_heads
+        pool (`KVCache.read`), by the batch's kernel (`specedge.model.attention`)."""
         outputs = []
-        for block, bias in zip(inputs.batch.sequences, inputs.biases, strict=True):
+        for block, mask in zip(inputs.batch.sequences, inputs.masks, strict=True):
             keys, values = inputs.kv.read(self.layer_index, block.slot, block.kv_len)
             rows = q[:, block.first_row : block.first_row + block.num_rows]  # [H, n, D]
-            folded = rows.reshape(self.num_kv_heads, group * block.num_rows, self.head_dim)
-            out = F.scaled_dot_product_attention(
-                folded[None],  # [1, H_kv, g n, D]
-                keys[None],  # [1, H_kv, S, D]
-                values[None],
-                attn_mask=bias,  # [1, 1, g n, S] or None
-            )[0]
-            outputs.append(out.view(self.num_heads, block.num_rows, self.head_dim))
+            outputs.append(attention.attend(inputs.batch.attention, rows, keys, values, mask))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
@@ -268,7 +252,10 @@ class Transformer(nn.Module):
         inputs = LayerInputs(
             cos=angles.cos().to(x.dtype),
             sin=angles.sin().to(x.dtype),
-            biases=tuple(attention_bias(block.mask, group, x.dtype) for block in batch.sequences),
+            masks=tuple(
+                attention.prepare(batch.attention, block.mask, group, x.dtype)
+                for block in batch.sequences
+            ),
             batch=batch,
             kv=kv,
         )

@@ -347,6 +347,7 @@ def _build_engine(loaded: LoadedModel, config: ServerConfig) -> TargetEngine:
         max_context=max_context,
         max_block=max_block,
         kv_blocks=kv_blocks,
+        attention_kernel=config.attention,
     )
     limits = GenerationLimits(
         max_tree_nodes=config.max_tree_nodes, max_tree_depth=config.max_tree_depth

@@ -34,6 +34,8 @@ from specedge.core.limits import (
     parse_budget,
 )
 from specedge.errors import SpecEdgeError
+from specedge.model.attention import ATTENTION_KERNELS
+from specedge.model.attention import AUTO as AUTO_ATTENTION
 from specedge.server.scheduler import SchedulerPolicy
 
 _TREE = TreeShape()  # the tree-shape defaults
@@ -118,6 +120,11 @@ class ServerConfig:
     profile_cost: bool = setting(
         False, "Redo the start-up cost profile instead of reading the cached one."
     )
+    attention: str = setting(
+        AUTO_ATTENTION,
+        f"Attention kernel: {' | '.join(ATTENTION_KERNELS)} (auto: sdpa; flex: FlexAttention, "
+        "compiled at the first forward).",
+    )
 
     @property
     def tree_shape(self) -> TreeShape:
@@ -139,6 +146,11 @@ class ServerConfig:
         self._validate_distinct_ports()
         check_ranges(self, ConfigError)
         check_budget(self, ConfigError)
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConfigError(
+                f"{_where('attention')} must be one of {', '.join(ATTENTION_KERNELS)}, "
+                f"got {self.attention!r}"
+            )
         if self.verify not in ("goodput", "all"):
             raise ConfigError(f"{_where('verify')} must be goodput or all, got {self.verify!r}")
         if self.max_batch_tokens < self.max_tree_nodes + 1:

@@ -84,7 +84,6 @@ def build_forward_inputs(
 
 class ModelRunner:
     tensor_parallel = 1  # processes the model is split over (`server.tensor_parallel`)
-    failure: str | None = None  # why the runner cannot run any more (a lost rank)
 
     def __init__(
         self,

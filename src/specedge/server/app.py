@@ -33,6 +33,7 @@ from specedge.model.loader import (
     parse_dtype,
     tokenizer_fingerprint,
 )
+from specedge.model.parallel import local_config
 from specedge.rpc.codec import PROTOCOL_VERSION, ServerInfo, add_verifier_service
 from specedge.server.api import HttpApiServer, ServedModel, create_app
 from specedge.server.config import ServerConfig
@@ -42,6 +43,7 @@ from specedge.server.local_sessions import LocalSessions
 from specedge.server.metrics import MetricsHttpServer, ServerMetrics
 from specedge.server.scheduler import SchedulerPolicy
 from specedge.server.service import VerifierService
+from specedge.server.tensor_parallel import rank_kv_memory, start_tensor_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ class SpecEdgeServer:
         self.api_port = 0
         self.executor: VerificationExecutor | None = None
         self.local_sessions: LocalSessions | None = None
+        self._runner: ModelRunner | None = None  # the target's (its ranks' processes, if split)
         self._grpc: grpc.aio.Server | None = None
         self._http: MetricsHttpServer | None = None
         self._api: HttpApiServer | None = None
@@ -131,6 +134,8 @@ class SpecEdgeServer:
             loaded = await asyncio.to_thread(_load_model, config.model, config)
         self._model_name = loaded.name
         engine = _build_engine(loaded, config)
+        self._runner = engine.runner
+        loaded = engine.runner.loaded  # split: rank 0's shard (the whole model can be freed)
         kv = engine.runner.kv
         kv_bytes = sum(t.numel() * t.element_size() for t in (kv.keys, kv.values))
         logger.info(
@@ -229,6 +234,8 @@ class SpecEdgeServer:
         if self.executor is not None:
             await self.executor.stop()
         await stopping
+        if self._runner is not None:
+            await asyncio.to_thread(self._runner.close)
         if self._http is not None:
             self._http.stop()
         self._status = "stopped"
@@ -333,22 +340,36 @@ def _build_engine(loaded: LoadedModel, config: ServerConfig) -> TargetEngine:
             max_context,
         )
     max_block = config.max_tree_nodes + 8  # room past the context for a tree and its root
+    ranks = config.tensor_parallel
+    # Each rank's KV cache holds its own heads: 1/N of a position's keys and values.
     kv_blocks = pool_blocks(
-        loaded.config,
+        local_config(loaded.config, ranks) if ranks > 1 else loaded.config,
         loaded.dtype,
         loaded.device,
         num_slots=config.max_sessions,
         max_len=max_context + max_block,
-        memory_gb=config.kv_memory,
+        memory_gb=rank_kv_memory(config.kv_memory, loaded.device, ranks),
     )
-    runner = ModelRunner(
-        loaded,
-        num_slots=config.max_sessions,
-        max_context=max_context,
-        max_block=max_block,
-        kv_blocks=kv_blocks,
-        attention_kernel=config.attention,
-    )
+    runner: ModelRunner
+    if ranks > 1:
+        runner = start_tensor_parallel(
+            loaded,
+            ranks,
+            num_slots=config.max_sessions,
+            max_context=max_context,
+            max_block=max_block,
+            kv_blocks=kv_blocks,
+            attention_kernel=config.attention,
+        )
+    else:
+        runner = ModelRunner(
+            loaded,
+            num_slots=config.max_sessions,
+            max_context=max_context,
+            max_block=max_block,
+            kv_blocks=kv_blocks,
+            attention_kernel=config.attention,
+        )
     limits = GenerationLimits(
         max_tree_nodes=config.max_tree_nodes, max_tree_depth=config.max_tree_depth
     )

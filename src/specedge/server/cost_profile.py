@@ -5,9 +5,10 @@ takes sessions, then kept current by the executor from every batch (`FittedBatch
 The profile runs `TargetEngine.verify` itself (forward, LM head, sampling, acceptance,
 compaction) over a small grid of batch sizes and tree sizes on throwaway sequences, a few
 repeats each, within a time budget, and fits fixed + per_sequence x sequences + per_row x rows
-by least squares. The result is cached per model, model shape, device, dtype, torch version
-and thread count in the user cache folder (`SPECEDGE_CACHE_DIR`, else `XDG_CACHE_HOME/specedge`,
-else `~/.cache/specedge`); `specedge serve --profile-cost` measures again.
+by least squares. The result is cached per model, model shape, device, dtype, torch version,
+thread count and tensor-parallel ranks in the user cache folder (`SPECEDGE_CACHE_DIR`, else
+`XDG_CACHE_HOME/specedge`, else `~/.cache/specedge`); `specedge serve --profile-cost` measures
+again.
 """
 
 from __future__ import annotations
@@ -46,20 +47,22 @@ def cache_dir() -> Path:
 
 
 def profile_key(engine: TargetEngine, model_name: str) -> str:
-    """What a profile depends on: the model and its shape, the device, dtype, torch, threads."""
+    """What a profile depends on: the model and its shape, the device, dtype, torch, threads,
+    and the ranks the model is split over (named only when split, which keeps the keys of
+    earlier profiles)."""
     runner = engine.runner
-    described = json.dumps(
-        {
-            "model": model_name,
-            "config": repr(runner.config),
-            "device": str(runner.device),
-            "dtype": str(runner.loaded.dtype),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(described.encode()).hexdigest()[:16]
+    described: dict[str, object] = {
+        "model": model_name,
+        "config": repr(runner.config),
+        "device": str(runner.device),
+        "dtype": str(runner.loaded.dtype),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if runner.tensor_parallel > 1:
+        described["tensor_parallel"] = runner.tensor_parallel
+    described_json = json.dumps(described, sort_keys=True)
+    return hashlib.sha256(described_json.encode()).hexdigest()[:16]
 
 
 def load_or_profile(

@@ -1,0 +1,517 @@
+"""`specedge serve --tensor-parallel N`: the target split over N processes (ranks).
+
+Rank 0 is the server process: it serves gRPC and the HTTP API, schedules and samples exactly
+as without tensor parallelism, through a `TensorParallelRunner` (a `ModelRunner`, so the
+engines do not change). `start_tensor_parallel` spawns ranks 1..N-1 as *worker* processes of
+the server, meeting it on a loopback TCP store; rank 0 sends each its slices of the model
+(`model.parallel.build_shard`), and every rank keeps a KV cache of its own heads, of the same
+slots and blocks.
+
+Before each model call rank 0 broadcasts one `Command` on a control group (gloo, also on
+GPUs): the KV bookkeeping changes since the last command (`RecordedKVCache`: allocate, free,
+set_length, compact, in the order rank 0 applied them), then the call (a forward's rows, or
+the head over hidden rows that follow as a tensor). Workers replay the changes, so their slots
+and blocks stay identical to rank 0's, and make the same call; the model's own collectives
+(NCCL on GPUs, gloo on CPU) do the rest.
+
+Lifetime: `close` stops the workers (a STOP command, then a join, then a kill); a worker also
+exits when rank 0 does (a closed connection, or a parent that is gone), so none outlives the
+server. A worker that dies makes every later model call raise TensorParallelError naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from specedge.core.model_runner import ModelRunner, TreeRow
+from specedge.model import attention
+from specedge.model.config import ModelConfig
+from specedge.model.kv_cache import DEFAULT_MEMORY_FRACTION, KVCache, free_memory_bytes
+from specedge.model.loader import LoadedModel
+from specedge.model.parallel import TensorParallelError, build_shard, local_config
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"  # ranks meet on loopback: they are processes of one server
+STARTUP_TIMEOUT = timedelta(minutes=5)  # for every worker to start and join
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)  # a model collective some rank never joins
+IDLE_TIMEOUT = timedelta(days=365)  # workers wait this long for rank 0's next command
+LOST_RANK_WAIT_S = 2.0  # for the exit of the worker that broke a collective to be seen
+STOP_TIMEOUT_S = 10.0  # for workers to exit after STOP before they are killed
+PARENT_POLL_S = 1.0
+
+FORWARD, LOGITS, TOP_LOGPROBS, STOP = "forward", "logits", "top_logprobs", "stop"
+
+
+@dataclass(frozen=True)
+class KVChange:
+    """One call that changed rank 0's KV bookkeeping, to replay: `method(*args)`, which
+    returned `result` there (the slot, for `allocate`)."""
+
+    method: str
+    args: tuple[Any, ...]
+    result: Any = None
+
+
+@dataclass(frozen=True)
+class Command:
+    """What every rank does next: replay `kv_changes`, then `action` (FORWARD over `rows`;
+    LOGITS or TOP_LOGPROBS (`k`) over the hidden rows broadcast next; STOP)."""
+
+    action: str
+    kv_changes: tuple[KVChange, ...] = ()
+    rows: tuple[TreeRow, ...] = ()
+    hidden_shape: tuple[int, ...] = ()
+    hidden_dtype: torch.dtype = torch.float32
+    upcast: bool = True
+    k: int = 0
+
+
+class RecordedKVCache(KVCache):
+    """Rank 0's KV cache: applies every change of its slots, blocks and lengths and records
+    it, in order, for the workers to replay (`take_changes`). Slots are opened and closed on
+    the event loop while forwards run in the executor's thread, hence the lock."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._lock = threading.RLock()
+        self._changes: list[KVChange] = []
+        self._applying = False
+        super().__init__(*args, **kwargs)
+
+    def allocate(self, capacity: int | None = None) -> int:
+        return int(self._apply("allocate", capacity))
+
+    def free(self, slot: int) -> None:
+        self._apply("free", slot)
+
+    def set_length(self, slot: int, length: int) -> None:
+        self._apply("set_length", slot, length)
+
+    def compact(self, slot: int, start: int, kept_positions: Sequence[int]) -> None:
+        self._apply("compact", slot, start, tuple(kept_positions))
+
+    def take_changes(self) -> tuple[KVChange, ...]:
+        with self._lock:
+            changes, self._changes = tuple(self._changes), []
+        return changes
+
+    def _apply(self, method: str, *args: Any) -> Any:
+        """Call KVCache's `method`, recording it unless it is nested in another recorded call
+        (`compact` sets the length itself): the replay makes the same nested call."""
+        with self._lock:
+            if self._applying:
+                return getattr(super(), method)(*args)
+            self._applying = True
+            try:
+                result = getattr(super(), method)(*args)
+            finally:
+                self._applying = False
+            self._changes.append(KVChange(method, args, result))
+            return result
+
+
+def replay(kv: KVCache, changes: Sequence[KVChange]) -> None:
+    for change in changes:
+        result = getattr(kv, change.method)(*change.args)
+        assert result == change.result, f"KV replay diverged at {change}"
+
+
+# ---- rank 0 ------------------------------------------------------------------------------------
+class TensorParallelRunner(ModelRunner):
+    """Rank 0's runner: `loaded` holds rank 0's shard (and the whole model's config); every
+    model call first tells the workers to make it too (see the module docstring)."""
+
+    kv: RecordedKVCache
+    failure: str | None = None  # why the model cannot run any more (a lost rank)
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        workers: Sequence[multiprocessing.process.BaseProcess],
+        control: Any,  # the gloo group commands travel on
+        *,
+        num_slots: int,
+        max_context: int,
+        max_block: int,
+        kv_blocks: int | None = None,
+        attention_kernel: str = attention.AUTO,
+        restore_threads: int | None = None,
+    ) -> None:
+        self.tensor_parallel = len(workers) + 1
+        self.workers = list(workers)
+        self._control = control
+        self._restore_threads = restore_threads
+        super().__init__(
+            loaded,
+            num_slots=num_slots,
+            max_context=max_context,
+            max_block=max_block,
+            kv_blocks=kv_blocks,
+            attention_kernel=attention_kernel,
+        )
+        self._closed = False
+        self._watcher = threading.Thread(
+            target=self._watch_workers, name="specedge-tp-watch", daemon=True
+        )
+        self._watcher.start()
+
+    def new_kv_cache(self, num_slots: int, max_len: int, num_blocks: int | None) -> RecordedKVCache:
+        return RecordedKVCache(
+            local_config(self.config, self.tensor_parallel),
+            num_slots=num_slots,
+            max_len=max_len,
+            device=self.device,
+            dtype=self.loaded.dtype,
+            num_blocks=num_blocks,
+        )
+
+    @torch.inference_mode()
+    def forward(self, rows: Sequence[TreeRow]) -> list[Tensor]:
+        rows = tuple(rows)
+        with self._collective():
+            self._send(Command(FORWARD, rows=rows))
+            return super().forward(rows)
+
+    @torch.inference_mode()
+    def logits(self, hidden: Tensor, upcast: bool = True) -> Tensor:  # [n, E] -> [n, V]
+        with self._collective():
+            self._send_hidden(Command(LOGITS, upcast=upcast), hidden)
+            return super().logits(hidden, upcast)
+
+    @torch.inference_mode()
+    def top_logprobs(self, hidden: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        with self._collective():
+            self._send_hidden(Command(TOP_LOGPROBS, k=k), hidden)
+            return super().top_logprobs(hidden, k)
+
+    def close(self) -> None:
+        """Stop the workers (STOP, a join, then a kill) and leave the process group."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.failure is None:
+            try:
+                self._send(Command(STOP))
+            except RuntimeError as error:  # a worker already gone: the kill below
+                logger.warning("tensor parallelism: STOP not delivered (%s)", error)
+        stop_workers(self.workers)
+        dist.destroy_process_group()
+        if self._restore_threads is not None:
+            torch.set_num_threads(self._restore_threads)
+
+    def _send(self, command: Command) -> None:
+        if self.failure is not None:
+            raise TensorParallelError(self.failure)
+        command = replace(command, kv_changes=self.kv.take_changes())
+        dist.broadcast_object_list([command], src=0, group=self._control)
+
+    def _send_hidden(self, command: Command, hidden: Tensor) -> None:
+        self._send(replace(command, hidden_shape=tuple(hidden.shape), hidden_dtype=hidden.dtype))
+        dist.broadcast(hidden.contiguous(), src=0)
+
+    @contextlib.contextmanager
+    def _collective(self) -> Iterator[None]:
+        """Turn a failed collective (a worker gone) into TensorParallelError naming the rank."""
+        try:
+            yield
+        except TensorParallelError:
+            raise
+        except RuntimeError as error:
+            deadline = time.monotonic() + LOST_RANK_WAIT_S
+            while self.failure is None and time.monotonic() < deadline:
+                time.sleep(0.05)  # for the watcher to see which worker exited
+            self.failure = self.failure or f"a tensor-parallel collective failed: {error}"
+            raise TensorParallelError(self.failure) from error
+
+    def _watch_workers(self) -> None:
+        """Log a worker's death when it happens, not only at the next model call."""
+        ranks = {worker.sentinel: rank for rank, worker in enumerate(self.workers, start=1)}
+        first = multiprocessing.connection.wait(list(ranks))[0]
+        if self._closed:
+            return
+        rank = ranks[first]  # type: ignore[index]
+        worker = self.workers[rank - 1]
+        worker.join(timeout=1.0)
+        self.failure = (
+            f"tensor-parallel rank {rank} (pid {worker.pid}) exited with code "
+            f"{worker.exitcode}; the server cannot run its model any more: restart it"
+        )
+        logger.error("%s", self.failure)
+
+
+def start_tensor_parallel(
+    loaded: LoadedModel,
+    world_size: int,
+    *,
+    num_slots: int,
+    max_context: int,
+    max_block: int,
+    kv_blocks: int | None = None,
+    attention_kernel: str = attention.AUTO,
+) -> TensorParallelRunner:
+    """Spawn ranks 1..world_size-1, split `loaded`'s model over all ranks (rank 0 keeps its
+    shard; the whole model can then be freed) and return rank 0's runner. Raises
+    TensorParallelError, with every worker stopped, if the model cannot be split or a worker
+    fails to start."""
+    shard_config = local_config(loaded.config, world_size)  # fails before spawning anything
+    device = loaded.device
+    if device.type == "cuda":
+        first = device.index if device.index is not None else torch.cuda.current_device()
+        if first + world_size > torch.cuda.device_count():
+            raise TensorParallelError(
+                f"--tensor-parallel {world_size} from {device} needs GPUs {first}.."
+                f"{first + world_size - 1}; torch sees {torch.cuda.device_count()}"
+            )
+        device = torch.device("cuda", first)
+    if dist.is_initialized():
+        raise TensorParallelError("this process already belongs to a process group")
+    threads = torch.get_num_threads()
+    rank_threads = max(1, threads // world_size) if device.type == "cpu" else threads
+    store = dist.TCPStore(HOST, 0, world_size, is_master=True, wait_for_workers=False)
+    spec = WorkerSpec(
+        world_size=world_size,
+        store_port=store.port,
+        config=loaded.config,
+        device=str(device),
+        dtype=loaded.dtype,
+        num_threads=rank_threads,
+        num_slots=num_slots,
+        max_context=max_context,
+        max_block=max_block,
+        kv_blocks=kv_blocks,
+        attention_kernel=attention_kernel,
+        parent_pid=os.getpid(),
+        log_level=logging.getLogger().getEffectiveLevel(),
+    )
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(
+            target=worker_main, args=(replace(spec, rank=rank),), name=f"specedge-tp{rank}"
+        )
+        for rank in range(1, world_size)
+    ]
+    for worker in workers:
+        worker.daemon = True  # also ended by multiprocessing when the server exits
+        worker.start()
+    try:
+        _await_workers(store, workers)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, store=store, rank=0, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
+        )
+        control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+        torch.set_num_threads(rank_threads)
+        shard = build_shard(loaded.model, loaded.config, device, loaded.dtype)
+        logger.info(
+            "tensor parallelism: %d ranks (%s), rank 0 holds %s",
+            world_size,
+            backend,
+            _describe_shard(shard_config),
+        )
+        return TensorParallelRunner(
+            replace(loaded, model=shard),
+            workers,
+            control,
+            num_slots=num_slots,
+            max_context=max_context,
+            max_block=max_block,
+            kv_blocks=kv_blocks,
+            attention_kernel=attention_kernel,
+            restore_threads=threads if rank_threads != threads else None,
+        )
+    except BaseException as error:
+        torch.set_num_threads(threads)
+        stop_workers(workers, timeout=0.0)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if isinstance(error, RuntimeError) and not isinstance(error, TensorParallelError):
+            lost = _exits(workers)
+            raise TensorParallelError(
+                f"tensor parallelism failed to start ({lost or error}); see the log above"
+            ) from error
+        raise
+
+
+def rank_kv_memory(kv_memory: float | None, device: torch.device, world_size: int) -> float | None:
+    """GB of KV cache for each rank: `--kv-memory` as given (each rank has its own pool of its
+    own heads), and by default on the CPU the default share of free memory split over the
+    ranks (they share the host's memory; GPUs each have theirs)."""
+    if kv_memory is not None or world_size == 1 or device.type != "cpu":
+        return kv_memory
+    return DEFAULT_MEMORY_FRACTION * free_memory_bytes(device) / world_size / 1e9
+
+
+def _await_workers(store: Any, workers: Sequence[multiprocessing.process.BaseProcess]) -> None:
+    """Wait until every worker has joined the store, or fail as soon as one has died."""
+    keys = [f"joined/{rank}" for rank in range(1, len(workers) + 1)]
+    deadline = time.monotonic() + STARTUP_TIMEOUT.total_seconds()
+    while not store.check(keys):
+        lost = _exits(workers)
+        if lost:
+            raise TensorParallelError(f"tensor parallelism failed to start: {lost}")
+        if time.monotonic() > deadline:
+            raise TensorParallelError(
+                f"tensor-parallel workers did not start within {STARTUP_TIMEOUT}"
+            )
+        time.sleep(0.05)
+
+
+def _exits(workers: Sequence[multiprocessing.process.BaseProcess]) -> str:
+    exited = [
+        f"rank {rank} (pid {worker.pid}) exited with code {worker.exitcode}"
+        for rank, worker in enumerate(workers, start=1)
+        if worker.exitcode is not None
+    ]
+    return ", ".join(exited)
+
+
+def stop_workers(
+    workers: Sequence[multiprocessing.process.BaseProcess], timeout: float = STOP_TIMEOUT_S
+) -> None:
+    """Join every worker within `timeout` seconds (all together), then kill what is left."""
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+    for worker in workers:
+        if worker.is_alive():
+            logger.warning("tensor parallelism: killing worker pid %d", worker.pid)
+            worker.kill()
+            worker.join()
+
+
+def _describe_shard(shard: ModelConfig) -> str:
+    return (
+        f"{shard.num_heads} query / {shard.num_kv_heads} key-value heads, "
+        f"{shard.intermediate_size} feed-forward, {shard.vocab_size} vocabulary rows per layer"
+    )
+
+
+# ---- workers -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs (sent once, at spawn)."""
+
+    world_size: int
+    store_port: int
+    config: ModelConfig  # the whole model's
+    device: str  # rank 0's; rank r runs on the r-th device after it (GPUs) or the CPU
+    dtype: torch.dtype
+    num_threads: int
+    num_slots: int
+    max_context: int
+    max_block: int
+    kv_blocks: int | None
+    attention_kernel: str
+    parent_pid: int
+    log_level: int
+    rank: int = 0
+
+    @property
+    def rank_device(self) -> torch.device:
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            return torch.device("cuda", (device.index or 0) + self.rank)
+        return device
+
+
+def worker_main(spec: WorkerSpec) -> None:
+    """The body of a worker process: join, receive the shard, replay commands until STOP."""
+    logging.basicConfig(
+        level=spec.log_level,
+        format=f"%(asctime)s tp-rank{spec.rank} %(levelname)s %(name)s: %(message)s",
+    )
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for rank 0, which stops us
+    threading.Thread(target=_exit_with_parent, args=(spec.parent_pid,), daemon=True).start()
+    torch.set_num_threads(spec.num_threads)
+    device = spec.rank_device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    store = dist.TCPStore(
+        HOST, spec.store_port, spec.world_size, is_master=False, timeout=STARTUP_TIMEOUT
+    )
+    store.set(f"joined/{spec.rank}", "1")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, store=store, rank=spec.rank, world_size=spec.world_size, timeout=COLLECTIVE_TIMEOUT
+    )
+    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    try:
+        runner = _worker_runner(spec, device)
+        _serve_commands(runner, control)
+    except RuntimeError as error:  # rank 0 is gone (or failed): nothing left to serve
+        logger.error("tensor-parallel rank %d stops: %s", spec.rank, error)
+        _leave(1)
+    dist.destroy_process_group()
+    _leave(0)
+
+
+def _leave(code: int) -> None:
+    """Exit now: torch's C++ teardown at interpreter exit sometimes aborts (a thread destroyed
+    unjoined) after all work is done, which would turn a clean stop into SIGABRT."""
+    logging.shutdown()
+    os._exit(code)
+
+
+def _worker_runner(spec: WorkerSpec, device: torch.device) -> ModelRunner:
+    """A plain runner over this rank's shard, with a KV cache of its heads."""
+    shard = build_shard(None, spec.config, device, spec.dtype)
+    shard_config = local_config(spec.config, spec.world_size)
+    loaded = LoadedModel(
+        name=f"rank {spec.rank}",
+        model=shard,
+        tokenizer=None,
+        config=shard_config,
+        stop_token_ids=(),
+        directory=Path(),
+    )
+    return ModelRunner(
+        loaded,
+        num_slots=spec.num_slots,
+        max_context=spec.max_context,
+        max_block=spec.max_block,
+        kv_blocks=spec.kv_blocks,
+        attention_kernel=spec.attention_kernel,
+    )
+
+
+@torch.inference_mode()
+def _serve_commands(runner: ModelRunner, control: Any) -> None:
+    while True:
+        received: list[Any] = [None]
+        dist.broadcast_object_list(received, src=0, group=control)
+        command: Command = received[0]
+        replay(runner.kv, command.kv_changes)
+        if command.action == STOP:
+            return
+        if command.action == FORWARD:
+            runner.forward(command.rows)
+            continue
+        hidden = torch.empty(command.hidden_shape, device=runner.device, dtype=command.hidden_dtype)
+        dist.broadcast(hidden, src=0)
+        if command.action == LOGITS:
+            runner.logits(hidden, command.upcast)
+        else:
+            runner.top_logprobs(hidden, command.k)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Exit as soon as rank 0's process is gone (a worker must never outlive its server)."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)

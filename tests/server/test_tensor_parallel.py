@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import signal
 import subprocess
@@ -19,9 +20,12 @@ import pytest
 import torch
 
 from specedge.core.tree import DraftTree
+from specedge.model.config import ModelConfig
+from specedge.model.kv_cache import KVCache
 from specedge.model.loader import LoadedModel, load_model
+from specedge.model.parallel import TensorParallelError
 from specedge.server.app import BackgroundServer
-from specedge.server.tensor_parallel import TensorParallelRunner
+from specedge.server.tensor_parallel import RecordedKVCache, TensorParallelRunner, replay
 from tests.support.models import (
     TARGET_SEED,
     random_hf_model,
@@ -112,10 +116,51 @@ def test_a_dead_worker_fails_the_next_round_with_an_error_naming_it(
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             run(run_session(server.port, message, kill_after_first_round))
         details = failure.value.details() or ""
-        assert f"tensor-parallel rank 1 (pid {worker.pid}) exited" in details
+        assert f"tensor-parallel rank 1 (pid {worker.pid}) was killed by SIGKILL" in details
         assert "restart" in details
     finally:
         server.stop()
+
+
+def test_replayed_kv_changes_give_the_same_slots_blocks_and_lengths() -> None:
+    """Random session churn on rank 0's cache (opens of random sizes, prefills, rounds that
+    keep random positions, closes, refusals when full); a plain cache replaying its changes
+    after every step holds the same slots, blocks, lengths and KV positions."""
+    config = ModelConfig.from_hf(tiny_hf_config())
+    recorded = RecordedKVCache(config, num_slots=6, max_len=96, num_blocks=20)
+    replica = KVCache(config, num_slots=6, max_len=96, num_blocks=20)
+    rng = random.Random(0)
+    open_slots: list[int] = []
+    for _ in range(300):
+        action = rng.random()
+        if action < 0.3 and recorded.can_allocate(capacity := rng.randint(1, 96)):
+            open_slots.append(recorded.allocate(capacity))
+        elif action < 0.5 and open_slots:
+            recorded.free(open_slots.pop(rng.randrange(len(open_slots))))
+        elif open_slots:
+            slot = rng.choice(open_slots)
+            start = rng.randint(0, recorded.capacity(slot) - 1)
+            room = range(start, recorded.capacity(slot))
+            kept = sorted(rng.sample(room, rng.randint(0, min(8, len(room)))))
+            recorded.set_length(slot, start)
+            recorded.compact(slot, start, kept)
+        replay(replica, recorded.take_changes())
+        assert replica.lengths == recorded.lengths
+        assert replica.num_free == recorded.num_free
+        assert replica.num_free_blocks == recorded.num_free_blocks
+        for slot in open_slots:
+            capacity = recorded.capacity(slot)
+            assert replica.capacity(slot) == capacity
+            assert torch.equal(
+                replica.physical(slot, 0, capacity), recorded.physical(slot, 0, capacity)
+            )
+
+
+def test_a_split_the_model_does_not_allow_fails_the_start_before_any_process(
+    target: LoadedModel,
+) -> None:
+    with pytest.raises(TensorParallelError, match="pick a divisor of 2"):
+        start_server(target, tensor_parallel=4)
 
 
 KILLED_SERVER = """

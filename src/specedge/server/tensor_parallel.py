@@ -227,16 +227,21 @@ class TensorParallelRunner(ModelRunner):
 
     @contextlib.contextmanager
     def _collective(self) -> Iterator[None]:
-        """Turn a failed collective (a worker gone) into TensorParallelError naming the rank."""
+        """Around a model call, which the workers make too: any error in it leaves the ranks
+        out of step (some wait in a collective the others never join), so it is the last
+        call; the error becomes TensorParallelError naming the lost rank, if one was lost."""
         try:
             yield
         except TensorParallelError:
             raise
-        except RuntimeError as error:
+        except Exception as error:
             deadline = time.monotonic() + LOST_RANK_WAIT_S
             while self.failure is None and time.monotonic() < deadline:
-                time.sleep(0.05)  # for the watcher to see which worker exited
-            self.failure = self.failure or f"a tensor-parallel collective failed: {error}"
+                time.sleep(0.05)  # for the watcher to see which worker exited, if one did
+            self.failure = self.failure or (
+                f"the tensor-parallel ranks are out of step after an error on rank 0 "
+                f"({type(error).__name__}: {error}); restart the server"
+            )
             raise TensorParallelError(self.failure) from error
 
     def _watch_workers(self) -> None:
@@ -249,10 +254,18 @@ class TensorParallelRunner(ModelRunner):
         worker = self.workers[rank - 1]
         worker.join(timeout=1.0)
         self.failure = (
-            f"tensor-parallel rank {rank} (pid {worker.pid}) exited with code "
-            f"{worker.exitcode}; the server cannot run its model any more: restart it"
+            f"tensor-parallel rank {rank} (pid {worker.pid}) {_exit_reason(worker.exitcode)}; "
+            "the server cannot run its model any more: restart it"
         )
         logger.error("%s", self.failure)
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "exited"
+    if exitcode < 0:
+        return f"was killed by {signal.Signals(-exitcode).name}"
+    return f"exited with code {exitcode}"
 
 
 def start_tensor_parallel(
@@ -279,6 +292,7 @@ def start_tensor_parallel(
                 f"{first + world_size - 1}; torch sees {torch.cuda.device_count()}"
             )
         device = torch.device("cuda", first)
+        torch.cuda.set_device(device)  # NCCL runs on the current device
     if dist.is_initialized():
         raise TensorParallelError("this process already belongs to a process group")
     threads = torch.get_num_threads()
@@ -319,7 +333,7 @@ def start_tensor_parallel(
         torch.set_num_threads(rank_threads)
         shard = build_shard(loaded.model, loaded.config, device, loaded.dtype)
         logger.info(
-            "tensor parallelism: %d ranks (%s), rank 0 holds %s",
+            "tensor parallelism: %d ranks (%s), each holds %s",
             world_size,
             backend,
             _describe_shard(shard_config),
@@ -336,12 +350,12 @@ def start_tensor_parallel(
             restore_threads=threads if rank_threads != threads else None,
         )
     except BaseException as error:
+        lost = _exits(workers)  # before the kill below
         torch.set_num_threads(threads)
         stop_workers(workers, timeout=0.0)
         if dist.is_initialized():
             dist.destroy_process_group()
         if isinstance(error, RuntimeError) and not isinstance(error, TensorParallelError):
-            lost = _exits(workers)
             raise TensorParallelError(
                 f"tensor parallelism failed to start ({lost or error}); see the log above"
             ) from error
@@ -374,7 +388,7 @@ def _await_workers(store: Any, workers: Sequence[multiprocessing.process.BasePro
 
 def _exits(workers: Sequence[multiprocessing.process.BaseProcess]) -> str:
     exited = [
-        f"rank {rank} (pid {worker.pid}) exited with code {worker.exitcode}"
+        f"rank {rank} (pid {worker.pid}) {_exit_reason(worker.exitcode)}"
         for rank, worker in enumerate(workers, start=1)
         if worker.exitcode is not None
     ]
@@ -397,8 +411,8 @@ def stop_workers(
 
 def _describe_shard(shard: ModelConfig) -> str:
     return (
-        f"{shard.num_heads} query / {shard.num_kv_heads} key-value heads, "
-        f"{shard.intermediate_size} feed-forward, {shard.vocab_size} vocabulary rows per layer"
+        f"{shard.num_heads} query and {shard.num_kv_heads} key-value heads, "
+        f"a feed-forward width of {shard.intermediate_size} and {shard.vocab_size} vocabulary rows"
     )
 
 

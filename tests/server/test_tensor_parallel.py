@@ -25,7 +25,8 @@ from specedge.model.kv_cache import KVCache
 from specedge.model.loader import LoadedModel, load_model
 from specedge.model.parallel import TensorParallelError
 from specedge.server.app import BackgroundServer
-from specedge.server.tensor_parallel import RecordedKVCache, TensorParallelRunner, replay
+from specedge.server.tensor_parallel import RecordedKVCache, TensorParallelRunner
+from specedge.server.tensor_parallel_worker import replay
 from tests.support.models import (
     TARGET_SEED,
     random_hf_model,

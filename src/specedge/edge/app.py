@@ -18,7 +18,7 @@ from specedge.background import LoopThread
 from specedge.core.draft import DraftEngine
 from specedge.core.limits import TreeShape
 from specedge.core.model_runner import ModelRunner
-from specedge.edge.api import HttpApiServer, ServedModel, create_app
+from specedge.edge.api import ApiLimits, HttpApiServer, ServedModel, create_app
 from specedge.edge.client import ClientIdentity, ServerConnection
 from specedge.edge.config import EdgeConfig, ProactivePolicy
 from specedge.edge.metrics import EdgeMetrics
@@ -88,6 +88,7 @@ def build_edge(config: EdgeConfig, draft: LoadedModel) -> Edge:
         max_sessions=config.max_sessions,
         adaptive=config.adaptive,
         server_decoding=config.server_decoding,
+        queue_timeout=config.queue_timeout,
     )
     return Edge(runtime, draft, EdgeMetrics())
 
@@ -114,7 +115,8 @@ class EdgeServer:
             info = await edge.runtime.connection.wait_ready(config.startup_timeout)
             logger.info("verification server %s: target %r", config.server, info.model_name)
             served = edge.served_model(config, info)
-            app = create_app(edge.runtime, served, edge.metrics)
+            limits = ApiLimits(config.max_body_bytes, config.stream_timeout)
+            app = create_app(edge.runtime, served, edge.metrics, limits=limits)
             self._http = HttpApiServer(config.host, config.port)
             await self._http.start(app)
         except BaseException:

@@ -230,6 +230,14 @@ class RemoteSession:
         self.round = 0
 
     @property
+    def session_id(self) -> str:
+        """The server's name for the session ("" until it has answered the Open)."""
+        opened = self._opened
+        if opened is None or not opened.done() or opened.cancelled() or opened.exception():
+            return ""
+        return opened.result().session_id
+
+    @property
     def bytes_sent(self) -> int:
         return self._call.traffic.sent
 

@@ -8,13 +8,19 @@ from fastapi import FastAPI
 
 from specedge.openai_api.api import ServedModel
 from specedge.openai_api.api import create_app as create_openai_app
+from specedge.openai_api.limits import ApiLimits
 from specedge.openai_api.serving import HttpApiServer
 from specedge.server.local_sessions import LocalSessions
 from specedge.server.metrics import ServerMetrics
 
-__all__ = ["HttpApiServer", "ServedModel", "create_app"]
+__all__ = ["ApiLimits", "HttpApiServer", "ServedModel", "create_app"]
 
 
-def create_app(sessions: LocalSessions, served: ServedModel, metrics: ServerMetrics) -> FastAPI:
+def create_app(
+    sessions: LocalSessions,
+    served: ServedModel,
+    metrics: ServerMetrics,
+    limits: ApiLimits | None = None,
+) -> FastAPI:
     """The server's HTTP app over its running `LocalSessions`."""
-    return create_openai_app(sessions, served, metrics, title="SpecEdge server")
+    return create_openai_app(sessions, served, metrics, title="SpecEdge server", limits=limits)

@@ -6,7 +6,7 @@ The profile runs `TargetEngine.verify` itself (forward, LM head, sampling, accep
 compaction) over a small grid of batch sizes and tree sizes on throwaway sequences, a few
 repeats each, within a time budget, and fits fixed + per_sequence x sequences + per_row x rows
 by least squares. The result is cached per model, model shape, device, dtype, torch version,
-thread count and tensor-parallel ranks in the user cache folder (`SPECEDGE_CACHE_DIR`, else
+thread count, tensor-parallel ranks, attention kernel and specedge version in the user cache folder (`SPECEDGE_CACHE_DIR`, else
 `XDG_CACHE_HOME/specedge`, else `~/.cache/specedge`); `specedge serve --profile-cost` measures
 again.
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+import specedge
 from specedge.core.goodput import FittedBatchCost, LinearBatchCost
 from specedge.core.sampling import SamplingParams
 from specedge.core.target import TargetEngine, TargetSequence
@@ -58,6 +59,9 @@ def profile_key(engine: TargetEngine, model_name: str) -> str:
         "dtype": str(runner.loaded.dtype),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        # The code that runs the forward: a new release or kernel costs differently.
+        "specedge": specedge.__version__,
+        "attention": runner.attention_kernel,
     }
     if runner.tensor_parallel > 1:
         described["tensor_parallel"] = runner.tensor_parallel

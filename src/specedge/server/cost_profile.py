@@ -6,9 +6,9 @@ The profile runs `TargetEngine.verify` itself (forward, LM head, sampling, accep
 compaction) over a small grid of batch sizes and tree sizes on throwaway sequences, a few
 repeats each, within a time budget, and fits fixed + per_sequence x sequences + per_row x rows
 by least squares. The result is cached per model, model shape, device, dtype, torch version,
-thread count, tensor-parallel ranks, attention kernel and specedge version in the user cache folder (`SPECEDGE_CACHE_DIR`, else
-`XDG_CACHE_HOME/specedge`, else `~/.cache/specedge`); `specedge serve --profile-cost` measures
-again.
+thread count, tensor-parallel ranks, attention kernel and specedge version in the user cache
+folder (`SPECEDGE_CACHE_DIR`, else `XDG_CACHE_HOME/specedge`, else `~/.cache/specedge`);
+`specedge serve --profile-cost` measures again.
 """
 
 from __future__ import annotations

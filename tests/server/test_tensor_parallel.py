@@ -221,8 +221,12 @@ def test_serve_tensor_parallel_2_as_a_process_serves_and_stops_cleanly(tmp_path:
         children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
         workers = [pid for pid in children if b"spawn_main" in command_line(int(pid))]
         assert len(workers) == 1, lines  # (besides multiprocessing's resource tracker)
-        result = run(run_session(port, open_message(model, PROMPTS[0], MAX_TOKENS), empty_tree))
-        assert result.tokens == reference_tokens(model, PROMPTS[0], MAX_TOKENS)
+        stops = model.stop_token_ids
+        message = open_message(model, PROMPTS[0], MAX_TOKENS, stop_token_ids=stops)
+        result = run(run_session(port, message, empty_tree))
+        assert result.tokens == reference_tokens(
+            model, PROMPTS[0], MAX_TOKENS, stop_token_ids=stops
+        )
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == 0, stderr

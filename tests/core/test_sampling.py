@@ -1,6 +1,7 @@
 """Sampling: temperature / top-k / top-p kept sets equal transformers' logits warpers (ties and
 extreme values included), samples follow `probabilities`, seeded generators are deterministic
-and independent, and invalid parameters are rejected."""
+and independent, invalid parameters are rejected, temperatures below the floor decode greedily,
+no accepted parameters produce NaN, and a row with NaN logits draws the invalid token alone."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from transformers.generation.logits_process import (
 )
 
 from specedge.core.sampling import (
+    INVALID_TOKEN,
+    MIN_TEMPERATURE,
     SamplingParams,
     filter_logits,
     greedy_tokens,
@@ -24,6 +27,7 @@ from specedge.core.sampling import (
     make_generator,
     probabilities,
     sample,
+    sample_at,
 )
 from specedge.errors import InvalidRequestError
 
@@ -171,17 +175,63 @@ def test_unseeded_generators_differ() -> None:
     ("kwargs", "message"),
     [
         ({"temperature": -1.0}, "temperature must be >= 0"),
-        ({"temperature": math.nan}, "must be finite"),
+        ({"temperature": -1e-40}, "temperature must be >= 0"),
+        ({"temperature": math.nan}, "temperature must be finite"),
+        ({"temperature": math.inf}, "temperature must be finite"),
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
         ({"top_p": -0.5}, r"top_p must be in \(0, 1\]"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
-        ({"top_p": math.nan}, "must be finite"),
+        ({"top_p": math.nan}, "top_p must be finite"),
+        ({"top_p": math.inf}, "top_p must be finite"),
         ({"top_k": -1}, "top_k must be >= 0"),
     ],
 )
 def test_invalid_params_are_rejected(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-8, MIN_TEMPERATURE / 2])
+def test_temperatures_below_the_floor_decode_greedily(temperature: float) -> None:
+    """Dividing by such a temperature overflows float32 (softmax NaN); below the documented
+    floor the parameters say greedy instead, and every path samples the argmax."""
+    params = SamplingParams(temperature=temperature, top_p=0.9, seed=3)
+    assert params.greedy and params.temperature == 0.0
+    logits = random_logits(seed=12)
+    assert torch.equal(sample_at(logits, params, 3, range(64)), logits.argmax(-1))
+    assert torch.equal(sample(logits, params, make_generator(3)), logits.argmax(-1))
+    assert not SamplingParams(temperature=MIN_TEMPERATURE).greedy
+
+
+@pytest.mark.parametrize("temperature", [MIN_TEMPERATURE, 0.01, 1.0, 2.0, 1e6])
+@pytest.mark.parametrize("top_p", [1e-9, 0.5, 1.0])
+@pytest.mark.parametrize("top_k", [0, 1, VOCAB + 1])
+def test_accepted_parameters_never_produce_nan(
+    temperature: float, top_p: float, top_k: int
+) -> None:
+    """The whole accepted range, on logits as wide as a bf16 model's (about +-1e4), ties
+    included: every row is a distribution and every draw a real token."""
+    logits = random_logits(seed=13, ties=True) * 3000
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    probs = probabilities(logits, params)
+    assert torch.isfinite(probs).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(logits.shape[0]))
+    drawn = sample_at(logits, params, 5, range(logits.shape[0]))
+    assert ((drawn >= 0) & (drawn < VOCAB)).all()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_row_with_nan_logits_draws_the_invalid_token_alone(temperature: float) -> None:
+    """A model that gives one row NaN logits: that row draws INVALID_TOKEN (the caller fails
+    its sequence), every other row draws what it draws without the broken row."""
+    logits = random_logits(seed=14, rows=6)
+    params = SamplingParams(temperature=temperature, seed=1)
+    clean = sample_at(logits, params, 9, range(6))
+    logits[2, 7] = math.nan
+    drawn = sample_at(logits, params, 9, range(6))
+    assert drawn[2] == INVALID_TOKEN
+    keep = torch.arange(6) != 2
+    assert torch.equal(drawn[keep], clean[keep])
 
 
 @pytest.mark.parametrize("vocab", [49152, 151936, 1000, 97])

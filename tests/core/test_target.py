@@ -1,8 +1,9 @@
 """The target engine: request validation at `open` and `admit` (every bad input gets its
 error; a tree past the context is cut to fit), greedy verification emits exactly the target's
 greedy continuation whatever the tree, a batched verify equals verifying each sequence alone,
-and after any accept/reject sequence a slot's KV equals a fresh prefill of the committed tokens
-but the root."""
+a sequence whose sampling fails (NaN logits, or a sampler that raises) fails alone while the
+rest of its batch completes exactly as without it, and after any accept/reject sequence a
+slot's KV equals a fresh prefill of the committed tokens but the root."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ import torch
 
 from specedge.core.model_runner import ModelRunner
 from specedge.core.sampling import SamplingParams
-from specedge.core.target import GenerationLimits, TargetEngine, TargetSequence, fit_to_context
+from specedge.core.target import (
+    GenerationLimits,
+    SamplingError,
+    SequenceFailure,
+    TargetEngine,
+    TargetSequence,
+    fit_to_context,
+)
 from specedge.core.tree import ROOT_PARENT, DraftTree
 from specedge.core.verify import FINISH_LENGTH
 from specedge.errors import InvalidRequestError
@@ -155,6 +163,68 @@ def test_batched_verify_equals_verifying_each_sequence_alone(target: LoadedModel
         alone = engine.verify([(seq, tree)])[0]
         assert alone == together
         assert together.num_accepted >= 2  # the planted path was found in a batch too
+
+
+@pytest.mark.parametrize("fault", ["nan logits", "sampler raises"])
+def test_a_sampling_failure_fails_only_its_sequence(
+    target: LoadedModel, fault: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The middle sequence of a batch of three fails; the other two get the results they get
+    in a batch without it, their KV is committed, the failed one's round is not."""
+    prompts = [PROMPT, [7, 7, 2], [11, 5, 9, 13, 2, 1, 0, 4, 4, 8]]
+    trees = [chain(greedy_continuation(target, prompt, 3)) for prompt in prompts]
+    poisoned = SamplingParams(temperature=0.7, seed=666)
+
+    def run(with_fault: bool) -> tuple[list[TargetSequence], list[object]]:
+        engine = make_engine(target, num_slots=3)
+        params = [GREEDY, poisoned, GREEDY]
+        seqs = [engine.open(p, q, 16) for p, q in zip(prompts, params, strict=True)]
+        for seq in seqs:
+            engine.prefill(seq)
+        if with_fault and fault == "nan logits":
+            real_logits = engine.runner.logits
+
+            def broken_logits(hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+                logits = real_logits(hidden, upcast).clone()
+                first = len(trees[0].tokens) + 1  # the middle sequence's rows come next
+                logits[first : first + len(trees[1].tokens) + 1] = torch.nan
+                return logits
+
+            monkeypatch.setattr(engine.runner, "logits", broken_logits)
+        if with_fault and fault == "sampler raises":
+            import specedge.core.target as target_module
+
+            real_sample = target_module.sample_at
+
+            def broken_sample(logits, params, stream, positions):  # type: ignore[no-untyped-def]
+                if params.seed == poisoned.seed:
+                    raise RuntimeError("probability tensor contains inf or nan (simulated)")
+                return real_sample(logits, params, stream, positions)
+
+            monkeypatch.setattr(target_module, "sample_at", broken_sample)
+        outcomes: list[object] = list(engine.verify_each(list(zip(seqs, trees, strict=True))))
+        monkeypatch.undo()
+        return seqs, outcomes
+
+    clean_seqs, clean = run(with_fault=False)
+    seqs, outcomes = run(with_fault=True)
+    assert isinstance(outcomes[1], SequenceFailure)
+    assert ("NaN" if fault == "nan logits" else "simulated") in outcomes[1].reason
+    assert seqs[1].rounds == 0 and seqs[1].committed == prompts[1]
+    for index in (0, 2):
+        assert outcomes[index] == clean[index]
+        assert seqs[index].committed == clean_seqs[index].committed
+        assert len(seqs[index].committed) == len(prompts[index]) + 4  # the chain and a bonus
+
+
+def test_verify_raises_a_sampling_error_for_callers_that_fail_whole(target: LoadedModel) -> None:
+    engine = make_engine(target, num_slots=1)
+    seq = engine.open(PROMPT, GREEDY, 4)
+    engine.prefill(seq)
+    real_logits = engine.runner.logits
+    engine.runner.logits = lambda hidden, upcast=True: real_logits(hidden, upcast) * torch.nan  # type: ignore[method-assign]
+    with pytest.raises(SamplingError, match="no distribution"):
+        engine.verify([(seq, DraftTree())])
 
 
 # ---- KV after any accept/reject sequence ---------------------------------------------------------

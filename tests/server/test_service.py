@@ -269,10 +269,25 @@ BAD_OPENS = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "finite",
     ),
+    "NaN temperature": (
+        {"sampling": unchecked_sampling(temperature=float("nan"))},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "temperature must be finite",
+    ),
     "top_p over 1": (
         {"sampling": unchecked_sampling(temperature=1.0, top_p=1.5)},
         grpc.StatusCode.INVALID_ARGUMENT,
         "top_p",
+    ),
+    "negative top_p": (  # 0 is proto3's "not sent" (no top-p); below it is refused
+        {"sampling": unchecked_sampling(temperature=1.0, top_p=-0.5)},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_p",
+    ),
+    "NaN top_p": (
+        {"sampling": unchecked_sampling(temperature=1.0, top_p=float("nan"))},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_p must be finite",
     ),
     "stop id >= vocab": (
         {"stop_token_ids": [TINY_VOCAB]},

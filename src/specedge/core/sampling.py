@@ -7,6 +7,14 @@ depend on how much speculation its rounds verified. `sample` draws from a `torch
 Temperature 0 means greedy (argmax). Filtering follows the usual order: temperature, then
 top-k, then top-p (the smallest set of most likely tokens whose mass reaches top_p; at least
 one token is always kept).
+
+Accepted ranges (checked once, in `SamplingParams`, wherever the parameters come from): a
+finite temperature >= 0, where anything below `MIN_TEMPERATURE` decodes greedily (logits
+divided by 1e-40 overflow to inf and softmax gives NaN); a finite top_p in (0, 1]; top_k >= 0
+(`NO_TOP_K` disables it, as does any k at or above the vocabulary). Within these ranges the
+filtered logits are finite and every row keeps a token, so no request can produce NaN; a row
+that still has no distribution (the model's own logits NaN) samples `INVALID_TOKEN`, which its
+caller turns into a failure of that sequence alone.
 """
 
 from __future__ import annotations
@@ -21,27 +29,38 @@ from torch import Tensor
 
 from specedge.errors import InvalidRequestError
 
+# Temperatures below this decode greedily (vLLM's floor too): the largest logit gap of a real
+# model divided by it stays far inside float32, and the distribution is one-hot in all but
+# exact ties anyway.
+MIN_TEMPERATURE = 1e-5
+NO_TOP_K = 0  # top_k that keeps every token
+INVALID_TOKEN = -1  # what `sample_at` draws from a row with no distribution (NaN logits)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0
+    temperature: float = 0.0  # below MIN_TEMPERATURE: stored as 0, greedy
     top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k
+    top_k: int = NO_TOP_K
     seed: int | None = None
 
     def __post_init__(self) -> None:
         """The one validation of sampling parameters, wherever they come from (HTTP, gRPC,
-        the command line)."""
-        if not math.isfinite(self.temperature) or not math.isfinite(self.top_p):
-            raise InvalidRequestError(
-                f"temperature and top_p must be finite, got {self.temperature}, {self.top_p}"
-            )
+        the command line); see the module docstring for the accepted ranges."""
+        if not math.isfinite(self.temperature):
+            raise InvalidRequestError(f"temperature must be finite, got {self.temperature}")
+        if not math.isfinite(self.top_p):
+            raise InvalidRequestError(f"top_p must be finite, got {self.top_p}")
         if not self.temperature >= 0.0:
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+            raise InvalidRequestError(
+                f"top_k must be >= 0 ({NO_TOP_K} disables it), got {self.top_k}"
+            )
+        if self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)  # one greedy spelling downstream
 
     @property
     def greedy(self) -> bool:
@@ -84,14 +103,19 @@ def sample_at(
     the position and the distribution there: a seeded request's output is the same whether a
     round verified a big tree, a cut one or none (autoregressive decoding). Each emitted token
     is still an exact draw from the target's distribution at the emitted prefix, with
-    independent uniforms across positions: verification stays lossless."""
+    independent uniforms across positions: verification stays lossless.
+
+    A row without a distribution (NaN logits from the model) draws `INVALID_TOKEN`: checked on
+    the device, so the round keeps its one device-to-host copy."""
     if params.greedy:
-        return greedy_tokens(logits)
+        tokens = greedy_tokens(logits)
+        return torch.where(logits.amax(dim=-1).isnan(), INVALID_TOKEN, tokens)
     probs = filter_logits(logits, params).softmax(dim=-1)
     u = torch.tensor(
         [position_uniform(stream, p) for p in positions], dtype=torch.float64, device=probs.device
     )
-    return invert_cdf(probs, u)
+    tokens = invert_cdf(probs, u)
+    return torch.where(probs.sum(dim=-1).isfinite(), tokens, INVALID_TOKEN)
 
 
 def _chunk_size(vocab: int) -> int:

@@ -6,6 +6,11 @@ positions between rounds. `TargetEngine.verify` runs one batched forward over se
 sequences' trees (root + nodes), draws one target sample per node with each request's own
 sampling parameters and generator, decides acceptance (`verify.verify_tree`) and compacts each
 slot to the root + accepted path. Autoregressive decoding is verification of an empty tree.
+
+Sequences share the forward but not their fate: `verify_each` samples each sequence on its
+own, and a sequence whose sampling fails (it raised, or its logits had no distribution) comes
+back as a `SequenceFailure` with its KV left as the forward wrote it (its owner closes it);
+the other sequences' rounds complete as if it had not been in the batch.
 """
 
 from __future__ import annotations
@@ -17,10 +22,21 @@ import torch
 
 from specedge.core.limits import DEFAULT_PREFILL_CHUNK, TreeLimits
 from specedge.core.model_runner import ModelRunner, TreeRow
-from specedge.core.sampling import SamplingParams, sample_at, stream_seed
+from specedge.core.sampling import INVALID_TOKEN, SamplingParams, sample_at, stream_seed
 from specedge.core.tree import DraftTree, validate_tree
 from specedge.core.verify import VerifyResult, verify_tree
-from specedge.errors import InvalidRequestError
+from specedge.errors import InvalidRequestError, SpecEdgeError
+
+
+class SamplingError(SpecEdgeError):
+    """One sequence's round could not be sampled (see `SequenceFailure`)."""
+
+
+@dataclass(frozen=True)
+class SequenceFailure:
+    """A sequence of a batch whose round failed; nothing of the round was committed."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -145,8 +161,22 @@ class TargetEngine:
         return fit_to_context(tree, len(seq.committed), self.runner.max_context)
 
     def verify(self, batch: Sequence[tuple[TargetSequence, DraftTree]]) -> list[VerifyResult]:
+        """`verify_each` for callers that fail as a whole (one sequence, the cost profile):
+        raises SamplingError if any sequence failed."""
+        results = []
+        for outcome in self.verify_each(batch):
+            if isinstance(outcome, SequenceFailure):
+                raise SamplingError(outcome.reason)
+            results.append(outcome)
+        return results
+
+    def verify_each(
+        self, batch: Sequence[tuple[TargetSequence, DraftTree]]
+    ) -> list[VerifyResult | SequenceFailure]:
         """One batched target forward over every (sequence, tree); see the module docstring.
-        Trees must have passed `admit`; sequences must be prefilled."""
+        Trees must have passed `admit`; sequences must be prefilled. A failure of the forward
+        itself raises (it is every sequence's); a failure of one sequence's sampling is that
+        sequence's `SequenceFailure`."""
         rows = []
         for seq, tree in batch:
             assert not seq.needs_prefill and seq.finish_reason is None
@@ -157,28 +187,32 @@ class TargetEngine:
         # each time: the head is a fifth of a 135M target), in the model's dtype: greedy rows
         # take their argmax there (the same token), sampled rows are converted to float32.
         logits = self.runner.logits(torch.cat(hidden), upcast=False).split([len(h) for h in hidden])
-        samples = []
+        samples: list[torch.Tensor | SequenceFailure] = []
         for (seq, tree), node_logits in zip(batch, logits, strict=True):
-            # The root draws for the next position, a node at depth d for d positions later.
-            root_position = len(seq.committed)
-            positions = [root_position, *(root_position + d for d in tree.depths())]
-            if not seq.params.greedy:
-                node_logits = node_logits.float()
-            samples.append(sample_at(node_logits, seq.params, seq.stream, positions))
-        flat_samples = torch.cat(samples).tolist()  # the round's one device-to-host copy
-        results, first = [], 0
+            samples.append(_sample_round(seq, tree, node_logits))
+        drawn = [s for s in samples if not isinstance(s, SequenceFailure)]
+        flat = torch.cat(drawn).tolist() if drawn else []  # the round's one device-to-host copy
+        outcomes: list[VerifyResult | SequenceFailure] = []
+        first = 0
         for (seq, tree), node_samples in zip(batch, samples, strict=True):
+            if isinstance(node_samples, SequenceFailure):
+                outcomes.append(node_samples)
+                continue
+            drawn_tokens = flat[first : first + len(node_samples)]
+            first += len(node_samples)
+            if INVALID_TOKEN in drawn_tokens:
+                outcomes.append(SequenceFailure("the target's logits had no distribution (NaN)"))
+                continue
             result = verify_tree(
                 tree.tokens,
                 tree.parents,
-                flat_samples[first : first + len(node_samples)],
+                drawn_tokens,
                 stop_token_ids=seq.stop_token_ids,
                 max_new_tokens=seq.max_new_tokens - seq.num_generated,
             )
-            first += len(node_samples)
             self._commit(seq, tree, result)
-            results.append(replace(result, num_verified=tree.num_nodes))
-        return results
+            outcomes.append(replace(result, num_verified=tree.num_nodes))
+        return outcomes
 
     def _commit(self, seq: TargetSequence, tree: DraftTree, result: VerifyResult) -> None:
         start = len(seq.committed) - 1  # the root's slot position
@@ -194,6 +228,24 @@ class TargetEngine:
 
     def close(self, seq: TargetSequence) -> None:
         self.runner.kv.free(seq.slot)
+
+
+def _sample_round(
+    seq: TargetSequence,
+    tree: DraftTree,
+    node_logits: torch.Tensor,  # [1 + num_nodes, V]
+) -> torch.Tensor | SequenceFailure:  # [1 + num_nodes] int64
+    """The target's sample at the root and at every node of one sequence's tree: the root
+    draws for the next position, a node at depth d for d positions later. Whatever goes wrong
+    here is this sequence's failure alone."""
+    root_position = len(seq.committed)
+    positions = [root_position, *(root_position + d for d in tree.depths())]
+    try:
+        if not seq.params.greedy:
+            node_logits = node_logits.float()
+        return sample_at(node_logits, seq.params, seq.stream, positions)
+    except Exception as error:  # isolation: one sequence's sampling never fails the batch
+        return SequenceFailure(f"sampling failed ({type(error).__name__}: {error})")
 
 
 def fit_to_context(tree: DraftTree, context_len: int, max_context: int) -> DraftTree:

@@ -166,7 +166,7 @@ def decode_edge(message: pb.EdgeMessage) -> EdgeRequest | None:
         try:
             sampling = SamplingParams(
                 temperature=s.temperature,
-                top_p=s.top_p if s.top_p > 0 else 1.0,
+                top_p=s.top_p if s.top_p != 0 else 1.0,  # proto3's 0: not sent, no top-p
                 top_k=s.top_k,
                 seed=s.seed if s.HasField("seed") else None,
             )

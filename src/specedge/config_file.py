@@ -30,6 +30,14 @@ MODEL_HELP = "alias (smollm2-135m, smollm2-135m-draft), .gguf file, model direct
 # `loader.resolve_device` turns it into a device when a model loads.
 DEFAULT_DEVICE = "auto"
 DEVICE_HELP = "auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N."
+# Limits of the OpenAI-compatible HTTP API, the same on the edge and the server.
+MAX_BODY_BYTES = 4 << 20
+MAX_BODY_HELP = "Largest HTTP request body in bytes; larger ones get 413."
+STREAM_TIMEOUT_HELP = (
+    "Seconds a streaming client may leave its stream unread; then its generation ends and "
+    "frees its slot and KV cache."
+)
+QUEUE_TIMEOUT_HELP = "Seconds a request waits for a free session slot; then 503 with Retry-After."
 
 
 def setting(

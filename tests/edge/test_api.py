@@ -2,9 +2,10 @@
 httpx, over the real verification server: completions equal the target's greedy output,
 streaming and non-streaming agree, stop strings cut the text, invalid parameters get OpenAI's
 error JSON with status 400, concurrent requests all complete, a client that disconnects
-mid-stream frees its server session, and a dead server means 503 quickly, then recovery. The
-edge serves the target's tokens, so it lists the target (with its draft) and names it in every
-response."""
+mid-stream frees its server session, a dead server means 503 (with Retry-After) quickly, then
+recovery, and a body over the limit is a 413. The edge serves the target's tokens, so it lists
+the target (with its draft) and names it in every response. Logs: one structured line per
+session end on each side, the same session id in both, and no prompt or completion text."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from specedge.server.app import BackgroundServer
 from tests.support.models import TARGET_SEED, CharTokenizer, tiny_model
 from tests.support.observe import metric, wait_for
 from tests.support.reference import reference_tokens
-from tests.support.servers import edge_config, start_server
+from tests.support.servers import EDGE_CONFIG, edge_config, start_server
 
 MESSAGES = [{"role": "user", "content": "Say something."}]
 MAX_TOKENS = 30
@@ -194,6 +195,49 @@ def test_malformed_requests_get_openai_errors(stack: Stack) -> None:
     assert httpx.get(f"{stack.edge.url}/v1/nothing").json()["error"]["message"]
 
 
+def test_a_body_over_the_limit_is_a_413(stack: Stack) -> None:
+    limit = EDGE_CONFIG.max_body_bytes
+    url = f"{stack.edge.url}/v1/chat/completions"
+    big = {"messages": [{"role": "user", "content": "x" * limit}], "max_tokens": 4}
+    response = httpx.post(url, json=big)
+    assert response.status_code == 413, response.text
+    assert f"exceeds {limit} bytes" in response.json()["error"]["message"]
+    small = {"messages": MESSAGES, "max_tokens": 4, "temperature": 0}
+    assert httpx.post(url, json=small).status_code == 200
+
+
+def test_logs_one_line_per_session_end_and_no_text(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chat request through the edge: the edge and the server each log one `session_end`
+    line with the same session id, counts and outcome; no log record holds the prompt or the
+    completion text."""
+    caplog.set_level(logging.DEBUG, logger="specedge")
+    secret = "Tell nobody: the password is swordfish."
+    messages = [{"role": "user", "content": secret}]
+    answer = stack.client.chat.completions.create(
+        model="m", messages=messages, max_tokens=MAX_TOKENS, temperature=0
+    )
+    completion = answer.choices[0].message.content or ""
+    assert len(completion) == MAX_TOKENS
+    wait_for(lambda: sum("role=edge-session" in r.getMessage() for r in caplog.records) == 1)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("session_end")]
+    fields = [dict(pair.split("=", 1) for pair in line.split()[1:]) for line in lines]
+    assert sorted(f["role"] for f in fields) == ["edge", "edge-session"]
+    edge, server = sorted(fields, key=lambda f: f["role"])
+    assert edge["session"] == server["session"] and len(edge["session"]) == 32
+    prompt_tokens = str(answer.usage.prompt_tokens)  # type: ignore[union-attr]
+    for side in (edge, server):
+        assert side["prompt_tokens"] == prompt_tokens
+        assert side["completion_tokens"] == str(MAX_TOKENS)
+        assert side["finish_reason"] == "length" and side["error"] == "-"
+        assert int(side["rounds"]) >= 1 and float(side["seconds"]) > 0
+    assert edge["outcome"] == "finished"
+    for record in caplog.records:
+        logged = record.getMessage() + (record.exc_text or "")
+        assert "swordfish" not in logged and completion[:8] not in logged
+
+
 def test_concurrent_requests_all_complete(stack: Stack) -> None:
     prompts = [[i, i + 1, i + 2] for i in range(20, 26)]
 
@@ -245,6 +289,7 @@ def test_dead_server_means_503_quickly_then_recovery() -> None:
                 f"{edge.url}/v1/completions", json=request | {"stream": stream}, timeout=10
             )
             assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == "1"
             assert "unavailable" in response.json()["error"]["message"]
             assert time.monotonic() - started < 3.0
         assert httpx.get(f"{edge.url}/health").json()["server_connected"] is False

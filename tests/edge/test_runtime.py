@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -113,16 +114,21 @@ def test_agreeing_draft_is_accepted_and_its_bets_hit(
     assert stats.bytes_sent > 0 and stats.bytes_received > 0
 
 
-def test_stop_token_ends_the_generation(server: BackgroundServer, target: LoadedModel) -> None:
+def test_the_targets_stop_token_ends_the_generation(target: LoadedModel) -> None:
+    """The server stops at its target's stop tokens (the edge's own are not trusted)."""
     full = reference_tokens(target, PROMPTS[1], MAX_TOKENS)
     stop = full[len(full) // 2]
     expected = reference_tokens(target, PROMPTS[1], MAX_TOKENS, stop_token_ids=[stop])
     assert expected[-1] == stop and len(expected) < len(full)
 
     async def body(edge: Edge) -> tuple[list[int], GenerationStats]:
-        return await edge_generate(edge, PROMPTS[1], MAX_TOKENS, stop_token_ids=[stop])
+        return await edge_generate(edge, PROMPTS[1], MAX_TOKENS)
 
-    tokens, stats = asyncio.run(with_edge(edge_config(server), tiny_model(12), body))
+    server = start_server(replace(target, stop_token_ids=(stop,)))
+    try:
+        tokens, stats = asyncio.run(with_edge(edge_config(server), tiny_model(12), body))
+    finally:
+        server.stop()
     assert tokens == expected and stats.finish_reason == "stop"
 
 

@@ -1,5 +1,6 @@
 """The executor with a tiny real target but no network: batching, prefill interleaving, slot
-lifetimes under close / cancel / finish / shutdown."""
+lifetimes under close / cancel / finish / shutdown, and failures that stay where they belong
+(one sequence's sampling, a forward one sequence breaks) with the health they report."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from specedge.server.executor import (
     VerificationExecutor,
     VerificationFailedError,
 )
+from specedge.server.health import ModelHealth
 from specedge.server.scheduler import SchedulerPolicy
 from tests.support.models import tiny_model
 from tests.support.reference import reference_tokens
@@ -35,10 +37,13 @@ def target() -> LoadedModel:
     return tiny_model()
 
 
-def make_executor(target: LoadedModel, num_slots: int = 4, **policy: Any) -> VerificationExecutor:
+def make_executor(
+    target: LoadedModel, num_slots: int = 4, health: ModelHealth | None = None, **policy: Any
+) -> VerificationExecutor:
     runner = ModelRunner(target, num_slots=num_slots, max_context=256, max_block=24)
     engine = TargetEngine(runner, GenerationLimits(max_tree_nodes=16, max_tree_depth=6))
-    return VerificationExecutor(engine, SchedulerPolicy(prefill_chunk=16, **policy))
+    policy_ = SchedulerPolicy(prefill_chunk=16, **policy)
+    return VerificationExecutor(engine, policy_, health=health)
 
 
 def with_executor(
@@ -208,26 +213,145 @@ def test_stop_fails_pending_work_and_frees_everything(target: LoadedModel) -> No
     asyncio.run(main())
 
 
-def test_model_failure_fails_that_batch_only(target: LoadedModel) -> None:
-    """An exception in the forward (e.g. out of memory) closes the batch's sessions with a
-    typed error; the executor keeps serving new sessions."""
+def test_a_broken_model_fails_its_sessions_and_reports_it(target: LoadedModel) -> None:
+    """An exception in every forward (e.g. out of memory) closes the sessions with a typed
+    error and, after `max_failures` of them, makes the executor report a problem; the first
+    forward that works again clears it, and new sessions are served correctly."""
 
     async def body(executor: VerificationExecutor) -> None:
-        session = executor.open_session(PROMPT, GREEDY, 8)
+        sessions = [executor.open_session(PROMPT[i:], GREEDY, 8) for i in range(2)]
         await settle(executor)
-        real_verify = executor.engine.verify
+        real_forward = executor.engine.runner.forward
 
-        def broken(batch: Any) -> Any:
+        def broken(rows: Any) -> Any:
             raise RuntimeError("CUDA out of memory (simulated)")
 
-        executor.engine.verify = broken  # type: ignore[method-assign]
-        with pytest.raises(VerificationFailedError, match="out of memory"):
-            await executor.verify(session.session_id, DraftTree())
-        assert executor.session(session.session_id) is None and free_slots(executor) == 4
-        executor.engine.verify = real_verify  # type: ignore[method-assign]
+        executor.engine.runner.forward = broken  # type: ignore[method-assign]
+        for session in sessions:  # one failed forward each: a batch of one is not retried
+            with pytest.raises(VerificationFailedError, match="out of memory"):
+                await executor.verify(session.session_id, DraftTree())
+            assert executor.session(session.session_id) is None
+        assert free_slots(executor) == 4
+        assert executor.problem() == (
+            "2 model forwards failed in a row (latest: RuntimeError: CUDA out of memory "
+            "(simulated))"
+        )
+        executor.engine.runner.forward = real_forward  # type: ignore[method-assign]
         assert await generate(executor, PROMPT, 5) == reference_tokens(target, PROMPT, 5)
+        assert executor.problem() is None
 
-    with_executor(target, body)
+    with_executor(target, body, health=ModelHealth(max_failures=2))
+
+
+def test_a_sampling_failure_fails_only_its_session(
+    target: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three sessions share every forward; one's sampling raises in its second round. It
+    alone is closed (its slot freed); the other two finish with the target's tokens, and a
+    bad sequence is no model failure: no problem is reported."""
+    import specedge.core.target as target_module
+
+    poisoned = SamplingParams(temperature=0.9, seed=666)
+    real_sample = target_module.sample_at
+    rounds = {"poisoned": 0}
+
+    def sample(logits, params, stream, positions):  # type: ignore[no-untyped-def]
+        if params.seed == poisoned.seed:
+            rounds["poisoned"] += 1
+            if rounds["poisoned"] == 2:
+                raise RuntimeError("probability tensor contains inf or nan (simulated)")
+        return real_sample(logits, params, stream, positions)
+
+    monkeypatch.setattr(target_module, "sample_at", sample)
+    prompts = [PROMPT, PROMPT[2:]]
+    expected = [reference_tokens(target, prompt, 10) for prompt in prompts]
+
+    async def poisoned_session(executor: VerificationExecutor) -> str:
+        session = executor.open_session(PROMPT[4:], poisoned, 10)
+        with pytest.raises(VerificationFailedError, match="simulated") as failure:
+            while True:
+                await executor.verify(session.session_id, DraftTree((5, 6), (-1, 0)))
+        return str(failure.value)
+
+    async def body(executor: VerificationExecutor) -> tuple[list[list[int]], str]:
+        *good, message = await asyncio.gather(
+            *(generate(executor, prompt, 10) for prompt in prompts), poisoned_session(executor)
+        )
+        assert executor.problem() is None and free_slots(executor) == 4
+        batch_sizes = executor.metrics.registry.get_sample_value(
+            "specedge_server_verify_batch_size_sum"
+        )
+        batches = executor.metrics.registry.get_sample_value(
+            "specedge_server_verify_batch_size_count"
+        )
+        assert batch_sizes is not None and batches is not None and batch_sizes > batches
+        return good, message
+
+    good, message = with_executor(target, body)
+    assert good == expected
+    assert "the session is closed" in message
+
+
+def test_a_forward_that_one_sequence_breaks_fails_it_alone(target: LoadedModel) -> None:
+    """The batched forward raises whenever one session's row is in it; the batch is retried
+    one sequence at a time, so only that session fails and the others' outputs are exact."""
+    prompts = [PROMPT, PROMPT[2:], PROMPT[1:]]
+    expected = [reference_tokens(target, prompt, 10) for prompt in prompts[:2]]
+
+    async def body(executor: VerificationExecutor) -> list[list[int]]:
+        bad = executor.open_session(prompts[2], GREEDY, 10)
+        real_forward = executor.engine.runner.forward
+
+        def forward(rows: Any) -> Any:
+            if any(row.slot == bad.seq.slot and len(row.parents) > 1 for row in rows):
+                raise IndexError("index out of range in self (simulated)")
+            return real_forward(rows)
+
+        executor.engine.runner.forward = forward  # type: ignore[method-assign]
+
+        async def broken_session() -> None:
+            with pytest.raises(VerificationFailedError, match="simulated"):
+                while True:
+                    await executor.verify(bad.session_id, DraftTree((1, 2), (-1, 0)))
+
+        *good, _ = await asyncio.gather(
+            *(generate(executor, prompt, 10) for prompt in prompts[:2]), broken_session()
+        )
+        assert free_slots(executor) == 4
+        return good
+
+    assert with_executor(target, body) == expected
+
+
+def test_a_stuck_model_thread_is_reported_until_it_ends(target: LoadedModel) -> None:
+    """A forward that hangs (a stuck device) makes the executor report the stuck thread once
+    it has run past the health's floor (100 x its modelled 1 ms is less); when it ends, the
+    report clears."""
+    import threading
+
+    release = threading.Event()
+
+    async def body(executor: VerificationExecutor) -> None:
+        executor.batch_cost = FittedBatchCost(LinearBatchCost(0.001, 0.0, 0.0))
+        session = executor.open_session(PROMPT, GREEDY, 8)
+        await settle(executor)
+        real_forward = executor.engine.runner.forward
+
+        def hang(rows: Any) -> Any:
+            release.wait(10)
+            return real_forward(rows)
+
+        executor.engine.runner.forward = hang  # type: ignore[method-assign]
+        pending = asyncio.ensure_future(executor.verify(session.session_id, DraftTree()))
+        await asyncio.sleep(0.05)
+        assert executor.problem() is None  # running, but not for long yet
+        await asyncio.sleep(0.3)
+        assert (executor.problem() or "").startswith("the model thread is stuck")
+        release.set()
+        await pending
+        assert executor.problem() is None
+
+    with_executor(target, body, health=ModelHealth(stuck_after=0.2))
 
 
 # ---- goodput selection (DESIGN.md section 12) ----------------------------------------------

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
@@ -43,8 +45,10 @@ from specedge.core.goodput import TreeSizer
 from specedge.core.limits import DEFAULT_PREFILL_CHUNK, TreeLimits
 from specedge.core.tree import DraftTree
 from specedge.core.verify import VerifyResult
-from specedge.errors import ServiceUnavailableError, SpecEdgeError
+from specedge.errors import ServiceUnavailableError
+from specedge.session_log import log_session_end
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 MIN_PROBES = 8  # probes scored before a drafter may ask to resume trees
 PROBE_SMOOTHING = 0.15  # weight of the newest probe in the hit rate
@@ -88,6 +92,11 @@ class SessionVerifier(Protocol):
 
     @property
     def limits(self) -> TreeLimits: ...
+
+    @property
+    def session_id(self) -> str:
+        """The verifier's name for the session, for logs ("" when it has none)."""
+        ...
 
     def verify(self, sent: SentTree) -> Awaitable[VerifyResult]:
         """The verdict on `sent.tree` (accepted nodes are tree indices)."""
@@ -199,6 +208,7 @@ class InProcessVerifier:
 
     streaming = False
     resume_threshold = 0.0
+    session_id = ""
 
     async def resume(self) -> None:
         pass
@@ -343,14 +353,20 @@ class ModelDrafter:
 
 class RoundLoopBackend(ABC):
     """A `core.generation.GenerationBackend` that runs each request's round loop: validate
-    it, wait for one of `max_sessions` slots, open the session's verifier and drafter, yield
-    each round's tokens, then free both. `owner` names whose context limit a request breaks
-    (e.g. "this edge's")."""
+    it, wait up to `queue_timeout` seconds for one of `max_sessions` slots (then
+    ServiceUnavailableError), open the session's verifier and drafter, yield each round's
+    tokens, then free both and log the session's end (`specedge.session_log`, as `role`).
+    `owner` names whose context limit a request breaks (e.g. "this edge's")."""
 
-    def __init__(self, *, max_sessions: int, max_context: int, owner: str) -> None:
+    role = "generation"
+
+    def __init__(
+        self, *, max_sessions: int, max_context: int, owner: str, queue_timeout: float = 30.0
+    ) -> None:
         self.max_sessions = max_sessions
         self.max_context = max_context
         self.owner = owner
+        self.queue_timeout = queue_timeout
         self.active_sessions = 0
         self._slots = asyncio.Semaphore(max_sessions)
 
@@ -377,12 +393,22 @@ class RoundLoopBackend(ABC):
         max_tokens = self.check(request)
         self.active_sessions += 1  # waiting for a slot counts as active
         try:
-            await self._slots.acquire()
+            await self._take_slot()
             async with aclosing(self._session(request, max_tokens, stats)) as rounds:
                 async for tokens in rounds:
                     yield tokens
         finally:
             self.active_sessions -= 1
+
+    async def _take_slot(self) -> None:
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.queue_timeout)
+        except TimeoutError:
+            self._ended("refused")
+            raise ServiceUnavailableError(
+                f"all {self.max_sessions} session slots stayed busy for {self.queue_timeout:g} s "
+                "(--queue-timeout); retry later"
+            ) from None
 
     async def _session(
         self, request: GenerationRequest, max_tokens: int, stats: GenerationStats
@@ -391,6 +417,8 @@ class RoundLoopBackend(ABC):
         verifier: SessionVerifier | None = None
         drafter: Drafter | None = None
         outcome = "cancelled"  # unless the generation ends otherwise
+        error: BaseException | None = None
+        started = time.monotonic()
         try:
             verifier = await self._open_verifier(request, max_tokens)
             drafter = self._open_drafter(request, verifier)
@@ -402,17 +430,32 @@ class RoundLoopBackend(ABC):
         except GeneratorExit:  # the caller stopped reading (a stop string, a disconnect)
             outcome = "closed"
             raise
-        except ServiceUnavailableError:  # full, unreachable or shutting down
-            outcome = "refused" if verifier is None else "failed"
+        except ServiceUnavailableError as failure:  # full, unreachable or shutting down
+            outcome, error = "refused" if verifier is None else "failed", failure
             raise
-        except SpecEdgeError:
-            outcome = "failed"
+        except Exception as failure:  # SpecEdgeError, or a bug: failed either way
+            outcome, error = "failed", failure
             raise
         finally:
             self._ended(outcome)
+            session_id = verifier.session_id if verifier is not None else ""
             if verifier is not None:
                 verifier.close()
             self._release(drafter)
+            log_session_end(
+                logger,
+                role=self.role,
+                session=session_id,
+                prompt_tokens=len(request.prompt_token_ids),
+                completion_tokens=stats.emitted,
+                rounds=stats.rounds,
+                seconds=time.monotonic() - started,
+                outcome=outcome,
+                finish_reason=stats.finish_reason,
+                error=error,
+                accepted=stats.accepted,
+                proactive_hits=stats.proactive_hits,
+            )
 
     def _release(self, drafter: Drafter | None) -> None:
         """Free the draft slot after any job the request left queued, then admit the next

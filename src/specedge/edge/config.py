@@ -17,8 +17,12 @@ from typing import Any
 from specedge.config_file import (
     DEFAULT_DEVICE,
     DEVICE_HELP,
+    MAX_BODY_BYTES,
+    MAX_BODY_HELP,
     MAX_PORT,
     MODEL_HELP,
+    QUEUE_TIMEOUT_HELP,
+    STREAM_TIMEOUT_HELP,
     check_auth_token,
     check_budget,
     check_device_and_dtype,
@@ -92,6 +96,9 @@ class EdgeConfig:
     startup_timeout: float = setting(
         30.0, "Seconds to wait at start-up for the server to answer.", minimum=0, exclusive=True
     )
+    max_body_bytes: int = setting(MAX_BODY_BYTES, MAX_BODY_HELP, minimum=1024)
+    stream_timeout: float = setting(30.0, STREAM_TIMEOUT_HELP, minimum=0, exclusive=True)
+    queue_timeout: float = setting(30.0, QUEUE_TIMEOUT_HELP, minimum=0, exclusive=True)
     device: str = setting(DEFAULT_DEVICE, DEVICE_HELP)
     dtype: str | None = setting(None, "float32|bfloat16|float16 (default: best for the device).")
     auth_token: str | None = setting(None, "Bearer token the server requires (default: no auth).")

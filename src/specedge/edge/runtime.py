@@ -39,6 +39,10 @@ class RemoteVerifier:
         self.last_streamed = False  # the latest verdict was a server-side step
         self.on_end: Callable[[bool], None] | None = None  # told at the end: streamed last?
 
+    @property
+    def session_id(self) -> str:
+        return self.remote.session_id
+
     async def resume(self) -> None:
         if self.streaming and not self._resumed:
             self._resumed = True
@@ -95,9 +99,11 @@ class EdgeRuntime(RoundLoopBackend):
     """What every session of one edge shares: the draft model (behind its one worker thread),
     the proactive policy, the server link and the acceptance calibrator (one per edge: its
     draft against the server's target, learned from every session's verdicts).
-    `max_sessions` bounds the draft KV slots; requests beyond it wait for a slot. With
-    `adaptive` (`--budget auto`) each session sizes its trees to what the server recently
-    verified of them."""
+    `max_sessions` bounds the draft KV slots; requests beyond it wait up to `queue_timeout`
+    seconds for a slot. With `adaptive` (`--budget auto`) each session sizes its trees to what
+    the server recently verified of them."""
+
+    role = "edge"
 
     def __init__(
         self,
@@ -111,8 +117,14 @@ class EdgeRuntime(RoundLoopBackend):
         max_sessions: int,
         adaptive: bool = True,
         server_decoding: bool = True,
+        queue_timeout: float = 30.0,
     ) -> None:
-        super().__init__(max_sessions=max_sessions, max_context=max_context, owner="this edge's")
+        super().__init__(
+            max_sessions=max_sessions,
+            max_context=max_context,
+            owner="this edge's",
+            queue_timeout=queue_timeout,
+        )
         self.worker = worker
         self.draft = draft
         self.drafter = drafter

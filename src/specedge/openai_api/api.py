@@ -4,9 +4,14 @@
 `stream_options.include_usage`, `data: [DONE]`), `GET /v1/models`, `GET /health`, `/metrics`.
 Supported parameters: temperature, top_p, top_k (extension), seed, max_tokens (and
 max_completion_tokens), stop, n=1. Anything else, or an invalid value, gets OpenAI's error JSON
-with status 400; a backend that cannot serve now (`ServiceUnavailableError`: the verification
-server unreachable, full or shutting down) gets 503. A request's `model` is not checked: every
-response names the served model (`ServedModel.name`; on the edge, the target). Every
+with status 400 (accepted ranges: `openai_api.types.GenerationBody`); a body over the API's
+`max_body_bytes` gets 413 (`openai_api.limits`); a backend that cannot serve now
+(`ServiceUnavailableError`: the verification server unreachable, full or shutting down, or no
+session slot free within the queue timeout) gets 503 with `Retry-After`. A request's `model`
+is not checked: every response names the served model (`ServedModel.name`; on the edge, the
+target). A streaming client that leaves its stream unread for `stream_timeout` seconds loses
+it, and its generation ends. Tokenization and chat templating run in a worker thread, off the
+event loop that serves every other request. Every
 response carries `usage.speculative` (rounds, tokens_per_round, acceptance_rate,
 proactive_hits, proactive_attempts, bytes_sent, bytes_received, ttft_ms). Streaming and
 non-streaming answers come from the same delta stream, so they agree. The edge and the server
@@ -15,6 +20,7 @@ serve this same app.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -25,7 +31,7 @@ from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -35,6 +41,7 @@ from specedge.core.generation import (
     GenerationStats,
 )
 from specedge.errors import InvalidRequestError, ServiceUnavailableError
+from specedge.openai_api.limits import ApiLimits, BodyLimit, TimedStream
 from specedge.openai_api.types import (
     ChatCompletionBody,
     ChatFormat,
@@ -48,6 +55,8 @@ from specedge.openai_api.types import (
 from specedge.text import IncrementalDecoder, encode_chat, encode_prompt
 
 logger = logging.getLogger(__name__)
+# Seconds a 503 asks clients to wait: a full server or a restarting one is back in seconds.
+RETRY_AFTER_S = 1
 
 
 class ApiMetrics(Protocol):
@@ -70,7 +79,13 @@ def as_openai_error(error: Exception) -> OpenAIError:
     if isinstance(error, InvalidRequestError):
         return OpenAIError(400, str(error))
     if isinstance(error, ServiceUnavailableError):
-        return OpenAIError(503, str(error), type="server_error", code="server_unavailable")
+        return OpenAIError(
+            503,
+            str(error),
+            type="server_error",
+            code="server_unavailable",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
     logger.exception("request failed", exc_info=error)
     return OpenAIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error")
 
@@ -229,9 +244,12 @@ def create_app(
     *,
     title: str = "SpecEdge",
     lifespan: Any = None,
+    limits: ApiLimits | None = None,
 ) -> FastAPI:
     """The HTTP app over a running backend."""
+    limits = limits or ApiLimits()
     app = FastAPI(title=title, lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     started = int(time.time())
 
     @app.exception_handler(RequestValidationError)
@@ -284,11 +302,11 @@ def create_app(
         try:
             for param, message in body.unsupported():
                 raise OpenAIError(400, message, param=param)
-            generation = start()
+            generation = await asyncio.to_thread(start)  # tokenizing is CPU work
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 stream = await _sse(generation, form, include_usage, metrics, endpoint)
-                return StreamingResponse(stream, media_type="text/event-stream")
+                return TimedStream(stream, limits.stream_timeout, media_type="text/event-stream")
             pieces = []
             try:
                 async with aclosing(generation.deltas()) as deltas:

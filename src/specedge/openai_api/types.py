@@ -12,10 +12,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from specedge.core.sampling import SamplingParams
+from specedge.core.sampling import NO_TOP_K, SamplingParams
 
 MAX_STOP_STRINGS = 4
 MAX_SEED = 2**64 - 1
+NO_TOP_K_HTTP = -1  # vLLM's spelling of "no top-k", accepted with 0 (`sampling.NO_TOP_K`)
 
 
 # ---- request bodies ---------------------------------------------------------------------------
@@ -25,21 +26,25 @@ class StreamOptions(BaseModel):
 
 
 class GenerationBody(BaseModel):
-    """Fields both endpoints share; unknown fields are rejected (400)."""
+    """Fields both endpoints share; unknown fields are rejected (400). Accepted ranges:
+    temperature a finite number in [0, 2] (below `sampling.MIN_TEMPERATURE`: greedy, like 0);
+    top_p in (0, 1]; top_k >= 1, or 0 or -1 for none (an extension); max_tokens >= 1, clamped
+    to the context the prompt leaves; `model` any name (the served model answers). NaN and
+    infinities are refused."""
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)  # extension; 0 or -1 disables it
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=NO_TOP_K_HTTP)  # extension; 0 or -1: none
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     max_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(default=None, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
@@ -63,7 +68,7 @@ class GenerationBody(BaseModel):
 
     def sampling(self) -> SamplingParams:
         temperature = 1.0 if self.temperature is None else self.temperature
-        top_k = 0 if self.top_k is None or self.top_k < 0 else self.top_k
+        top_k = NO_TOP_K if self.top_k in (None, NO_TOP_K_HTTP) else self.top_k
         top_p = 1.0 if self.top_p is None else self.top_p
         return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=self.seed)
 
@@ -135,13 +140,15 @@ class OpenAIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+        self.headers = headers or {}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body, status_code=self.status)
+        return JSONResponse(self.body, status_code=self.status, headers=self.headers)
 
 
 def validation_error(error: RequestValidationError) -> OpenAIError:

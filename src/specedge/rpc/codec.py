@@ -2,7 +2,9 @@
 
 Domain code speaks the dataclasses below; this module turns them into wire messages and back,
 and wires a servicer object / a client stub to the gRPC runtime. Regenerate the protobuf code
-with `make proto` after editing `specedge.proto`.
+with `make proto` after editing `specedge.proto`. The standard gRPC health service
+(`grpc.health.v1`, from grpcio-health-checking) is wired here too (`HealthService`,
+`health_status`), so its generated code stays in this module as well.
 
 Wire protocol version `PROTOCOL_VERSION`: bump it on any incompatible change. Version 2 added
 per-node acceptance estimates (one byte each, `quantize_estimates`), the verified count and
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specedge.core.sampling import SamplingParams
 from specedge.errors import InvalidRequestError
@@ -324,6 +328,38 @@ def add_verifier_service(
                 yield encoded
 
     pb_grpc.add_VerifierServicer_to_server(_Servicer(), server)
+
+
+class HealthService:
+    """The standard gRPC health service on `server`: the whole server ("") and the Verifier
+    service answer SERVING or NOT_SERVING together, as `set_serving` last said."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._servicer = grpc_health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._servicer, server)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            await self._servicer.set(service, status)
+
+    async def shutdown(self) -> None:
+        """NOT_SERVING for good (a stopping server)."""
+        await self._servicer.enter_graceful_shutdown()
+
+
+async def health_status(
+    channel: grpc.aio.Channel, service: str = SERVICE_NAME, timeout: float | None = None
+) -> str:
+    """What the server's gRPC health service says of `service`: "SERVING", "NOT_SERVING",
+    "UNKNOWN" or "SERVICE_UNKNOWN"."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
 class VerifierClient:

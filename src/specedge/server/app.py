@@ -5,9 +5,11 @@ and with `--api-port` the server's own OpenAI-compatible API (server-side drafti
 Start-up order: bind the gRPC, metrics and API ports, load the target and the draft (`GET
 /health` answers 503 "loading" meanwhile), allocate the KV slots, start the executor, the gRPC
 service and the API, then log `serving MODEL on HOST:PORT`; from that line on, `/health`
-answers 200 and so does Info. SIGINT/SIGTERM drain: new sessions and API requests are refused,
-running ones get `shutdown_grace` seconds to finish, then everything stops (a second signal
-skips the grace).
+answers 200 and so does Info. `/health` and the standard gRPC health service (grpc.health.v1)
+tell the same truth: 503 / NOT_SERVING while loading, draining, or degraded (the model keeps
+failing or its thread is stuck: `server.health`), 200 / SERVING otherwise. SIGINT/SIGTERM
+drain: new sessions and API requests are refused, running ones get `shutdown_grace` seconds to
+finish, then everything stops (a second signal skips the grace).
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ from specedge.model.loader import (
     tokenizer_fingerprint,
 )
 from specedge.model.parallel import local_config
-from specedge.rpc.codec import PROTOCOL_VERSION, ServerInfo, add_verifier_service
-from specedge.server.api import HttpApiServer, ServedModel, create_app
+from specedge.rpc.codec import PROTOCOL_VERSION, HealthService, ServerInfo, add_verifier_service
+from specedge.server.api import ApiLimits, HttpApiServer, ServedModel, create_app
 from specedge.server.config import ServerConfig
 from specedge.server.cost_profile import load_or_profile
 from specedge.server.executor import VerificationExecutor
+from specedge.server.health import ModelHealth, publish_health
 from specedge.server.local_sessions import LocalSessions
 from specedge.server.metrics import MetricsHttpServer, ServerMetrics
 from specedge.server.scheduler import SchedulerPolicy
@@ -83,6 +86,8 @@ class SpecEdgeServer:
         self._grpc: grpc.aio.Server | None = None
         self._http: MetricsHttpServer | None = None
         self._api: HttpApiServer | None = None
+        self._grpc_health: HealthService | None = None
+        self._publishing: asyncio.Task[None] | None = None
         self._status = "starting"
         self._model_name = config.model
 
@@ -90,7 +95,14 @@ class SpecEdgeServer:
         """Bind both ports first (a taken port fails at once, not after loading the model),
         answer /health with 503 "loading" while the model loads, then serve."""
         config = self.config
-        self._grpc = grpc.aio.server(options=GRPC_OPTIONS)
+        limits = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+        self._grpc = grpc.aio.server(
+            options=GRPC_OPTIONS + limits, maximum_concurrent_rpcs=config.concurrent_rpcs
+        )
+        self._grpc_health = HealthService(self._grpc)
         address = f"{config.host}:{config.port}"
         try:
             self.port = self._grpc.add_insecure_port(address)
@@ -120,6 +132,10 @@ class SpecEdgeServer:
             await self.stop(grace=0.0)
             raise
         self._status = "ok"
+        assert self._grpc_health is not None
+        self._publishing = asyncio.create_task(
+            publish_health(self._grpc_health, lambda: self._health()[0]), name="specedge-health"
+        )
         logger.info("serving %s on %s:%d", self._model_name, config.host, self.port)
         logger.info("metrics on http://%s:%d/metrics", config.host, self.metrics_port)
         if self._api is not None and self.local_sessions is not None:
@@ -164,6 +180,7 @@ class SpecEdgeServer:
             self.metrics,
             batch_cost=batch_cost,
             goodput=config.verify == "goodput",
+            health=ModelHealth(config.max_failed_forwards, config.stuck_timeout),
         )
         self.executor.start()
         info = ServerInfo(
@@ -178,11 +195,13 @@ class SpecEdgeServer:
         service = VerifierService(
             self.executor,
             info,
+            stop_token_ids=loaded.stop_token_ids,
             session_timeout=config.session_timeout,
             auth_token=config.auth_token,
         )
-        assert self._grpc is not None
+        assert self._grpc is not None and self._grpc_health is not None
         add_verifier_service(self._grpc, service.info, service.session)
+        await self._grpc_health.set_serving(False)  # until the readiness line
         await self._grpc.start()
         if self._api is not None:
             await self._start_api(loaded)
@@ -202,8 +221,8 @@ class SpecEdgeServer:
             self.executor,
             draft_engine,
             max_sessions=config.max_sessions,
-            slot_wait=config.session_timeout,
-            status=lambda: self._status,
+            queue_timeout=config.queue_timeout,
+            status=lambda: str(self._health()[1]["status"]),
             adaptive=config.adaptive,
         )
         served = ServedModel(
@@ -213,7 +232,8 @@ class SpecEdgeServer:
             stop_token_ids=target.stop_token_ids,
             vocab_size=self.executor.engine.vocab_size,
         )
-        app = create_app(self.local_sessions, served, self.metrics)
+        limits = ApiLimits(config.max_body_bytes, config.stream_timeout)
+        app = create_app(self.local_sessions, served, self.metrics, limits)
         await self._api.start(app, handle_signals=False)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -222,6 +242,10 @@ class SpecEdgeServer:
         in-band error event) and release everything."""
         grace = self.config.shutdown_grace if grace is None else grace
         self._status = "draining"
+        if self._publishing is not None:
+            self._publishing.cancel()
+        if self._grpc_health is not None:
+            await self._grpc_health.shutdown()
         services = []
         if self._grpc is not None:
             services.append(self._grpc.stop(grace))
@@ -266,16 +290,22 @@ class SpecEdgeServer:
         logger.info("stopped")
 
     def _health(self) -> tuple[bool, dict[str, Any]]:
+        """(healthy, the JSON of /health): the one health answer, also the gRPC health
+        service's and the server API's."""
         executor = self.executor
         status = self._status
-        if executor is not None and executor.failed:
-            status = "failed"
-        return status == "ok", {
+        problem = executor.problem() if executor is not None else None
+        if status == "ok" and problem is not None:
+            status = "degraded"
+        body = {
             "status": status,
             "model": self._model_name,
             "active_sessions": executor.num_sessions if executor is not None else 0,
             "max_sessions": self.config.max_sessions,
         }
+        if problem is not None:
+            body["problem"] = problem
+        return status == "ok", body
 
 
 def run_server(config: ServerConfig) -> None:

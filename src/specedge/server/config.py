@@ -16,7 +16,11 @@ from typing import Any
 from specedge.config_file import (
     DEFAULT_DEVICE,
     DEVICE_HELP,
+    MAX_BODY_BYTES,
+    MAX_BODY_HELP,
     MODEL_HELP,
+    QUEUE_TIMEOUT_HELP,
+    STREAM_TIMEOUT_HELP,
     check_auth_token,
     check_budget,
     check_device_and_dtype,
@@ -40,6 +44,11 @@ from specedge.server.scheduler import SchedulerPolicy
 
 _TREE = TreeShape()  # the tree-shape defaults
 _POLICY = SchedulerPolicy()  # the batching defaults
+
+
+# An Open carries the prompt: at most 5 bytes per token id (a varint of 32 bits), plus the rest.
+OPEN_BYTES_PER_TOKEN = 5
+OPEN_OVERHEAD_BYTES = 1024
 
 
 class ConfigError(SpecEdgeError):
@@ -90,6 +99,31 @@ class ServerConfig:
     shutdown_grace: float = setting(
         5.0, "Seconds running sessions get to finish on SIGTERM.", minimum=0
     )
+    max_message_bytes: int = setting(
+        1 << 20,
+        "Largest gRPC message accepted from an edge (an Open holds the prompt, up to 5 bytes "
+        "per token).",
+        minimum=1024,
+    )
+    max_concurrent_rpcs: int | None = setting(
+        None,
+        "gRPC calls served at once; more are refused with RESOURCE_EXHAUSTED "
+        "(default: 2 x --max-sessions + 16).",
+        minimum=1,
+    )
+    max_failed_forwards: int = setting(
+        3,
+        "Consecutive failed model forwards after which /health answers 503 and gRPC health "
+        "NOT_SERVING (until one succeeds).",
+        minimum=1,
+    )
+    stuck_timeout: float = setting(
+        30.0,
+        "Seconds one model job may run (or 100x its modelled cost, if longer) before the "
+        "model thread counts as stuck: /health 503, gRPC health NOT_SERVING.",
+        minimum=0,
+        exclusive=True,
+    )
     device: str = setting(DEFAULT_DEVICE, DEVICE_HELP)
     dtype: str | None = setting(None, "float32|bfloat16|float16 (default: best for the device).")
     auth_token: str | None = setting(
@@ -106,6 +140,9 @@ class ServerConfig:
         "Draft model for the HTTP API: speculative decoding on the server "
         "(default: autoregressive).",
     )
+    max_body_bytes: int = setting(MAX_BODY_BYTES, MAX_BODY_HELP, minimum=1024)
+    stream_timeout: float = setting(30.0, STREAM_TIMEOUT_HELP, minimum=0, exclusive=True)
+    queue_timeout: float = setting(30.0, QUEUE_TIMEOUT_HELP, minimum=0, exclusive=True)
     budget: str = setting(AUTO_BUDGET, f"Server-side drafting: {BUDGET_HELP}")
     depth: int = setting(_TREE.depth, "Server-side tree depth (draft steps).", minimum=1)
     width: int = setting(_TREE.width, "Children proposed per expanded node.", minimum=1)
@@ -137,6 +174,13 @@ class ServerConfig:
         """Server-side trees sized by what the selection verifies (`--budget auto`)."""
         return parse_budget(self.budget) is None
 
+    @property
+    def concurrent_rpcs(self) -> int:
+        """gRPC calls served at once (`--max-concurrent-rpcs`, or its default)."""
+        if self.max_concurrent_rpcs is not None:
+            return self.max_concurrent_rpcs
+        return 2 * self.max_sessions + 16
+
     def validate(self) -> ServerConfig:
         """Return self, or raise ConfigError naming the first invalid setting."""
         if not self.model:
@@ -157,6 +201,13 @@ class ServerConfig:
             raise ConfigError(
                 f"{_where('max_batch_tokens')} ({self.max_batch_tokens}) must hold one full tree: "
                 f"at least --max-tree-nodes + 1 = {self.max_tree_nodes + 1}"
+            )
+        open_bytes = OPEN_BYTES_PER_TOKEN * self.max_context + OPEN_OVERHEAD_BYTES
+        if self.max_message_bytes < open_bytes:
+            raise ConfigError(
+                f"{_where('max_message_bytes')} ({self.max_message_bytes}) cannot hold the Open "
+                f"of a full-context prompt (--max-context {self.max_context}: up to "
+                f"{open_bytes} bytes); raise it or lower --max-context"
             )
         check_device_and_dtype(self, ConfigError)
         check_auth_token(self, ConfigError)

@@ -18,6 +18,12 @@ the server's recent idle time per batch: idle time is free, so a server waiting 
 verifies larger trees (lower latency), a saturated one only what pays (goodput). A tree cut to
 nothing is a plain decoding step. Trees without estimates (version 1 edges) are verified whole.
 
+Failures stay where they belong: a sequence whose sampling fails (`core.target.SequenceFailure`)
+closes its own session while the rest of its batch completes; a batched forward that raises is
+retried one sequence at a time, so a sequence that breaks the forward fails alone. Every job on
+the model thread runs under `ModelHealth` (`server.health`): forwards that keep failing or a job
+that never ends make the server report itself degraded.
+
 Invariant: model work (forwards, compaction) runs only in the worker thread, and target work
 only on the sessions of the running batch. The event loop opens sessions (taking free slots)
 and closes them; a session closed while in flight keeps its slot until the batch is over, so a
@@ -45,10 +51,11 @@ from specedge.core.goodput import (
     select_prefixes,
 )
 from specedge.core.sampling import SamplingParams
-from specedge.core.target import TargetEngine, TargetSequence
+from specedge.core.target import SequenceFailure, TargetEngine, TargetSequence
 from specedge.core.tree import DraftTree
 from specedge.core.verify import VerifyResult
 from specedge.errors import InvalidRequestError, ServiceUnavailableError, SpecEdgeError
+from specedge.server.health import ModelHealth
 from specedge.server.metrics import ServerMetrics
 from specedge.server.scheduler import Batch, PrefillChunk, Scheduler, SchedulerPolicy
 
@@ -65,7 +72,8 @@ class ServerClosingError(ServiceUnavailableError):
 
 
 class VerificationFailedError(SpecEdgeError):
-    """The model failed on a batch (e.g. out of memory); its sessions are closed."""
+    """The model failed on this session's round (e.g. out of memory, NaN logits); the session
+    is closed."""
 
 
 @dataclass
@@ -103,10 +111,13 @@ class VerificationExecutor:
         *,
         batch_cost: LinearBatchCost | None = None,
         goodput: bool = True,
+        health: ModelHealth | None = None,
     ) -> None:
         """`batch_cost`: the profiled cost model to start from; `goodput=False` verifies every
-        tree whole (the fixed-size behaviour, for experiments)."""
+        tree whole (the fixed-size behaviour, for experiments); `health`: what watches the
+        model thread (default thresholds otherwise)."""
         self.engine = engine
+        self.health = health or ModelHealth()
         self.scheduler = Scheduler(policy)
         self.metrics = metrics or ServerMetrics()
         # Seconds of a verification forward by (sequences, rows), kept current from every
@@ -148,6 +159,12 @@ class VerificationExecutor:
         """The loop died of a bug: the server cannot verify anything any more."""
         task = self._task
         return task is not None and task.done() and not task.cancelled() and not self._closing
+
+    def problem(self) -> str | None:
+        """Why the server cannot verify properly now (`server.health`), or None."""
+        if self.failed:
+            return "the executor loop died"
+        return self.health.problem()
 
     async def stop(self) -> None:
         """Fail queued work, close every session, stop the loop and the worker thread."""
@@ -293,7 +310,7 @@ class VerificationExecutor:
             return future
 
     def _draft_job(self, job: Callable[[], T]) -> T:
-        result, elapsed = _timed(job)
+        result, elapsed = self.health.watch(partial(_timed, job), kind="draft")
         self._busy_since_batch += elapsed  # a float add: atomic enough for a running estimate
         self.metrics.busy_seconds.inc(elapsed)
         self.metrics.draft_seconds.inc(elapsed)
@@ -363,31 +380,28 @@ class VerificationExecutor:
         estimates = [session.estimates for session in sessions]
         work = [(session.seq, tree) for session, tree in zip(sessions, trees, strict=True)]
         self._in_flight = set(batch.session_ids)
-        try:
-            # Timed in the thread: a draft job queued before the batch is not verify time.
-            results, elapsed = await asyncio.get_running_loop().run_in_executor(
-                self._pool, _timed, partial(self.engine.verify, work)
-            )
-        except Exception as error:  # a model failure fails this batch's sessions, not the server
-            logger.exception("verification of a batch of %d failed", len(sessions))
-            self._in_flight = set()
-            failure = VerificationFailedError(
-                f"the server failed to verify this round ({type(error).__name__}: {error}); "
-                "the session is closed, open a new one"
-            )
-            for session in sessions:
-                self.close_session(session.session_id, failure)
-            self._release_deferred()
-            self._last_batch_end = self._clock()
-            return
-        # Replies first: each producer resumes as soon as the loop is free.
-        for session, result in zip(sessions, results, strict=True):
-            if session.future is not None and not session.future.done():
-                session.future.set_result(result)
-            session.tree, session.future, session.estimates = None, None, None
-        self.scheduler.complete(batch, self._clock())
+        outcomes, elapsed = await self._verify_work(work)
         self._in_flight = set()
-        self._record_batch(sessions, trees, estimates, results, elapsed)
+        # Replies first: each producer resumes as soon as the loop is free.
+        verified = []
+        for session, tree, sent, outcome in zip(sessions, trees, estimates, outcomes, strict=True):
+            if isinstance(outcome, SequenceFailure):
+                logger.warning(
+                    "session %s: round failed: %s", session.session_id[:8], outcome.reason
+                )
+                failure = VerificationFailedError(
+                    f"the server failed to verify this round ({outcome.reason}); the session "
+                    "is closed, open a new one"
+                )
+                self.close_session(session.session_id, failure)
+                continue
+            if session.future is not None and not session.future.done():
+                session.future.set_result(outcome)
+            session.tree, session.future, session.estimates = None, None, None
+            verified.append((session, tree, sent, outcome))
+        self.scheduler.complete(batch, self._clock())
+        rows = sum(tree.num_nodes + 1 for tree in trees)
+        self._record_batch(len(sessions), rows, elapsed, verified)
         for session in sessions:
             if session.finished and not session.closed:
                 # Nothing more can happen in this session: give its slot to the next one now.
@@ -395,20 +409,61 @@ class VerificationExecutor:
                 self._release(session)
         self._release_deferred()
 
+    async def _verify_work(
+        self, work: list[tuple[TargetSequence, DraftTree]]
+    ) -> tuple[list[VerifyResult | SequenceFailure], float]:
+        """Each sequence's outcome of one batched forward and its time (0 when it failed). A
+        forward that raises is retried one sequence at a time (the forward rewrites the same
+        KV positions), so a sequence that breaks it fails alone; each failure is a
+        `SequenceFailure`."""
+        rows = sum(tree.num_nodes + 1 for _, tree in work)
+        try:
+            return await self._run_target(self.engine.verify_each, work, rows)
+        except Exception as error:
+            logger.exception("verification of a batch of %d failed", len(work))
+            if len(work) == 1:
+                reason = f"{type(error).__name__}: {error}"
+                return [SequenceFailure(reason)] * len(work), 0.0
+        outcomes: list[VerifyResult | SequenceFailure] = []
+        for item in work:  # one at a time: only the sequences that break the forward fail
+            try:
+                (outcome,), seconds = await self._run_target(self.engine.verify_each, [item])
+            except Exception as error:
+                outcome = SequenceFailure(f"{type(error).__name__}: {error}")
+            else:
+                self.metrics.busy_seconds.inc(seconds)
+            outcomes.append(outcome)
+        return outcomes, 0.0  # no time of the batch as a whole: nothing for the cost model
+
+    async def _run_target(
+        self,
+        verify: Callable[[list[tuple[TargetSequence, DraftTree]]], list[T]],
+        work: list[tuple[TargetSequence, DraftTree]],
+        rows: int | None = None,
+    ) -> tuple[list[T], float]:
+        """`verify(work)` on the model thread under the health watch (its modelled cost as
+        the measure of "stuck"), timed in the thread: a draft job queued before it is not
+        verify time."""
+        rows = sum(tree.num_nodes + 1 for _, tree in work) if rows is None else rows
+        modelled = self.batch_cost(len(work), rows)
+        job = partial(_timed, partial(verify, work))
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, self.health.watch, job, modelled
+        )
+
     async def _prefill(self, chunk: PrefillChunk) -> None:
         session = self._sessions.get(chunk.session_id)
         if session is None:  # closed since the batch was formed
             return
         assert session.seq.prefilled == chunk.start
         self._in_flight = {chunk.session_id}
+        prefill = partial(_timed, partial(self.engine.prefill_chunk, session.seq, chunk.num_tokens))
         try:
             _, elapsed = await asyncio.get_running_loop().run_in_executor(
-                self._pool,
-                _timed,
-                partial(self.engine.prefill_chunk, session.seq, chunk.num_tokens),
+                self._pool, partial(self.health.watch, prefill, kind="prefill")
             )
         except Exception as error:
-            logger.exception("prefill of session %s failed", chunk.session_id)
+            logger.exception("prefill of session %s failed", chunk.session_id[:8])
             self._in_flight = set()
             failure = VerificationFailedError(
                 f"the server failed to prefill the prompt ({type(error).__name__}: {error}); "
@@ -466,43 +521,47 @@ class VerificationExecutor:
     # ---- bookkeeping ---------------------------------------------------------------------------
     def _record_batch(
         self,
-        sessions: list[ServerSession],
-        trees: list[DraftTree],
-        estimates: list[tuple[float, ...] | None],
-        results: list[VerifyResult],
+        num_sequences: int,
+        rows: int,
         elapsed: float,
+        verified: list[tuple[ServerSession, DraftTree, tuple[float, ...] | None, VerifyResult]],
     ) -> None:
+        """A batch of `num_sequences` trees and `rows` rows took `elapsed` seconds (0: its
+        forward failed); `verified` are its sessions whose round completed, with the tree
+        verified, the estimates sent and the result."""
         self._last_batch_end = self._clock()
-        rows = sum(tree.num_nodes + 1 for tree in trees)
-        self.batch_cost.observe(len(sessions), rows, elapsed)
-        if self.recent_batch_seconds == 0.0:
-            self.recent_batch_seconds = elapsed
-        self.recent_batch_seconds += IDLE_SMOOTHING * (elapsed - self.recent_batch_seconds)
+        metrics = self.metrics
+        if elapsed > 0.0:
+            self.batch_cost.observe(num_sequences, rows, elapsed)
+            if self.recent_batch_seconds == 0.0:
+                self.recent_batch_seconds = elapsed
+            self.recent_batch_seconds += IDLE_SMOOTHING * (elapsed - self.recent_batch_seconds)
+            metrics.verify_batch_size.observe(num_sequences)
+            metrics.verify_seconds.observe(elapsed)
+            metrics.busy_seconds.inc(elapsed)
+        if not verified:
+            return
+        results = [result for _, _, _, result in verified]
         emitted = sum(len(result.emitted_tokens) for result in results)
         self._recent_tokens_per_round += IDLE_SMOOTHING * (
-            emitted / len(sessions) - self._recent_tokens_per_round
+            emitted / len(verified) - self._recent_tokens_per_round
         )
         self._recent_rows_per_round += IDLE_SMOOTHING * (
-            rows / len(sessions) - self._recent_rows_per_round
+            rows / num_sequences - self._recent_rows_per_round
         )
-        metrics = self.metrics
         cost = self.batch_cost.current
         metrics.batch_cost.labels("fixed").set(cost.fixed_s)
         metrics.batch_cost.labels("per_sequence").set(cost.per_sequence_s)
         metrics.batch_cost.labels("per_row").set(cost.per_row_s)
-        metrics.verify_batch_size.observe(len(sessions))
-        metrics.verify_seconds.observe(elapsed)
-        metrics.busy_seconds.inc(elapsed)
-        metrics.rounds.inc(len(sessions))
-        metrics.emitted_tokens.inc(sum(len(r.emitted_tokens) for r in results))
+        metrics.rounds.inc(len(verified))
+        metrics.emitted_tokens.inc(emitted)
         metrics.accepted_tokens.inc(sum(r.num_accepted for r in results))
-        for session, tree in zip(sessions, trees, strict=True):
+        for session, tree, sent, result in verified:
             session.verify_seconds += elapsed
-            session.batched_with += len(sessions)
+            session.batched_with += num_sequences
             session.verified += tree.num_nodes
             metrics.verified_nodes.inc(tree.num_nodes)
-        # Rounds with estimates: cut to nothing, and predicted against emitted tokens.
-        for tree, sent, result in zip(trees, estimates, results, strict=True):
+            # Rounds with estimates: cut to nothing, and predicted against emitted tokens.
             if sent is None:
                 continue
             if tree.num_nodes == 0 and sent:

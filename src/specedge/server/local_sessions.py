@@ -48,6 +48,7 @@ class ExecutorVerifier(InProcessVerifier):
     def __init__(self, executor: VerificationExecutor, session: ServerSession) -> None:
         self.executor = executor
         self.session = session
+        self.session_id = session.session_id
         self.limits = executor.engine.tree_limits
 
     async def verify(self, sent: SentTree) -> VerifyResult:
@@ -85,9 +86,11 @@ class ExecutorJobs:
 
 class LocalSessions(RoundLoopBackend):
     """The server's `GenerationBackend`. `max_sessions` bounds concurrent generations (and the
-    draft's KV slots); requests beyond it wait for one. A request that finds every target KV
-    slot taken (edge sessions share them) waits up to `slot_wait` seconds for one, then gets
-    a 503."""
+    draft's KV slots); requests beyond it wait up to `queue_timeout` seconds for one. A request
+    that finds every target KV slot taken (edge sessions share them) waits up to as long for
+    one; either wait ends in a 503."""
+
+    role = "server-api"
 
     def __init__(
         self,
@@ -95,7 +98,7 @@ class LocalSessions(RoundLoopBackend):
         draft: DraftEngine | None,
         *,
         max_sessions: int,
-        slot_wait: float = 60.0,
+        queue_timeout: float = 30.0,
         status: Callable[[], str] = lambda: "ok",
         adaptive: bool = True,
     ) -> None:
@@ -104,10 +107,14 @@ class LocalSessions(RoundLoopBackend):
         max_context = executor.engine.runner.max_context
         if draft is not None:
             max_context = min(max_context, draft.runner.max_context)
-        super().__init__(max_sessions=max_sessions, max_context=max_context, owner="this server's")
+        super().__init__(
+            max_sessions=max_sessions,
+            max_context=max_context,
+            owner="this server's",
+            queue_timeout=queue_timeout,
+        )
         self.executor = executor
         self.draft = draft
-        self.slot_wait = slot_wait
         self._status = status
         self._jobs = ExecutorJobs(executor, draft.runner if draft is not None else None)
         self.adaptive = adaptive
@@ -127,7 +134,7 @@ class LocalSessions(RoundLoopBackend):
 
     async def _open_verifier(self, request: GenerationRequest, max_tokens: int) -> ExecutorVerifier:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.slot_wait
+        deadline = loop.time() + self.queue_timeout
         while True:
             try:
                 session = self.executor.open_session(
@@ -139,7 +146,7 @@ class LocalSessions(RoundLoopBackend):
                 if remaining <= 0 or not await self.executor.wait_for_free_slot(remaining):
                     raise ServiceUnavailableError(
                         f"the server is full ({error}; edges included) and no room freed "
-                        f"within {self.slot_wait:g} s; retry later"
+                        f"within {self.queue_timeout:g} s (--queue-timeout); retry later"
                     ) from None
 
     def _open_drafter(self, request: GenerationRequest, verifier: SessionVerifier) -> Drafter:

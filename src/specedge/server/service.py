@@ -11,7 +11,10 @@ version and tokenizer fingerprint (FAILED_PRECONDITION), the prompt, sampling pa
 every tree (INVALID_ARGUMENT). A failure ends that session alone and frees its slot. A full
 server answers RESOURCE_EXHAUSTED; an edge silent for `session_timeout` seconds while the server
 waits for its tree is evicted with DEADLINE_EXCEEDED. The server, never the edge, names
-sessions and slots.
+sessions and slots, and decides where a session stops: at the target's stop token ids (the
+service's `stop_token_ids`); the edge's `Open.stop_token_ids` (its draft tokenizer's) are
+ignored, so an edge can neither end other text early nor run past the target's end of text.
+Each session's end is one `session_end` log line (`specedge.session_log`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -53,6 +56,7 @@ from specedge.server.executor import (
 )
 from specedge.server.metrics import ServerMetrics
 from specedge.server.streaming import StreamPolicy
+from specedge.session_log import log_session_end
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +84,14 @@ class VerifierService:
         executor: VerificationExecutor,
         info: ServerInfo,
         *,
+        stop_token_ids: Sequence[int] = (),
         session_timeout: float = 60.0,
         auth_token: str | None = None,
     ) -> None:
+        """`stop_token_ids`: the target's, where every session stops."""
         self.executor = executor
         self.info_reply = info
+        self.stop_token_ids = tuple(stop_token_ids)
         self.session_timeout = session_timeout
         self._auth_token = auth_token.encode() if auth_token is not None else None
         # The latest threshold a stream was given: what a session that starts streaming gets.
@@ -117,6 +124,7 @@ class VerifierService:
         traffic.on_sent = self.metrics.sent_bytes.inc
         session: ServerSession | None = None
         outcome = "cancelled"  # unless the session ends otherwise
+        error: str | None = None
         started = time.monotonic()
         try:
             # Read the first message before any refusal, auth included: a status sent while
@@ -163,7 +171,7 @@ class VerifierService:
                         yield streamed
                     policy.resumed(time.monotonic())
         except _SessionAborted as aborted:
-            outcome = aborted.outcome
+            outcome, error = aborted.outcome, f"{aborted.code.name}: {aborted.message}"
             if session is not None:  # free the slot before the edge hears of the error
                 self.executor.close_session(session.session_id)
             await context.abort(aborted.code, aborted.message)
@@ -171,7 +179,7 @@ class VerifierService:
             self.metrics.sessions.labels(outcome).inc()
             if session is not None:
                 self.executor.close_session(session.session_id)
-                self._log_end(session, traffic, outcome, time.monotonic() - started)
+                self._log_end(session, traffic, outcome, error, time.monotonic() - started)
 
     # ---- steps ---------------------------------------------------------------------------------
     async def _stream(
@@ -253,7 +261,7 @@ class VerifierService:
                 message.prompt_token_ids,
                 message.sampling,
                 message.max_tokens,
-                message.stop_token_ids,
+                self.stop_token_ids,  # the target's, not the edge's (see the module docstring)
             )
         except InvalidRequestError as error:
             raise _invalid(str(error)) from None
@@ -325,25 +333,32 @@ class VerifierService:
         )
 
     def _log_end(
-        self, session: ServerSession, traffic: StreamTraffic, outcome: str, seconds: float
+        self,
+        session: ServerSession,
+        traffic: StreamTraffic,
+        outcome: str,
+        error: str | None,
+        seconds: float,
     ) -> None:
         seq = session.seq
         rounds = max(seq.rounds, 1)
-        logger.info(
-            "session %s %s after %.2f s: %d rounds, %d tokens (%.2f per round; %d of %d draft "
-            "nodes accepted), mean batch %.1f, %.3f s verifying, %d B in, %d B out",
-            session.session_id[:8],
-            outcome,
-            seconds,
-            seq.rounds,
-            seq.num_generated,
-            seq.num_generated / rounds,
-            seq.accepted,
-            seq.drafted,
-            session.batched_with / rounds,
-            session.verify_seconds,
-            traffic.received,
-            traffic.sent,
+        log_session_end(
+            logger,
+            role="edge-session",
+            session=session.session_id,
+            prompt_tokens=seq.num_prompt,
+            completion_tokens=seq.num_generated,
+            rounds=seq.rounds,
+            seconds=seconds,
+            outcome=outcome,
+            finish_reason=seq.finish_reason,
+            error=error,
+            accepted=seq.accepted,
+            drafted=seq.drafted,
+            mean_batch=session.batched_with / rounds,
+            verify_seconds=session.verify_seconds,
+            bytes_in=traffic.received,
+            bytes_out=traffic.sent,
         )
 
 

@@ -238,6 +238,10 @@ def coerce_settings(
         kind = field_types[name]
         if value is None and "None" in kind:
             out[name] = None
+        elif kind == "bool":
+            if not isinstance(value, bool):
+                raise error(f"{flag_and_key(name)} must be true or false, got {value!r}")
+            out[name] = value
         elif kind.startswith("int"):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise error(f"{flag_and_key(name)} must be an integer, got {value!r}")

@@ -14,6 +14,7 @@ message that names both the flag and the YAML key.
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Collection, Mapping
@@ -49,11 +50,13 @@ def setting(
     maximum: float | None = None,
     exclusive: bool = False,
     show_default: bool = True,
+    path: bool = False,
 ) -> Any:
     """A settings field: `default`, the `help` of its option (the default is shown after it),
     the option's name if not the field's (`flag`, without dashes), and its allowed range
     (`minimum`..`maximum`, open at both ends when `exclusive`; each element of a tuple).
-    `show_default=False` leaves the default out of `--help` (the help text describes it)."""
+    `show_default=False` leaves the default out of `--help` (the help text describes it).
+    `path`: a file name, which a config file gives relative to itself (`path_fields`)."""
     metadata = {
         "help": help,
         "flag": flag,
@@ -61,6 +64,7 @@ def setting(
         "maximum": maximum,
         "exclusive": exclusive,
         "show_default": show_default,
+        "path": path,
     }
     return field(default=default, metadata=metadata)
 
@@ -129,6 +133,103 @@ def check_auth_token(settings: Any, error: type[Exception]) -> None:
         raise error("the auth token is empty: pass a non-empty --auth-token or file")
 
 
+# The HTTP APIs' keys, the same on the edge and the server.
+API_KEY_FILE_HELP = (
+    "File of API keys, one per line: the HTTP API then requires 'Authorization: Bearer KEY' "
+    "(401 otherwise; default: open)."
+)
+PROTECT_METRICS_HELP = (
+    "Require the API key on /health and /metrics too (default: open, for probes and scrapers)."
+)
+
+
+def path_fields(settings_class: type) -> tuple[str, ...]:
+    """The fields declared with `setting(..., path=True)`."""
+    return tuple(f.name for f in fields(settings_class) if f.metadata.get("path"))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 possibly in brackets) is this machine only."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_readable(settings: Any, name: str, error: type[Exception]) -> None:
+    """Setting `name` (None: unset) names a file this process can read."""
+    path = getattr(settings, name)
+    if path is None:
+        return
+    try:
+        Path(path).read_bytes()
+    except OSError as cause:
+        where = flag_and_key(name, type(settings))
+        raise error(f"{where}: cannot read {path}: {cause.strerror}") from None
+
+
+def check_certificate(settings: Any, cert_name: str, key_name: str, error: type[Exception]) -> None:
+    """The certificate and key settings come as a pair (or not at all), and load: PEM, the key
+    unencrypted and matching the certificate (checked with the standard `ssl` module)."""
+    cert, key = getattr(settings, cert_name), getattr(settings, key_name)
+    where_cert, where_key = (flag_of(type(settings), n) for n in (cert_name, key_name))
+    if (cert is None) != (key is None):
+        given, missing = (where_cert, where_key) if key is None else (where_key, where_cert)
+        raise error(f"{given} needs {missing}: pass the certificate and its private key together")
+    if cert is None:
+        return
+    check_readable(settings, cert_name, error)
+    check_readable(settings, key_name, error)
+    if b"ENCRYPTED" in Path(key).read_bytes():
+        raise error(
+            f"{where_key} {key} is encrypted; gRPC reads unencrypted keys only "
+            f"(decrypt it: openssl pkey -in {key} -out KEY.pem)"
+        )
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=b"")
+    except ssl.SSLError as cause:
+        raise error(
+            f"{where_cert} {cert} and {where_key} {key} do not load ({cause.reason or cause}): "
+            "both must be PEM, the key the certificate's own"
+        ) from None
+
+
+def check_ca_file(settings: Any, name: str, error: type[Exception]) -> None:
+    """Setting `name` (None: unset) names a readable file of PEM CA certificates."""
+    path = getattr(settings, name)
+    if path is None:
+        return
+    check_readable(settings, name, error)
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError as cause:
+        where = flag_and_key(name, type(settings))
+        raise error(
+            f"{where}: {path} holds no PEM CA certificate ({cause.reason or cause})"
+        ) from None
+
+
+def check_key_file(settings: Any, name: str, error: type[Exception]) -> None:
+    """Setting `name` (None: unset) names a readable file of bearer keys, one per line."""
+    path = getattr(settings, name)
+    if path is None:
+        return
+    check_readable(settings, name, error)
+    from specedge.credentials import read_key_file
+
+    try:
+        read_key_file(path)
+    except ValueError as cause:
+        raise error(f"{flag_and_key(name, type(settings))}: {cause}") from None
+
+
 def settings_options(
     settings_class: type,
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -192,15 +293,20 @@ def role_settings(
     auth_token_file: Path | None,
     field_types: Mapping[str, str],
     error: type[Exception],
+    path_fields: Collection[str] = (),
 ) -> dict[str, Any]:
     """Defaults < YAML file < `overrides` (flags; None values are ignored), coerced.
     `auth_token_file` (flag or the YAML key of that name) holds the token on its first line;
-    in YAML a relative path is relative to the config file, wherever the role starts."""
+    in YAML a relative path (that file, or a value of `path_fields`) is relative to the config
+    file, wherever the role starts."""
     settings: dict[str, Any] = {}
     if config_file is not None:
         settings.update(
             read_yaml_settings(config_file, field_types, error, extra_keys=("auth_token_file",))
         )
+        for name in path_fields:
+            if isinstance(settings.get(name), str):
+                settings[name] = str(config_file.parent / settings[name])
     yaml_token_file = settings.pop("auth_token_file", None)
     if yaml_token_file is not None:
         if settings.get("auth_token") is not None:

@@ -18,7 +18,8 @@ from specedge.background import LoopThread
 from specedge.core.draft import DraftEngine
 from specedge.core.limits import TreeShape
 from specedge.core.model_runner import ModelRunner
-from specedge.edge.api import ApiLimits, HttpApiServer, ServedModel, create_app
+from specedge.credentials import BearerKeys, read_key_file
+from specedge.edge.api import ApiAuth, ApiLimits, HttpApiServer, ServedModel, create_app
 from specedge.edge.client import ClientIdentity, ServerConnection
 from specedge.edge.config import EdgeConfig, ProactivePolicy
 from specedge.edge.metrics import EdgeMetrics
@@ -27,6 +28,7 @@ from specedge.edge.runtime import EdgeRuntime
 from specedge.edge.worker import DraftWorker
 from specedge.model.loader import LoadedModel, load_model, parse_dtype, tokenizer_fingerprint
 from specedge.rpc.codec import ServerInfo
+from specedge.rpc.security import ChannelSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,9 @@ def build_edge(config: EdgeConfig, draft: LoadedModel) -> Edge:
         config.server,
         ClientIdentity(fingerprint, draft.config.vocab_size, shape, config.adaptive),
         auth_token=config.auth_token,
+        security=ChannelSecurity(
+            config.use_tls, config.tls_ca, config.tls_cert, config.tls_key, config.tls_server_name
+        ),
         connect_timeout_s=config.connect_timeout,
         reply_timeout_s=config.reply_timeout,
     )
@@ -111,12 +116,14 @@ class EdgeServer:
         if draft is None:
             draft = await asyncio.to_thread(_load_draft, config)
         self.edge = edge = build_edge(config, draft)
+        for warning in config.exposure_warnings():
+            logger.warning(warning)
         try:
             info = await edge.runtime.connection.wait_ready(config.startup_timeout)
             logger.info("verification server %s: target %r", config.server, info.model_name)
             served = edge.served_model(config, info)
             limits = ApiLimits(config.max_body_bytes, config.stream_timeout)
-            app = create_app(edge.runtime, served, edge.metrics, limits=limits)
+            app = create_app(edge.runtime, served, edge.metrics, limits=limits, auth=_auth(config))
             self._http = HttpApiServer(config.host, config.port)
             await self._http.start(app)
         except BaseException:
@@ -163,6 +170,13 @@ class BackgroundEdge:
     def stop(self) -> None:
         self._loop.run(self.server.stop())
         self._loop.close()
+
+
+def _auth(config: EdgeConfig) -> ApiAuth | None:
+    """The API keys the HTTP API requires (`--api-key-file`), or None: open."""
+    if config.api_key_file is None:
+        return None
+    return ApiAuth(BearerKeys(read_key_file(config.api_key_file)), config.protect_metrics)
 
 
 def _load_draft(config: EdgeConfig) -> LoadedModel:

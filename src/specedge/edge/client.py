@@ -6,7 +6,8 @@ Sessions (one bidirectional stream per generation) open on the current link. Whe
 goes away, the link is retired and the next session builds a fresh one (new channel, new
 handshake), so an edge outlives server restarts. Every wait has a deadline: an unreachable
 server or a dropped session surfaces quickly as `ServerUnavailableError` (HTTP 503), never as
-a hang.
+a hang. The channel is TLS or plaintext as `ChannelSecurity` says (`rpc.security`), and a
+refused connection's error says what to check (CA, client certificate, server name).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from specedge.rpc.codec import (
     VerifierClient,
     VerifyTree,
 )
+from specedge.rpc.security import ChannelSecurity
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,11 +87,13 @@ class ServerConnection:
         identity: ClientIdentity,
         *,
         auth_token: str | None = None,
+        security: ChannelSecurity | None = None,
         connect_timeout_s: float = 5.0,
         reply_timeout_s: float = 60.0,
     ) -> None:
         self.address = address
         self.identity = identity
+        self.security = security or ChannelSecurity()
         self.connect_timeout_s = connect_timeout_s
         self.reply_timeout_s = reply_timeout_s
         self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
@@ -144,7 +148,7 @@ class ServerConnection:
             return self._link
 
     async def _handshake(self) -> _Link:
-        channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        channel = self.security.channel(self.address, CHANNEL_OPTIONS)
         client = VerifierClient(channel, self._metadata)
         try:
             info = await client.info(timeout=self.connect_timeout_s)
@@ -208,8 +212,10 @@ class ServerConnection:
         if code in REQUEST_REJECTED:
             return InvalidRequestError(f"the server rejected the request: {details}")
         if code == grpc.StatusCode.UNAVAILABLE:
+            hint = self.security.hint(details)
             return ServerUnavailableError(
                 f"verification server {self.address} is unavailable during {during}: {details}"
+                + (f" ({hint})" if hint else "")
             )
         return ServerUnavailableError(
             f"verification server {self.address} failed during {during}: {code.name}: {details}"

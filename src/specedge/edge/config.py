@@ -15,19 +15,26 @@ from pathlib import Path
 from typing import Any
 
 from specedge.config_file import (
+    API_KEY_FILE_HELP,
     DEFAULT_DEVICE,
     DEVICE_HELP,
     MAX_BODY_BYTES,
     MAX_BODY_HELP,
     MAX_PORT,
     MODEL_HELP,
+    PROTECT_METRICS_HELP,
     QUEUE_TIMEOUT_HELP,
     STREAM_TIMEOUT_HELP,
     check_auth_token,
     check_budget,
+    check_ca_file,
+    check_certificate,
     check_device_and_dtype,
+    check_key_file,
     check_port,
     check_ranges,
+    is_loopback,
+    path_fields,
     role_settings,
     setting,
 )
@@ -102,6 +109,25 @@ class EdgeConfig:
     device: str = setting(DEFAULT_DEVICE, DEVICE_HELP)
     dtype: str | None = setting(None, "float32|bfloat16|float16 (default: best for the device).")
     auth_token: str | None = setting(None, "Bearer token the server requires (default: no auth).")
+    tls: bool = setting(
+        False, "Connect to the server over TLS, trusting the system's CAs (implied by --tls-ca)."
+    )
+    tls_ca: str | None = setting(
+        None,
+        "PEM CA certificate(s) that sign the server's certificate: connect over TLS.",
+        path=True,
+    )
+    tls_cert: str | None = setting(
+        None,
+        "PEM client certificate, with --tls-key, for a server that requires one (mutual TLS).",
+        path=True,
+    )
+    tls_key: str | None = setting(None, "PEM private key (unencrypted) of --tls-cert.", path=True)
+    tls_server_name: str | None = setting(
+        None, "Name the server's certificate must carry (default: the host of --server)."
+    )
+    api_key_file: str | None = setting(None, API_KEY_FILE_HELP, path=True)
+    protect_metrics: bool = setting(False, PROTECT_METRICS_HELP)
 
     @property
     def tree_shape(self) -> TreeShape:
@@ -113,6 +139,10 @@ class EdgeConfig:
     def adaptive(self) -> bool:
         """Trees sized by what the server verifies (`--budget auto`)."""
         return parse_budget(self.budget) is None
+
+    @property
+    def use_tls(self) -> bool:
+        return self.tls or self.tls_ca is not None
 
     @property
     def subtree_shape(self) -> TreeShape:
@@ -139,7 +169,34 @@ class EdgeConfig:
             )
         check_device_and_dtype(self, EdgeConfigError)
         check_auth_token(self, EdgeConfigError)
+        self._validate_security()
         return self
+
+    def exposure_warnings(self) -> list[str]:
+        """What start-up warns of: plaintext to a remote server, an open API others can reach."""
+        warnings = []
+        server_host = self.server.rpartition(":")[0]
+        if not self.use_tls and not is_loopback(server_host):
+            warnings.append(
+                f"the link to {self.server} is plaintext: the bearer token and every prompt's "
+                "token ids cross the network in clear; pass --tls-ca (or --tls)"
+            )
+        if self.api_key_file is None and not is_loopback(self.host):
+            warnings.append(f"the HTTP API on {self.host} takes any client; pass --api-key-file")
+        return warnings
+
+    def _validate_security(self) -> None:
+        check_certificate(self, "tls_cert", "tls_key", EdgeConfigError)
+        for name in ("tls_cert", "tls_server_name"):
+            if getattr(self, name) is not None and not self.use_tls:
+                raise EdgeConfigError(
+                    f"{_where(name)} is for a TLS link: add --tls-ca FILE (or --tls for the "
+                    "system's CAs)"
+                )
+        check_ca_file(self, "tls_ca", EdgeConfigError)
+        check_key_file(self, "api_key_file", EdgeConfigError)
+        if self.protect_metrics and self.api_key_file is None:
+            raise EdgeConfigError("--protect-metrics needs --api-key-file (the keys it requires)")
 
 
 def load_edge_config(
@@ -149,9 +206,12 @@ def load_edge_config(
 ) -> EdgeConfig:
     """Defaults < YAML file < `overrides` (flags; None values are ignored), then validate.
     `auth_token_file` (flag or the YAML key of that name) holds the token on its first line."""
-    settings = role_settings(config_file, overrides, auth_token_file, _FIELD_TYPES, EdgeConfigError)
+    settings = role_settings(
+        config_file, overrides, auth_token_file, _FIELD_TYPES, EdgeConfigError, _PATH_FIELDS
+    )
     return replace(EdgeConfig(), **settings).validate()
 
 
 # ---- helpers ------------------------------------------------------------------------------------
 _FIELD_TYPES = {f.name: str(f.type) for f in fields(EdgeConfig)}
+_PATH_FIELDS = path_fields(EdgeConfig)

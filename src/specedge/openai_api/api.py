@@ -11,7 +11,9 @@ session slot free within the queue timeout) gets 503 with `Retry-After`. A reque
 is not checked: every response names the served model (`ServedModel.name`; on the edge, the
 target). A streaming client that leaves its stream unread for `stream_timeout` seconds loses
 it, and its generation ends. Tokenization and chat templating run in a worker thread, off the
-event loop that serves every other request. Every
+event loop that serves every other request. With API keys (`openai_api.auth`), a request
+without `Authorization: Bearer KEY` gets 401 (`/health` and `/metrics` stay open unless
+configured otherwise). Every
 response carries `usage.speculative` (rounds, tokens_per_round, acceptance_rate,
 proactive_hits, proactive_attempts, bytes_sent, bytes_received, ttft_ms). Streaming and
 non-streaming answers come from the same delta stream, so they agree. The edge and the server
@@ -41,6 +43,7 @@ from specedge.core.generation import (
     GenerationStats,
 )
 from specedge.errors import InvalidRequestError, ServiceUnavailableError
+from specedge.openai_api.auth import ApiAuth, ApiKeyAuth
 from specedge.openai_api.limits import ApiLimits, BodyLimit, TimedStream
 from specedge.openai_api.types import (
     ChatCompletionBody,
@@ -245,11 +248,14 @@ def create_app(
     title: str = "SpecEdge",
     lifespan: Any = None,
     limits: ApiLimits | None = None,
+    auth: ApiAuth | None = None,
 ) -> FastAPI:
-    """The HTTP app over a running backend."""
+    """The HTTP app over a running backend; with `auth`, only for callers with an API key."""
     limits = limits or ApiLimits()
     app = FastAPI(title=title, lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    if auth is not None:  # added last: the outermost, before any byte of the body is read
+        app.add_middleware(ApiKeyAuth, auth=auth)
     started = int(time.time())
 
     @app.exception_handler(RequestValidationError)

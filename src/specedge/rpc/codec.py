@@ -14,6 +14,7 @@ a server still serves version 1 edges (no estimates: it verifies their whole tre
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -385,9 +386,16 @@ class SessionCall:
         self.traffic = StreamTraffic()
 
     async def send(self, message: EdgeRequest) -> None:
-        """Send one request (counted in `traffic` once written)."""
+        """Send one request (counted in `traffic` once written). A call the server already
+        ended (e.g. refused before reading anything) raises its status, as `receive` would."""
         encoded = encode_edge(message)
-        await self._call.write(encoded)
+        try:
+            await self._call.write(encoded)
+        except asyncio.InvalidStateError:
+            if not self._call.done() or self._call.cancelled():
+                raise
+            await self._call.read()  # raises the call's status (AioRpcError)
+            raise
         self.traffic.count_sent(encoded.ByteSize())
 
     async def receive(self) -> ServerReply | None:

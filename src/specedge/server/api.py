@@ -8,12 +8,13 @@ from fastapi import FastAPI
 
 from specedge.openai_api.api import ServedModel
 from specedge.openai_api.api import create_app as create_openai_app
+from specedge.openai_api.auth import ApiAuth
 from specedge.openai_api.limits import ApiLimits
 from specedge.openai_api.serving import HttpApiServer
 from specedge.server.local_sessions import LocalSessions
 from specedge.server.metrics import ServerMetrics
 
-__all__ = ["ApiLimits", "HttpApiServer", "ServedModel", "create_app"]
+__all__ = ["ApiAuth", "ApiLimits", "HttpApiServer", "ServedModel", "create_app"]
 
 
 def create_app(
@@ -21,6 +22,9 @@ def create_app(
     served: ServedModel,
     metrics: ServerMetrics,
     limits: ApiLimits | None = None,
+    auth: ApiAuth | None = None,
 ) -> FastAPI:
     """The server's HTTP app over its running `LocalSessions`."""
-    return create_openai_app(sessions, served, metrics, title="SpecEdge server", limits=limits)
+    return create_openai_app(
+        sessions, served, metrics, title="SpecEdge server", limits=limits, auth=auth
+    )

@@ -10,6 +10,11 @@ tell the same truth: 503 / NOT_SERVING while loading, draining, or degraded (the
 failing or its thread is stuck: `server.health`), 200 / SERVING otherwise. SIGINT/SIGTERM
 drain: new sessions and API requests are refused, running ones get `shutdown_grace` seconds to
 finish, then everything stops (a second signal skips the grace).
+
+Security (`rpc.security`): gRPC over TLS with `--tls-cert/--tls-key` (mutual with
+`--tls-client-ca`), the bearer token checked by an interceptor before any handler runs
+(`--auth-token`), API keys on the HTTP API (`--api-key-file`); plaintext or open doors on an
+address others can reach are logged as warnings at start-up.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from specedge.background import LoopThread
 from specedge.core.draft import DraftEngine
 from specedge.core.model_runner import ModelRunner
 from specedge.core.target import GenerationLimits, TargetEngine
+from specedge.credentials import BearerKeys, read_key_file
 from specedge.errors import SpecEdgeError
 from specedge.model.kv_cache import pool_blocks
 from specedge.model.loader import (
@@ -37,7 +43,8 @@ from specedge.model.loader import (
 )
 from specedge.model.parallel import local_config
 from specedge.rpc.codec import PROTOCOL_VERSION, HealthService, ServerInfo, add_verifier_service
-from specedge.server.api import ApiLimits, HttpApiServer, ServedModel, create_app
+from specedge.rpc.security import ServerTls, TokenAuth
+from specedge.server.api import ApiAuth, ApiLimits, HttpApiServer, ServedModel, create_app
 from specedge.server.config import ServerConfig
 from specedge.server.cost_profile import load_or_profile
 from specedge.server.executor import VerificationExecutor
@@ -90,6 +97,8 @@ class SpecEdgeServer:
         self._publishing: asyncio.Task[None] | None = None
         self._status = "starting"
         self._model_name = config.model
+        key_file = config.api_key_file
+        self._api_keys = BearerKeys(read_key_file(key_file)) if key_file is not None else None
 
     async def start(self) -> None:
         """Bind both ports first (a taken port fails at once, not after loading the model),
@@ -100,20 +109,29 @@ class SpecEdgeServer:
             ("grpc.max_send_message_length", config.max_message_bytes),
         ]
         self._grpc = grpc.aio.server(
-            options=GRPC_OPTIONS + limits, maximum_concurrent_rpcs=config.concurrent_rpcs
+            options=GRPC_OPTIONS + limits,
+            maximum_concurrent_rpcs=config.concurrent_rpcs,
+            interceptors=self._interceptors(),
         )
         self._grpc_health = HealthService(self._grpc)
         address = f"{config.host}:{config.port}"
+        for warning in config.exposure_warnings():
+            logger.warning(warning)
         try:
-            self.port = self._grpc.add_insecure_port(address)
+            if config.tls_cert is None or config.tls_key is None:
+                self.port = self._grpc.add_insecure_port(address)
+            else:
+                tls = ServerTls(config.tls_cert, config.tls_key, config.tls_client_ca)
+                self.port = self._grpc.add_secure_port(address, tls.credentials())
         except RuntimeError as error:
             raise SpecEdgeError(
                 f"cannot listen on {address} for gRPC ({error}); is another server running "
                 "there? pick another --port"
             ) from None
         try:
+            metrics_keys = self._api_keys if config.protect_metrics else None
             self._http = MetricsHttpServer(
-                config.host, config.metrics_port, self.metrics.registry, self._health
+                config.host, config.metrics_port, self.metrics.registry, self._health, metrics_keys
             )
         except OSError as error:
             raise SpecEdgeError(
@@ -197,7 +215,6 @@ class SpecEdgeServer:
             info,
             stop_token_ids=loaded.stop_token_ids,
             session_timeout=config.session_timeout,
-            auth_token=config.auth_token,
         )
         assert self._grpc is not None and self._grpc_health is not None
         add_verifier_service(self._grpc, service.info, service.session)
@@ -233,8 +250,17 @@ class SpecEdgeServer:
             vocab_size=self.executor.engine.vocab_size,
         )
         limits = ApiLimits(config.max_body_bytes, config.stream_timeout)
-        app = create_app(self.local_sessions, served, self.metrics, limits)
+        keys = self._api_keys
+        auth = None if keys is None else ApiAuth(keys, config.protect_metrics)
+        app = create_app(self.local_sessions, served, self.metrics, limits, auth)
         await self._api.start(app, handle_signals=False)
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """The token check (`--auth-token`), before any handler runs."""
+        token = self.config.auth_token
+        if token is None:
+            return []
+        return [TokenAuth(BearerKeys([token]), self.metrics.auth_failures.inc)]
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new sessions and API requests, give running ones `grace` seconds, then fail

@@ -14,18 +14,25 @@ from pathlib import Path
 from typing import Any
 
 from specedge.config_file import (
+    API_KEY_FILE_HELP,
     DEFAULT_DEVICE,
     DEVICE_HELP,
     MAX_BODY_BYTES,
     MAX_BODY_HELP,
     MODEL_HELP,
+    PROTECT_METRICS_HELP,
     QUEUE_TIMEOUT_HELP,
     STREAM_TIMEOUT_HELP,
     check_auth_token,
     check_budget,
+    check_ca_file,
+    check_certificate,
     check_device_and_dtype,
+    check_key_file,
     check_port,
     check_ranges,
+    is_loopback,
+    path_fields,
     role_settings,
     setting,
 )
@@ -129,6 +136,17 @@ class ServerConfig:
     auth_token: str | None = setting(
         None, "Require 'authorization: Bearer TOKEN' from edges (default: no auth)."
     )
+    tls_cert: str | None = setting(
+        None,
+        "PEM certificate chain: serve gRPC over TLS, with --tls-key (default: plaintext).",
+        path=True,
+    )
+    tls_key: str | None = setting(None, "PEM private key (unencrypted) of --tls-cert.", path=True)
+    tls_client_ca: str | None = setting(
+        None,
+        "PEM CA certificate(s): edges must present a certificate one of them signed (mutual TLS).",
+        path=True,
+    )
     # The OpenAI-compatible HTTP API served by the server itself, for users with no edge. With
     # a `draft` model the server drafts the trees itself (server-only speculative decoding);
     # without one it decodes autoregressively.
@@ -140,6 +158,8 @@ class ServerConfig:
         "Draft model for the HTTP API: speculative decoding on the server "
         "(default: autoregressive).",
     )
+    api_key_file: str | None = setting(None, f"{API_KEY_FILE_HELP} (--api-port)", path=True)
+    protect_metrics: bool = setting(False, f"{PROTECT_METRICS_HELP} (--metrics-port, API port)")
     max_body_bytes: int = setting(MAX_BODY_BYTES, MAX_BODY_HELP, minimum=1024)
     stream_timeout: float = setting(30.0, STREAM_TIMEOUT_HELP, minimum=0, exclusive=True)
     queue_timeout: float = setting(30.0, QUEUE_TIMEOUT_HELP, minimum=0, exclusive=True)
@@ -211,8 +231,42 @@ class ServerConfig:
             )
         check_device_and_dtype(self, ConfigError)
         check_auth_token(self, ConfigError)
+        self._validate_security()
         self._validate_drafting()
         return self
+
+    def exposure_warnings(self) -> list[str]:
+        """What start-up warns of: plaintext or open doors on an address others can reach."""
+        if is_loopback(self.host):
+            return []
+        warnings = []
+        if self.tls_cert is None:
+            warnings.append(
+                f"gRPC on {self.host} is plaintext: the bearer token and every prompt's token ids "
+                "cross the network in clear; pass --tls-cert and --tls-key"
+            )
+        if self.auth_token is None:
+            warnings.append(f"gRPC on {self.host} takes any edge; pass --auth-token-file")
+        if self.api_port is not None and self.api_key_file is None:
+            warnings.append(f"the HTTP API on {self.host} takes any client; pass --api-key-file")
+        return warnings
+
+    def _validate_security(self) -> None:
+        check_certificate(self, "tls_cert", "tls_key", ConfigError)
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError(
+                "--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS with the "
+                "edges' certificates checked too"
+            )
+        check_ca_file(self, "tls_client_ca", ConfigError)
+        check_key_file(self, "api_key_file", ConfigError)
+        if self.protect_metrics and self.api_key_file is None:
+            raise ConfigError("--protect-metrics needs --api-key-file (the keys it requires)")
+        if self.api_key_file is not None and self.api_port is None and not self.protect_metrics:
+            raise ConfigError(
+                "--api-key-file protects the server's HTTP API: add --api-port (or "
+                "--protect-metrics for /health and /metrics alone)"
+            )
 
     def _validate_distinct_ports(self) -> None:
         ports = {
@@ -256,9 +310,12 @@ def load_server_config(
 ) -> ServerConfig:
     """Defaults < YAML file < `overrides` (flags; None values are ignored), then validate.
     `auth_token_file` (flag or the YAML key of that name) holds the token on its first line."""
-    settings = role_settings(config_file, overrides, auth_token_file, _FIELD_TYPES, ConfigError)
+    settings = role_settings(
+        config_file, overrides, auth_token_file, _FIELD_TYPES, ConfigError, _PATH_FIELDS
+    )
     return replace(ServerConfig(), **settings).validate()
 
 
 # ---- helpers ------------------------------------------------------------------------------------
 _FIELD_TYPES = {f.name: str(f.type) for f in fields(ServerConfig)}
+_PATH_FIELDS = path_fields(ServerConfig)

@@ -26,6 +26,8 @@ Every metric lives in the server's own `CollectorRegistry`, so several servers i
   protobuf messages of the session streams (before gRPC framing);
 - `specedge_server_sessions_total{outcome}`: sessions by how they ended, and refused ones
   (edge sessions and the server's own HTTP API sessions alike);
+- `specedge_server_auth_failures_total`: gRPC calls refused for a missing or wrong bearer token
+  (before any message was read: such a call never becomes a session);
 - `specedge_server_api_requests_total{endpoint,outcome}`: requests to the server's own
   OpenAI-compatible API (`--api-port`), by HTTP status;
 - `specedge_server_api_ttft_seconds`: time to first token of those requests (histogram).
@@ -46,6 +48,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from specedge.core.generation import GenerationStats
+from specedge.credentials import BearerKeys
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 VERIFY_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -152,8 +155,13 @@ class ServerMetrics:
         self.sessions = Counter(
             "specedge_server_sessions",
             "Sessions by outcome: finished, closed, cancelled, evicted, failed (bad input), "
-            "refused (bad handshake, full, shutting down), unauthenticated.",
+            "refused (bad handshake, full, shutting down).",
             ["outcome"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "specedge_server_auth_failures",
+            "gRPC calls refused for a missing or wrong bearer token (before any message).",
             registry=r,
         )
         self.api_requests = Counter(
@@ -193,15 +201,24 @@ class _QuietHandler(WSGIRequestHandler):
 
 class MetricsHttpServer:
     """`GET /metrics` (Prometheus text format) and `GET /health` (JSON; 200 when healthy,
-    503 otherwise) on a background thread."""
+    503 otherwise) on a background thread; with `keys`, only for `Authorization: Bearer KEY`
+    (401 otherwise)."""
 
     def __init__(
-        self, host: str, port: int, registry: CollectorRegistry, health: HealthFunction
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        health: HealthFunction,
+        keys: BearerKeys | None = None,
     ) -> None:
         metrics_app = make_wsgi_app(registry)
 
         def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
             path = environ.get("PATH_INFO", "")
+            if keys is not None and not keys.accepts(environ.get("HTTP_AUTHORIZATION")):
+                body = {"error": "missing or wrong API key: send 'Authorization: Bearer KEY'"}
+                return _json_response(start_response, "401 Unauthorized", body)
             if path == "/metrics":
                 return metrics_app(environ, start_response)  # type: ignore[no-any-return]
             if path == "/health":

@@ -6,9 +6,10 @@ edge's trees stop paying (`StreamPolicy`), the server decodes the session itself
 `streaming`, and one Verified per decoding step follows without waiting for a tree (the session
 is in every batch, with no round trip per token) until the edge sends Resume; the reply to the
 step in progress then says streaming = false and the server waits for the next round's tree.
-Everything is checked before any model work: the bearer token (UNAUTHENTICATED), the protocol
-version and tokenizer fingerprint (FAILED_PRECONDITION), the prompt, sampling parameters and
-every tree (INVALID_ARGUMENT). A failure ends that session alone and frees its slot. A full
+Everything is checked before any model work: the bearer token before the call reaches this
+service (UNAUTHENTICATED, `rpc.security.TokenAuth`), then the protocol version and tokenizer
+fingerprint (FAILED_PRECONDITION), the prompt, sampling parameters and every tree
+(INVALID_ARGUMENT). A failure ends that session alone and frees its slot. A full
 server answers RESOURCE_EXHAUSTED; an edge silent for `session_timeout` seconds while the server
 waits for its tree is evicted with DEADLINE_EXCEEDED. The server, never the edge, names
 sessions and slots, and decides where a session stops: at the target's stop token ids (the
@@ -20,7 +21,6 @@ Each session's end is one `session_end` log line (`specedge.session_log`).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -66,10 +66,6 @@ class _StreamEnded:
 
 
 STREAM_ENDED = _StreamEnded()
-AUTH_MESSAGE = (
-    "missing or wrong bearer token: send metadata 'authorization: Bearer <token>' with the "
-    "server's --auth-token"
-)
 
 
 class _SessionAborted(Exception):
@@ -86,14 +82,12 @@ class VerifierService:
         *,
         stop_token_ids: Sequence[int] = (),
         session_timeout: float = 60.0,
-        auth_token: str | None = None,
     ) -> None:
         """`stop_token_ids`: the target's, where every session stops."""
         self.executor = executor
         self.info_reply = info
         self.stop_token_ids = tuple(stop_token_ids)
         self.session_timeout = session_timeout
-        self._auth_token = auth_token.encode() if auth_token is not None else None
         # The latest threshold a stream was given: what a session that starts streaming gets.
         self._resume_threshold = 2.0
 
@@ -103,8 +97,6 @@ class VerifierService:
 
     # ---- RPCs ----------------------------------------------------------------------------------
     async def info(self, context: Any) -> ServerInfo:
-        if not self._authorized(context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, AUTH_MESSAGE)
         return self.info_reply
 
     async def session(
@@ -127,12 +119,7 @@ class VerifierService:
         error: str | None = None
         started = time.monotonic()
         try:
-            # Read the first message before any refusal, auth included: a status sent while
-            # the edge is still writing its Open reaches it as a failed write, not as the status.
             first = await self._receive(inbox)
-            if not self._authorized(context):
-                outcome = "unauthenticated"
-                raise _SessionAborted(grpc.StatusCode.UNAUTHENTICATED, AUTH_MESSAGE, outcome)
             if isinstance(first, _StreamEnded):
                 outcome = "closed"
                 return
@@ -322,15 +309,6 @@ class VerifierService:
             raise _SessionAborted(grpc.StatusCode.UNAVAILABLE, str(error), "failed") from None
         except VerificationFailedError as error:
             raise _SessionAborted(grpc.StatusCode.INTERNAL, str(error), "failed") from None
-
-    def _authorized(self, context: Any) -> bool:
-        if self._auth_token is None:
-            return True
-        metadata = dict(context.invocation_metadata() or ())
-        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode(), self._auth_token
-        )
 
     def _log_end(
         self,

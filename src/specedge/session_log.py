@@ -5,8 +5,9 @@ quotes is a JSON string), always these keys first: `role` (edge, server-api: a g
 HTTP API; edge-session: an edge's session on the server), `session` (the server's session id,
 shared by the edge's and the server's lines of one session; "-" when none was opened),
 `prompt_tokens`, `completion_tokens`, `rounds`, `seconds`, `outcome` (finished, closed,
-cancelled, refused, failed, evicted, unauthenticated), `finish_reason` and `error` ("-" when
-none), then any extra counters the caller adds.
+cancelled, refused, failed, evicted), `finish_reason` and `error` ("-" when none), then any
+extra counters the caller adds. A call refused for its bearer token never becomes a session
+(`rpc.security.TokenAuth` counts and logs it).
 
 Logs carry counts, ids, times and reasons, never prompt or completion text: no logger in the
 package is given request text (error messages name token ids and sizes at most).

@@ -96,7 +96,9 @@ def test_chat_equals_greedy_target_and_streaming_agrees(stack: Stack) -> None:
     assert choice.finish_reason == "length"
     assert full.usage is not None and full.usage.completion_tokens == MAX_TOKENS
     speculative = full.usage.model_extra["speculative"]  # type: ignore[index]
-    assert speculative["rounds"] >= 1 and speculative["acceptance_rate"] > 0
+    # Zero accepted is possible: the server may decode this session itself (streaming).
+    assert speculative["rounds"] >= 1 and 0 <= speculative["acceptance_rate"] <= 1
+    assert speculative["rounds"] <= MAX_TOKENS
     assert {"tokens_per_round", "proactive_hits", "proactive_attempts"} <= set(speculative)
 
     chunks = list(

@@ -151,13 +151,13 @@ def test_serve_flag_beats_file_beats_default(
     monkeypatch.setattr("specedge.server.app.run_server", configs.append)
     path = tmp_path / "server.yaml"
     path.write_text("model: t\nbudget: 16\ndepth: 5\nbatch-wait-ms: 3\n")
-    args = ["serve", "--config", str(path), "--budget", "24", "--shutdown-grace", "1"]
+    args = ["serve", "--config", str(path), "--budget", "24", "--drain-timeout", "1"]
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
     (config,) = configs
     assert (config.budget, config.depth, config.width) == ("24", 5, TreeShape().width)
     assert not config.adaptive and config.tree_shape.budget == 24
-    assert (config.batch_wait_ms, config.shutdown_grace) == (3.0, 1.0)
+    assert (config.batch_wait_ms, config.drain_timeout) == (3.0, 1.0)
 
 
 # ---- devices -------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def apis() -> Iterator[Apis]:
     # Every node of the edge's fixed 12-node trees is verified (the goodput selection is not
     # what these tests are about).
     server_config = ServerConfig(model="tiny-target", port=0, metrics_port=0, api_port=0,
-                                 max_context=MAX_CONTEXT, shutdown_grace=0.0,
+                                 max_context=MAX_CONTEXT, drain_timeout=0.0,
                                  verify="all")  # fmt: skip
     server = BackgroundServer(server_config.validate(), target).start()
     # The draft has the target's weights: whole trees are accepted, rounds emit many tokens.

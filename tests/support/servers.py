@@ -28,7 +28,7 @@ SERVER_CONFIG = ServerConfig(
     max_context=256,
     prefill_chunk=16,
     session_timeout=30.0,
-    shutdown_grace=0.0,
+    drain_timeout=0.0,
 )
 EDGE_CONFIG = EdgeConfig(
     model="tiny-draft",

@@ -8,8 +8,10 @@ service and the API, then log `serving MODEL on HOST:PORT`; from that line on, `
 answers 200 and so does Info. `/health` and the standard gRPC health service (grpc.health.v1)
 tell the same truth: 503 / NOT_SERVING while loading, draining, or degraded (the model keeps
 failing or its thread is stuck: `server.health`), 200 / SERVING otherwise. SIGINT/SIGTERM
-drain: new sessions and API requests are refused, running ones get `shutdown_grace` seconds to
-finish, then everything stops (a second signal skips the grace).
+drain (`SpecEdgeServer.drain`): /health says 503 "draining" and gRPC health NOT_SERVING, new
+sessions are refused (UNAVAILABLE) and so are API requests (503, Retry-After), running ones get
+`--drain-timeout` seconds to finish, then everything stops and the process exits 0 (a second
+signal ends the drain at once; sessions still running are cut with a clean error).
 
 Security (`rpc.security`): gRPC over TLS with `--tls-cert/--tls-key` (mutual with
 `--tls-client-ca`), the bearer token checked by an interceptor before any handler runs
@@ -58,6 +60,9 @@ from specedge.server.tensor_parallel import rank_kv_memory, start_tensor_paralle
 logger = logging.getLogger(__name__)
 
 API_FAREWELL_S = 1.0  # seconds API clients get, after the grace, to receive their errors
+DRAIN_FAREWELL_S = 0.5  # seconds, after a drain, for the last replies and streams to flush
+DRAIN_POLL_S = 0.05  # how often a drain counts the sessions left
+DRAIN_LOG_EVERY_S = 5.0  # how often a drain logs the sessions left
 # Keepalive pings find dead edges (power loss, lost network) that never close their stream;
 # the silent-session timeout catches live ones that stop sending.
 GRPC_OPTIONS = [
@@ -262,11 +267,46 @@ class SpecEdgeServer:
             return []
         return [TokenAuth(BearerKeys([token]), self.metrics.auth_failures.inc)]
 
-    async def stop(self, grace: float | None = None) -> None:
+    async def drain(
+        self, timeout: float | None = None, stop_now: asyncio.Event | None = None
+    ) -> None:
+        """Enter draining: `/health` 503 "draining", gRPC health NOT_SERVING, new gRPC
+        sessions refused with UNAVAILABLE and new API requests with 503 + Retry-After, while
+        running sessions (edges' and the API's) go on. Returns when none is left, after
+        `timeout` seconds (default `--drain-timeout`), or once `stop_now` is set."""
+        timeout = self.config.drain_timeout if timeout is None else timeout
+        self._status = "draining"
+        if self.executor is not None:
+            self.executor.drain()
+        if self._grpc_health is not None:
+            await self._grpc_health.set_serving(False)  # now, not at the next health poll
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        left = self._sessions_left()
+        logger.info("draining: %d sessions in flight (up to %g s)", left, timeout)
+        logged_at = loop.time()
+        while left and loop.time() < deadline and not (stop_now and stop_now.is_set()):
+            await asyncio.sleep(DRAIN_POLL_S)
+            left = self._sessions_left()
+            if left and loop.time() - logged_at >= DRAIN_LOG_EVERY_S:
+                logger.info("draining: %d sessions left", left)
+                logged_at = loop.time()
+        if left:
+            logger.info("drain ended with %d sessions left: they are cut", left)
+        else:
+            logger.info("drained: no session left")
+
+    def _sessions_left(self) -> int:
+        """Sessions still running: the executor's (edges' and the API's) and API requests
+        waiting for a slot."""
+        executor_sessions = self.executor.num_sessions if self.executor is not None else 0
+        waiting = self.local_sessions.active_sessions if self.local_sessions is not None else 0
+        return max(executor_sessions, waiting)
+
+    async def stop(self, grace: float = 0.0) -> None:
         """Refuse new sessions and API requests, give running ones `grace` seconds, then fail
         what is left (an edge gets UNAVAILABLE, an API client a 503 or, mid-stream, an
-        in-band error event) and release everything."""
-        grace = self.config.shutdown_grace if grace is None else grace
+        in-band error event) and release everything. `drain` first to let them finish."""
         self._status = "draining"
         if self._publishing is not None:
             self._publishing.cancel()
@@ -291,27 +331,21 @@ class SpecEdgeServer:
         self._status = "stopped"
 
     async def wait_for_signal(self) -> None:
-        """Serve until SIGINT/SIGTERM, then drain (a second signal drains with no grace)."""
+        """Serve until SIGINT/SIGTERM, then drain for up to `--drain-timeout` seconds and stop
+        (a second signal ends the drain at once)."""
         loop = asyncio.get_running_loop()
         signals = asyncio.Queue[int]()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, signals.put_nowait, sig)
         received = await signals.get()
-        logger.info(
-            "%s: draining (up to %g s; signal again to stop now)",
-            signal.Signals(received).name,
-            self.config.shutdown_grace,
-        )
-        stopping = asyncio.create_task(self.stop())
+        logger.info("%s: draining (signal again to stop now)", signal.Signals(received).name)
+        stop_now = asyncio.Event()
         second = asyncio.create_task(signals.get())
-        done, _ = await asyncio.wait({stopping, second}, return_when=asyncio.FIRST_COMPLETED)
-        if second in done:
+        second.add_done_callback(lambda _: stop_now.set())
+        await self.drain(stop_now=stop_now)
+        if stop_now.is_set():
             logger.info("stopping now")
-            if self._grpc is not None:
-                await self._grpc.stop(0)
-            if self.executor is not None:
-                await self.executor.stop()
-            await stopping
+        await self.stop(0.0 if stop_now.is_set() else DRAIN_FAREWELL_S)
         second.cancel()
         logger.info("stopped")
 

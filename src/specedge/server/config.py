@@ -103,8 +103,11 @@ class ServerConfig:
     session_timeout: float = setting(
         60.0, "Evict a session silent for this many seconds.", minimum=0, exclusive=True
     )
-    shutdown_grace: float = setting(
-        5.0, "Seconds running sessions get to finish on SIGTERM.", minimum=0
+    drain_timeout: float = setting(
+        30.0,
+        "Seconds running sessions get to finish on SIGTERM/SIGINT while new ones are refused "
+        "(a second signal stops at once).",
+        minimum=0,
     )
     max_message_bytes: int = setting(
         1 << 20,

@@ -67,6 +67,9 @@ class SessionStateError(SpecEdgeError):
     """The request does not fit the session's state (finished, closed, one already queued)."""
 
 
+DRAINING_MESSAGE = "the server is draining; open the session on another server"
+
+
 class ServerClosingError(ServiceUnavailableError):
     """The server is shutting down and takes no more work."""
 
@@ -143,6 +146,7 @@ class VerificationExecutor:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specedge-verify")
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._draining = False
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -165,6 +169,10 @@ class VerificationExecutor:
         if self.failed:
             return "the executor loop died"
         return self.health.problem()
+
+    def drain(self) -> None:
+        """Refuse new sessions (`ServerClosingError`); running sessions go on to their end."""
+        self._draining = True
 
     async def stop(self) -> None:
         """Fail queued work, close every session, stop the loop and the worker thread."""
@@ -201,6 +209,8 @@ class VerificationExecutor:
         they wait until its prefill is done."""
         if self._closing:
             raise ServerClosingError("the server is shutting down")
+        if self._draining:
+            raise ServerClosingError(DRAINING_MESSAGE)
         bad = [t for t in stop_token_ids if not 0 <= t < self.engine.vocab_size]
         if bad:
             raise InvalidRequestError(

@@ -44,6 +44,7 @@ EDGE_CONFIG = EdgeConfig(
     max_context=256,
     connect_timeout=2.0,
     reply_timeout=20.0,
+    failover_timeout=1.0,  # a test without a server to fail over to fails within a second
     startup_timeout=5.0,
 )
 
@@ -53,10 +54,15 @@ def start_server(target: LoadedModel, **overrides: Any) -> BackgroundServer:
     return BackgroundServer(replace(SERVER_CONFIG, **overrides).validate(), target).start()
 
 
-def edge_config(server: BackgroundServer | int, **overrides: Any) -> EdgeConfig:
-    """EDGE_CONFIG pointed at `server` (or at a port, e.g. a delay proxy's)."""
-    port = server if isinstance(server, int) else server.port
-    return replace(EDGE_CONFIG, server=f"127.0.0.1:{port}", **overrides).validate()
+def edge_config(
+    server: BackgroundServer | int | Sequence[BackgroundServer | int], **overrides: Any
+) -> EdgeConfig:
+    """EDGE_CONFIG pointed at `server` (or at a port, e.g. a delay proxy's), or at several in
+    order (failover)."""
+    servers = server if isinstance(server, Sequence) else [server]
+    ports = [each if isinstance(each, int) else each.port for each in servers]
+    addresses = ",".join(f"127.0.0.1:{port}" for port in ports)
+    return replace(EDGE_CONFIG, server=addresses, **overrides).validate()
 
 
 async def edge_generate(

@@ -22,6 +22,7 @@ from specedge.credentials import BearerKeys, read_key_file
 from specedge.edge.api import ApiAuth, ApiLimits, HttpApiServer, ServedModel, create_app
 from specedge.edge.client import ClientIdentity, ServerConnection
 from specedge.edge.config import EdgeConfig, ProactivePolicy
+from specedge.edge.failover import FailoverPolicy, ServerPool
 from specedge.edge.metrics import EdgeMetrics
 from specedge.edge.proactive import ProactiveDrafter
 from specedge.edge.runtime import EdgeRuntime
@@ -73,15 +74,23 @@ def build_edge(config: EdgeConfig, draft: LoadedModel) -> Edge:
         engine, ProactivePolicy(config.proactive), config.subtree_shape, decay_p=config.decay
     )
     fingerprint = tokenizer_fingerprint(draft.tokenizer)
-    connection = ServerConnection(
-        config.server,
-        ClientIdentity(fingerprint, draft.config.vocab_size, shape, config.adaptive),
-        auth_token=config.auth_token,
-        security=ChannelSecurity(
-            config.use_tls, config.tls_ca, config.tls_cert, config.tls_key, config.tls_server_name
-        ),
-        connect_timeout_s=config.connect_timeout,
-        reply_timeout_s=config.reply_timeout,
+    identity = ClientIdentity(fingerprint, draft.config.vocab_size, shape, config.adaptive)
+    security = ChannelSecurity(
+        config.use_tls, config.tls_ca, config.tls_cert, config.tls_key, config.tls_server_name
+    )
+    connection = ServerPool(
+        [
+            ServerConnection(
+                address,
+                identity,
+                auth_token=config.auth_token,
+                security=security,
+                connect_timeout_s=config.connect_timeout,
+                reply_timeout_s=config.reply_timeout,
+            )
+            for address in config.servers
+        ],
+        FailoverPolicy(timeout_s=config.failover_timeout),
     )
     runtime = EdgeRuntime(
         worker=DraftWorker(),

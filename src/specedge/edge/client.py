@@ -244,6 +244,11 @@ class RemoteSession:
         return opened.result().session_id
 
     @property
+    def address(self) -> str:
+        """The server's HOST:PORT."""
+        return self._connection.address
+
+    @property
     def bytes_sent(self) -> int:
         return self._call.traffic.sent
 

@@ -66,7 +66,11 @@ class ProactivePolicy(enum.StrEnum):
 @dataclass(frozen=True)
 class EdgeConfig:
     model: str = setting("", f"Draft model: {MODEL_HELP}.")
-    server: str = setting("", "HOST:PORT of `specedge serve`.")
+    server: str = setting(
+        "",
+        "HOST:PORT of `specedge serve`, or several, comma-separated: a session whose server "
+        "fails continues on the same or the next one (see --failover-timeout).",
+    )
     host: str = setting("127.0.0.1", "HTTP API address.")
     port: int = setting(8000, "HTTP API (OpenAI-compatible) port, 0 = any free.")
     served_model_name: str = setting("", "Name in /v1/models (default: the server's target).")
@@ -100,6 +104,13 @@ class EdgeConfig:
     reply_timeout: float = setting(
         60.0, "Seconds to wait for one round's reply (or a prefill).", minimum=0, exclusive=True
     )
+    failover_timeout: float = setting(
+        5.0,
+        "Seconds a broken session may spend re-opening on a listed server (retries with "
+        "backoff) before the request fails.",
+        minimum=0,
+        exclusive=True,
+    )
     startup_timeout: float = setting(
         30.0, "Seconds to wait at start-up for the server to answer.", minimum=0, exclusive=True
     )
@@ -130,6 +141,11 @@ class EdgeConfig:
     protect_metrics: bool = setting(False, PROTECT_METRICS_HELP)
 
     @property
+    def servers(self) -> tuple[str, ...]:
+        """The HOST:PORT of each listed server, in order (`--server A,B`)."""
+        return tuple(address.strip() for address in self.server.split(","))
+
+    @property
     def tree_shape(self) -> TreeShape:
         return TreeShape(
             budget_cap(self.budget), self.depth, self.width, self.beams, self.decay, self.lookup
@@ -154,11 +170,15 @@ class EdgeConfig:
         """Return self, or raise EdgeConfigError naming the first invalid setting."""
         if not self.model:
             raise EdgeConfigError("no draft model: pass --model (or `model:` in the config file)")
-        host, _, port = self.server.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) <= MAX_PORT:
-            raise EdgeConfigError(
-                f"{_where('server')} must be HOST:PORT of `specedge serve`, got {self.server!r}"
-            )
+        for address in self.servers:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) <= MAX_PORT:
+                raise EdgeConfigError(
+                    f"{_where('server')} must be HOST:PORT of `specedge serve` (several "
+                    f"comma-separated), got {self.server!r}"
+                )
+        if len(set(self.servers)) < len(self.servers):
+            raise EdgeConfigError(f"{_where('server')} lists a server twice: {self.server!r}")
         check_port(self, "port", EdgeConfigError)
         check_ranges(self, EdgeConfigError)
         check_budget(self, EdgeConfigError)
@@ -175,12 +195,12 @@ class EdgeConfig:
     def exposure_warnings(self) -> list[str]:
         """What start-up warns of: plaintext to a remote server, an open API others can reach."""
         warnings = []
-        server_host = self.server.rpartition(":")[0]
-        if not self.use_tls and not is_loopback(server_host):
-            warnings.append(
-                f"the link to {self.server} is plaintext: the bearer token and every prompt's "
-                "token ids cross the network in clear; pass --tls-ca (or --tls)"
-            )
+        for address in self.servers:
+            if not self.use_tls and not is_loopback(address.rpartition(":")[0]):
+                warnings.append(
+                    f"the link to {address} is plaintext: the bearer token and every prompt's "
+                    "token ids cross the network in clear; pass --tls-ca (or --tls)"
+                )
         if self.api_key_file is None and not is_loopback(self.host):
             warnings.append(f"the HTTP API on {self.host} takes any client; pass --api-key-file")
         return warnings

@@ -9,7 +9,11 @@ tree. Sessions interleave on the one model thread; network waits never block it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from specedge.core.calibration import AcceptanceCalibrator, temperature_regime
@@ -19,36 +23,97 @@ from specedge.core.goodput import TreeSizer
 from specedge.core.limits import TreeLimits
 from specedge.core.round_loop import Drafter, RoundLoopBackend, SessionVerifier
 from specedge.core.verify import VerifyResult, verdict_from_reply
-from specedge.edge.client import RemoteSession, ServerConnection, ServerUnavailableError
+from specedge.edge.client import RemoteSession, ServerUnavailableError
+from specedge.edge.failover import ServerPool
 from specedge.edge.proactive import ProactiveDrafter, ProactiveModelDrafter, WorkerJobs
 from specedge.edge.worker import DraftWorker
 from specedge.rpc.codec import OpenSession, TreeVerified
 
+logger = logging.getLogger(__name__)
+
 
 class RemoteVerifier:
-    """One session's verifier on the server (`core.round_loop.SessionVerifier`)."""
+    """One session's verifier on the server (`core.round_loop.SessionVerifier`), failing over:
+    when the session's stream breaks, it re-opens the session through `pool`
+    (`edge.failover`) with the prompt plus every token its verdicts emitted, and sends the
+    round again, so the round loop never sees the break. Rounds, tokens and traffic add up
+    across the sessions; `session_id` is the current one's."""
 
-    def __init__(self, remote: RemoteSession, streaming: bool = False) -> None:
+    def __init__(
+        self,
+        remote: RemoteSession,
+        streaming: bool = False,
+        *,
+        pool: ServerPool | None = None,
+        request: OpenSession | None = None,
+    ) -> None:
         self.remote = remote
-        info = remote.info
-        self.limits = TreeLimits(info.max_tree_nodes, info.max_tree_depth, info.max_context)
+        self.limits = self._limits(remote)
         # the server decodes the session itself (its last reply said, or the Open asked)
         self.streaming = streaming
         self.resume_threshold = 0.0
         self._resumed = False
         self.last_streamed = False  # the latest verdict was a server-side step
         self.on_end: Callable[[bool], None] | None = None  # told at the end: streamed last?
+        self._pool = pool
+        self._request = request  # the session's Open, replayed with `_emitted` on a failover
+        self._emitted: list[int] = []
+        self._past_traffic = (0, 0)  # bytes of the sessions before a failover
+        self._deadline: float | None = None  # of the failover under way
+        self.failovers = 0
+
+    @staticmethod
+    def _limits(remote: RemoteSession) -> TreeLimits:
+        info = remote.info
+        return TreeLimits(info.max_tree_nodes, info.max_tree_depth, info.max_context)
 
     @property
     def session_id(self) -> str:
         return self.remote.session_id
 
-    async def resume(self) -> None:
-        if self.streaming and not self._resumed:
-            self._resumed = True
-            await self.remote.resume()
-
     async def verify(self, sent: SentTree) -> VerifyResult:
+        """The verdict on `sent`, from a re-opened session if the stream breaks meanwhile
+        (until the failover timeout, then the ServerUnavailableError)."""
+        while True:
+            try:
+                verdict = await self._verify_once(sent)
+            except ServerUnavailableError as error:
+                await self._fail_over(error)
+                continue
+            self._deadline = None
+            self._emitted.extend(verdict.emitted_tokens)
+            return verdict
+
+    async def _fail_over(self, error: ServerUnavailableError) -> None:
+        """Replace the broken session by one that continues it (or re-raise `error`)."""
+        request = self._request
+        if self._pool is None or request is None:
+            raise error
+        loop = asyncio.get_running_loop()
+        if self._deadline is None:
+            self._deadline = loop.time() + self._pool.policy.timeout_s
+        elif loop.time() >= self._deadline:
+            raise error
+        broken = self.remote
+        broken.cancel()
+        sent, received = self._past_traffic
+        self._past_traffic = (sent + broken.bytes_sent, received + broken.bytes_received)
+        logger.warning("session %s on %s broke (%s); failing over after %d tokens",
+                       broken.session_id, broken.address, error, len(self._emitted))  # fmt: skip
+        resumed = replace(
+            request,
+            prompt_token_ids=[*request.prompt_token_ids, *self._emitted],
+            max_tokens=request.max_tokens - len(self._emitted),
+            start_streaming=self.streaming,
+        )
+        self.remote = await self._pool.open_session(
+            resumed, after_failure_of=broken.address, deadline=self._deadline
+        )
+        self.limits = self._limits(self.remote)
+        self._resumed = False
+        self.failovers += 1
+
+    async def _verify_once(self, sent: SentTree) -> VerifyResult:
         self.last_streamed = self.streaming
         if self.streaming:  # nothing is sent: the server's next step
             reply = await self.remote.next_streamed()
@@ -76,6 +141,13 @@ class RemoteVerifier:
                 f"the server's reply does not fit our tree: {error}"
             ) from None
 
+    async def resume(self) -> None:
+        if self.streaming and not self._resumed:
+            self._resumed = True
+            # A broken stream fails the next round over (the new session streams too).
+            with contextlib.suppress(ServerUnavailableError):
+                await self.remote.resume()
+
     def _follow(self, reply: TreeVerified) -> None:
         """Whether the server streams from now on, and what resuming must beat."""
         self.streaming = reply.streaming
@@ -84,7 +156,8 @@ class RemoteVerifier:
             self._resumed = False
 
     def traffic(self) -> tuple[int, int]:
-        return self.remote.bytes_sent, self.remote.bytes_received
+        sent, received = self._past_traffic
+        return sent + self.remote.bytes_sent, received + self.remote.bytes_received
 
     async def finish(self) -> None:
         if self.on_end is not None:
@@ -111,7 +184,7 @@ class EdgeRuntime(RoundLoopBackend):
         worker: DraftWorker,
         draft: DraftEngine,
         drafter: ProactiveDrafter,
-        connection: ServerConnection,
+        connection: ServerPool,
         fingerprint: str,
         max_context: int,
         max_sessions: int,
@@ -159,7 +232,9 @@ class EdgeRuntime(RoundLoopBackend):
             start_streaming=start_streaming,
         )
         remote = await self.connection.open_session(message)
-        verifier = RemoteVerifier(remote, streaming=start_streaming)
+        verifier = RemoteVerifier(
+            remote, streaming=start_streaming, pool=self.connection, request=message
+        )
         verifier.on_end = lambda streaming: self._ended_streaming.__setitem__(regime, streaming)
         return verifier
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections.abc import Callable
 from contextlib import aclosing
@@ -23,7 +24,7 @@ from specedge.edge.failover import FailoverPolicy
 from specedge.model.loader import LoadedModel
 from specedge.server.app import BackgroundServer
 from tests.support.models import TARGET_SEED, tiny_model
-from tests.support.observe import metric
+from tests.support.observe import metric, wait_for
 from tests.support.reference import reference_tokens
 from tests.support.servers import edge_config, start_server, with_edge
 
@@ -38,10 +39,13 @@ def target() -> LoadedModel:
 
 
 async def generate_with_fault(
-    edge: Edge, fault: Callable[[], None], params: SamplingParams | None = None
+    edge: Edge,
+    fault: Callable[[], None],
+    params: SamplingParams | None = None,
+    prompt: list[int] = PROMPT,
 ) -> tuple[list[int], GenerationStats]:
     """One generation; `fault` runs (in a thread) once the first round's tokens are out."""
-    request = GenerationRequest(list(PROMPT), params or SamplingParams(), MAX_TOKENS)
+    request = GenerationRequest(list(prompt), params or SamplingParams(), MAX_TOKENS)
     stats = GenerationStats()
     tokens: list[int] = []
     async with aclosing(edge.runtime.generate(request, stats)) as rounds:
@@ -70,6 +74,29 @@ def test_generation_continues_on_the_next_server(
         # Rounds count both servers' rounds (the first had at least one).
         assert stats.rounds > metric(second.metrics_port, "specedge_server_rounds_total") >= 0
         assert metric(second.metrics_port, "specedge_server_emitted_tokens_total") > 0
+    finally:
+        second.stop()
+
+
+def test_concurrent_sessions_all_fail_over(target: LoadedModel) -> None:
+    prompts = [PROMPT, [200, 17, 93], [7] * 12]
+    first, second = start_server(target), start_server(target)
+    stopped = threading.Lock()
+
+    def stop_once() -> None:
+        if stopped.acquire(blocking=False):
+            first.stop()
+
+    async def body(edge: Edge) -> list[tuple[list[int], GenerationStats]]:
+        runs = [generate_with_fault(edge, stop_once, prompt=prompt) for prompt in prompts]
+        return await asyncio.gather(*runs)
+
+    try:
+        results = asyncio.run(with_edge(edge_config([first, second]), tiny_model(12), body))
+        for (tokens, stats), prompt in zip(results, prompts, strict=True):
+            assert tokens == reference_tokens(target, prompt, MAX_TOKENS)
+            assert stats.emitted == MAX_TOKENS
+        wait_for(lambda: metric(second.metrics_port, "specedge_server_active_sessions") == 0)
     finally:
         second.stop()
 

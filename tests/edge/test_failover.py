@@ -78,6 +78,23 @@ def test_generation_continues_on_the_next_server(
         second.stop()
 
 
+def test_a_round_is_cut_to_the_next_servers_smaller_node_cap(target: LoadedModel) -> None:
+    """Trees sized to the first server's cap (`--budget auto`) are sent to the second, which
+    takes fewer nodes, as their longest prefix that fits."""
+    first, second = start_server(target), start_server(target, max_tree_nodes=2)
+    try:
+        config = edge_config([first, second], budget="auto")
+        draft = tiny_model(TARGET_SEED)  # agrees with the target: its trees are big
+        tokens, stats = asyncio.run(
+            with_edge(config, draft, lambda e: generate_with_fault(e, first.stop))
+        )
+        assert tokens == reference_tokens(target, PROMPT, MAX_TOKENS)
+        assert stats.emitted == MAX_TOKENS
+        assert metric(second.metrics_port, "specedge_server_emitted_tokens_total") > 0
+    finally:
+        second.stop()
+
+
 def test_concurrent_sessions_all_fail_over(target: LoadedModel) -> None:
     prompts = [PROMPT, [200, 17, 93], [7] * 12]
     first, second = start_server(target), start_server(target)

@@ -22,6 +22,7 @@ from specedge.core.generation import GenerationRequest
 from specedge.core.goodput import TreeSizer
 from specedge.core.limits import TreeLimits
 from specedge.core.round_loop import Drafter, RoundLoopBackend, SessionVerifier
+from specedge.core.tree import DraftTree
 from specedge.core.verify import VerifyResult, verdict_from_reply
 from specedge.edge.client import RemoteSession, ServerUnavailableError
 from specedge.edge.failover import ServerPool
@@ -121,9 +122,9 @@ class RemoteVerifier:
             if reply.num_accepted:
                 raise ServerUnavailableError("a streamed reply claims accepted draft tokens")
             return VerifyResult(reply.emitted_token_ids, [], reply.finish_reason, 0)
-        reply = await self.remote.verify(sent.tree, sent.estimates)
+        tree = self._fitted(sent.tree)
+        reply = await self.remote.verify(tree, sent.estimates[: tree.num_nodes])
         self._follow(reply)
-        tree = sent.tree
         try:
             if reply.num_verified > tree.num_nodes:
                 raise ValueError(f"{reply.num_verified} verified nodes of {tree.num_nodes} sent")
@@ -140,6 +141,16 @@ class RemoteVerifier:
             raise ServerUnavailableError(
                 f"the server's reply does not fit our tree: {error}"
             ) from None
+
+    def _fitted(self, tree: DraftTree) -> DraftTree:
+        """`tree`'s longest prefix within this server's caps: a tree drafted for the server
+        before a failover may exceed the next one's. A prefix in the sent order is what a
+        server that verifies fewer nodes verifies anyway."""
+        limits = self.limits
+        prompt_len = len(self._request.prompt_token_ids) if self._request is not None else 0
+        fits = min(tree.num_nodes, limits.room(prompt_len + len(self._emitted)))
+        deep = [node for node, depth in enumerate(tree.depths()) if depth > limits.max_tree_depth]
+        return tree.prefix(min([fits, *deep]))
 
     async def resume(self) -> None:
         if self.streaming and not self._resumed:

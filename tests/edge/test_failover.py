@@ -1,8 +1,10 @@
 """Failover (`edge.failover`) against real verification servers in-process over loopback gRPC:
 a server stopped in the middle of a generation, and the generation goes on on the next listed
 server (or on the same one, restarted) with exactly the tokens of an uninterrupted run, greedy
-or seeded, and usage that counts every round; with no server back within the failover timeout,
-a typed error; the backoff between tries grows, is jittered and stays bounded."""
+or seeded, concurrent sessions included, and usage that counts every round; a draining or dead
+first server sends new sessions to the next; a round in flight is cut to a smaller server's
+node cap; with no server back within the failover timeout, a typed error; the backoff between
+tries grows, is jittered and stays bounded."""
 
 from __future__ import annotations
 
@@ -151,6 +153,24 @@ def test_no_server_within_the_failover_timeout_is_a_clean_error(target: LoadedMo
     with pytest.raises(ServerUnavailableError, match="failover timeout of 0.5 s"):
         asyncio.run(with_edge(config, tiny_model(12), lambda e: generate_with_fault(e, stop_both)))
     assert time.monotonic() - started < 5.0
+
+
+def test_a_draining_server_sends_new_sessions_to_the_next(target: LoadedModel) -> None:
+    """A draining server refuses the Open with UNAVAILABLE: the session opens on the next."""
+    first, second = start_server(target), start_server(target)
+    try:
+        assert first.server.executor is not None
+        first.server.executor.drain()  # refuses new sessions from now on
+        config = edge_config([first, second])
+        tokens, stats = asyncio.run(
+            with_edge(config, tiny_model(12), lambda e: generate_with_fault(e, lambda: None))
+        )
+        assert tokens == reference_tokens(target, PROMPT, MAX_TOKENS)
+        assert stats.emitted == MAX_TOKENS
+        assert metric(first.metrics_port, "specedge_server_emitted_tokens_total") == 0
+    finally:
+        first.stop()
+        second.stop()
 
 
 def test_a_new_session_skips_a_dead_first_server(target: LoadedModel) -> None:

@@ -43,10 +43,12 @@ class Serve:
 
     def __init__(self, model_dir: Path, *flags: str) -> None:
         specedge = Path(sys.executable).with_name("specedge")
+        if "--max-context" not in flags:  # given twice, the CLI keeps the first
+            flags = ("--max-context", str(MAX_CONTEXT), *flags)
         self.process = subprocess.Popen(
             [str(specedge), "serve", "--model", str(model_dir), "--dtype", "float32",
              "--device", "cpu", "--port", "0", "--metrics-port", "0", "--api-port", "0",
-             "--max-sessions", "2", "--max-context", str(MAX_CONTEXT), *flags],
+             "--max-sessions", "2", *flags],
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -90,7 +92,9 @@ def _found(pattern: re.Pattern[str], text: str) -> str:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-target")
-    random_hf_model(tiny_hf_config(), TARGET_SEED).save_pretrained(folder)
+    # Long enough for LONG_MAX_TOKENS (the tiny config caps the context at 512).
+    config = tiny_hf_config(max_position_embeddings=LONG_MAX_TOKENS + 64)
+    random_hf_model(config, TARGET_SEED).save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
     return folder
 
@@ -186,7 +190,10 @@ def test_a_drain_timeout_shorter_than_the_stream_cuts_it_cleanly(
             events.append(event)
             if len(events) == 1:
                 server.process.send_signal(signal.SIGTERM)
-    assert len(events) < LONG_MAX_TOKENS and "error" in events[-1], (len(events), events[-1])
+    assert len(events) < LONG_MAX_TOKENS and "error" in events[-1], (
+        len(events),
+        events[-1].get("choices"),
+    )
     assert server.exit_code() == 0, server.log
     assert "drain ended with 1 sessions left" in server.log
 

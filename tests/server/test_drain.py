@@ -96,6 +96,15 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = tiny_hf_config(max_position_embeddings=LONG_MAX_TOKENS + 64)
     random_hf_model(config, TARGET_SEED).save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
+    # No stop token: a stream ends by its length or by the drain, never because the random
+    # model happened to draw <eos> (at token 532 of the long stream, before a slow cut).
+    for name in ("generation_config.json", "config.json", "tokenizer_config.json"):
+        path = folder / name
+        if path.exists():
+            settings = json.loads(path.read_text())
+            settings.pop("eos_token_id", None)
+            settings.pop("eos_token", None)
+            path.write_text(json.dumps(settings))
     return folder
 
 
@@ -103,7 +112,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def target(model_dir: Path) -> LoadedModel:
     import torch
 
-    return load_model(str(model_dir), "cpu", torch.float32)
+    loaded = load_model(str(model_dir), "cpu", torch.float32)
+    assert loaded.stop_token_ids == ()  # see model_dir
+    return loaded
 
 
 @pytest.fixture

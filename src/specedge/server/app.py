@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from functools import partial
 from typing import Any
 
 import grpc
@@ -440,26 +441,16 @@ def _build_engine(loaded: LoadedModel, config: ServerConfig) -> TargetEngine:
         max_len=max_context + max_block,
         memory_gb=rank_kv_memory(config.kv_memory, loaded.device, ranks),
     )
-    runner: ModelRunner
-    if ranks > 1:
-        runner = start_tensor_parallel(
-            loaded,
-            ranks,
-            num_slots=config.max_sessions,
-            max_context=max_context,
-            max_block=max_block,
-            kv_blocks=kv_blocks,
-            attention_kernel=config.attention,
-        )
-    else:
-        runner = ModelRunner(
-            loaded,
-            num_slots=config.max_sessions,
-            max_context=max_context,
-            max_block=max_block,
-            kv_blocks=kv_blocks,
-            attention_kernel=config.attention,
-        )
+    build = (
+        partial(start_tensor_parallel, loaded, ranks) if ranks > 1 else partial(ModelRunner, loaded)
+    )
+    runner: ModelRunner = build(
+        num_slots=config.max_sessions,
+        max_context=max_context,
+        max_block=max_block,
+        kv_blocks=kv_blocks,
+        attention_kernel=config.attention,
+    )
     limits = GenerationLimits(
         max_tree_nodes=config.max_tree_nodes, max_tree_depth=config.max_tree_depth
     )

@@ -7,12 +7,7 @@ the stream is cut with a clean in-band error and the process still exits 0."""
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,66 +22,12 @@ from specedge.rpc.codec import health_status
 from tests.support.models import TARGET_SEED, random_hf_model, tiny_hf_config, word_tokenizer
 from tests.support.observe import http_get, wait_for
 from tests.support.scripted_edge import channel, open_message, run, run_session
+from tests.support.serve_process import MAX_CONTEXT, Serve
 from tests.support.trees import empty_tree
 
-API = re.compile(r"OpenAI API on (http://[\d.]+:\d+)/v1")
-READY = re.compile(r"serving \S+ on [\d.]+:(\d+)")
-METRICS = re.compile(r"metrics on http://[\d.]+:(\d+)/metrics")
 PROMPT = [5, 9, 2, 6, 5, 3]
 MAX_TOKENS = 400  # long enough to still be streaming while the test looks at the drain
-MAX_CONTEXT = 512
 LONG_MAX_TOKENS = 4000  # far more than a drain timeout of 0 lets run
-
-
-class Serve:
-    """A `specedge serve` process; its stderr is collected in a thread (`log`)."""
-
-    def __init__(self, model_dir: Path, *flags: str) -> None:
-        specedge = Path(sys.executable).with_name("specedge")
-        if "--max-context" not in flags:  # given twice, the CLI keeps the first
-            flags = ("--max-context", str(MAX_CONTEXT), *flags)
-        self.process = subprocess.Popen(
-            [str(specedge), "serve", "--model", str(model_dir), "--dtype", "float32",
-             "--device", "cpu", "--port", "0", "--metrics-port", "0", "--api-port", "0",
-             "--max-sessions", "2", *flags],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        wait_for(lambda: API.search(self.log) is not None or self.process.poll() is not None, 60)
-        api = API.search(self.log)
-        assert api is not None, "the server did not become ready:\n" + self.log
-        self.api_url = api.group(1)
-        self.port = int(_found(READY, self.log))
-        self.metrics_port = int(_found(METRICS, self.log))
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def exit_code(self) -> int:
-        code = self.process.wait(timeout=30)
-        self._reader.join(timeout=5)
-        return code
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)
-
-
-def _found(pattern: re.Pattern[str], text: str) -> str:
-    match = pattern.search(text)
-    assert match is not None, text
-    return match.group(1)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@
 - `trees`: draft trees: random ones for property tests, scripted ones for a fake edge.
 - `reference`: ground truths: the local autoregressive target output, a fresh KV prefill.
 - `servers`: the real server and edge in-process on loopback ports.
+- `serve_process`: a real `specedge serve` process, to kill, drain or restart.
 - `scripted_edge`: a scripted edge talking to a server over real gRPC.
 - `observe`: HTTP GETs, /health, /metrics samples, waiting for a condition.
 - `fake_openai`: a fake OpenAI-compatible streaming API for the benchmark client.

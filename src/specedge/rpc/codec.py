@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -319,9 +320,12 @@ def add_verifier_service(
             traffic = StreamTraffic()
 
             async def decoded() -> AsyncIterator[EdgeRequest | None]:
-                async for message in request_iterator:
-                    traffic.count_received(message.ByteSize())
-                    yield decode_edge(message)
+                try:
+                    async for message in request_iterator:
+                        traffic.count_received(message.ByteSize())
+                        yield decode_edge(message)
+                except DecodeError as error:  # bytes that parse as no EdgeMessage
+                    yield MalformedMessage(f"the message is not a valid EdgeMessage: {error}")
 
             async for reply in session(decoded(), context, traffic):
                 encoded = encode_server(reply)

@@ -227,12 +227,22 @@ class TensorParallelRunner(ModelRunner):
             return
         rank = ranks[first]  # type: ignore[index]
         worker = self.workers[rank - 1]
-        worker.join(timeout=1.0)
         self.failure = (
-            f"tensor-parallel rank {rank} (pid {worker.pid}) {_exit_reason(worker.exitcode)}; "
+            f"tensor-parallel rank {rank} (pid {worker.pid}) {_exit_reason(_exit_code(worker))}; "
             "the server cannot run its model any more: restart it"
         )
         logger.error("%s", self.failure)
+
+
+def _exit_code(worker: multiprocessing.process.BaseProcess, timeout: float = 2.0) -> int | None:
+    """The exit code of a worker whose sentinel says it ended. Another thread may be reaping
+    it at the same moment (a `join`): its `waitpid` then takes the status and ours sees none
+    until that thread has stored it, so ask again for a moment before calling it unknown."""
+    deadline = time.monotonic() + timeout
+    worker.join(timeout)
+    while worker.exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return worker.exitcode
 
 
 def _exit_reason(exitcode: int | None) -> str:

@@ -47,7 +47,7 @@ from transformers import AutoModelForCausalLM
 from specedge.core.local import LocalGenerator
 from specedge.core.model_runner import ModelRunner
 from specedge.core.sampling import SamplingParams
-from specedge.core.target import GenerationLimits, TargetEngine, TargetSequence
+from specedge.core.target import GenerationLimits, TargetEngine
 from specedge.core.tree import DraftTree
 from specedge.model.loader import LoadedModel, load_model
 from specedge.text import encode_prompt
@@ -254,7 +254,8 @@ def bench_verification(
         engine.prefill(seq)
         sequences.append(seq)
     engine.verify([(seq, DraftTree()) for seq in sequences])  # warm-up
-    rewind(engine, sequences)
+    for seq in sequences:
+        engine.rewind(seq, CONTEXT)
     configs = [(b, n) for b in settings.batch_sizes for n in settings.tree_sizes]
     timings = {config: Timings() for config in configs}
     for _ in range(settings.verify_repetitions):
@@ -262,18 +263,9 @@ def bench_verification(
             trees = [random_tree(rng, vocab, num_nodes) for _ in range(batch)]
             work = list(zip(sequences[:batch], trees, strict=True))
             timings[(batch, num_nodes)].measure(lambda: engine.verify(work))  # noqa: B023
-            rewind(engine, sequences[:batch])
+            for seq in sequences[:batch]:
+                engine.rewind(seq, CONTEXT)
     return timings
-
-
-def rewind(engine: TargetEngine, sequences: list[TargetSequence]) -> None:
-    """Undo the last round, so that every call sees the same context: committing only ever
-    moves KV at or past the root's position (CONTEXT), so positions before it stay valid."""
-    for seq in sequences:
-        del seq.committed[CONTEXT + 1 :]
-        seq.prefilled = CONTEXT
-        seq.finish_reason = None
-        engine.runner.kv.set_length(seq.slot, CONTEXT)
 
 
 # ---- report ----------------------------------------------------------------------------------

@@ -254,16 +254,6 @@ def open_sequences(
     return sequences
 
 
-def rewind(engine: TargetEngine, sequences: list[TargetSequence], context: int) -> None:
-    """Undo the last round, so that every call sees the same context (compaction only moves
-    KV at or past the root's position, so the context's KV stays valid)."""
-    for seq in sequences:
-        del seq.committed[context + 1 :]
-        seq.prefilled = context
-        seq.finish_reason = None
-        engine.runner.kv.set_length(seq.slot, context)
-
-
 def verification_table(
     loaded: LoadedModel, plan: Plan, clock: Clock, memory: Memory, deadline: float
 ) -> dict[str, Any]:
@@ -288,7 +278,8 @@ def verification_table(
                 break
             work = [(s, fanout_tree(rng, engine.vocab_size, num_nodes)) for s in sequences[:batch]]
             elapsed = clock.time(lambda: engine.verify(work))  # noqa: B023
-            rewind(engine, sequences[:batch], plan.context)
+            for seq in sequences[:batch]:
+                engine.rewind(seq, plan.context)
             if repetition:
                 seconds[(batch, num_nodes)].append(elapsed)
     kv_bytes = runner.kv.keys.numel() * runner.kv.keys.element_size() * 2

@@ -226,6 +226,15 @@ class TargetEngine:
         seq.drafted += tree.num_nodes
         seq.history.append(len(result.emitted_tokens))
 
+    def rewind(self, seq: TargetSequence, context: int) -> None:
+        """Undo every round since `seq` held `context` tokens of KV plus its root, so that
+        repeated rounds (benchmarks, profiles) all see the same context. Committing only moves
+        KV at or past the root's position, so the context's KV is still valid."""
+        del seq.committed[context + 1 :]
+        seq.prefilled = context
+        seq.finish_reason = None
+        self.runner.kv.set_length(seq.slot, context)
+
     def close(self, seq: TargetSequence) -> None:
         self.runner.kv.free(seq.slot)
 

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -50,6 +50,7 @@ from specedge.openai_api.types import (
     ChatFormat,
     CompletionBody,
     CompletionFormat,
+    ErrorBody,
     GenerationBody,
     OpenAIError,
     ResponseFormat,
@@ -60,6 +61,18 @@ from specedge.text import IncrementalDecoder, encode_chat, encode_prompt
 logger = logging.getLogger(__name__)
 # Seconds a 503 asks clients to wait: a full server or a restarting one is back in seconds.
 RETRY_AFTER_S = 1
+# What /openapi.json says the generation endpoints answer: JSON, or server-sent events with
+# `stream: true`, and each error status of the module docstring with OpenAI's error JSON.
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The completion, or server-sent events with `stream: true`",
+        "content": {"text/event-stream": {}},
+    },
+    400: {"model": ErrorBody, "description": "An invalid or unsupported request"},
+    401: {"model": ErrorBody, "description": "A missing or wrong API key"},
+    413: {"model": ErrorBody, "description": "A body over the API's max_body_bytes"},
+    503: {"model": ErrorBody, "description": "The backend cannot serve now (Retry-After)"},
+}
 
 
 class ApiMetrics(Protocol):
@@ -271,12 +284,20 @@ def create_app(
     async def _any(request: Request, error: Exception) -> JSONResponse:
         return as_openai_error(error).response()
 
-    @app.get("/health")
+    @app.get(
+        "/health",
+        responses={
+            503: {
+                "description": "Loading, draining or degraded",
+                "content": {"application/json": {}},
+            }
+        },
+    )
     async def health() -> JSONResponse:
         body = {"status": "ok", "model": served.name} | backend.health()
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -284,7 +305,7 @@ def create_app(
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [served.card(started)]}
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses=GENERATION_RESPONSES)
     async def chat(body: ChatCompletionBody) -> Response:
         def start() -> Generation:
             messages = [message.as_template_message() for message in body.messages]
@@ -294,7 +315,7 @@ def create_app(
 
         return await _respond("chat", body, start, ChatFormat(served.name))
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionBody) -> Response:
         def start() -> Generation:
             prompt = _completion_prompt(body.prompt, served)

@@ -129,6 +129,19 @@ class CompletionBody(GenerationBody):
 
 
 # ---- errors -----------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """The error JSON of `OpenAIError`, as /openapi.json documents it."""
+
+    error: ErrorDetail
+
+
 class OpenAIError(Exception):
     """An error answered as OpenAI's JSON: {"error": {message, type, param, code}}."""
 

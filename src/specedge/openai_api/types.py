@@ -21,18 +21,19 @@ NO_TOP_K_HTTP = -1  # vLLM's spelling of "no top-k", accepted with 0 (`sampling.
 
 # ---- request bodies ---------------------------------------------------------------------------
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class GenerationBody(BaseModel):
-    """Fields both endpoints share; unknown fields are rejected (400). Accepted ranges:
+    """Fields both endpoints share; unknown fields, and values of another JSON type than the
+    schema's (no coercion: "1" or true is no integer), are rejected (400). Accepted ranges:
     temperature a finite number in [0, 2] (below `sampling.MIN_TEMPERATURE`: greedy, like 0);
     top_p in (0, 1]; top_k >= 1, or 0 or -1 for none (an extension); max_tokens >= 1, clamped
     to the context the prompt leaves; `model` any name (the served model answers). NaN and
     infinities are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
@@ -74,13 +75,13 @@ class GenerationBody(BaseModel):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None

@@ -121,6 +121,9 @@ def _record(
         predicted_tokens=predicted,
         predicted_round_tokens=int(speculative.get("predicted_round_tokens") or 0),
         streamed_rounds=int(speculative.get("streamed_rounds") or 0),
+        drafted_nodes=int(speculative.get("drafted_nodes") or 0),
+        verified_nodes=int(speculative.get("verified_nodes") or 0),
+        cut_rounds=int(speculative.get("cut_rounds") or 0),
         error=error,
         chunk_times_s=tuple(chunk_times),
     )

@@ -83,6 +83,11 @@ class RequestRecord:
     predicted_tokens: float = 0.0
     predicted_round_tokens: int = 0
     streamed_rounds: int = 0  # rounds the server decoded itself
+    # of the speculative rounds: draft nodes sent, verified (the prefixes the server kept),
+    # and rounds whose tree was cut to nothing (what the simulator's acceptance fit needs)
+    drafted_nodes: int = 0
+    verified_nodes: int = 0
+    cut_rounds: int = 0
     error: str | None = None  # a failed request counts in no metric but `failed_requests`
     chunk_times_s: tuple[float, ...] = ()  # arrival of each streamed chunk with tokens
 

@@ -42,6 +42,18 @@ class LinearBatchCost:
         return self.fixed_s + self.per_sequence_s * sequences + self.per_row_s * rows
 
 
+@dataclass(frozen=True)
+class CostPoint:
+    """One measured forward: `sequences` sequences of `rows` rows in all (each sequence's root
+    plus its nodes, or a prompt chunk's tokens) after about `context` tokens each, in
+    `seconds` (a median of repeats). What cost models are fitted to."""
+
+    sequences: int
+    rows: int
+    context: int
+    seconds: float
+
+
 # Before any profile or batch: a guess of the right order for a small model on a CPU core.
 UNPROFILED_BATCH_COST = LinearBatchCost(fixed_s=0.010, per_sequence_s=0.0, per_row_s=0.001)
 

@@ -34,7 +34,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Protocol, TypeVar
 
@@ -250,6 +250,26 @@ class NoDrafter:
         return InlineJobs().submit_cleanup(lambda: None)
 
 
+@dataclass
+class ProbeScore:
+    """How well a drafter's probes guess the tokens a streaming verifier decodes: the smoothed
+    share of hits. A chain of guesses each right with probability h emits about 1 / (1 - h)
+    tokens per round, and trees do at least that well, so trees are wanted again once that
+    beats the verifier's `resume_threshold` (after `MIN_PROBES` probes)."""
+
+    hit_rate: float = 0.0
+    count: int = 0
+
+    def observe(self, hit: bool) -> None:
+        self.count += 1
+        self.hit_rate += PROBE_SMOOTHING * (float(hit) - self.hit_rate)
+
+    def wants_trees(self, threshold: float) -> bool:
+        if self.count < MIN_PROBES:
+            return False
+        return 1.0 / max(1e-6, 1.0 - self.hit_rate) > threshold
+
+
 class ModelDrafter:
     """Trees from a draft model (with context lookup), one draft step per model job.
 
@@ -273,8 +293,7 @@ class ModelDrafter:
         self.temperature = temperature
         self.calibrator = calibrator
         self.sizer = sizer
-        self.probe_hits = 0.0  # smoothed share of probes the verifier's next token matched
-        self.probes = 0
+        self.probes = ProbeScore()
         # Taking a free slot is bookkeeping, not model work: done here, at once.
         self.seq: DraftSequence = engine.open(prompt_tokens)
         self.builder: TreeBuilder | None = None  # the next tree's, once the prompt is in
@@ -307,11 +326,7 @@ class ModelDrafter:
         return replace(builder.sent_tree(1, self._calibrate), probe=True)
 
     def wants_trees(self, threshold: float) -> bool:
-        """A chain of guesses each right with probability h emits about 1 / (1 - h) tokens
-        per round; trees do at least that well."""
-        if self.probes < MIN_PROBES:
-            return False
-        return 1.0 / max(1e-6, 1.0 - self.probe_hits) > threshold
+        return self.probes.wants_trees(threshold)
 
     def _calibrate(self, raw: Sequence[float]) -> Sequence[float]:
         if self.calibrator is None:
@@ -324,12 +339,9 @@ class ModelDrafter:
         many nodes were verified."""
         if sent.probe:
             if sent.tree.num_nodes:
-                hit = float(verdict.emitted_tokens[0] == sent.tree.tokens[0])
-                self.probes += 1
-                self.probe_hits += PROBE_SMOOTHING * (hit - self.probe_hits)
+                self.probes.observe(verdict.emitted_tokens[0] == sent.tree.tokens[0])
             return
-        self.probes = 0  # a fresh start the next time the verifier streams
-        self.probe_hits = 0.0
+        self.probes = ProbeScore()  # a fresh start the next time the verifier streams
         verified = verified_nodes(sent, verdict)
         if self.calibrator is not None and verdict.finish_reason is None:
             self.calibrator.observe(

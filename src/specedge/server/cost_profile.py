@@ -16,16 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 import specedge
-from specedge.core.goodput import FittedBatchCost, LinearBatchCost
+from specedge.core.goodput import CostPoint, FittedBatchCost, LinearBatchCost
 from specedge.core.sampling import SamplingParams
 from specedge.core.target import TargetEngine, TargetSequence
 from specedge.core.tree import DraftTree
@@ -98,14 +100,34 @@ def load_or_profile(
 def profile_batch_cost(engine: TargetEngine, budget_s: float = PROFILE_BUDGET_S) -> LinearBatchCost:
     """Measure verification forwards over the grid (within `budget_s`, smallest batches
     first) on throwaway sequences and fit the linear cost model."""
-    runner = engine.runner
-    sequences_grid = [n for n in PROFILE_SEQUENCES if n <= runner.kv.num_slots]
-    nodes_grid = [k for k in PROFILE_NODES if k <= engine.limits.max_tree_nodes]
-    context = max(1, min(PROFILE_CONTEXT, runner.max_context // 2))
-    generator = torch.Generator().manual_seed(0)
-    vocab = engine.vocab_size
     fit = FittedBatchCost(LinearBatchCost(0.0, 0.0, 0.0), forgetting=1.0, prior_weight=1e-6)
     deadline = time.perf_counter() + budget_s
+    for point in measure_verify_costs(engine, PROFILE_SEQUENCES, PROFILE_NODES, deadline=deadline):
+        fit.observe(point.sequences, point.rows, point.seconds)
+    return fit.current
+
+
+def measure_verify_costs(
+    engine: TargetEngine,
+    sequences: Sequence[int],
+    nodes: Sequence[int],
+    *,
+    context: int = PROFILE_CONTEXT,
+    repeats: int = PROFILE_REPEATS,
+    deadline: float = math.inf,
+    on_point: Callable[[CostPoint], None] | None = None,
+) -> list[CostPoint]:
+    """Time `TargetEngine.verify` for each count of `sequences` (ascending) x tree size in
+    `nodes` on throwaway sequences of about `context` tokens, `repeats` timed forwards per
+    point after one untimed; stops at `deadline` (`time.perf_counter()`) or when the
+    contexts are full. Prefill of the throwaway prompts is not timed here."""
+    runner = engine.runner
+    sequences_grid = [n for n in sequences if n <= runner.kv.num_slots]
+    nodes_grid = [k for k in nodes if k <= engine.limits.max_tree_nodes]
+    context = max(1, min(context, runner.max_context // 2))
+    generator = torch.Generator().manual_seed(0)
+    vocab = engine.vocab_size
+    points: list[CostPoint] = []
     opened: list[TargetSequence] = []
     try:
         for count in sequences_grid:
@@ -114,24 +136,31 @@ def profile_batch_cost(engine: TargetEngine, budget_s: float = PROFILE_BUDGET_S)
                 seq = engine.open(prompt, SamplingParams(), max_new_tokens=runner.max_context)
                 engine.prefill(seq)
                 opened.append(seq)
-            for nodes in nodes_grid:
+            for num_nodes in nodes_grid:
                 times = []
-                for repeat in range(PROFILE_REPEATS + 1):
-                    batch = [(seq, _chain(nodes, vocab, generator)) for seq in opened[:count]]
-                    if any(len(seq.committed) + nodes + 2 > runner.max_context for seq, _ in batch):
+                for repeat in range(repeats + 1):
+                    batch = [(seq, _chain(num_nodes, vocab, generator)) for seq in opened[:count]]
+                    if any(
+                        len(seq.committed) + num_nodes + 2 > runner.max_context for seq, _ in batch
+                    ):
                         break  # the throwaway contexts are full: enough measurements
                     start = time.perf_counter()
                     engine.verify(batch)
                     if repeat:  # the first of each point warms caches up
                         times.append(time.perf_counter() - start)
                 if times:
-                    fit.observe(count, count * (nodes + 1), statistics.median(times))
+                    point = CostPoint(
+                        count, count * (num_nodes + 1), context, statistics.median(times)
+                    )
+                    points.append(point)
+                    if on_point is not None:
+                        on_point(point)
                 if time.perf_counter() > deadline:
-                    return fit.current
+                    return points
     finally:
         for seq in opened:
             engine.close(seq)
-    return fit.current
+    return points
 
 
 def _chain(nodes: int, vocab: int, generator: torch.Generator) -> DraftTree:

@@ -278,7 +278,10 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if error.status_code < 500 else "server_error"
-        return OpenAIError(error.status_code, str(error.detail), type=kind).response()
+        headers = dict(error.headers or {})  # a 405's Allow
+        return OpenAIError(
+            error.status_code, str(error.detail), type=kind, headers=headers
+        ).response()
 
     @app.exception_handler(Exception)
     async def _any(request: Request, error: Exception) -> JSONResponse:

@@ -252,21 +252,29 @@ def _where(name: str) -> str:
 
 def _coerce(name: str, value: Any) -> Any:
     """A flag's or YAML value as the field's type ("1,2,4" -> (1, 2, 4) for tuples)."""
-    kind = _FIELD_TYPES[name]
     try:
-        if kind.startswith("tuple"):
-            items = value.split(",") if isinstance(value, str) else list(value)
-            items = [i.strip() if isinstance(i, str) else i for i in items]
-            element = {"int": int, "float": float}.get(kind[6:].split(",")[0].strip(), str)
-            return tuple(element(i) for i in items if i != "")
-        if kind == "bool":
-            if not isinstance(value, bool):
-                raise ValueError("expected true or false")
-            return value
-        if kind.startswith("int"):
-            return int(value)
-        if kind.startswith("float"):
-            return float(value)
-        return None if value is None else str(value)
+        return coerce_value(_FIELD_TYPES[name], value)
     except (TypeError, ValueError) as error:
         raise BenchConfigError(f"{_where(name)}: bad value {value!r} ({error})") from None
+
+
+def coerce_value(kind: str, value: Any) -> Any:
+    """A flag's or YAML value as a field of annotation `kind` (e.g. "tuple[int, ...]"):
+    "1,2,4" or a YAML list -> (1, 2, 4) for tuples, numbers as ints or floats, text as text
+    (also for `specedge simulate`'s settings); ValueError or TypeError when it is not one."""
+    if kind.startswith("tuple"):
+        items = value.split(",") if isinstance(value, str) else list(value)
+        items = [i.strip() if isinstance(i, str) else i for i in items]
+        element = {"int": int, "float": float}.get(kind[6:].split(",")[0].strip(), str)
+        return tuple(element(i) for i in items if i != "")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    if value is None and "None" in kind:
+        return None
+    if kind.startswith("int"):
+        return int(value)
+    if kind.startswith("float"):
+        return float(value)
+    return None if value is None else str(value)

@@ -12,11 +12,13 @@ from typing import Annotated, Any
 import typer
 
 from specedge.bench.config import BenchConfig, load_bench_config
+from specedge.bench.profile import ProfileSettings
 from specedge.config_file import DEFAULT_DEVICE, DEVICE_HELP, MODEL_HELP, settings_options
 from specedge.edge.config import EdgeConfig, load_edge_config
 from specedge.errors import InvalidRequestError, SpecEdgeError
 from specedge.local_cli import GenerateSettings, run_generate
 from specedge.server.config import ServerConfig, load_server_config
+from specedge.sim.config import SimConfig, load_sim_config
 from specedge.text import read_prompt_file
 
 app = typer.Typer(
@@ -190,6 +192,34 @@ def bench(
         typer.echo(f"wrote {rewrite_report(report)}")
         return
     typer.echo(f"wrote {run_bench(load_bench_config(config, flags))}")
+
+
+@app.command()
+@settings_options(ProfileSettings)
+def profile(
+    quick: Annotated[bool, typer.Option(help="A tiny grid in seconds (a smoke test).")] = False,
+    *,
+    flags: dict[str, Any],
+) -> None:
+    """Measure this device's verification, draft-step and prefill costs: the profile JSON that
+    `specedge simulate` reads."""
+    from specedge.bench.profile import load_profile_settings, run_profile
+
+    typer.echo(f"wrote {run_profile(load_profile_settings(flags, quick=quick))}")
+
+
+@app.command()
+@settings_options(SimConfig)
+def simulate(
+    config: Annotated[Path | None, typer.Option(help="sim.yaml (flags override it).")] = None,
+    *,
+    flags: dict[str, Any],
+) -> None:
+    """Simulate N edges and M server replicas from a device profile (discrete events): the
+    benchmark's results, report and plots."""
+    from specedge.sim.run import run_simulation
+
+    typer.echo(f"wrote {run_simulation(load_sim_config(config, flags))}")
 
 
 def _read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:

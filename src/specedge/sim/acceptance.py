@@ -1,0 +1,177 @@
+"""What the simulated draft achieves, taken from real runs: the request records
+(`requests.jsonl`) that `specedge bench` writes.
+
+A record holds, per request, its prompt and completion lengths, its rounds, how many of them
+the server decoded itself (*streamed*, one token each) and the proactive hits. Records keep
+per-request counts, not per-round ones, so each simulated request draws one measured request
+(same temperature and prompt set) and plays its rounds with that request's *step acceptance*
+alpha: the probability that the target accepts the draft's next token along the tree's best
+path. Alpha is the solution of
+
+    1 + alpha + alpha^2 + ... + alpha^depth = tokens per speculative round of the record,
+
+the expected emitted tokens of a round whose best path of `depth` nodes was verified (fewer
+where the record says its rounds verified fewer nodes; streamed rounds and rounds cut to
+nothing, one token each, left out). A
+simulated tree's nodes, best first, carry the estimates alpha^1 .. alpha^depth along that path
+(then zeros: nodes off the path that the target is taken never to accept); a round that
+verifies k of them accepts j nodes with probability alpha^j (1 - alpha) (j < k), so the
+estimates are calibrated by construction (the real edge calibrates them online, within 2%
+in the committed runs). A probe (the draft's one guess while the server decodes) hits with
+probability alpha; a proactive bet hits with the record's hit rate.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from specedge.bench.results import EDGE_SYSTEMS, REQUESTS_FILE
+from specedge.errors import SpecEdgeError
+
+
+class AcceptanceError(SpecEdgeError):
+    """No usable request records for the simulated settings."""
+
+
+@dataclass(frozen=True)
+class RequestSample:
+    """One measured request, as the simulator replays it."""
+
+    prompt_tokens: int
+    tokens: int  # completion tokens (its length: it may have stopped before max tokens)
+    alpha: float  # step acceptance, see the module docstring
+    proactive_hit_rate: float
+    category: str = ""
+
+    def estimates(self, num_nodes: int, depth: int) -> tuple[float, ...]:
+        """The estimates of a tree of `num_nodes` nodes, best first (non-increasing)."""
+        path = min(num_nodes, depth)
+        values = [self.alpha**j for j in range(1, path + 1)]
+        return tuple(values) + (0.0,) * (num_nodes - path)
+
+    def accepted(self, verified: int, depth: int, rng: random.Random) -> int:
+        """Accepted draft tokens of a round that verified the first `verified` nodes."""
+        accepted = 0
+        while accepted < min(verified, depth) and rng.random() < self.alpha:
+            accepted += 1
+        return accepted
+
+
+def step_acceptance(tokens_per_round: float, depth: int) -> float:
+    """The alpha with 1 + alpha + ... + alpha^depth = `tokens_per_round` (bisection)."""
+    target = min(max(tokens_per_round, 1.0), depth + 1.0 - 1e-9)
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        if sum(middle**j for j in range(depth + 1)) < target:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
+@dataclass(frozen=True)
+class AcceptanceModel:
+    """The usable records by temperature."""
+
+    samples: dict[float, tuple[RequestSample, ...]]
+    source: str
+
+    def draw(self, temperature: float, rng: random.Random) -> RequestSample:
+        pool = self.samples.get(temperature)
+        if not pool:
+            known = ", ".join(f"{t:g}" for t in sorted(self.samples)) or "none"
+            raise AcceptanceError(
+                f"{self.source} has no SpecEdge records at temperature {temperature:g} "
+                f"(it has: {known}); simulate those temperatures or pass other records"
+            )
+        return rng.choice(pool)
+
+    def mean_alpha(self, temperature: float) -> float:
+        pool = self.samples.get(temperature, ())
+        return sum(s.alpha for s in pool) / len(pool) if pool else 0.0
+
+    @classmethod
+    def from_records(
+        cls,
+        records: Iterable[dict[str, Any]],
+        depth: int,
+        *,
+        prompt_set: str = "specbench",
+        source: str = "records",
+    ) -> AcceptanceModel:
+        """Samples from request records (lines of `requests.jsonl`) of the edge systems on
+        `prompt_set` that completed. A request whose rounds were all streamed says nothing of
+        its trees: it gets the mean alpha of its temperature's other requests."""
+        usable = [
+            r
+            for r in records
+            if r.get("system") in EDGE_SYSTEMS
+            and r.get("prompt_set", "specbench") == prompt_set
+            and not r.get("error")
+            and r.get("tokens", 0) > 0
+        ]
+        by_temperature: dict[float, list[dict[str, Any]]] = {}
+        for record in usable:
+            by_temperature.setdefault(float(record["temperature"]), []).append(record)
+        samples = {t: _samples(group, depth) for t, group in by_temperature.items()}
+        return cls(samples, source)
+
+    @classmethod
+    def from_bench(
+        cls, directory: Path, depth: int, *, prompt_set: str = "specbench"
+    ) -> AcceptanceModel:
+        """The records of a `specedge bench` output directory."""
+        path = directory / REQUESTS_FILE if directory.is_dir() else directory
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as error:
+            raise AcceptanceError(
+                f"cannot read request records {path}: {error.strerror} (give a `specedge bench` "
+                "output directory or its requests.jsonl)"
+            ) from None
+        records = [json.loads(line) for line in lines if line.strip()]
+        return cls.from_records(records, depth, prompt_set=prompt_set, source=str(path))
+
+
+def _samples(records: Sequence[dict[str, Any]], depth: int) -> tuple[RequestSample, ...]:
+    fitted = [_record_alpha(record, depth) for record in records]
+    known = [a for a in fitted if a is not None]
+    fallback = sum(known) / len(known) if known else 0.0
+    attempts = sum(r.get("proactive_attempts", 0) for r in records)
+    pooled_hits = sum(r.get("proactive_hits", 0) for r in records) / attempts if attempts else 0.0
+    samples = []
+    for record, alpha in zip(records, fitted, strict=True):
+        tried = record.get("proactive_attempts", 0)
+        samples.append(
+            RequestSample(
+                prompt_tokens=max(1, int(record.get("prompt_tokens", 1))),
+                tokens=int(record["tokens"]),
+                alpha=fallback if alpha is None else alpha,
+                proactive_hit_rate=record.get("proactive_hits", 0) / tried
+                if tried
+                else pooled_hits,
+                category=str(record.get("category", "")),
+            )
+        )
+    return tuple(samples)
+
+
+def _record_alpha(record: dict[str, Any], depth: int) -> float | None:
+    """A record's step acceptance from its verified rounds (speculative, not cut to nothing),
+    over the path its verified nodes could cover (`depth`, or fewer where the record says how
+    many nodes its rounds verified); None when it had no such round."""
+    streamed, cut = record.get("streamed_rounds", 0), record.get("cut_rounds", 0)
+    verified_rounds = record.get("rounds", 0) - streamed - cut
+    verified_tokens = record["tokens"] - streamed - cut  # streamed and cut rounds emit one each
+    if verified_rounds <= 0 or verified_tokens < verified_rounds:
+        return None
+    path = depth
+    if record.get("verified_nodes"):
+        path = min(depth, max(1, round(record["verified_nodes"] / verified_rounds)))
+    return step_acceptance(verified_tokens / verified_rounds, path)

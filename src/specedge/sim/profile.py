@@ -1,0 +1,200 @@
+"""A device profile: what the simulator needs to know about the machines it simulates, measured
+by `specedge profile` (`specedge.bench.profile`) or estimated from published figures
+(`specedge.sim.roofline`).
+
+Terms. A *cost point* (`core.goodput.CostPoint`) is one measured forward: sequences,
+rows in all, context tokens per sequence, seconds. The profile holds three sets of them:
+
+- `verify`: batched verification forwards of the target (`TargetEngine.verify`) over the
+  grid sequences x tree size x context; rows = sequences + tree nodes (each root verifies too);
+- `draft_step`: batched draft steps (`TreeBuilder` rows of several sessions in one
+  `ModelRunner.forward`), by sessions and rows; `draft_rows_per_step[j]` is the mean rows one
+  tree's step j forwards (the root step forwards 1);
+- `prefill` / `draft_prefill`: prompt chunks of the target / the draft, by tokens.
+
+Each set is summarised by a least-squares `SurfaceCost`: fixed + per sequence + per row + per
+row x context token, the terms clipped at zero; the simulator reads times from it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from specedge.core.goodput import CostPoint, LinearBatchCost
+from specedge.errors import SpecEdgeError
+
+PROFILE_VERSION = 1
+
+
+class ProfileError(SpecEdgeError):
+    """A profile file that cannot be used (missing, not a profile, an unknown version)."""
+
+
+@dataclass(frozen=True)
+class SurfaceCost:
+    """Seconds of a forward: fixed + per sequence + per row + per (row x context token)."""
+
+    fixed_s: float
+    per_sequence_s: float
+    per_row_s: float
+    per_row_context_s: float = 0.0
+
+    def __call__(self, sequences: int, rows: int, context: float = 0.0) -> float:
+        return (
+            self.fixed_s
+            + self.per_sequence_s * sequences
+            + self.per_row_s * rows
+            + self.per_row_context_s * rows * context
+        )
+
+    def linear(self, context: float) -> LinearBatchCost:
+        """The (sequences, rows) cost model at a fixed context (what the server profiles)."""
+        return LinearBatchCost(
+            self.fixed_s, self.per_sequence_s, self.per_row_s + self.per_row_context_s * context
+        )
+
+    @classmethod
+    def fit(cls, points: Sequence[CostPoint]) -> SurfaceCost:
+        """Least squares over `points`; a term whose coefficient comes out negative is dropped
+        and the rest refitted (times never fall as work grows). Terms the points cannot tell
+        apart (one context measured, say) stay at zero."""
+        if not points:
+            raise ProfileError("no cost points to fit")
+        columns = [
+            [1.0] * len(points),
+            [float(p.sequences) for p in points],
+            [float(p.rows) for p in points],
+            [float(p.rows * p.context) for p in points],
+        ]
+        target = [p.seconds for p in points]
+        # A term the points do not vary independently stays out: one context measured says
+        # nothing of the context term, one batch size nothing of the per-sequence one.
+        varied = [
+            True,
+            len({p.sequences for p in points}) > 1,
+            True,
+            len({p.context for p in points}) > 1,
+        ]
+        active = [i for i in range(4) if varied[i] and (i == 0 or len(set(columns[i])) > 1)]
+        while True:
+            solved = _least_squares([columns[i] for i in active], target)
+            negative = [i for i, value in zip(active, solved, strict=True) if value < 0 and i]
+            if not negative:
+                break
+            active.remove(negative[0])
+        coefficients = [0.0] * 4
+        for i, value in zip(active, solved, strict=True):
+            coefficients[i] = max(value, 0.0)
+        return cls(*coefficients)
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """The measured costs of one device (see the module docstring)."""
+
+    device: str  # what was measured: "Intel Xeon, 1 thread", "NVIDIA H100", ...
+    target: str
+    draft: str
+    dtype: str
+    verify: tuple[CostPoint, ...]
+    draft_step: tuple[CostPoint, ...]
+    prefill: tuple[CostPoint, ...]
+    draft_prefill: tuple[CostPoint, ...]
+    draft_rows_per_step: tuple[float, ...] = (1.0,)
+    estimate: bool = False  # True: computed from published figures, not measured
+    notes: tuple[str, ...] = ()
+    machine: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    version: int = PROFILE_VERSION
+
+    @cached_property
+    def verify_cost(self) -> SurfaceCost:
+        return SurfaceCost.fit(self.verify)
+
+    @cached_property
+    def draft_step_cost(self) -> SurfaceCost:
+        return SurfaceCost.fit(self.draft_step)
+
+    @cached_property
+    def prefill_cost(self) -> SurfaceCost:
+        return SurfaceCost.fit(self.prefill)
+
+    @cached_property
+    def draft_prefill_cost(self) -> SurfaceCost:
+        return SurfaceCost.fit(self.draft_prefill)
+
+    def rows_of_step(self, step: int) -> float:
+        """Rows one tree's draft step `step` (0 = the root step) forwards."""
+        rows = self.draft_rows_per_step
+        return rows[min(step, len(rows) - 1)]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.as_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> DeviceProfile:
+        try:
+            data = json.loads(path.read_text())
+        except OSError as error:
+            raise ProfileError(
+                f"cannot read the profile {path}: {error.strerror} (write one with "
+                "`specedge profile --out FILE`)"
+            ) from None
+        except ValueError as error:
+            raise ProfileError(f"{path} is not a profile JSON file: {error}") from None
+        if not isinstance(data, dict) or data.get("version") != PROFILE_VERSION:
+            raise ProfileError(
+                f"{path} is not a version {PROFILE_VERSION} profile; write it again with "
+                "`specedge profile`"
+            )
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeviceProfile:
+        sets = ("verify", "draft_step", "prefill", "draft_prefill")
+        values = dict(data)
+        for name in sets:
+            values[name] = tuple(CostPoint(**point) for point in data[name])
+        values["draft_rows_per_step"] = tuple(data.get("draft_rows_per_step", (1.0,)))
+        values["notes"] = tuple(data.get("notes", ()))
+        try:
+            return cls(**values)
+        except TypeError as error:
+            raise ProfileError(f"not a profile: {error}") from None
+
+
+def _least_squares(columns: Sequence[Sequence[float]], target: Sequence[float]) -> list[float]:
+    """The coefficients minimising |sum_i c_i columns[i] - target|^2 (normal equations, a
+    small ridge for stability)."""
+    size = len(columns)
+    a = [[sum(x * y for x, y in zip(ci, cj, strict=True)) for cj in columns] for ci in columns]
+    b = [sum(x * y for x, y in zip(ci, target, strict=True)) for ci in columns]
+    for i in range(size):
+        a[i][i] += 1e-12 * max(a[i][i], 1.0)
+    return _solve(a, b)
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting."""
+    size = len(b)
+    m = [row[:] + [rhs] for row, rhs in zip(a, b, strict=True)]
+    for col in range(size):
+        pivot = max(range(col, size), key=lambda r: abs(m[r][col]))
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, size):
+            factor = m[r][col] / m[col][col]
+            for c in range(col, size + 1):
+                m[r][c] -= factor * m[col][c]
+    x = [0.0] * size
+    for r in reversed(range(size)):
+        x[r] = (m[r][size] - sum(m[r][c] * x[c] for c in range(r + 1, size))) / m[r][r]
+    return x

@@ -1,0 +1,1 @@
+"""Helpers of tests/test_deploy.py: reading and rendering deploy/."""

@@ -9,7 +9,9 @@ with `make proto` after editing `specedge.proto`. The standard gRPC health servi
 Wire protocol version `PROTOCOL_VERSION`: bump it on any incompatible change. Version 2 added
 per-node acceptance estimates (one byte each, `quantize_estimates`), the verified count and
 server-side decoding (streamed replies, `ResumeTrees`);
-a server still serves version 1 edges (no estimates: it verifies their whole trees).
+a server still serves version 1 edges (no estimates: it verifies their whole trees). The
+unary Load call (`ServerLoad`) came later without a version bump: an edge that gets
+UNIMPLEMENTED from an older server places sessions there without its load.
 """
 
 from __future__ import annotations
@@ -52,6 +54,16 @@ class ServerInfo:
     max_tree_nodes: int
     max_tree_depth: int
     max_context: int
+
+
+@dataclass(frozen=True)
+class ServerLoad:
+    """How busy a server is (the Load call): what an edge weighs to place a new session."""
+
+    active_sessions: int
+    queued_rounds: int  # trees waiting for the next verification batch
+    busy_fraction: float  # of the last few seconds, the share the model thread ran
+    max_sessions: int  # session slots: what `active_sessions` is out of
 
 
 @dataclass(frozen=True)
@@ -273,6 +285,24 @@ def decode_info(reply: pb.InfoReply) -> ServerInfo:
     )
 
 
+def encode_load(load: ServerLoad) -> pb.LoadReply:
+    return pb.LoadReply(
+        active_sessions=load.active_sessions,
+        queued_rounds=load.queued_rounds,
+        busy_fraction=load.busy_fraction,
+        max_sessions=load.max_sessions,
+    )
+
+
+def decode_load(reply: pb.LoadReply) -> ServerLoad:
+    return ServerLoad(
+        active_sessions=reply.active_sessions,
+        queued_rounds=reply.queued_rounds,
+        busy_fraction=reply.busy_fraction,
+        max_sessions=reply.max_sessions,
+    )
+
+
 @dataclass
 class StreamTraffic:
     """Serialized bytes one Session stream carried (before gRPC framing), counted where the
@@ -300,19 +330,30 @@ SessionHandler = Callable[
     [AsyncIterator[EdgeRequest | None], Any, StreamTraffic], AsyncIterator[ServerReply]
 ]
 InfoHandler = Callable[[Any], Awaitable[ServerInfo]]
+LoadHandler = Callable[[Any], Awaitable[ServerLoad]]
 
 
 def add_verifier_service(
-    server: grpc.aio.Server, info: InfoHandler, session: SessionHandler
+    server: grpc.aio.Server,
+    info: InfoHandler,
+    session: SessionHandler,
+    load: LoadHandler | None = None,
 ) -> None:
-    """Register the Verifier service: `info(context)` and `session(requests, context,
-    traffic)`, where `requests` yields decoded EdgeRequests (None for an empty message), the
+    """Register the Verifier service: `info(context)`, `session(requests, context,
+    traffic)` and `load(context)` (None: Load answers UNIMPLEMENTED, as a server from before
+    it does), where `requests` yields decoded EdgeRequests (None for an empty message), the
     handler yields ServerReplys and `traffic` counts the stream's bytes both ways. Errors:
     `await context.abort(grpc.StatusCode.X, message)`."""
 
     class _Servicer(pb_grpc.VerifierServicer):
         async def Info(self, request: pb.InfoRequest, context: Any) -> pb.InfoReply:  # noqa: N802
             return encode_info(await info(context))
+
+        async def Load(self, request: pb.LoadRequest, context: Any) -> pb.LoadReply:  # noqa: N802
+            if load is None:
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server reports no load")
+            assert load is not None
+            return encode_load(await load(context))
 
         async def Session(  # noqa: N802
             self, request_iterator: AsyncIterator[pb.EdgeMessage], context: Any
@@ -377,6 +418,10 @@ class VerifierClient:
     async def info(self, timeout: float | None = None) -> ServerInfo:
         reply = await self._stub.Info(pb.InfoRequest(), metadata=self._metadata, timeout=timeout)
         return decode_info(reply)
+
+    async def load(self, timeout: float | None = None) -> ServerLoad:
+        reply = await self._stub.Load(pb.LoadRequest(), metadata=self._metadata, timeout=timeout)
+        return decode_load(reply)
 
     def session(self) -> SessionCall:
         return SessionCall(self._stub.Session(metadata=self._metadata))

@@ -20,6 +20,22 @@ class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class LoadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LoadReply(_message.Message):
+    __slots__ = ("active_sessions", "queued_rounds", "busy_fraction", "max_sessions")
+    ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    active_sessions: int
+    queued_rounds: int
+    busy_fraction: float
+    max_sessions: int
+    def __init__(self, active_sessions: _Optional[int] = ..., queued_rounds: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., max_sessions: _Optional[int] = ...) -> None: ...
+
 class InfoReply(_message.Message):
     __slots__ = ("protocol_version", "model_name", "tokenizer_fingerprint", "vocab_size", "max_tree_nodes", "max_tree_depth", "max_context")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]

@@ -44,6 +44,11 @@ class VerifierStub:
                 request_serializer=specedge_dot_rpc_dot_specedge__pb2.EdgeMessage.SerializeToString,
                 response_deserializer=specedge_dot_rpc_dot_specedge__pb2.ServerMessage.FromString,
                 _registered_method=True)
+        self.Load = channel.unary_unary(
+                '/specedge.v1.Verifier/Load',
+                request_serializer=specedge_dot_rpc_dot_specedge__pb2.LoadRequest.SerializeToString,
+                response_deserializer=specedge_dot_rpc_dot_specedge__pb2.LoadReply.FromString,
+                _registered_method=True)
 
 
 class VerifierServicer:
@@ -63,6 +68,15 @@ class VerifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Load(self, request, context):
+        """How busy the server is now, for an edge choosing where to open its next session among
+        replicas. Whether it takes sessions at all is the standard health service's answer
+        (grpc.health.v1: NOT_SERVING while loading, draining or degraded), not this one's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VerifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +89,11 @@ def add_VerifierServicer_to_server(servicer, server):
                     servicer.Session,
                     request_deserializer=specedge_dot_rpc_dot_specedge__pb2.EdgeMessage.FromString,
                     response_serializer=specedge_dot_rpc_dot_specedge__pb2.ServerMessage.SerializeToString,
+            ),
+            'Load': grpc.unary_unary_rpc_method_handler(
+                    servicer.Load,
+                    request_deserializer=specedge_dot_rpc_dot_specedge__pb2.LoadRequest.FromString,
+                    response_serializer=specedge_dot_rpc_dot_specedge__pb2.LoadReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +150,33 @@ class Verifier:
             '/specedge.v1.Verifier/Session',
             specedge_dot_rpc_dot_specedge__pb2.EdgeMessage.SerializeToString,
             specedge_dot_rpc_dot_specedge__pb2.ServerMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Load(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specedge.v1.Verifier/Load',
+            specedge_dot_rpc_dot_specedge__pb2.LoadRequest.SerializeToString,
+            specedge_dot_rpc_dot_specedge__pb2.LoadReply.FromString,
             options,
             channel_credentials,
             insecure,

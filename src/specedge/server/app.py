@@ -223,7 +223,7 @@ class SpecEdgeServer:
             session_timeout=config.session_timeout,
         )
         assert self._grpc is not None and self._grpc_health is not None
-        add_verifier_service(self._grpc, service.info, service.session)
+        add_verifier_service(self._grpc, service.info, service.session, service.load)
         await self._grpc_health.set_serving(False)  # until the readiness line
         await self._grpc.start()
         if self._api is not None:
@@ -409,6 +409,11 @@ class BackgroundServer:
     def start(self) -> BackgroundServer:
         self._loop.start(self.server.start())
         return self
+
+    def drain(self, timeout: float = 0.0) -> None:
+        """Enter draining (`SpecEdgeServer.drain`) and wait up to `timeout` seconds for the
+        running sessions; the server keeps draining afterwards, until `stop`."""
+        self._loop.run(self.server.drain(timeout))
 
     def stop(self, grace: float = 0.0) -> None:
         self._loop.run(self.server.stop(grace))

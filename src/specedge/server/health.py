@@ -14,6 +14,10 @@ A bad request never degrades the server: one sequence's sampling failure is that
 (`core.target.SequenceFailure`), not a failed forward. While degraded the server still takes
 sessions (a balancer moves traffic away; a session that succeeds is the recovery).
 `ModelHealth` has no torch import and reads the clock it is given.
+
+How busy a serving server is, the Load call's answer, is a separate question: its *busy
+fraction* (`BusyWindow`) is the share of the last `BUSY_WINDOW_S` seconds the model thread
+ran, read from the same busy-time counter `/metrics` exports.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Literal, TypeVar
+
+from prometheus_client import Counter
 
 from specedge.rpc.codec import HealthService
 
@@ -33,6 +40,8 @@ JobKind = Literal["verify", "prefill", "draft"]
 
 STUCK_FACTOR = 100.0  # a job this many times slower than modelled is stuck (beyond the floor)
 HEALTH_POLL_S = 0.25  # how often the gRPC health service is brought up to date
+BUSY_WINDOW_S = 10.0  # the "recent" of the busy fraction
+BUSY_SAMPLE_S = 0.5  # at most one sample of the busy time per this many seconds
 
 
 class ModelHealth:
@@ -102,3 +111,41 @@ async def publish_health(service: HealthService, healthy: Callable[[], bool]) ->
             await service.set_serving(now)
             serving = now
         await asyncio.sleep(HEALTH_POLL_S)
+
+
+class BusyWindow:
+    """The model thread's busy fraction over about the last `window_s` seconds, from the
+    cumulative busy time `busy_seconds()` (no second account of it is kept): each read
+    samples it, and the fraction is the busy time since the oldest sample still in the window
+    over the time since that sample (0 on the first read)."""
+
+    def __init__(
+        self,
+        busy_seconds: Callable[[], float],
+        window_s: float = BUSY_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        assert window_s > 0
+        self._busy_seconds = busy_seconds
+        self.window_s = window_s
+        self._clock = clock
+        self._samples: deque[tuple[float, float]] = deque()  # (time, busy seconds), oldest first
+
+    def fraction(self) -> float:
+        now, busy = self._clock(), self._busy_seconds()
+        samples = self._samples
+        if not samples or now - samples[-1][0] >= BUSY_SAMPLE_S:
+            samples.append((now, busy))
+        # Keep one sample at or before the window's start: the fraction spans the window.
+        while len(samples) > 1 and samples[1][0] <= now - self.window_s:
+            samples.popleft()
+        since, busy_then = samples[0]
+        if now <= since:
+            return 0.0
+        return min(1.0, max(0.0, (busy - busy_then) / (now - since)))
+
+
+def counter_value(counter: Counter) -> float:
+    """The current value of an unlabelled Prometheus counter."""
+    (family,) = counter.collect()
+    return next(sample.value for sample in family.samples if sample.name.endswith("_total"))

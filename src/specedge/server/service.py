@@ -41,6 +41,7 @@ from specedge.rpc.codec import (
     OpenSession,
     ResumeTrees,
     ServerInfo,
+    ServerLoad,
     ServerReply,
     SessionOpened,
     StreamTraffic,
@@ -54,6 +55,7 @@ from specedge.server.executor import (
     VerificationExecutor,
     VerificationFailedError,
 )
+from specedge.server.health import BusyWindow, counter_value
 from specedge.server.metrics import ServerMetrics
 from specedge.server.streaming import StreamPolicy
 from specedge.session_log import log_session_end
@@ -90,6 +92,7 @@ class VerifierService:
         self.session_timeout = session_timeout
         # The latest threshold a stream was given: what a session that starts streaming gets.
         self._resume_threshold = 2.0
+        self._busy = BusyWindow(lambda: counter_value(self.metrics.busy_seconds))
 
     @property
     def metrics(self) -> ServerMetrics:
@@ -98,6 +101,17 @@ class VerifierService:
     # ---- RPCs ----------------------------------------------------------------------------------
     async def info(self, context: Any) -> ServerInfo:
         return self.info_reply
+
+    async def load(self, context: Any) -> ServerLoad:
+        """The executor's sessions, the scheduler's queue and the model thread's recent busy
+        fraction, for an edge placing its next session among replicas."""
+        executor = self.executor
+        return ServerLoad(
+            active_sessions=executor.num_sessions,
+            queued_rounds=executor.scheduler.num_queued,
+            busy_fraction=self._busy.fraction(),
+            max_sessions=executor.engine.runner.kv.num_slots,
+        )
 
     async def session(
         self, requests: AsyncIterator[EdgeRequest | None], context: Any, traffic: StreamTraffic

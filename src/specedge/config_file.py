@@ -51,12 +51,15 @@ def setting(
     exclusive: bool = False,
     show_default: bool = True,
     path: bool = False,
+    comma_list: bool = False,
 ) -> Any:
     """A settings field: `default`, the `help` of its option (the default is shown after it),
     the option's name if not the field's (`flag`, without dashes), and its allowed range
     (`minimum`..`maximum`, open at both ends when `exclusive`; each element of a tuple).
     `show_default=False` leaves the default out of `--help` (the help text describes it).
-    `path`: a file name, which a config file gives relative to itself (`path_fields`)."""
+    `path`: a file name, which a config file gives relative to itself (`path_fields`).
+    `comma_list`: text of comma-separated items, which a config file may give as a YAML list
+    (`comma_list_fields`)."""
     metadata = {
         "help": help,
         "flag": flag,
@@ -65,6 +68,7 @@ def setting(
         "exclusive": exclusive,
         "show_default": show_default,
         "path": path,
+        "comma_list": comma_list,
     }
     return field(default=default, metadata=metadata)
 
@@ -146,6 +150,11 @@ PROTECT_METRICS_HELP = (
 def path_fields(settings_class: type) -> tuple[str, ...]:
     """The fields declared with `setting(..., path=True)`."""
     return tuple(f.name for f in fields(settings_class) if f.metadata.get("path"))
+
+
+def comma_list_fields(settings_class: type) -> tuple[str, ...]:
+    """The fields declared with `setting(..., comma_list=True)`."""
+    return tuple(f.name for f in fields(settings_class) if f.metadata.get("comma_list"))
 
 
 def is_loopback(host: str) -> bool:
@@ -294,11 +303,13 @@ def role_settings(
     field_types: Mapping[str, str],
     error: type[Exception],
     path_fields: Collection[str] = (),
+    comma_list_fields: Collection[str] = (),
 ) -> dict[str, Any]:
     """Defaults < YAML file < `overrides` (flags; None values are ignored), coerced.
     `auth_token_file` (flag or the YAML key of that name) holds the token on its first line;
     in YAML a relative path (that file, or a value of `path_fields`) is relative to the config
-    file, wherever the role starts."""
+    file, wherever the role starts, and a list for one of `comma_list_fields` is joined with
+    commas."""
     settings: dict[str, Any] = {}
     if config_file is not None:
         settings.update(
@@ -307,6 +318,9 @@ def role_settings(
         for name in path_fields:
             if isinstance(settings.get(name), str):
                 settings[name] = str(config_file.parent / settings[name])
+        for name in comma_list_fields:
+            if isinstance(settings.get(name), list):
+                settings[name] = _joined(name, settings[name], error)
     yaml_token_file = settings.pop("auth_token_file", None)
     if yaml_token_file is not None:
         if settings.get("auth_token") is not None:
@@ -335,6 +349,16 @@ def read_token(path: Path, error: type[Exception]) -> str:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+def _joined(name: str, items: list[Any], error: type[Exception]) -> str:
+    """A YAML list of text items as the comma-separated text of a `comma_list` setting."""
+    if not items or not all(isinstance(item, str) and item.strip() for item in items):
+        raise error(
+            f"{flag_and_key(name)} must be a comma-separated string or a list of non-empty "
+            f"strings, got {items!r}"
+        )
+    return ",".join(item.strip() for item in items)
+
+
 def coerce_settings(
     settings: Mapping[str, Any], field_types: Mapping[str, str], error: type[Exception]
 ) -> dict[str, Any]:

@@ -4,7 +4,8 @@ server (or on the same one, restarted) with exactly the tokens of an uninterrupt
 or seeded, concurrent sessions included, and usage that counts every round; a draining or dead
 first server sends new sessions to the next; a round in flight is cut to a smaller server's
 node cap; with no server back within the failover timeout, a typed error; the backoff between
-tries grows, is jittered and stays bounded."""
+tries grows, is jittered and stays bounded; the server list (commas or a YAML list, host names,
+dns:/// targets) is validated."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import aclosing
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -21,14 +24,15 @@ from specedge.core.generation import GenerationRequest, GenerationStats
 from specedge.core.sampling import SamplingParams
 from specedge.edge.app import Edge
 from specedge.edge.client import ServerUnavailableError
-from specedge.edge.config import EdgeConfigError
+from specedge.edge.config import EdgeConfigError, load_edge_config
 from specedge.edge.failover import FailoverPolicy
+from specedge.edge.replicas import ServerTarget
 from specedge.model.loader import LoadedModel
 from specedge.server.app import BackgroundServer
 from tests.support.models import TARGET_SEED, tiny_model
 from tests.support.observe import metric, wait_for
 from tests.support.reference import reference_tokens
-from tests.support.servers import edge_config, start_server, with_edge
+from tests.support.servers import EDGE_CONFIG, edge_config, start_server, with_edge
 
 PROMPT = [1, 2, 3, 4, 5]
 MAX_TOKENS = 40
@@ -203,3 +207,18 @@ def test_server_list_is_validated() -> None:
         edge_config([1, 1])
     with pytest.raises(EdgeConfigError, match="HOST:PORT"):
         edge_config([1, 0])
+    named = replace(EDGE_CONFIG, server="dns:///verifier.example:7000, [::1]:8").validate()
+    assert named.targets == (ServerTarget("verifier.example", 7000), ServerTarget("::1", 8))
+    with pytest.raises(EdgeConfigError, match="names a DNS server"):
+        replace(EDGE_CONFIG, server="dns://10.0.0.53/verifier:7000").validate()
+
+
+def test_the_config_file_lists_servers_as_a_yaml_list(tmp_path: Path) -> None:
+    config_file = tmp_path / "edge.yaml"
+    config_file.write_text("model: tiny\nserver:\n  - 10.0.0.1:7000\n  - dns:///verifier:7000\n")
+    config = load_edge_config(config_file)
+    assert config.server == "10.0.0.1:7000,dns:///verifier:7000"
+    assert [str(target) for target in config.targets] == ["10.0.0.1:7000", "verifier:7000"]
+    config_file.write_text("model: tiny\nserver: [10.0.0.1:7000, 7]\n")
+    with pytest.raises(EdgeConfigError, match="list of non-empty strings"):
+        load_edge_config(config_file)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from specedge.background import LoopThread
 from specedge.core.draft import DraftEngine
@@ -25,6 +25,7 @@ from specedge.edge.config import EdgeConfig, ProactivePolicy
 from specedge.edge.failover import FailoverPolicy, ServerPool
 from specedge.edge.metrics import EdgeMetrics
 from specedge.edge.proactive import ProactiveDrafter
+from specedge.edge.replicas import ReplicaPolicy, ServerTarget
 from specedge.edge.runtime import EdgeRuntime
 from specedge.edge.worker import DraftWorker
 from specedge.model.loader import LoadedModel, load_model, parse_dtype, tokenizer_fingerprint
@@ -78,19 +79,32 @@ def build_edge(config: EdgeConfig, draft: LoadedModel) -> Edge:
     security = ChannelSecurity(
         config.use_tls, config.tls_ca, config.tls_cert, config.tls_key, config.tls_server_name
     )
+
+    def replica(address: str, target: ServerTarget) -> ServerConnection:
+        """One replica's connection; a resolved name's certificate must carry the name."""
+        named = security
+        if target.is_name and security.server_name is None:
+            named = replace(security, server_name=target.host)
+        return ServerConnection(
+            address,
+            identity,
+            auth_token=config.auth_token,
+            security=named,
+            connect_timeout_s=config.connect_timeout,
+            reply_timeout_s=config.reply_timeout,
+        )
+
+    metrics = EdgeMetrics()
     connection = ServerPool(
-        [
-            ServerConnection(
-                address,
-                identity,
-                auth_token=config.auth_token,
-                security=security,
-                connect_timeout_s=config.connect_timeout,
-                reply_timeout_s=config.reply_timeout,
-            )
-            for address in config.servers
-        ],
+        config.targets,
+        replica,
         FailoverPolicy(timeout_s=config.failover_timeout),
+        replica_policy=ReplicaPolicy(
+            poll_interval_s=config.load_poll_interval,
+            poll_timeout_s=config.connect_timeout,
+            resolve_interval_s=config.resolve_interval,
+        ),
+        metrics=metrics,
     )
     runtime = EdgeRuntime(
         worker=DraftWorker(),
@@ -104,7 +118,7 @@ def build_edge(config: EdgeConfig, draft: LoadedModel) -> Edge:
         server_decoding=config.server_decoding,
         queue_timeout=config.queue_timeout,
     )
-    return Edge(runtime, draft, EdgeMetrics())
+    return Edge(runtime, draft, metrics)
 
 
 class EdgeServer:

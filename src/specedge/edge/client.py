@@ -2,9 +2,11 @@
 
 A *link* is one `grpc.aio` channel that has passed the Info handshake: same protocol version,
 same tokenizer fingerprint, a vocabulary that covers ours and tree limits that fit our shape.
-Sessions (one bidirectional stream per generation) open on the current link. When the server
-goes away, the link is retired and the next session builds a fresh one (new channel, new
-handshake), so an edge outlives server restarts. Every wait has a deadline: an unreachable
+Sessions (one bidirectional stream per generation) open on the current link, and `poll` asks
+the server's health service and its Load call on it. When the server goes away, the link is
+retired and the next session (or poll) builds a fresh one (new channel, new handshake), so an
+edge outlives server restarts; keepalive pings find a server that vanished without closing
+the connection. Every wait has a deadline: an unreachable
 server or a dropped session surfaces quickly as `ServerUnavailableError` (HTTP 503), never as
 a hang. The channel is TLS or plaintext as `ChannelSecurity` says (`rpc.security`), and a
 refused connection's error says what to check (CA, client certificate, server name).
@@ -29,11 +31,13 @@ from specedge.rpc.codec import (
     OpenSession,
     ResumeTrees,
     ServerInfo,
+    ServerLoad,
     SessionCall,
     SessionOpened,
     TreeVerified,
     VerifierClient,
     VerifyTree,
+    health_status,
 )
 from specedge.rpc.security import ChannelSecurity
 
@@ -42,10 +46,15 @@ T = TypeVar("T")
 Reply = TypeVar("Reply", SessionOpened, TreeVerified)
 
 # Reconnect quickly once the server is back (gRPC's default backoff grows to two minutes).
+# Keepalive pings (within what the server permits: `server.app.GRPC_OPTIONS`) find a server
+# that vanished without closing the connection (power loss, a partition).
 CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
 )
 # Status code meaning "the server (or the way to it) is gone": retire the link.
 LINK_LOST = frozenset({grpc.StatusCode.UNAVAILABLE})
@@ -68,6 +77,15 @@ class _Link:
     info: ServerInfo
     active_sessions: int = 0
     retired: bool = False
+    closing: bool = False  # its channel is being closed
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """What one poll of a server found."""
+
+    serving: bool  # its health service says SERVING (or it has none)
+    load: ServerLoad | None  # None: it reports no load (a server from before the Load call)
 
 
 @dataclass(frozen=True)
@@ -100,10 +118,16 @@ class ServerConnection:
         self._link: _Link | None = None
         self._lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()  # retired channels being closed
+        self._open_links = 0  # links whose channel is not closed yet (the current one too)
 
     @property
     def connected(self) -> bool:
         return self._link is not None
+
+    @property
+    def closed(self) -> bool:
+        """Every channel it opened is closed (or being closed): nothing left to release."""
+        return self._open_links == 0 and not self._closing
 
     @property
     def info(self) -> ServerInfo | None:
@@ -134,8 +158,31 @@ class ServerConnection:
         await session.start(request)
         return session
 
+    async def poll(self, timeout_s: float) -> ServerStatus:
+        """The server's health and load, asked on the current link (handshaking first if
+        there is none). ServerUnavailableError when it cannot be reached (the link is then
+        retired), ServerIncompatibleError when its handshake fails."""
+        link = await self._current()
+        try:
+            status = await _unless_unimplemented(health_status(link.channel, timeout=timeout_s))
+            load = await _unless_unimplemented(link.client.load(timeout=timeout_s))
+        except grpc.aio.AioRpcError as error:
+            if error.code() in LINK_LOST:
+                self._retire(link)
+            raise self.error_from(error, "a load poll") from None
+        return ServerStatus(serving=status in ("SERVING", None), load=load)
+
+    def retire(self) -> None:
+        """Open nothing more on the current link: it closes once its sessions end (a replica
+        gone from DNS)."""
+        if self._link is not None:
+            self._link.retired = True
+            self._close_if_idle(self._link)
+            self._link = None
+
     async def close(self) -> None:
         if self._link is not None:
+            self._open_links -= 1
             await self._link.channel.close()
             self._link = None
         await asyncio.gather(*self._closing)
@@ -160,6 +207,7 @@ class ServerConnection:
             await channel.close()
             raise
         logger.info("connected to %s (target %s)", self.address, info.model_name)
+        self._open_links += 1
         return _Link(channel, client, info)
 
     def _check(self, info: ServerInfo) -> None:
@@ -195,12 +243,23 @@ class ServerConnection:
     def release(self, link: _Link, lost: bool) -> None:
         """A session on `link` ended; `lost` retires the link so the next session reconnects."""
         link.active_sessions -= 1
-        if lost and not link.retired:
+        if lost:
+            self._retire(link)
+        self._close_if_idle(link)
+
+    def _retire(self, link: _Link) -> None:
+        """The server behind `link` is gone: the next session or poll reconnects."""
+        if not link.retired:
             link.retired = True
             if self._link is link:
                 self._link = None
             logger.warning("lost the server at %s; the next request reconnects", self.address)
-        if link.retired and link.active_sessions == 0:
+        self._close_if_idle(link)
+
+    def _close_if_idle(self, link: _Link) -> None:
+        if link.retired and link.active_sessions == 0 and not link.closing:
+            link.closing = True
+            self._open_links -= 1
             task = asyncio.get_running_loop().create_task(link.channel.close())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
@@ -220,6 +279,16 @@ class ServerConnection:
         return ServerUnavailableError(
             f"verification server {self.address} failed during {during}: {code.name}: {details}"
         )
+
+
+async def _unless_unimplemented(call: Awaitable[T]) -> T | None:
+    """`call`'s answer, or None when the server does not implement it."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return None
+        raise
 
 
 class RemoteSession:

@@ -20,7 +20,6 @@ from specedge.config_file import (
     DEVICE_HELP,
     MAX_BODY_BYTES,
     MAX_BODY_HELP,
-    MAX_PORT,
     MODEL_HELP,
     PROTECT_METRICS_HELP,
     QUEUE_TIMEOUT_HELP,
@@ -33,6 +32,7 @@ from specedge.config_file import (
     check_key_file,
     check_port,
     check_ranges,
+    comma_list_fields,
     is_loopback,
     path_fields,
     role_settings,
@@ -46,6 +46,7 @@ from specedge.core.limits import (
     budget_cap,
     parse_budget,
 )
+from specedge.edge.replicas import ServerTarget
 from specedge.errors import SpecEdgeError
 
 _TREE = TreeShape()  # the tree-shape defaults
@@ -68,8 +69,11 @@ class EdgeConfig:
     model: str = setting("", f"Draft model: {MODEL_HELP}.")
     server: str = setting(
         "",
-        "HOST:PORT of `specedge serve`, or several, comma-separated: a session whose server "
-        "fails continues on the same or the next one (see --failover-timeout).",
+        "HOST:PORT of `specedge serve`, or several, comma-separated (in YAML also a list); a "
+        "host name (or dns:///HOST:PORT) stands for every address it resolves to. New "
+        "sessions go to the least-loaded serving replica; a session whose server fails "
+        "continues on another (see --failover-timeout).",
+        comma_list=True,
     )
     host: str = setting("127.0.0.1", "HTTP API address.")
     port: int = setting(8000, "HTTP API (OpenAI-compatible) port, 0 = any free.")
@@ -111,6 +115,18 @@ class EdgeConfig:
         minimum=0,
         exclusive=True,
     )
+    load_poll_interval: float = setting(
+        1.0,
+        "Seconds between polls of each replica's health and load (where new sessions go).",
+        minimum=0,
+        exclusive=True,
+    )
+    resolve_interval: float = setting(
+        30.0,
+        "Seconds between resolutions of a --server host name (replicas come and go).",
+        minimum=0,
+        exclusive=True,
+    )
     startup_timeout: float = setting(
         30.0, "Seconds to wait at start-up for the server to answer.", minimum=0, exclusive=True
     )
@@ -142,8 +158,13 @@ class EdgeConfig:
 
     @property
     def servers(self) -> tuple[str, ...]:
-        """The HOST:PORT of each listed server, in order (`--server A,B`)."""
+        """Each listed server as written, in order (`--server A,B`)."""
         return tuple(address.strip() for address in self.server.split(","))
+
+    @property
+    def targets(self) -> tuple[ServerTarget, ...]:
+        """Each listed server parsed (`edge.replicas.ServerTarget`); valid after `validate`."""
+        return tuple(ServerTarget.parse(address) for address in self.servers)
 
     @property
     def tree_shape(self) -> TreeShape:
@@ -171,12 +192,13 @@ class EdgeConfig:
         if not self.model:
             raise EdgeConfigError("no draft model: pass --model (or `model:` in the config file)")
         for address in self.servers:
-            host, _, port = address.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) <= MAX_PORT:
+            try:
+                ServerTarget.parse(address)
+            except ValueError as problem:
                 raise EdgeConfigError(
-                    f"{_where('server')} must be HOST:PORT of `specedge serve` (several "
-                    f"comma-separated), got {self.server!r}"
-                )
+                    f"{_where('server')} must be HOST:PORT or dns:///HOST:PORT of `specedge "
+                    f"serve` (several comma-separated), got {self.server!r}: {problem}"
+                ) from None
         if len(set(self.servers)) < len(self.servers):
             raise EdgeConfigError(f"{_where('server')} lists a server twice: {self.server!r}")
         check_port(self, "port", EdgeConfigError)
@@ -195,10 +217,10 @@ class EdgeConfig:
     def exposure_warnings(self) -> list[str]:
         """What start-up warns of: plaintext to a remote server, an open API others can reach."""
         warnings = []
-        for address in self.servers:
-            if not self.use_tls and not is_loopback(address.rpartition(":")[0]):
+        for target in self.targets:
+            if not self.use_tls and not is_loopback(target.host):
                 warnings.append(
-                    f"the link to {address} is plaintext: the bearer token and every prompt's "
+                    f"the link to {target} is plaintext: the bearer token and every prompt's "
                     "token ids cross the network in clear; pass --tls-ca (or --tls)"
                 )
         if self.api_key_file is None and not is_loopback(self.host):
@@ -227,8 +249,9 @@ def load_edge_config(
     """Defaults < YAML file < `overrides` (flags; None values are ignored), then validate.
     `auth_token_file` (flag or the YAML key of that name) holds the token on its first line."""
     settings = role_settings(
-        config_file, overrides, auth_token_file, _FIELD_TYPES, EdgeConfigError, _PATH_FIELDS
-    )
+        config_file, overrides, auth_token_file, _FIELD_TYPES, EdgeConfigError, _PATH_FIELDS,
+        comma_list_fields(EdgeConfig),
+    )  # fmt: skip
     return replace(EdgeConfig(), **settings).validate()
 
 

@@ -1,10 +1,18 @@
-"""Prometheus metrics of one edge, in the edge's own registry (served on its `/metrics`)."""
+"""Prometheus metrics of one edge, in the edge's own registry (served on its `/metrics`).
+
+Per replica (`edge.replicas`, label `replica`: its HOST:PORT): sessions opened there, sessions
+that failed over away from it, its health as last polled and the load it last reported; a
+retired replica's series are removed. `specedge_edge_failovers_total` counts every failover.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 
 from specedge.core.generation import GenerationStats
+from specedge.edge.replicas import Replica, ReplicaHealth
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -41,6 +49,35 @@ class EdgeMetrics:
             "specedge_edge_ttft_seconds", "Request start to first token", registry=r,
             buckets=LATENCY_BUCKETS,
         )  # fmt: skip
+        self.failovers = Counter(
+            "specedge_edge_failovers", "Sessions re-opened after their stream broke", registry=r
+        )
+        self.replica_sessions = Counter(
+            "specedge_edge_replica_sessions_opened",
+            "Sessions opened on the replica (failovers onto it included)", ["replica"], registry=r,
+        )  # fmt: skip
+        self.replica_failovers = Counter(
+            "specedge_edge_replica_failovers",
+            "Sessions whose stream broke on the replica and were re-opened", ["replica"],
+            registry=r,
+        )  # fmt: skip
+        self.replica_health = Enum(
+            "specedge_edge_replica_health", "The replica's health as last polled", ["replica"],
+            states=[state.value for state in ReplicaHealth], registry=r,
+        )  # fmt: skip
+        self.replica_active_sessions = Gauge(
+            "specedge_edge_replica_active_sessions",
+            "Open sessions the replica last reported (every edge's)", ["replica"], registry=r,
+        )  # fmt: skip
+        self.replica_queued_rounds = Gauge(
+            "specedge_edge_replica_queued_rounds",
+            "Trees waiting for verification the replica last reported", ["replica"], registry=r,
+        )  # fmt: skip
+        self.replica_busy_fraction = Gauge(
+            "specedge_edge_replica_busy_fraction",
+            "Recent busy fraction of the replica's model thread, as last reported", ["replica"],
+            registry=r,
+        )  # fmt: skip
 
     def count_request(self, endpoint: str, outcome: str) -> None:
         self.requests.labels(endpoint, outcome).inc()
@@ -56,3 +93,32 @@ class EdgeMetrics:
         self.bytes_received.inc(stats.bytes_received)
         if stats.ttft_s is not None:
             self.ttft.observe(stats.ttft_s)
+
+    # ---- replicas (`edge.failover.ServerPool`) -------------------------------------------
+    def replica_opened(self, replica: Replica) -> None:
+        self.replica_sessions.labels(replica.address).inc()
+
+    def failed_over(self, replica: Replica | None) -> None:
+        """A session's stream broke on `replica` (None: one no longer known)."""
+        self.failovers.inc()
+        if replica is not None:
+            self.replica_failovers.labels(replica.address).inc()
+
+    def replica_polled(self, replica: Replica) -> None:
+        address = replica.address
+        self.replica_health.labels(address).state(replica.health.value)
+        load = replica.load
+        for gauge, value in (
+            (self.replica_active_sessions, load.active_sessions if load else 0),
+            (self.replica_queued_rounds, load.queued_rounds if load else 0),
+            (self.replica_busy_fraction, load.busy_fraction if load else 0.0),
+        ):
+            gauge.labels(address).set(value)
+
+    def replica_retired(self, replica: Replica) -> None:
+        for metric in (
+            self.replica_sessions, self.replica_failovers, self.replica_health,
+            self.replica_active_sessions, self.replica_queued_rounds, self.replica_busy_fraction,
+        ):  # fmt: skip
+            with contextlib.suppress(KeyError):  # no series yet
+                metric.remove(replica.address)

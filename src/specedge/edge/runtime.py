@@ -227,6 +227,7 @@ class EdgeRuntime(RoundLoopBackend):
         return {
             "server": connection.address,
             "server_connected": connection.connected,
+            "replicas": connection.describe(),
             "active_sessions": self.active_sessions,
         }
 

@@ -39,7 +39,7 @@ from specedge.config_file import (
 )
 from specedge.core.goodput import CostPoint
 from specedge.errors import InvalidRequestError
-from specedge.sim.profile import DeviceProfile
+from specedge.sim.profile import DeviceProfile, SurfaceCost
 
 
 @dataclass(frozen=True)
@@ -201,9 +201,10 @@ def run_profile(settings: ProfileSettings, console: Console | None = None) -> Pa
 
 
 def describe(profile: DeviceProfile) -> str:
-    """The fitted surfaces in words."""
-    verify, step = profile.verify_cost, profile.draft_step_cost
-    prefill, draft_prefill = profile.prefill_cost, profile.draft_prefill_cost
+    """The fitted surfaces of a measured profile in words."""
+    verify, step = SurfaceCost.fit(profile.verify), SurfaceCost.fit(profile.draft_step)
+    prefill = SurfaceCost.fit(profile.prefill)
+    draft_prefill = SurfaceCost.fit(profile.draft_prefill)
     return "\n".join(
         [
             f"device: {profile.device}",

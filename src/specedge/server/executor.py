@@ -44,17 +44,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
-from specedge.core.goodput import (
-    UNPROFILED_BATCH_COST,
-    FittedBatchCost,
-    LinearBatchCost,
-    select_prefixes,
-)
+from specedge.core.goodput import UNPROFILED_BATCH_COST, FittedBatchCost, LinearBatchCost
 from specedge.core.sampling import SamplingParams
 from specedge.core.target import SequenceFailure, TargetEngine, TargetSequence
 from specedge.core.tree import DraftTree
 from specedge.core.verify import VerifyResult
 from specedge.errors import InvalidRequestError, ServiceUnavailableError, SpecEdgeError
+from specedge.server.batching import GoodputBatching
 from specedge.server.health import ModelHealth
 from specedge.server.metrics import ServerMetrics
 from specedge.server.scheduler import Batch, PrefillChunk, Scheduler, SchedulerPolicy
@@ -100,10 +96,6 @@ class ServerSession:
         return self.seq.finish_reason is not None
 
 
-IDLE_SMOOTHING = 0.2  # weight of the newest gap in the idle allowance
-MAX_IDLE_ALLOWANCE_S = 0.25  # a long pause (no users) is not spare capacity per batch
-
-
 class VerificationExecutor:
     def __init__(
         self,
@@ -123,20 +115,11 @@ class VerificationExecutor:
         self.health = health or ModelHealth()
         self.scheduler = Scheduler(policy)
         self.metrics = metrics or ServerMetrics()
-        # Seconds of a verification forward by (sequences, rows), kept current from every
-        # batch (the cost model of goodput-sized verification, DESIGN.md section 12).
-        self.batch_cost = FittedBatchCost(batch_cost or UNPROFILED_BATCH_COST)
-        self.goodput = goodput
-        # Server time per batch spent waiting for trees while sessions were open, smoothed:
-        # what the selection counts as free (DESIGN.md section 12).
-        self.idle_allowance = 0.0
-        self._last_batch_end: float | None = None
-        self._busy_since_batch = 0.0  # prefill and draft time since the last batch ended
-        # Smoothed per verified sequence: tokens emitted and rows verified (the batch wait's
-        # guess of what an arriving sequence adds).
-        self._recent_tokens_per_round = 1.0
-        self._recent_rows_per_round = 1.0
-        self.recent_batch_seconds = 0.0  # smoothed duration of a verification batch
+        # The batch-level policy: batch waits, goodput cuts with the idle allowance, and the
+        # cost model of a verification forward kept current from every batch (DESIGN.md
+        # section 12); `specedge simulate` runs the same object.
+        cost = FittedBatchCost(batch_cost or UNPROFILED_BATCH_COST)
+        self.batching = GoodputBatching(self.scheduler, cost, goodput)
         self._clock = clock
         self._sessions: dict[str, ServerSession] = {}
         self._in_flight: set[str] = set()
@@ -147,6 +130,28 @@ class VerificationExecutor:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._draining = False
+
+    @property
+    def batch_cost(self) -> FittedBatchCost:
+        """Seconds of a verification forward by (sequences, rows)."""
+        return self.batching.batch_cost
+
+    @batch_cost.setter
+    def batch_cost(self, cost: FittedBatchCost) -> None:
+        self.batching.batch_cost = cost
+
+    @property
+    def goodput(self) -> bool:
+        return self.batching.goodput
+
+    @property
+    def idle_allowance(self) -> float:
+        return self.batching.idle_allowance
+
+    @property
+    def recent_batch_seconds(self) -> float:
+        """Smoothed duration of a verification batch."""
+        return self.batching.recent_batch_seconds
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -297,7 +302,7 @@ class VerificationExecutor:
         else:
             self._release(session)
         if not self._sessions:
-            self._last_batch_end = None  # a pause with no users is not spare capacity
+            self.batching.no_sessions()
         self.metrics.active_sessions.set(len(self._sessions))
         self.metrics.queued_requests.set(self.scheduler.num_queued)
 
@@ -321,7 +326,7 @@ class VerificationExecutor:
 
     def _draft_job(self, job: Callable[[], T]) -> T:
         result, elapsed = self.health.watch(partial(_timed, job), kind="draft")
-        self._busy_since_batch += elapsed  # a float add: atomic enough for a running estimate
+        self.batching.busy_since_batch += elapsed  # a float add: atomic enough for an estimate
         self.metrics.busy_seconds.inc(elapsed)
         self.metrics.draft_seconds.inc(elapsed)
         return result
@@ -357,31 +362,9 @@ class VerificationExecutor:
                 return
 
     def _batch_delay(self) -> float:
-        """How long to hold the ready trees for predicted arrivals. With goodput selection,
-        only as long as it pays: waiting w for j more sequences is worth it when
-        (tokens now + j more) / (the bigger batch's modelled time + w) beats tokens now / the
-        batch's time now; a forward's fixed cost is shared by more sequences. Otherwise the
-        scheduler's rule: wait for every arrival predicted within `max_wait`."""
-        now = self._clock()
-        if not self.goodput:
-            return self.scheduler.batch_delay(now)
-        ready = self.scheduler.ready_tokens()
-        if not ready or len(ready) >= self.scheduler.policy.max_batch:
-            return 0.0
-        arrivals = self.scheduler.expected_arrivals(now, self.scheduler.policy.max_wait)
-        if not arrivals:
-            return 0.0
-        per_round, rows = self._recent_tokens_per_round, self._recent_rows_per_round
-        sequences, total_rows = len(ready), sum(ready)
-        best_ratio = sequences * per_round / self.batch_cost(sequences, total_rows)
-        best_delay = 0.0
-        for more, arrival in enumerate(arrivals, start=1):
-            wait = arrival - now
-            seconds = self.batch_cost(sequences + more, total_rows + round(more * rows)) + wait
-            ratio = (sequences + more) * per_round / seconds
-            if ratio > best_ratio:
-                best_ratio, best_delay = ratio, wait
-        return best_delay
+        """How long to hold the ready trees for predicted arrivals
+        (`GoodputBatching.batch_delay`)."""
+        return self.batching.batch_delay(self._clock())
 
     async def _verify_batch(self, batch: Batch) -> None:
         sessions = [self._sessions[session_id] for session_id in batch.session_ids]
@@ -483,7 +466,7 @@ class VerificationExecutor:
             self._release_deferred()
             return
         self._in_flight = set()
-        self._busy_since_batch += elapsed
+        self.batching.busy_since_batch += elapsed
         self.metrics.busy_seconds.inc(elapsed)
         self.metrics.prefill_tokens.inc(chunk.num_tokens)
         self.scheduler.complete_prefill(chunk)
@@ -492,41 +475,23 @@ class VerificationExecutor:
     # ---- goodput selection -----------------------------------------------------------------------
     def _select(self, sessions: list[ServerSession]) -> list[DraftTree]:
         """The tree each session's round verifies: the goodput-optimal prefix of each tree
-        with estimates (`core.goodput.select_prefixes`), the whole of each other tree."""
+        with estimates, the whole of each other tree (`GoodputBatching.select`)."""
         trees: list[DraftTree] = []
         for session in sessions:
             assert session.tree is not None
             trees.append(session.tree)
-        chosen = [
-            i
-            for i, session in enumerate(sessions)
-            if self.goodput and session.estimates is not None and trees[i].num_nodes > 0
+        keep = self.batching.select(
+            [session.estimates for session in sessions], [tree.num_nodes for tree in trees]
+        )
+        return [
+            tree if verified == tree.num_nodes else tree.prefix(verified)
+            for tree, verified in zip(trees, keep, strict=True)
         ]
-        if not chosen:
-            return trees
-        fixed = [i for i in range(len(sessions)) if i not in set(chosen)]
-        fixed_rows = sum(trees[i].num_nodes + 1 for i in fixed)
-        idle = self.idle_allowance
-
-        def cost(sequences: int, rows: int) -> float:
-            return self.batch_cost(sequences + len(fixed), rows + fixed_rows) + idle
-
-        estimates = [sessions[i].estimates or () for i in chosen]
-        selection = select_prefixes(estimates, cost, fixed_tokens=float(len(fixed)))
-        for i, keep in zip(chosen, selection.verified, strict=True):
-            trees[i] = trees[i].prefix(keep)
-        return trees
 
     def _note_idle(self) -> None:
-        """Fold the wait since the last batch (less prefill and draft time) into the idle
-        allowance; a server with no sessions has no one to spend spare capacity on."""
-        now = self._clock()
-        if self._last_batch_end is not None:
-            gap = max(0.0, now - self._last_batch_end - self._busy_since_batch)
-            gap = min(gap, MAX_IDLE_ALLOWANCE_S)
-            self.idle_allowance += IDLE_SMOOTHING * (gap - self.idle_allowance)
-            self.metrics.idle_allowance.set(self.idle_allowance)
-        self._busy_since_batch = 0.0
+        """Fold the wait since the last batch into the idle allowance."""
+        self.batching.note_idle(self._clock())
+        self.metrics.idle_allowance.set(self.batching.idle_allowance)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def _record_batch(
@@ -539,32 +504,22 @@ class VerificationExecutor:
         """A batch of `num_sequences` trees and `rows` rows took `elapsed` seconds (0: its
         forward failed); `verified` are its sessions whose round completed, with the tree
         verified, the estimates sent and the result."""
-        self._last_batch_end = self._clock()
+        emitted = [len(result.emitted_tokens) for _, _, _, result in verified]
+        self.batching.record(num_sequences, rows, elapsed, emitted, self._clock())
         metrics = self.metrics
         if elapsed > 0.0:
-            self.batch_cost.observe(num_sequences, rows, elapsed)
-            if self.recent_batch_seconds == 0.0:
-                self.recent_batch_seconds = elapsed
-            self.recent_batch_seconds += IDLE_SMOOTHING * (elapsed - self.recent_batch_seconds)
             metrics.verify_batch_size.observe(num_sequences)
             metrics.verify_seconds.observe(elapsed)
             metrics.busy_seconds.inc(elapsed)
         if not verified:
             return
         results = [result for _, _, _, result in verified]
-        emitted = sum(len(result.emitted_tokens) for result in results)
-        self._recent_tokens_per_round += IDLE_SMOOTHING * (
-            emitted / len(verified) - self._recent_tokens_per_round
-        )
-        self._recent_rows_per_round += IDLE_SMOOTHING * (
-            rows / num_sequences - self._recent_rows_per_round
-        )
         cost = self.batch_cost.current
         metrics.batch_cost.labels("fixed").set(cost.fixed_s)
         metrics.batch_cost.labels("per_sequence").set(cost.per_sequence_s)
         metrics.batch_cost.labels("per_row").set(cost.per_row_s)
         metrics.rounds.inc(len(verified))
-        metrics.emitted_tokens.inc(emitted)
+        metrics.emitted_tokens.inc(sum(emitted))
         metrics.accepted_tokens.inc(sum(r.num_accepted for r in results))
         for session, tree, sent, result in verified:
             session.verify_seconds += elapsed

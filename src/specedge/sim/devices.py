@@ -19,7 +19,7 @@ from typing import Any
 
 import simpy
 
-from specedge.sim.profile import SurfaceCost
+from specedge.sim.profile import ForwardCost
 
 CRITICAL = 0  # priorities, lower first (edge.worker.Priority's order)
 PROACTIVE = 1
@@ -76,7 +76,7 @@ class StepBatcher:
     def __init__(
         self,
         device: Device,
-        cost: SurfaceCost,
+        cost: ForwardCost,
         on_busy: Callable[[float], None] | None = None,
     ) -> None:
         self.device = device

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from specedge.core.goodput import CostPoint, LinearBatchCost
 from specedge.errors import SpecEdgeError
@@ -33,6 +33,17 @@ PROFILE_VERSION = 1
 
 class ProfileError(SpecEdgeError):
     """A profile file that cannot be used (missing, not a profile, an unknown version)."""
+
+
+class ForwardCost(Protocol):
+    """Seconds of a forward of `sequences` sequences, `rows` rows in all, after `context`
+    tokens each."""
+
+    def __call__(self, sequences: int, rows: int, context: float = 0.0) -> float: ...
+
+    def linear(self, context: float) -> LinearBatchCost:
+        """The (sequences, rows) cost model at a fixed context."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -113,20 +124,30 @@ class DeviceProfile:
     version: int = PROFILE_VERSION
 
     @cached_property
-    def verify_cost(self) -> SurfaceCost:
-        return SurfaceCost.fit(self.verify)
+    def verify_cost(self) -> ForwardCost:
+        return self._cost("verify")
 
     @cached_property
-    def draft_step_cost(self) -> SurfaceCost:
-        return SurfaceCost.fit(self.draft_step)
+    def draft_step_cost(self) -> ForwardCost:
+        return self._cost("draft_step")
 
     @cached_property
-    def prefill_cost(self) -> SurfaceCost:
-        return SurfaceCost.fit(self.prefill)
+    def prefill_cost(self) -> ForwardCost:
+        return self._cost("prefill")
 
     @cached_property
-    def draft_prefill_cost(self) -> SurfaceCost:
-        return SurfaceCost.fit(self.draft_prefill)
+    def draft_prefill_cost(self) -> ForwardCost:
+        return self._cost("draft_prefill")
+
+    def _cost(self, name: str) -> ForwardCost:
+        """The fit of the named points, or, for an estimate from published figures, the
+        roofline itself (`sim.roofline`)."""
+        if "roofline" in self.machine:
+            from specedge.sim.roofline import roofline_cost
+
+            return roofline_cost(self.machine, name)
+        points: tuple[CostPoint, ...] = getattr(self, name)
+        return SurfaceCost.fit(points)
 
     def rows_of_step(self, step: int) -> float:
         """Rows one tree's draft step `step` (0 = the root step) forwards."""

@@ -9,4 +9,8 @@
 - `scripted_edge`: a scripted edge talking to a server over real gRPC.
 - `observe`: HTTP GETs, /health, /metrics samples, waiting for a condition.
 - `fake_openai`: a fake OpenAI-compatible streaming API for the benchmark client.
+- `fuzz`: fuzzing real servers and edges: hypothesis settings, good sessions meanwhile, the
+  fuzzed stacks, the schemathesis property of an HTTP request.
+- `fuzz_messages`: fuzzed edge messages for the gRPC stream, what each must get, a call as bytes.
+- `wire`: the protobuf wire format by hand, for messages no well-behaved edge can encode.
 """

@@ -1,0 +1,84 @@
+"""Fuzzing the Verifier's Session stream of a real server on loopback (hypothesis,
+`tests.support.fuzz_messages`): calls of random and malformed messages in any order (Opens with bad
+sampling, versions, fingerprints, prompts; trees with bad tokens, parents, cycles, depths and
+sizes, past gRPC's message size; empty messages, unknown fields, raw garbage bytes; Open
+twice, trees before Open, Resume and Close anywhere; calls cancelled midway). Every call ends
+with the status its first bad message calls for (never UNKNOWN or INTERNAL), its replies are
+well-formed, and greedy sessions on the same server meanwhile produce exactly the target's
+reference tokens. Afterwards the server is healthy with every KV slot free. The long run is
+`benchmarks/fuzz.py`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import example, given
+
+from specedge.model.loader import LoadedModel
+from specedge.server.app import BackgroundServer
+from tests.support.fuzz import (
+    GOOD_PROMPT,
+    GOOD_TOKENS,
+    GoodSessions,
+    fuzz_settings,
+    good_grpc_session,
+    start_grpc_target,
+)
+from tests.support.fuzz_messages import (
+    INVALID,
+    FuzzMessage,
+    FuzzSession,
+    ServerLimits,
+    bad,
+    check_grpc_call,
+    fuzz_sessions,
+)
+from tests.support.observe import http_get, metric, wait_for
+from tests.support.reference import reference_tokens
+from tests.support.wire import CLOSE_BYTES, open_bytes
+
+EXAMPLES = 200  # ~5 s on one idle core
+
+
+@pytest.fixture(scope="module")
+def grpc_target() -> Iterator[tuple[LoadedModel, BackgroundServer, ServerLimits]]:
+    target, server, limits = start_grpc_target()
+    yield target, server, limits
+    server.stop()
+
+
+def test_fuzzed_sessions_end_cleanly_while_good_sessions_are_exact(
+    grpc_target: tuple[LoadedModel, BackgroundServer, ServerLimits],
+) -> None:
+    target, server, limits = grpc_target
+    reference = reference_tokens(target, GOOD_PROMPT, GOOD_TOKENS)
+    good_open = open_bytes(prompt=GOOD_PROMPT, fingerprint=limits.fingerprint, max_tokens=4)
+
+    with GoodSessions(good_grpc_session(target, server.port)) as traffic:
+
+        @fuzz_settings(EXAMPLES)
+        @given(session=fuzz_sessions(limits))
+        # Found by this fuzzer: bytes that are no EdgeMessage ended the call with UNKNOWN.
+        @example(FuzzSession((bad("garbage", b"\xff\xff\xff", INVALID, undecodable=True),)))
+        @example(
+            FuzzSession(
+                (
+                    FuzzMessage("open", good_open, True),
+                    bad("garbage", b"\x12\x05\x0a", INVALID, undecodable=True),
+                    FuzzMessage("close", CLOSE_BYTES, True),
+                )
+            )
+        )
+        def fuzz(session: FuzzSession) -> None:
+            check_grpc_call(traffic.run, server.port, limits, session)
+
+        fuzz()
+
+    assert not traffic.failures, traffic.failures
+    assert len(traffic.outputs) >= 2  # they ran all along
+    assert all(output == reference for output in traffic.outputs)
+    wait_for(lambda: metric(server.metrics_port, "specedge_server_active_sessions") == 0)
+    kv = server.server.executor.engine.runner.kv  # type: ignore[union-attr]
+    assert kv.num_free == kv.num_slots
+    assert http_get(server.metrics_port, "/health")[0] == 200

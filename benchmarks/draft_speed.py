@@ -31,7 +31,8 @@ from specedge.core.limits import TreeShape
 from specedge.core.local import LocalGenerator
 from specedge.core.model_runner import ModelRunner, TreeRow, chain_parents
 from specedge.core.sampling import SamplingParams
-from specedge.distill.run import DistillConfig, split_prompts
+from specedge.distill.run import DistillConfig
+from specedge.distill.sources import TEMPLATES, split_prompts
 from specedge.model.loader import LoadedModel, load_model, parse_dtype
 from specedge.text import encode_prompt
 
@@ -74,7 +75,8 @@ def prompts(count: int) -> list[str]:
 def heldout_prompts(count: int) -> list[str]:
     """The bundled draft's held-out prompts (its distillation's defaults): tuning data that is
     neither the draft's training data nor SpecBench."""
-    return split_prompts(DistillConfig(target="smollm2-135m", out=Path()))[1][:count]
+    config = DistillConfig(target="smollm2-135m", out=Path(), prompts=TEMPLATES)
+    return split_prompts(config)[1][:count]
 
 
 def tune(target: LoadedModel, draft: LoadedModel, texts: list[str], max_tokens: int) -> list[dict]:

@@ -108,10 +108,17 @@ def distill(
     init_from_target: Annotated[
         bool, typer.Option(help="Start from the target's bottom and top layers.")
     ] = True,
-    prompts: Annotated[
-        Path | None, typer.Option(help="Training prompts (default: built-in).")
+    init_from: Annotated[
+        str | None, typer.Option(help="Continue training this draft (alias or directory).")
     ] = None,
-    max_minutes: Annotated[float, typer.Option(help="Teacher data + training time.")] = 30.0,
+    prompts: Annotated[
+        str, typer.Option(help="Comma-separated: self (the target writes them), templates, FILE.")
+    ] = "self",
+    self_prompts: Annotated[int, typer.Option(help="Self-generated requests to keep.")] = 2000,
+    exclude: Annotated[
+        list[Path] | None, typer.Option(help="Benchmark prompts to keep out (besides Spec-Bench).")
+    ] = None,
+    max_minutes: Annotated[float, typer.Option(help="Requests + teacher data + training.")] = 30.0,
     head_tokens: Annotated[int, typer.Option(help="LM head size, 0 = full vocabulary.")] = 8192,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = DEFAULT_DEVICE,
     dtype: Annotated[str | None, typer.Option(help="Default: best for device.")] = None,
@@ -128,7 +135,10 @@ def distill(
         frozen_layers=frozen_layers,
         hidden=hidden,
         init_from_target=init_from_target,
+        init_from=init_from,
         prompts=prompts,
+        self_prompts=self_prompts,
+        exclude=tuple(exclude or ()),
         max_minutes=max_minutes,
         head_tokens=head_tokens,
         device=device,

@@ -1,7 +1,9 @@
 """The draft shipped with the package: loads by alias, matches the target's tokenizer, is
-small on disk, and keeps speculative decoding lossless."""
+small on disk, keeps speculative decoding lossless, and training can continue from it."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -9,8 +11,11 @@ import torch
 from specedge.core.limits import TreeShape
 from specedge.core.local import LocalGenerator
 from specedge.core.sampling import SamplingParams
+from specedge.distill.student import load_draft_student
+from specedge.distill.teacher import load_teacher
 from specedge.model.loader import ASSETS_DIR, load_model, tokenizer_fingerprint
 from specedge.text import encode_prompt
+from tests.support.models import causal_logits
 
 BUNDLED = ASSETS_DIR / "smollm2-135m-draft"
 pytestmark = pytest.mark.skipif(
@@ -51,3 +56,21 @@ def test_speculative_with_bundled_draft_equals_autoregressive(pair: tuple, promp
     ar = LocalGenerator(target).generate(ids, params, 40, target.stop_token_ids)
     assert spec.token_ids == ar.token_ids
     assert spec.stats.rounds < len(spec.token_ids)  # the draft got some tokens accepted
+
+
+def test_training_continues_from_the_bundled_draft_where_it_stands(pair: tuple) -> None:
+    """`--init-from smollm2-135m-draft`: the student is the bundled draft (its logits over
+    the draft's head equal the loaded draft's), keeps its head tokens, and trains only its
+    own tensors (those it shares with the target stay frozen)."""
+    target, draft = pair
+    teacher = load_teacher(target.directory, "cpu", torch.float32)
+    student, shared, head = load_draft_student(teacher, BUNDLED)
+    meta = json.loads((BUNDLED / "specedge_draft.json").read_text())
+    assert head == meta["head_token_ids"] and shared == meta["shared_from_target"]
+    trainable = {name for name, p in student.named_parameters() if p.requires_grad}
+    assert trainable and not trainable & set(shared)
+    ids = encode_prompt(target.tokenizer, PROMPTS[0], chat=True)
+    with torch.no_grad():
+        logits = student(torch.tensor([ids])).logits[0, :, head]  # [S, K_head]
+    expected = causal_logits(draft.model, torch.tensor([ids]))[0, :, head]
+    torch.testing.assert_close(logits, expected, rtol=1e-3, atol=1e-3)

@@ -1,4 +1,5 @@
-"""`specedge distill` end to end on a tiny random target, and its building blocks."""
+"""`specedge distill` end to end on tiny random targets (one that writes its own requests),
+and its building blocks."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from specedge.core.sampling import SamplingParams
 from specedge.distill import DistillConfig, run_distill
 from specedge.distill.prompts import builtin_prompts
 from specedge.distill.student import layer_sources, select_head_tokens
-from specedge.distill.teacher import TeacherSample
-from specedge.model.loader import build_model, load_model, resolve_model_dir
+from specedge.distill.teacher import TeacherSample, encode_prompts, load_shards
+from specedge.model.loader import build_model, load_model, load_tokenizer, resolve_model_dir
 from specedge.model.weights import convert_hf_state_dict
 from specedge.text import encode_prompt
 
@@ -68,15 +69,22 @@ def tiny_config(target: Path, out: Path, **overrides: object) -> DistillConfig:
         "heldout_fraction": 0.005,
         "acceptance_prompts": 2,
         "acceptance_tokens": 16,
+        "prompts": "templates",
     }
     settings.update(overrides)
     return DistillConfig(**settings)  # type: ignore[arg-type]
 
 
+@pytest.fixture(scope="module")
+def tiny_draft(tiny_target: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A draft distilled for `tiny_target` from the built-in prompts."""
+    return run_distill(tiny_config(tiny_target, tmp_path_factory.mktemp("tiny") / "draft"))
+
+
 def test_distill_writes_a_loadable_draft_that_generates_losslessly(
-    tiny_target: Path, tmp_path: Path
+    tiny_target: Path, tiny_draft: Path
 ) -> None:
-    out = run_distill(tiny_config(tiny_target, tmp_path / "draft"))
+    out = tiny_draft
     for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md"):
         assert (out / name).is_file(), name
     meta = json.loads((out / "specedge_draft.json").read_text())
@@ -101,6 +109,93 @@ def test_distill_writes_a_loadable_draft_that_generates_losslessly(
     spec = LocalGenerator(target, draft, shape).generate(prompt, params, 12, ())
     ar = LocalGenerator(target).generate(prompt, params, 12, ())
     assert spec.token_ids == ar.token_ids
+
+
+END_OF_TURN = 2  # <|im_end|> in SmolLM2's tokenizer
+END_OF_TURN_LOGIT = 9.1  # about 1 in 8 of the probability beside 49151 near-zero logits
+
+
+@pytest.fixture(scope="module")
+def chat_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 64-wide random Llama with SmolLM2's tokenizer and chat template that ends a
+    turn after about 8 tokens, so that the user requests it writes end: every embedding has
+    the same first coordinate, which the final norm turns into a near-constant feature (the
+    other weights are Hugging Face's small initial ones), read only by the end-of-turn row of
+    the untied head. Every other token stays about equally likely: requests of random
+    words."""
+    directory = tmp_path_factory.mktemp("chat-target")
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=END_OF_TURN,
+        pad_token_id=END_OF_TURN,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        # The feature is about sqrt(hidden) = 8 after the final norm.
+        model.lm_head.weight[END_OF_TURN, 0] = END_OF_TURN_LOGIT / 8
+    model.save_pretrained(directory)
+    source = resolve_model_dir("smollm2-135m")
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, directory / name)
+    assert load_tokenizer(directory).chat_template  # the pre-query template comes from it
+    return directory
+
+
+def test_distill_with_no_prompt_file_trains_on_requests_the_target_wrote(
+    chat_target: Path, tmp_path: Path
+) -> None:
+    """Must-show 2 of issue 15: the command with no --prompts, end to end; the data card
+    shows the requests, and the teacher answered exactly those."""
+    from specedge import cli
+
+    out = tmp_path / "draft"
+    args = ["distill", "--target", str(chat_target), "--out", str(out), "--layers", "2"]
+    args += ["--self-prompts", "12", "--max-minutes", "0.4", "--head-tokens", "512"]
+    result = CliRunner().invoke(cli.app, [*args, "--dtype", "float32", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    kept = [json.loads(line) for line in (out / ".distill" / "requests.jsonl").open()]
+    assert len(kept) >= 3
+    card = (out / "data_card.md").read_text()
+    assert "## Counts" in card and "## Length of the kept requests" in card
+    sampled = len(kept) + len((out / ".distill" / "rejected.jsonl").read_text().splitlines())
+    assert f"| {sampled} | {len(kept)} |" in card  # sampled, kept, then each reason
+    for request in kept[:10]:
+        assert " ".join(request["prompt"].split()) in card
+    assert "requests the target wrote itself" in (out / "README.md").read_text()
+    tokenizer = load_tokenizer(chat_target)
+    prompts = {tuple(encode_prompts(tokenizer, [r["prompt"]])[0]) for r in kept}
+    answered = [s for shard in load_shards(out / ".distill" / "data") for s in shard]
+    assert answered and {tuple(s.tokens[: s.num_prompt]) for s in answered} <= prompts
+    assert load_model(str(out), dtype=torch.float32).config.num_layers == 2
+
+
+def test_training_continues_from_a_draft(
+    tiny_target: Path, tiny_draft: Path, tmp_path: Path
+) -> None:
+    """--init-from: the new draft keeps the old one's layers (whatever --layers says), head
+    tokens and shared tensors, and its card says where it started."""
+    out = run_distill(
+        tiny_config(tiny_target, tmp_path / "next", init_from=str(tiny_draft), layers=3)
+    )
+    before = json.loads((tiny_draft / "specedge_draft.json").read_text())
+    after = json.loads((out / "specedge_draft.json").read_text())
+    assert after["head_token_ids"] == before["head_token_ids"]
+    assert after["shared_from_target"] == before["shared_from_target"]
+    draft = load_model(str(out), dtype=torch.float32)
+    assert draft.config.num_layers == 2  # the old draft's, not --layers
+    assert f"training continued from the draft `{tiny_draft}`" in (out / "README.md").read_text()
 
 
 def test_distill_resumes_from_its_work_directory(tiny_target: Path, tmp_path: Path) -> None:
@@ -198,9 +293,20 @@ def test_cli_builds_the_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         "--seed",
         "7",
         "--no-init-from-target",
+        "--prompts",
+        "self,templates,mine.txt",
+        "--self-prompts",
+        "50",
+        "--exclude",
+        "eval.jsonl",
+        "--init-from",
+        "smollm2-135m-draft",
     ]
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
     (config,) = seen
     assert (config.layers, config.max_minutes, config.seed) == (3, 5.0, 7)
     assert not config.init_from_target
+    assert config.sources == ["self", "templates", "mine.txt"] and config.self_prompts == 50
+    assert config.exclude == (Path("eval.jsonl"),) and config.init_from == "smollm2-135m-draft"
+    assert DistillConfig(target="t", out=tmp_path).sources == ["self"]  # the default

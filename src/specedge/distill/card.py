@@ -1,4 +1,5 @@
-"""The distilled draft's model card (`README.md`) and the acceptance it reports.
+"""The distilled draft's model card (`README.md`), its data card (`data_card.md`: the
+self-generated requests) and the acceptance the model card reports.
 
 Acceptance is measured the way users will see it: greedy tree speculative decoding of the
 held-out prompts (never trained on) with our own engine, target and fresh draft both loaded
@@ -16,14 +17,27 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from specedge.distill.filters import BENCHMARK_OVERLAP, BENCHMARK_RUN, KEPT, REJECTIONS
 from specedge.distill.teacher import TeacherSample
 
 if TYPE_CHECKING:
+    from specedge.distill.requests import RequestSettings, RequestStats
     from specedge.distill.run import DistillConfig
     from specedge.distill.train import TrainState
 
 ACCEPTANCE_TOKENS = 96
 ACCEPTANCE_BUDGET = 32
+DATA_CARD = "data_card.md"
+CARD_EXAMPLES = 10  # kept requests quoted in the data card
+HISTOGRAM_BINS = 8
+TEMPLATED_SOURCE = (
+    "prompts composed by `specedge/distill/prompts.py`: instruction templates (writing, "
+    "role-play, reasoning, coding, explanations), German-to-English translation of sentences "
+    "composed there, factual questions, arithmetic word problems, and summaries of / questions "
+    "on passages of text that ships with Python (standard-library docstrings, the language "
+    "reference in `pydoc_data.topics`); none is taken from an evaluation set, and none shares "
+    "an 8-word run with SpecBench (tested)"
+)
 
 
 @dataclass(frozen=True)
@@ -83,20 +97,17 @@ def write_card(
     heldout: Sequence[TeacherSample],
     num_head_tokens: int,
     shared: Sequence[str],
+    requests: RequestStats | None = None,
 ) -> None:
     out = config.out
     stored_mb = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 1e6
-    source = (
-        f"`{config.prompts}` ({len(train_prompts) + len(heldout_prompts)} prompts)"
-        if config.prompts
-        else f"{len(train_prompts) + len(heldout_prompts)} prompts composed by "
-        "`specedge/distill/prompts.py`: instruction templates (writing, role-play, reasoning, "
-        "coding, explanations), German-to-English translation of sentences composed there, "
-        "factual questions, arithmetic word problems, and summaries of / questions on "
-        "passages of text that ships with Python (standard-library docstrings, the language "
-        "reference in `pydoc_data.topics`); none is taken from an evaluation set, and none "
-        "shares an 8-word run with SpecBench (tested)"
-    )
+    described = {
+        "self": f"{len(requests.kept) if requests else 0} requests the target wrote itself "
+        f"(see `{DATA_CARD}`)",
+        "templates": TEMPLATED_SOURCE,
+    }
+    sources = "; ".join(described.get(source, f"`{source}`") for source in config.sources)
+    source = f"{len(train_prompts) + len(heldout_prompts)} prompts from: {sources}"
     train_tokens = sum(s.num_generated for s in train)
     lines = [
         f"# Distilled draft for `{config.target}`",
@@ -115,7 +126,9 @@ def write_card(
         f"- {config.layers} decoder layers ({config.frozen_layers} frozen at the bottom), "
         f"hidden size {config.hidden or 'as the target'}; "
         + (
-            "layers initialised from the target's layers (bottom and top halves)"
+            f"training continued from the draft `{config.init_from}`"
+            if config.init_from
+            else "layers initialised from the target's layers (bottom and top halves)"
             if config.init_from_target
             else "random initialisation"
         ),
@@ -134,10 +147,12 @@ def write_card(
         f"{config.max_new_tokens} new tokens each, top-{config.top_k} target logits kept",
         f"- held out: {len(heldout_prompts)} prompts ({sum(s.num_generated for s in heldout)} "
         "greedy target tokens), used only for the measurements below",
+        *([] if requests is None else ["", *request_summary(requests)]),
         "",
         "## Training",
         "",
-        f"- teacher data {timing.get('data_seconds', 0.0) / 60:.1f} min, training "
+        f"- self-generated requests {timing.get('request_seconds', 0.0) / 60:.1f} min, "
+        f"teacher data {timing.get('data_seconds', 0.0) / 60:.1f} min, training "
         f"{state.train_seconds / 60:.1f} min ({state.step} steps, {state.epoch} full epochs, "
         f"{state.tokens_seen} scored tokens); budget --max-minutes {config.max_minutes:g}",
         f"- loss: cross-entropy against the target's top-{config.top_k} distribution "
@@ -155,3 +170,83 @@ def write_card(
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))
+
+
+# ---- the data card ----------------------------------------------------------------------------
+
+
+def request_summary(stats: RequestStats) -> list[str]:
+    """Counts by verdict and the duplicate rate, as Markdown lines."""
+    lines = [
+        "| candidates sampled | kept | "
+        + " | ".join(f"{reason.replace('_', ' ')}" for reason in REJECTIONS)
+        + " |",
+        "|---" * (len(REJECTIONS) + 2) + "|",
+        f"| {stats.generated} | {stats.counts[KEPT]} | "
+        + " | ".join(str(stats.counts[reason]) for reason in REJECTIONS)
+        + " |",
+        "",
+        f"- duplicate rate (exact or near copies of a kept request, of all sampled): "
+        f"{100 * stats.duplicate_rate:.1f}%",
+        f"- benchmark overlap (a shared {BENCHMARK_RUN}-word run with Spec-Bench or an "
+        f"--exclude file, dropped): {stats.counts[BENCHMARK_OVERLAP]}",
+    ]
+    return lines
+
+
+def length_histogram(lengths: Sequence[int], max_tokens: int) -> list[str]:
+    """Kept request lengths in tokens, in `HISTOGRAM_BINS` equal bins up to `max_tokens`."""
+    width = max(1, -(-max_tokens // HISTOGRAM_BINS))
+    counts = [0] * HISTOGRAM_BINS
+    for length in lengths:
+        counts[min((length - 1) // width, HISTOGRAM_BINS - 1)] += 1
+    scale = max(counts) / 40 if max(counts) > 40 else 1
+    lines = ["| tokens | requests | |", "|---|---|---|"]
+    for number, count in enumerate(counts):
+        bar = "#" * round(count / scale)
+        lines.append(f"| {number * width + 1}-{(number + 1) * width} | {count} | `{bar}` |")
+    return lines
+
+
+def _quote(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return (text[:limit] + " ...") if len(text) > limit else text
+
+
+def write_data_card(out: Path, stats: RequestStats, settings: RequestSettings, target: str) -> None:
+    """`<out>/data_card.md`: how the requests were made, counts, lengths, examples."""
+    kept = stats.kept
+    lines = [
+        f"# Self-generated training requests for `{target}`",
+        "",
+        "User requests the target wrote itself: its chat template up to the start of a user "
+        f"turn (the pre-query template), sampled at temperature {settings.temperature:g}, "
+        f"top-p {settings.top_p:g}, at most {settings.max_tokens} tokens, seed "
+        f"{settings.seed} (`specedge/distill/requests.py`), then filtered "
+        "(`specedge/distill/filters.py`: empty, template echo, unfinished, too short, "
+        f"benchmark overlap, exact and near duplicates). Target: {settings.count} kept. The "
+        "kept requests are `.distill/requests.jsonl`, the rejected `.distill/rejected.jsonl`.",
+        "",
+        "## Counts",
+        "",
+        *request_summary(stats),
+        "",
+        "## Length of the kept requests",
+        "",
+        *length_histogram([request.num_tokens for request in kept], settings.max_tokens),
+        "",
+        f"## Examples: the first {min(CARD_EXAMPLES, len(kept))} kept",
+        "",
+        *(f"{n}. {_quote(request.text)}" for n, request in enumerate(kept[:CARD_EXAMPLES], 1)),
+        "",
+        "## Examples: the first rejected of each reason",
+        "",
+        *(
+            f"- {reason.replace('_', ' ')}: {_quote(stats.examples[reason])}"
+            for reason in REJECTIONS
+            if reason in stats.examples
+        ),
+        "",
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DATA_CARD).write_text("\n".join(lines))

@@ -1,20 +1,24 @@
-"""`specedge distill`: teacher data, training, export and model card, resumable.
+"""`specedge distill`: training prompts, teacher data, training, export and model card, resumable.
 
-Work files live in `<out>/.distill/`: teacher shards, the chosen head tokens, the training
-checkpoint and `state.json` (seconds spent so far). `--max-minutes` bounds the time spent on
-teacher data plus training over all runs into the same directory: rerunning the command
-resumes, and a larger `--max-minutes` continues training.
+*Prompt sources* (`--prompts`, comma-separated, mixed in one shuffled set; `distill.sources`):
+`self`, requests the target writes through its own chat template (`distill.requests`, the
+default); `templates`, the built-in composed prompts (`distill.prompts`); or a prompt file.
+
+Work files live in `<out>/.distill/`: the self-generated requests (`requests.jsonl`,
+`rejected.jsonl`), teacher shards, the chosen head tokens, the training checkpoint and
+`state.json` (seconds spent so far). `--max-minutes` bounds the time spent on requests, teacher
+data and training over all runs into the same directory: rerunning the command resumes, and a
+larger `--max-minutes` continues training. Once teacher shards exist the request set is fixed
+(more requests would change the held-out split the shards were made from).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +26,14 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from specedge.distill.card import measure_acceptance, write_card
-from specedge.distill.prompts import builtin_prompts, read_prompts
-from specedge.distill.student import build_student, export_student, select_head_tokens
+from specedge.distill.requests import RequestSettings
+from specedge.distill.sources import SELF, TEMPLATES, self_requests, split_prompts
+from specedge.distill.student import (
+    build_student,
+    export_student,
+    load_draft_student,
+    select_head_tokens,
+)
 from specedge.distill.teacher import (
     TeacherSample,
     encode_prompts,
@@ -32,14 +42,7 @@ from specedge.distill.teacher import (
     load_teacher,
     save_shard,
 )
-from specedge.distill.train import (
-    TrainState,
-    agreement,
-    batch_loss,
-    head_index_map,
-    learning_rate,
-    make_batches,
-)
+from specedge.distill.train import train_student
 from specedge.errors import InvalidRequestError
 from specedge.model.loader import (
     default_dtype,
@@ -50,13 +53,9 @@ from specedge.model.loader import (
     stop_token_ids,
 )
 
-logger = logging.getLogger(__name__)
-
 WORK_DIR = ".distill"
 SAMPLED_TEMPERATURE = 0.8  # teacher passes after the first (greedy) one sample at this
 MAX_PASSES = 4
-CHECKPOINT_EVERY_S = 120.0
-EVAL_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,12 @@ class DistillConfig:
     dtype: str | None = None  # teacher, autocast and stored weights (default: best for device)
     hidden: int | None = None
     init_from_target: bool = True
-    prompts: Path | None = None
+    init_from: str | None = None  # a draft to continue training (its layers, head and shares)
+    prompts: str = SELF  # comma-separated sources: self, templates, or prompt files
+    self_prompts: int = 2000  # self-generated requests to keep
+    request_tokens: int = 128  # a self-generated request's token limit
+    request_batch: int = 32
+    exclude: tuple[Path, ...] = ()  # benchmark prompt files besides the bundled Spec-Bench
     max_minutes: float = 30.0
     device: str = "auto"  # resolved by `run_distill` (`loader.resolve_device`)
     seed: int = 0
@@ -96,6 +100,24 @@ class DistillConfig:
             raise InvalidRequestError(
                 f"--frozen-layers must be in [0, {(self.layers + 1) // 2}] (the bottom half)"
             )
+        if not self.sources:
+            raise InvalidRequestError(
+                f"--prompts is empty: give {SELF}, {TEMPLATES} or a file (comma-separated)"
+            )
+        _ = self.request_settings  # checked when built
+
+    @property
+    def sources(self) -> list[str]:
+        return [source.strip() for source in self.prompts.split(",") if source.strip()]
+
+    @property
+    def request_settings(self) -> RequestSettings:
+        return RequestSettings(
+            count=self.self_prompts,
+            max_tokens=self.request_tokens,
+            batch=self.request_batch,
+            seed=self.seed,
+        )
 
     @property
     def budget_s(self) -> float:
@@ -112,10 +134,15 @@ def run_distill(config: DistillConfig) -> Path:
     dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(config.device)
     tokenizer = load_tokenizer(target_dir)
     stops = stop_token_ids(tokenizer, target_dir)
-    teacher = load_teacher(target_dir, config.device, dtype)
-    train_prompts, heldout_prompts = split_prompts(config)
 
     with _progress() as progress:
+        requests = None
+        if SELF in config.sources:
+            with _timed(timing, "request_seconds", work):
+                requests = self_requests(config, work, tokenizer, stops, dtype, timing, progress)
+        generated = [request.text for request in requests.kept] if requests else []
+        train_prompts, heldout_prompts = split_prompts(config, generated)
+        teacher = load_teacher(target_dir, config.device, dtype)
         with _timed(timing, "data_seconds", work):
             _generate_data(
                 config,
@@ -133,17 +160,33 @@ def run_distill(config: DistillConfig) -> Path:
         train = [sample for shard in shards[1:] for sample in shard]
         if not train or not heldout:
             raise InvalidRequestError("no teacher data: raise --max-minutes")
-        head = _head_tokens(config, work, train, teacher.config.vocab_size, stops)
-        student, shared = build_student(
-            teacher,
-            config.layers,
-            config.hidden,
-            config.init_from_target,
-            config.seed,
-            config.frozen_layers,
-        )
+        if config.init_from:
+            student, shared, head_ids = load_draft_student(
+                teacher, resolve_model_dir(config.init_from)
+            )
+            config = replace(
+                config,
+                layers=student.config.num_hidden_layers,
+                hidden=student.config.hidden_size,
+                frozen_layers=len({n.split(".")[2] for n in shared if ".layers." in n}),
+            )
+            head = _head_tokens(config, work, train, teacher.config.vocab_size, stops, head_ids)
+        else:
+            head = _head_tokens(config, work, train, teacher.config.vocab_size, stops)
+            student, shared = build_student(
+                teacher,
+                config.layers,
+                config.hidden,
+                config.init_from_target,
+                config.seed,
+                config.frozen_layers,
+            )
         student.to(config.device)
-        state = _train(config, student, head, train, heldout, timing, work, progress, dtype)
+        spent = timing.get("data_seconds", 0.0) + timing.get("request_seconds", 0.0)
+        budget = config.budget_s - spent
+        state = train_student(config, student, head, train, heldout, budget, work, progress, dtype)
+        timing["train_seconds"] = state.train_seconds
+        _write_state(work, timing)
     del teacher
     full_vocab = len(head) == student.config.vocab_size
     export_student(
@@ -175,21 +218,12 @@ def run_distill(config: DistillConfig) -> Path:
         heldout,
         len(head),
         shared,
+        requests,
     )
     return config.out
 
 
 # ---- teacher data -----------------------------------------------------------------------------
-
-
-def split_prompts(config: DistillConfig) -> tuple[list[str], list[str]]:
-    """The training and held-out prompts of a run (a seeded shuffle of --prompts or the
-    built-in set); the held-out ones also tune tree shapes, never SpecBench."""
-    prompts = read_prompts(config.prompts) if config.prompts else builtin_prompts(seed=config.seed)
-    prompts = list(prompts)
-    random.Random(config.seed).shuffle(prompts)
-    num_heldout = max(1, round(config.heldout_fraction * len(prompts)))
-    return prompts[num_heldout:], prompts[:num_heldout]
 
 
 def _generate_data(
@@ -222,7 +256,8 @@ def _generate_data(
     existing = load_shards(work / "data")
     tokens = sum(s.num_generated for shard in existing for s in shard)
     task = progress.add_task("teacher data", total=config.max_teacher_tokens, completed=tokens)
-    start, spent = time.perf_counter(), timing.get("data_seconds", 0.0)
+    start = time.perf_counter()
+    spent = timing.get("data_seconds", 0.0) + timing.get("request_seconds", 0.0)
     for pass_index, batch_index, ids in jobs:
         path = work / "data" / f"shard-{pass_index:02d}-{batch_index:04d}.pt"
         if path.exists():
@@ -253,120 +288,16 @@ def _head_tokens(
     train: list[TeacherSample],
     vocab_size: int,
     stops: tuple[int, ...],
+    fixed: list[int] | None = None,
 ) -> torch.Tensor:  # [K_head] int64, sorted
+    """The head tokens chosen on the first run (`fixed`: those of the draft training
+    continues from)."""
     path = work / "head_tokens.json"
     if path.exists():
         return torch.tensor(json.loads(path.read_text()))
-    head = select_head_tokens(train, vocab_size, config.head_tokens, stops)
+    head = fixed or select_head_tokens(train, vocab_size, config.head_tokens, stops)
     path.write_text(json.dumps(head))
     return torch.tensor(head)
-
-
-# ---- training ---------------------------------------------------------------------------------
-
-
-def _train(
-    config: DistillConfig,
-    student: Any,
-    head: torch.Tensor,
-    train: list[TeacherSample],
-    heldout: list[TeacherSample],
-    timing: dict[str, float],
-    work: Path,
-    progress: Progress,
-    dtype: torch.dtype,
-) -> TrainState:
-    """Train until the time budget is spent; checkpoints as it goes and resumes from one."""
-    autocast = dtype if dtype != torch.float32 else None
-    head_index = head_index_map(head, student.config.vocab_size)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    state = _load_checkpoint(work, student, optimizer) or TrainState()
-    budget = config.budget_s - timing.get("data_seconds", 0.0)
-    task = progress.add_task("training", total=max(budget, 1.0), completed=int(state.train_seconds))
-
-    def evaluate() -> None:
-        student.eval()
-        state.agreement = agreement(
-            student, heldout, head, head_index, config.device, autocast, config.batch_tokens
-        )
-        student.train()
-
-    start, spent = time.perf_counter(), state.train_seconds
-    last_eval = last_checkpoint = start
-    loss_avg: float | None = None
-    while True:
-        batches = make_batches(train, config.batch_tokens, seed=config.seed + state.epoch)
-        while state.batch_in_epoch < len(batches):
-            state.train_seconds = spent + time.perf_counter() - start
-            if state.train_seconds >= budget:
-                break
-            lr = learning_rate(config.learning_rate, state.step, state.train_seconds / budget)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = [train[i] for i in batches[state.batch_in_epoch]]
-            result = batch_loss(student, batch, head, head_index, config.device, autocast)
-            optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            value = float(result.loss.detach())
-            loss_avg = value if loss_avg is None else 0.95 * loss_avg + 0.05 * value
-            state.loss = loss_avg
-            state.step += 1
-            state.batch_in_epoch += 1
-            state.tokens_seen += result.num_positions
-            now = time.perf_counter()
-            if now - last_eval >= EVAL_EVERY_S:
-                evaluate()
-                last_eval = now
-            if now - last_checkpoint >= CHECKPOINT_EVERY_S:
-                _save_checkpoint(work, student, optimizer, state)
-                last_checkpoint = now
-            progress.update(
-                task, completed=min(state.train_seconds, budget), description=_describe(state)
-            )
-        else:
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            continue
-        break
-    evaluate()
-    _save_checkpoint(work, student, optimizer, state)
-    progress.update(task, completed=budget, description=_describe(state))
-    timing["train_seconds"] = state.train_seconds
-    _write_state(work, timing)
-    return state
-
-
-def _describe(state: TrainState) -> str:
-    return (
-        f"training  step {state.step}  epoch {state.epoch}  loss {state.loss:.3f}  "
-        f"held-out agreement {100 * state.agreement:.1f}%"
-    )
-
-
-def _save_checkpoint(work: Path, student: Any, optimizer: Any, state: TrainState) -> None:
-    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
-    payload = {
-        "student": {k: v for k, v in student.state_dict().items() if k in trainable},
-        "optimizer": optimizer.state_dict(),
-        "state": asdict(state),
-    }
-    tmp = work / "checkpoint.tmp"
-    torch.save(payload, tmp)
-    tmp.replace(work / "checkpoint.pt")
-
-
-def _load_checkpoint(work: Path, student: Any, optimizer: Any) -> TrainState | None:
-    path = work / "checkpoint.pt"
-    if not path.exists():
-        return None
-    payload = torch.load(path)
-    student.load_state_dict(payload["student"], strict=False)
-    optimizer.load_state_dict(payload["optimizer"])
-    logger.info("resuming from %s", path)
-    return TrainState(**payload["state"])
 
 
 # ---- bookkeeping ------------------------------------------------------------------------------

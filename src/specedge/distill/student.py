@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from specedge.distill.teacher import TeacherSample
+from specedge.errors import InvalidRequestError
 
 DRAFT_META_FILE = "specedge_draft.json"
 SHARED_EMBEDDINGS = "model.embed_tokens.weight"
@@ -95,6 +96,37 @@ def build_student(
     for name, parameter in student.named_parameters():
         parameter.requires_grad_(name not in shared)
     return student.train(), shared
+
+
+def load_draft_student(teacher: Any, draft_dir: Path) -> tuple[Any, list[str], list[int]]:
+    """A float32 student holding an exported draft (training continues from it): its own
+    tensors from its directory, the ones it shares from the target; returns it, the shared
+    names (kept frozen) and its head tokens (the whole vocabulary if its head is full)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    meta_path = draft_dir / DRAFT_META_FILE
+    if not meta_path.is_file():
+        raise InvalidRequestError(f"--init-from {draft_dir} has no {DRAFT_META_FILE}: not a draft")
+    meta = json.loads(meta_path.read_text())
+    config = AutoConfig.from_pretrained(draft_dir)
+    if config.vocab_size != teacher.config.vocab_size:
+        raise InvalidRequestError(
+            f"--init-from {draft_dir} has a vocabulary of {config.vocab_size}, the target "
+            f"{teacher.config.vocab_size}: a draft of another target"
+        )
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    shared = list(meta.get("shared_from_target", []))
+    target_state = teacher.state_dict()
+    state = {name: target_state[name] for name in shared}
+    state.update(load_file(draft_dir / "model.safetensors"))
+    missing = student.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)[0]
+    tied = {SHARED_HEAD} if config.tie_word_embeddings else set()
+    if set(missing) - tied:
+        raise InvalidRequestError(f"--init-from {draft_dir} lacks {sorted(missing)[:3]}")
+    for name, parameter in student.named_parameters():
+        parameter.requires_grad_(name not in shared)
+    head = [int(t) for t in meta.get("head_token_ids") or range(config.vocab_size)]
+    return student.train(), shared, head
 
 
 def select_head_tokens(

@@ -9,19 +9,31 @@ target's argmax (the greedy draft's hit rate on one token).
 
 from __future__ import annotations
 
+import logging
 import math
 import random
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from rich.progress import Progress
 from torch import Tensor
 
 from specedge.distill.student import head_weight
 from specedge.distill.teacher import TeacherSample
 
+if TYPE_CHECKING:
+    from specedge.distill.run import DistillConfig
+
+logger = logging.getLogger(__name__)
+
 NOT_IN_HEAD = -1  # head index of a token the student's head does not cover
+CHECKPOINT_EVERY_S = 120.0
+EVAL_EVERY_S = 60.0
 
 
 @dataclass
@@ -146,3 +158,108 @@ def learning_rate(base: float, step: int, progress: float, warmup_steps: int = 2
         return base * (step + 1) / warmup_steps
     progress = min(max(progress, 0.0), 1.0)
     return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+# ---- the training loop --------------------------------------------------------------------------
+
+
+def train_student(
+    config: DistillConfig,
+    student: Any,
+    head: Tensor,  # [K_head] int64
+    train: list[TeacherSample],
+    heldout: list[TeacherSample],
+    budget: float,
+    work: Path,
+    progress: Progress,
+    dtype: torch.dtype,
+) -> TrainState:
+    """Train until `budget` seconds of training (over all runs) are spent; checkpoints into
+    `work` as it goes and resumes from the checkpoint there."""
+    autocast = dtype if dtype != torch.float32 else None
+    head_index = head_index_map(head, student.config.vocab_size)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    state = _load_checkpoint(work, student, optimizer) or TrainState()
+    task = progress.add_task("training", total=max(budget, 1.0), completed=int(state.train_seconds))
+
+    def evaluate() -> None:
+        student.eval()
+        state.agreement = agreement(
+            student, heldout, head, head_index, config.device, autocast, config.batch_tokens
+        )
+        student.train()
+
+    start, spent = time.perf_counter(), state.train_seconds
+    last_eval = last_checkpoint = start
+    loss_avg: float | None = None
+    while True:
+        batches = make_batches(train, config.batch_tokens, seed=config.seed + state.epoch)
+        while state.batch_in_epoch < len(batches):
+            state.train_seconds = spent + time.perf_counter() - start
+            if state.train_seconds >= budget:
+                break
+            lr = learning_rate(config.learning_rate, state.step, state.train_seconds / budget)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = [train[i] for i in batches[state.batch_in_epoch]]
+            result = batch_loss(student, batch, head, head_index, config.device, autocast)
+            optimizer.zero_grad(set_to_none=True)
+            result.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            value = float(result.loss.detach())
+            loss_avg = value if loss_avg is None else 0.95 * loss_avg + 0.05 * value
+            state.loss = loss_avg
+            state.step += 1
+            state.batch_in_epoch += 1
+            state.tokens_seen += result.num_positions
+            now = time.perf_counter()
+            if now - last_eval >= EVAL_EVERY_S:
+                evaluate()
+                last_eval = now
+            if now - last_checkpoint >= CHECKPOINT_EVERY_S:
+                _save_checkpoint(work, student, optimizer, state)
+                last_checkpoint = now
+            progress.update(
+                task, completed=min(state.train_seconds, budget), description=_describe(state)
+            )
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            continue
+        break
+    evaluate()
+    _save_checkpoint(work, student, optimizer, state)
+    progress.update(task, completed=budget, description=_describe(state))
+    return state
+
+
+def _describe(state: TrainState) -> str:
+    return (
+        f"training  step {state.step}  epoch {state.epoch}  loss {state.loss:.3f}  "
+        f"held-out agreement {100 * state.agreement:.1f}%"
+    )
+
+
+def _save_checkpoint(work: Path, student: Any, optimizer: Any, state: TrainState) -> None:
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    payload = {
+        "student": {k: v for k, v in student.state_dict().items() if k in trainable},
+        "optimizer": optimizer.state_dict(),
+        "state": asdict(state),
+    }
+    tmp = work / "checkpoint.tmp"
+    torch.save(payload, tmp)
+    tmp.replace(work / "checkpoint.pt")
+
+
+def _load_checkpoint(work: Path, student: Any, optimizer: Any) -> TrainState | None:
+    path = work / "checkpoint.pt"
+    if not path.exists():
+        return None
+    payload = torch.load(path)
+    student.load_state_dict(payload["student"], strict=False)
+    optimizer.load_state_dict(payload["optimizer"])
+    logger.info("resuming from %s", path)
+    return TrainState(**payload["state"])

@@ -12,6 +12,9 @@ server-side decoding (streamed replies, `ResumeTrees`);
 a server still serves version 1 edges (no estimates: it verifies their whole trees). The
 unary Load call (`ServerLoad`) came later without a version bump: an edge that gets
 UNIMPLEMENTED from an older server places sessions there without its load.
+
+Bytes that parse as no message end their call with INVALID_ARGUMENT, never gRPC's UNKNOWN:
+on the Session stream as a `MalformedMessage`, for unary calls by `UndecodableRequests`.
 """
 
 from __future__ import annotations
@@ -374,6 +377,47 @@ def add_verifier_service(
                 yield encoded
 
     pb_grpc.add_VerifierServicer_to_server(_Servicer(), server)
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    reason: str
+
+
+class UndecodableRequests(grpc.aio.ServerInterceptor):
+    """Unary calls (Info, Load, the health Check) whose request bytes parse as no message of
+    their type end with INVALID_ARGUMENT: gRPC reads a unary request before any handler runs
+    and would end the call with UNKNOWN. The Session stream reports its own
+    (`MalformedMessage`)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler  # unknown methods, streams, and handlers that take raw bytes
+        parse, behavior = handler.request_deserializer, handler.unary_unary
+        method = handler_call_details.method
+
+        def lenient(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except DecodeError as error:
+                return _Undecodable(str(error))
+
+        async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the request of {method} is not a valid message: {request.reason}",
+                )
+            return await behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            checked, request_deserializer=lenient, response_serializer=handler.response_serializer
+        )
 
 
 class HealthService:

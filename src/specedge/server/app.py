@@ -45,7 +45,13 @@ from specedge.model.loader import (
     tokenizer_fingerprint,
 )
 from specedge.model.parallel import local_config
-from specedge.rpc.codec import PROTOCOL_VERSION, HealthService, ServerInfo, add_verifier_service
+from specedge.rpc.codec import (
+    PROTOCOL_VERSION,
+    HealthService,
+    ServerInfo,
+    UndecodableRequests,
+    add_verifier_service,
+)
 from specedge.rpc.security import ServerTls, TokenAuth
 from specedge.server.api import ApiAuth, ApiLimits, HttpApiServer, ServedModel, create_app
 from specedge.server.config import ServerConfig
@@ -262,11 +268,13 @@ class SpecEdgeServer:
         await self._api.start(app, handle_signals=False)
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """The token check (`--auth-token`), before any handler runs."""
+        """The token check (`--auth-token`) before any handler runs, then INVALID_ARGUMENT
+        for unary requests that are no message (`UndecodableRequests`)."""
         token = self.config.auth_token
+        decoding: list[grpc.aio.ServerInterceptor] = [UndecodableRequests()]
         if token is None:
-            return []
-        return [TokenAuth(BearerKeys([token]), self.metrics.auth_failures.inc)]
+            return decoding
+        return [TokenAuth(BearerKeys([token]), self.metrics.auth_failures.inc), *decoding]
 
     async def drain(
         self, timeout: float | None = None, stop_now: asyncio.Event | None = None

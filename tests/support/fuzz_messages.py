@@ -16,11 +16,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1.health_pb2 import HealthCheckRequest
 from hypothesis import strategies as st
 
 from specedge.rpc.codec import ServerReply, SessionOpened, TreeVerified, decode_server
-from specedge.rpc.specedge_pb2 import EdgeMessage, ServerMessage  # to read raw bytes
+from specedge.rpc.specedge_pb2 import (  # to read raw bytes
+    EdgeMessage,
+    InfoRequest,
+    LoadRequest,
+    ServerMessage,
+)
 from tests.support.scripted_edge import channel
 from tests.support.trees import random_tree
 from tests.support.wire import (
@@ -443,3 +449,39 @@ def check_grpc_call(
         f"{sorted(code.name for code in allowed)} for {session}"
     )
     return outcome
+
+
+# ---- unary calls ---------------------------------------------------------------------------
+UNARY_REQUESTS: dict[str, type[Message]] = {  # method: its request's type
+    "/specedge.v1.Verifier/Info": InfoRequest,
+    "/specedge.v1.Verifier/Load": LoadRequest,
+    "/grpc.health.v1.Health/Check": HealthCheckRequest,
+}
+
+
+async def send_unary(port: int, method: str, data: bytes) -> tuple[grpc.StatusCode, str]:
+    """One unary call with `data` as its request's bytes: its status and details."""
+    async with channel(port) as chan:
+        try:
+            await chan.unary_unary(method)(data, timeout=30)
+        except grpc.aio.AioRpcError as error:
+            return error.code(), error.details() or ""
+    return OK, ""
+
+
+def check_unary_call(
+    run: Callable[[Coroutine[Any, Any, tuple[grpc.StatusCode, str]]], tuple[grpc.StatusCode, str]],
+    port: int,
+    method: str,
+    data: bytes,
+) -> None:
+    """The fuzz property of a unary call: bytes that parse as its request get an answer (for
+    the health check, NOT_FOUND for a service it does not know), the others INVALID_ARGUMENT."""
+    code, details = run(send_unary(port, method, data))
+    try:
+        UNARY_REQUESTS[method].FromString(data)
+    except DecodeError:
+        assert code == INVALID, (method, data, code, details)
+        return
+    answers = {OK, grpc.StatusCode.NOT_FOUND} if "Health" in method else {OK}
+    assert code in answers, (method, data, code, details)

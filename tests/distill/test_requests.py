@@ -32,6 +32,7 @@ from specedge.distill.requests import (
     generate_requests,
     replay,
 )
+from specedge.errors import InvalidRequestError
 from specedge.model.loader import load_tokenizer, resolve_model_dir
 from specedge.text import encode_chat
 from tests.support.models import tiny_model
@@ -90,6 +91,13 @@ def test_a_template_whose_user_turn_ends_in_text_is_cut_there() -> None:
     assert {"[INST]", "[/INST]"} <= set(pre_query.markers)
     ids = tokenizer("Tell me a joke. [/INST] Why did the", add_special_tokens=False)["input_ids"]
     assert pre_query.text_of(tokenizer, ids, stopped=False) == ("Tell me a joke.", True)
+
+
+def test_a_target_without_a_chat_template_is_refused_with_advice() -> None:
+    tokenizer = load_tokenizer(resolve_model_dir("smollm2-135m"))
+    tokenizer.chat_template = None
+    with pytest.raises(InvalidRequestError, match="--prompts templates"):
+        PreQuery.from_tokenizer(tokenizer, (2,))
 
 
 # ---- the filters --------------------------------------------------------------------------------
@@ -203,6 +211,24 @@ def test_the_requests_do_not_depend_on_the_batch_and_do_on_the_seed(tmp_path: Pa
     other = sample(tmp_path / "other", count=6, batch=6, seed=1)
     assert {r.text for r in other.kept}.isdisjoint(r.text for r in batched.kept)
     assert alone.kept == batched.kept
+
+
+def test_out_of_time_no_candidate_starts_and_those_under_way_count(tmp_path: Path) -> None:
+    """`keep_sampling` (the time budget) says no after 5 candidates have started: exactly
+    those 5 are judged and logged, the long ones too, with no gap in the indices."""
+    asked: list[int] = []
+
+    def keep_sampling(stats: RequestStats) -> bool:
+        asked.append(stats.generated)
+        return len(asked) <= 6  # the first ask is before any candidate
+
+    settings = RequestSettings(count=50, batch=4, max_tokens=16)
+    stats = generate_requests(
+        tiny_model(), TINY_PRE_QUERY, settings, RequestFilter([], set()), RequestLog(tmp_path),
+        RequestStats(), 0, keep_sampling,
+    )  # fmt: skip
+    assert stats.generated == 5
+    assert [record["index"] for record in logged(tmp_path)] == [0, 1, 2, 3, 4]
 
 
 def test_sampling_stops_after_its_candidate_allowance(tmp_path: Path) -> None:

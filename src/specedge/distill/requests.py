@@ -91,7 +91,14 @@ class PreQuery:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, stop_token_ids: Sequence[int]) -> PreQuery:
-        system, user, assistant = SENTINELS
+        """Cut from a conversation holding one sentinel user message: the text before it is
+        the pre-query template, the first token after it (if special) ends a user turn."""
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidRequestError(
+                "the target has no chat template to write requests with: pass --prompts "
+                "templates or a file"
+            )
+        user = SENTINELS[1]
         text = _render(tokenizer, [{"role": "user", "content": user}])
         if text.count(user) != 1:
             raise InvalidRequestError(
@@ -108,19 +115,9 @@ class PreQuery:
             stops.add(int(suffix_ids[0]))
         elif suffix.split():
             end_text = suffix.split()[0]
-        try:
-            conversation = [
-                {"role": "system", "content": system},
-                {"role": "user", "content": user},
-                {"role": "assistant", "content": assistant},
-            ]
-            pieces = re.split("|".join(SENTINELS), _render(tokenizer, conversation))
-        except (TemplateError, ValueError):  # templates without a system role
-            pieces = [prefix, suffix]
-        words = {word for piece in pieces for word in piece.split()}
-        markers = specials | {w for w in words if _LETTER.search(w) and _MARKER_SYMBOLS.search(w)}
-        if not prompt_ids or not stops:
-            raise InvalidRequestError("the target has no stop token to end a user turn")
+        if not stops:
+            raise InvalidRequestError("the target has no stop token to end a user turn with")
+        markers = specials | _template_markers(tokenizer, [prefix, suffix])
         return cls(prompt_ids, tuple(sorted(stops)), end_text, tuple(sorted(markers)))
 
     def text_of(self, tokenizer: Any, tokens: Sequence[int], stopped: bool) -> tuple[str, bool]:
@@ -137,6 +134,22 @@ class PreQuery:
 def _render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     return str(text)
+
+
+def _template_markers(tokenizer: Any, fallback: list[str]) -> set[str]:
+    """Words of the template's own text around a system, a user and an assistant turn that
+    hold a letter and a bracket, bar or colon (`[INST]`, `<|im_start|>user`, `User:`);
+    `fallback`: the text around a user turn, for templates without a system role."""
+    conversation = [
+        {"role": role, "content": sentinel}
+        for role, sentinel in zip(("system", "user", "assistant"), SENTINELS, strict=True)
+    ]
+    try:
+        pieces = re.split("|".join(SENTINELS), _render(tokenizer, conversation))
+    except (TemplateError, ValueError):  # the template refuses a system turn
+        pieces = fallback
+    words = {word for piece in pieces for word in piece.split()}
+    return {word for word in words if _LETTER.search(word) and _MARKER_SYMBOLS.search(word)}
 
 
 def _special_tokens(tokenizer: Any) -> set[str]:
@@ -246,21 +259,25 @@ def generate_requests(
     log: RequestLog,
     stats: RequestStats,
     next_index: int,
-    keep_going: Callable[[RequestStats], bool] = lambda stats: True,
+    keep_sampling: Callable[[RequestStats], bool] = lambda stats: True,
 ) -> RequestStats:
     """Sample candidates from `next_index` on, judge and log each, until `settings.count` are
-    kept, `settings.max_candidates_per_request` per request were tried, or `keep_going`
-    (asked after each candidate: the time budget, a progress bar) says no."""
+    kept or `settings.max_candidates_per_request` per request were tried (then at once), or
+    `keep_sampling` (asked before each new candidate: the time budget, a progress bar) says
+    no (then the candidates under way still finish and count)."""
 
     def consume(candidate: Candidate) -> bool:
         text, ended = pre_query.text_of(target.tokenizer, candidate.tokens, candidate.stopped)
         verdict = request_filter.judge(text, ended)
         log.append(candidate.index, verdict, text, len(candidate.tokens))
         stats.record(candidate.index, verdict, text, len(candidate.tokens))
-        return keep_going(stats) and not settings.satisfied(stats)
+        return not settings.satisfied(stats)
 
-    if not settings.satisfied(stats) and keep_going(stats):
-        asyncio.run(_sample(target, pre_query, settings, next_index, consume))
+    if not settings.satisfied(stats) and keep_sampling(stats):
+        sampling = _sample(
+            target, pre_query, settings, next_index, consume, lambda: keep_sampling(stats)
+        )
+        asyncio.run(sampling)
     return stats
 
 
@@ -270,9 +287,11 @@ async def _sample(
     settings: RequestSettings,
     first_index: int,
     consume: Callable[[Candidate], bool],
+    may_start: Callable[[], bool],
 ) -> None:
     """`settings.batch` concurrent sessions on a private executor, each sampling candidates
-    one after another; `consume` sees them in index order until it says stop."""
+    one after another while `may_start()`; `consume` sees them in index order, and when it
+    says stop, the candidates under way are cancelled."""
     max_context = len(pre_query.prompt_ids) + settings.max_tokens + 1
     runner = ModelRunner(target, num_slots=settings.batch, max_context=max_context, max_block=1)
     executor = VerificationExecutor(TargetEngine(runner), SchedulerPolicy(max_batch=settings.batch))
@@ -297,23 +316,26 @@ async def _sample(
         nonlocal next_index, next_commit
         # The flag, not only the cancellation below: Python 3.11's `asyncio.wait_for` (taking
         # a session slot) can swallow a cancellation that arrives as the slot frees.
-        while not stopped.is_set():
+        while not stopped.is_set() and may_start():
             index, next_index = next_index, next_index + 1
             finished[index] = await sample_one(index)
-            # In index order, so the filters see the same sequence however sessions interleave.
+            # In index order, so the filters see the same sequence however sessions interleave
+            # (a long candidate holds back the commits behind it, not the sampling).
             while next_commit in finished and not stopped.is_set():
                 if not consume(finished.pop(next_commit)):
                     stopped.set()
                 next_commit += 1
 
     workers = [asyncio.create_task(worker()) for _ in range(settings.batch)]
+    every_worker = asyncio.gather(*workers)  # done when all are, or at the first that raises
     stop = asyncio.create_task(stopped.wait())
     try:
-        done, _ = await asyncio.wait([stop, *workers], return_when=asyncio.FIRST_COMPLETED)
-        for task in done - {stop}:
-            task.result()  # a worker ends before the stop only by raising
+        either: list[asyncio.Future[Any]] = [stop, every_worker]
+        done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if every_worker in done:
+            every_worker.result()
     finally:
-        for task in [stop, *workers]:
-            task.cancel()
-        await asyncio.gather(stop, *workers, return_exceptions=True)
+        stop.cancel()
+        every_worker.cancel()  # and with it every worker still running
+        await asyncio.gather(stop, every_worker, return_exceptions=True)  # retrieved: no warning
         await executor.stop()

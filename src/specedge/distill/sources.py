@@ -87,20 +87,20 @@ def self_requests(
     budget = REQUEST_SHARE * config.data_fraction * config.budget_s
     start = time.perf_counter()
 
-    def keep_going(stats: RequestStats) -> bool:
+    def keep_sampling(stats: RequestStats) -> bool:
         progress.update(task, completed=len(stats.kept), description=_describe_requests(stats))
         timing["sampling_seconds"] = spent + time.perf_counter() - start
         return timing["sampling_seconds"] < budget
 
     frozen = any((work / "data").glob("shard-*.pt"))
-    if not frozen and keep_going(stats) and not settings.satisfied(stats):
+    if not frozen and keep_sampling(stats) and not settings.satisfied(stats):
         target = load_model(config.target, config.device, dtype)
         start = time.perf_counter()
         generate_requests(
-            target, pre_query, settings, request_filter, log, stats, next_index, keep_going
+            target, pre_query, settings, request_filter, log, stats, next_index, keep_sampling
         )
         del target
-    keep_going(stats)
+    keep_sampling(stats)
     write_data_card(config.out, stats, settings, config.target)
     return stats
 

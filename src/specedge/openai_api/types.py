@@ -16,6 +16,7 @@ from specedge.core.sampling import NO_TOP_K, SamplingParams
 
 MAX_STOP_STRINGS = 4
 MAX_SEED = 2**64 - 1
+MAX_TOP_K = 2**32 - 1  # the edge's Open carries it as uint32 (past the vocabulary: no top-k)
 NO_TOP_K_HTTP = -1  # vLLM's spelling of "no top-k", accepted with 0 (`sampling.NO_TOP_K`)
 
 
@@ -29,15 +30,15 @@ class GenerationBody(BaseModel):
     """Fields both endpoints share; unknown fields, and values of another JSON type than the
     schema's (no coercion: "1" or true is no integer), are rejected (400). Accepted ranges:
     temperature a finite number in [0, 2] (below `sampling.MIN_TEMPERATURE`: greedy, like 0);
-    top_p in (0, 1]; top_k >= 1, or 0 or -1 for none (an extension); max_tokens >= 1, clamped
-    to the context the prompt leaves; `model` any name (the served model answers). NaN and
-    infinities are refused."""
+    top_p in (0, 1]; top_k in [1, 2^32), or 0 or -1 for none (an extension); max_tokens >= 1,
+    clamped to the context the prompt leaves; `model` any name (the served model answers).
+    NaN and infinities are refused."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int | None = Field(default=None, ge=NO_TOP_K_HTTP)  # extension; 0 or -1: none
+    top_k: int | None = Field(default=None, ge=NO_TOP_K_HTTP, le=MAX_TOP_K)  # 0 or -1: none
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     max_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None

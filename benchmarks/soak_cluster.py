@@ -206,3 +206,16 @@ def sessions_by_outcome(role: Role) -> dict[str, float]:
         return {}
     pattern = re.compile(rf'^{SESSIONS_TOTAL}\{{[^}}]*outcome="([^"]+)"[^}}]*\}}\s+(\S+)', re.M)
     return {outcome: float(value) for outcome, value in pattern.findall(text)}
+
+
+_FAILOVER = re.compile(r"broke \((.*)\); failing over after (\d+) tokens")
+
+
+def count_failovers(log_dir: Path) -> dict[str, int]:
+    """Sessions the edges' logs show failing over, by why their stream broke: `stream broke`
+    (a killed server, a reset link) or `no reply` (within --reply-timeout: a black hole)."""
+    counts = {"stream broke": 0, "no reply": 0}
+    for log in sorted(log_dir.glob("edge-*.log")):
+        for match in _FAILOVER.finditer(log.read_text(errors="replace")):
+            counts["no reply" if "no reply" in match.group(1) else "stream broke"] += 1
+    return counts

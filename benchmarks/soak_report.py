@@ -13,8 +13,8 @@ Terms:
   latest fault whose window (start to recovery, plus `ATTRIBUTION_GRACE_S`) holds the error's
   time and that could reach the request (an edge kill only reaches that edge's clients).
   An error no fault explains, a `truncated` stream or a wrong answer is a finding.
-- *Memory growth* of a process is the median RSS of its last `MEMORY_WINDOW_S` over the
-  median of the first `MEMORY_WINDOW_S` after warm-up.
+- *Memory growth* of a process lifetime is the median RSS of its last `MEMORY_WINDOW_S` over
+  the median of its first `MEMORY_WINDOW_S` after its warm-up (from its start, or a restart).
 
 Everything here is a pure function of the records; nothing reads a clock or a process.
 """
@@ -193,14 +193,14 @@ class MemoryGrowth:
 def memory_growth(
     samples: Sequence[MemorySample], warmup_s: float, window_s: float = MEMORY_WINDOW_S
 ) -> list[MemoryGrowth]:
-    """Growth of every process lifetime (process name and pid) sampled past warm-up for at
-    least two windows."""
+    """Growth of every process lifetime (process name and pid) sampled for at least two
+    windows past its own warm-up (`warmup_s` after its first sample)."""
     lifetimes: dict[tuple[str, int], list[MemorySample]] = {}
     for sample in samples:
         lifetimes.setdefault((sample.process, sample.pid), []).append(sample)
     growths = []
     for (process, pid), series in lifetimes.items():
-        settled = [s for s in series if s.t_s >= warmup_s]
+        settled = [s for s in series if s.t_s >= series[0].t_s + warmup_s]
         if not settled or settled[-1].t_s - settled[0].t_s < 2 * window_s:
             continue
         first, last = settled[0].t_s, settled[-1].t_s
@@ -351,10 +351,23 @@ def write_results(results: dict[str, Any], out_dir: Path) -> list[Check]:
         "completion_tokens": summary.completion_tokens,
         "memory_growth": {f"{g.process} (pid {g.pid})": g.growth for g in growths},
     }
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out_dir / "results.json").write_text(_json_lines(results))
     write_memory_plot(samples, faults, setup["warmup_s"], out_dir / PLOT_FILE)
     (out_dir / "report.md").write_text(render_report(results, summary, growths))
     return verdicts
+
+
+def _json_lines(results: dict[str, Any]) -> str:
+    """results as JSON with one line per list item (requests, memory samples), the rest
+    indented."""
+    fields = []
+    for key, value in results.items():
+        if isinstance(value, list) and value:
+            items = ",\n  ".join(json.dumps(item) for item in value)
+            fields.append(f"{json.dumps(key)}: [\n  {items}\n ]")
+        else:
+            fields.append(f"{json.dumps(key)}: {json.dumps(value, indent=1)}")
+    return "{\n " + ",\n ".join(fields) + "\n}\n"
 
 
 # ---- the report --------------------------------------------------------------------------------
@@ -400,12 +413,35 @@ def render_report(
         lines.append(f"| {check['name']} | {verdict}: {check['detail']} |")
     lines += _requests_section(summary)
     lines += _faults_section([FaultRecord(**fault) for fault in results["faults"]], summary)
+    lines += _failovers(results.get("failovers"), setup)
     lines += _slots_section(results["slots"])
     lines += _memory_section(memory, setup["long_lived"], setup["warmup_s"])
-    notes = results.get("notes") or []
-    if notes:
-        lines += ["", "## Notes", "", *[f"- {note}" for note in notes]]
+    notes = [*method_notes(setup), *(results.get("notes") or [])]
+    lines += ["", "## Notes", "", *[f"- {note}" for note in notes]]
     return "\n".join(lines) + "\n"
+
+
+def method_notes(setup: dict[str, Any]) -> list[str]:
+    """What the numbers do and do not cover."""
+    return [
+        "Errors from an edge kill are by design: the client's HTTP connection to the edge that "
+        "died breaks (the OpenAI API has no resume). Server kills and partitions are meant to be "
+        "invisible to clients (the edge fails over with the prompt plus the tokens emitted so "
+        "far), so any error attributed to them would be a finding even though it counts as "
+        "explained.",
+        f"A black-hole partition lasts {setup['partition_s']:g} s against the edges' "
+        f"`--reply-timeout {setup['reply_timeout_s']:g}`: the sessions on the cut link time out "
+        "and fail over; healing then closes the server's side of them.",
+        "Slow readers fall behind by seconds, but streams of this length never fill the socket "
+        "buffers, so `--stream-timeout` (a reader that stops for good) is not reached here; "
+        "`tests/server/test_bad_input.py` covers it.",
+        "The clients read their streams with `benchmarks/soak_client.py` (the benchmark client, "
+        "`specedge.bench.client`, keeps chunk times but not the text, and has no slow or "
+        "hanging-up reader); they share its request path and model name.",
+        "Latency is of requests as the clients saw them, faults included, on a CPU shared with "
+        "other work (see the load averages above): no performance figure, only evidence that "
+        "requests kept completing.",
+    ]
 
 
 def _requests_section(summary: RequestSummary) -> list[str]:
@@ -470,6 +506,19 @@ def _faults_section(faults: Sequence[FaultRecord], summary: RequestSummary) -> l
     return lines
 
 
+def _failovers(counts: dict[str, int] | None, setup: dict[str, Any]) -> list[str]:
+    if counts is None:
+        return []
+    return [
+        "",
+        f"The edges' logs show {sum(counts.values())} sessions failing over to the other "
+        f"server: {counts['stream broke']} when their stream broke (a killed server, a reset "
+        f"link), {counts['no reply']} after no reply within `--reply-timeout "
+        f"{setup['reply_timeout_s']:g}` (a black hole). Each of their requests is among those "
+        "above, judged against its reference.",
+    ]
+
+
 def _slots_section(slots: dict[str, Any]) -> list[str]:
     lines = [
         "",
@@ -502,7 +551,8 @@ def _memory_section(
         "",
         f"RSS from /proc every few seconds. Growth: median of the last "
         f"{MEMORY_WINDOW_S:.0f} s over the median of the first {MEMORY_WINDOW_S:.0f} s after "
-        f"the {warmup_s:.0f} s warm-up, for every process lifetime long enough. The faults kill "
+        f"a {warmup_s:.0f} s warm-up from its start, for every process lifetime long enough (a "
+        f"restart starts a new one). The faults kill "
         f"server A and edge 0 (their lines restart); {' and '.join(long_lived)} live through "
         f"the whole soak and carry the check (limit {MEMORY_GROWTH_LIMIT:.0%}).",
         "",

@@ -87,20 +87,22 @@ def test_summary_counts_by_cause_and_fails_on_unexplained_or_wrong() -> None:
     assert not summarize_requests([request(text="w5")], [REFERENCE], []).passed
 
 
-def test_memory_growth_per_lifetime_after_warm_up() -> None:
+def test_memory_growth_per_lifetime_after_its_own_warm_up() -> None:
     mib = 2**20
     flat = [MemorySample(t, "server B", 7, 1000 * mib) for t in range(0, 400, 5)]
     growing = [MemorySample(t, "edge 1", 8, (500 + t) * mib) for t in range(0, 400, 5)]
-    # Warm-up growth (before t = 100) does not count; a lifetime too short is left out.
-    warming = [MemorySample(t, "server A", 9, (100 if t < 100 else 900) * mib)
-               for t in range(0, 400, 5)]  # fmt: skip
-    short = [MemorySample(t, "server A", 10, 800 * mib) for t in range(300, 400, 5)]
-    growths = {g.process + str(g.pid): g for g in memory_growth(flat + growing + warming + short,
-                                                                warmup_s=100.0)}  # fmt: skip
-    assert set(growths) == {"server B7", "edge 18", "server A9"}
-    assert growths["server B7"].growth == 0.0 and growths["server A9"].growth == 0.0
+    # Growth within a lifetime's warm-up (100 s from its first sample) does not count, for a
+    # process restarted at t = 150 too; a lifetime too short after it is left out.
+    restarted = [MemorySample(t, "server A", 9, (100 if t < 250 else 900) * mib)
+                 for t in range(150, 500, 5)]  # fmt: skip
+    short = [MemorySample(t, "edge 0", 10, 800 * mib) for t in range(300, 400, 5)]
+    samples = flat + growing + restarted + short
+    growths = {g.process: g for g in memory_growth(samples, warmup_s=100.0)}
+    assert set(growths) == {"server B", "edge 1", "server A"}
+    assert growths["server B"].growth == 0.0 and growths["server A"].growth == 0.0
+    assert growths["server A"].pid == 9 and growths["server A"].span_s == 245.0
     # medians: t in [100, 160) 627.5 MiB, t in (335, 395] 867.5 MiB
-    assert growths["edge 18"].growth == pytest.approx(867.5 / 627.5 - 1)
+    assert growths["edge 1"].growth == pytest.approx(867.5 / 627.5 - 1)
 
 
 @pytest.mark.slow

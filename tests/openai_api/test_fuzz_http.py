@@ -15,7 +15,14 @@ import httpx
 import pytest
 from hypothesis import given
 
-from tests.support.fuzz import GoodSessions, HttpApis, check_http_case, fuzz_settings, http_cases
+from tests.support.fuzz import (
+    GOOD_PROMPT,
+    GoodSessions,
+    HttpApis,
+    check_http_case,
+    fuzz_settings,
+    http_cases,
+)
 
 EXAMPLES = 80  # per API: ~5-10 s each on one idle core
 
@@ -62,3 +69,16 @@ def test_a_method_an_endpoint_does_not_serve_gets_405_with_allow(apis: HttpApis,
             assert response.status_code == 405, (method, path)
             assert set(response.headers["allow"].split(", ")) >= served, (method, path)
             assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("role", ["server", "edge"])
+def test_values_past_the_wires_fields_are_a_400_or_fit(apis: HttpApis, role: str) -> None:
+    """Found by the long fuzzing run: the edge answered 500 to a top_k of 2^32 or more (its
+    Open carries top_k as uint32). The largest values of each bounded field are served."""
+    url = f"{apis.url(role)}/v1/completions"
+    body = {"prompt": GOOD_PROMPT, "max_tokens": 2, "temperature": 1.0}
+    assert httpx.post(url, json=body | {"top_k": 2**32}, timeout=30).status_code == 400
+    largest = {"top_k": 2**32 - 1, "seed": 2**64 - 1, "max_tokens": 2**40}
+    answer = httpx.post(url, json=body | largest, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["finish_reason"] == "length"

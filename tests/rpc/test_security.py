@@ -22,14 +22,15 @@ import grpc
 import pytest
 
 from specedge.core.generation import GenerationStats
+from specedge.core.limits import TreeShape
 from specedge.edge.app import Edge
-from specedge.edge.client import ServerUnavailableError
+from specedge.edge.client import HANDSHAKE, ClientIdentity, ServerConnection, ServerUnavailableError
 from specedge.model.loader import LoadedModel
 from specedge.rpc.codec import SessionOpened, VerifierClient, health_status
 from specedge.rpc.security import AUTH_MESSAGE
 from specedge.server.app import BackgroundServer
 from tests.support.certificates import Pki, make_pki
-from tests.support.models import TARGET_SEED, tiny_model
+from tests.support.models import TARGET_SEED, TINY_VOCAB, tiny_model
 from tests.support.observe import metric
 from tests.support.reference import reference_tokens
 from tests.support.scripted_edge import channel, expect_status, open_message, run
@@ -128,6 +129,20 @@ def test_mutual_tls_with_a_token_end_to_end(
 def test_plaintext_edge_is_refused(tls_server: BackgroundServer, draft: LoadedModel) -> None:
     with pytest.raises(ServerUnavailableError, match="if the server uses TLS, pass --tls-ca"):
         connect(edge_config(tls_server), draft)
+
+
+def test_a_socket_closed_after_the_handshake_gets_no_tls_advice() -> None:
+    """A server gone mid-session (SIGKILL) closes the socket just as a TLS mismatch does at
+    the handshake; only the handshake's error carries the TLS advice."""
+    identity = ClientIdentity("fingerprint", TINY_VOCAB, TreeShape())
+    connection = ServerConnection("127.0.0.1:1", identity)
+    closed = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+        details="Stream removed (Socket closed)",
+    )  # fmt: skip
+    assert "--tls-ca" in str(connection.error_from(closed, HANDSHAKE))
+    mid_session = str(connection.error_from(closed, "a streamed round"))
+    assert "Socket closed" in mid_session and "TLS" not in mid_session
 
 
 def test_plaintext_client_is_refused(tls_server: BackgroundServer) -> None:

@@ -60,6 +60,7 @@ CHANNEL_OPTIONS = (
 LINK_LOST = frozenset({grpc.StatusCode.UNAVAILABLE})
 # Status codes caused by the request itself: HTTP 400.
 REQUEST_REJECTED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
+HANDSHAKE = "the handshake"  # the Info call that opens a link (the only phase TLS can fail in)
 
 
 class ServerUnavailableError(ServiceUnavailableError):
@@ -202,7 +203,7 @@ class ServerConnection:
             self._check(info)
         except grpc.aio.AioRpcError as error:
             await channel.close()
-            raise self.error_from(error, "the handshake") from None
+            raise self.error_from(error, HANDSHAKE) from None
         except ServerIncompatibleError:
             await channel.close()
             raise
@@ -271,7 +272,9 @@ class ServerConnection:
         if code in REQUEST_REJECTED:
             return InvalidRequestError(f"the server rejected the request: {details}")
         if code == grpc.StatusCode.UNAVAILABLE:
-            hint = self.security.hint(details)
+            # TLS advice only where TLS is settled: a link whose handshake worked has a
+            # working TLS setup, so a socket closed later is a server gone, not a certificate.
+            hint = self.security.hint(details) if during == HANDSHAKE else ""
             return ServerUnavailableError(
                 f"verification server {self.address} is unavailable during {during}: {details}"
                 + (f" ({hint})" if hint else "")

@@ -112,9 +112,10 @@ def run_profile(settings: ProfileSettings, console: Console | None = None) -> Pa
     deadline = time.perf_counter() + settings.budget_s
     shape = TreeShape()
     max_nodes = max(settings.nodes)
-    max_context = (
-        max(settings.contexts) + (settings.repeats + 2) * (max_nodes + 2) * len(settings.nodes) + 64
-    )
+    # Room for the largest context twice over (the profiler uses at most half of it) and the
+    # tokens every timed verification commits.
+    growth = (settings.repeats + 2) * (max_nodes + 2) * len(settings.nodes)
+    max_context = 2 * max(settings.contexts) + growth + 64
     slots = max(settings.sequences)
     engine = TargetEngine(
         ModelRunner(target, num_slots=slots, max_context=max_context, max_block=max_nodes + 8),

@@ -2,23 +2,23 @@
 (`requests.jsonl`) that `specedge bench` writes.
 
 A record holds, per request, its prompt and completion lengths, its rounds, how many of them
-the server decoded itself (*streamed*, one token each) and the proactive hits. Records keep
-per-request counts, not per-round ones, so each simulated request draws one measured request
-(same temperature and prompt set) and plays its rounds with that request's *step acceptance*
-alpha: the probability that the target accepts the draft's next token along the tree's best
-path. Alpha is the solution of
+the server decoded itself (*streamed*, one token each), were cut to nothing or verified how
+many nodes, and the proactive hits. Records keep per-request counts, not per-round ones, so
+each simulated request draws one measured request (same temperature and prompt set, any
+drafting system: SpecEdge and server-spec grow the same trees) and plays its rounds with
+that request's *step acceptance* alpha: the probability that the target accepts the draft's
+next token along the tree's best path. Alpha is the solution of
 
-    1 + alpha + alpha^2 + ... + alpha^depth = tokens per speculative round of the record,
+    1 + alpha + alpha^2 + ... + alpha^L = tokens per verified round of the record,
 
-the expected emitted tokens of a round whose best path of `depth` nodes was verified (fewer
-where the record says its rounds verified fewer nodes; streamed rounds and rounds cut to
-nothing, one token each, left out). A
-simulated tree's nodes, best first, carry the estimates alpha^1 .. alpha^depth along that path
-(then zeros: nodes off the path that the target is taken never to accept); a round that
-verifies k of them accepts j nodes with probability alpha^j (1 - alpha) (j < k), so the
-estimates are calibrated by construction (the real edge calibrates them online, within 2%
-in the committed runs). A probe (the draft's one guess while the server decodes) hits with
-probability alpha; a proactive bet hits with the record's hit rate.
+over its rounds that verified a tree (streamed and cut rounds, one token each, left out),
+with L the mean nodes those rounds verified (at most the tree depth). A simulated tree's
+nodes, best first, carry the estimates alpha^1 .. alpha^depth along that path (then zeros:
+nodes off the path, taken never to be accepted); a round that verifies k of them accepts j
+nodes with probability alpha^j (1 - alpha) (j < k), so the estimates are calibrated by
+construction (the real edge calibrates them online, within 2% in the committed runs). A probe
+(the draft's one guess while the server decodes) hits with probability alpha; a proactive bet
+hits with the record's hit rate.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from specedge.bench.results import EDGE_SYSTEMS, REQUESTS_FILE
+from specedge.bench.results import EDGE_SYSTEMS, REQUESTS_FILE, SERVER_SPEC
 from specedge.errors import SpecEdgeError
+
+DRAFTING_SYSTEMS = (*EDGE_SYSTEMS, SERVER_SPEC)  # their trees come from the same draft
 
 
 class AcceptanceError(SpecEdgeError):
@@ -87,7 +89,7 @@ class AcceptanceModel:
         if not pool:
             known = ", ".join(f"{t:g}" for t in sorted(self.samples)) or "none"
             raise AcceptanceError(
-                f"{self.source} has no SpecEdge records at temperature {temperature:g} "
+                f"{self.source} has no drafting records at temperature {temperature:g} "
                 f"(it has: {known}); simulate those temperatures or pass other records"
             )
         return rng.choice(pool)
@@ -105,13 +107,14 @@ class AcceptanceModel:
         prompt_set: str = "specbench",
         source: str = "records",
     ) -> AcceptanceModel:
-        """Samples from request records (lines of `requests.jsonl`) of the edge systems on
-        `prompt_set` that completed. A request whose rounds were all streamed says nothing of
+        """Samples from request records (lines of `requests.jsonl`) of the drafting systems
+        (SpecEdge and server-spec: the same draft and tree shape) on `prompt_set` that
+        completed. A request whose rounds were all streamed says nothing of
         its trees: it gets the mean alpha of its temperature's other requests."""
         usable = [
             r
             for r in records
-            if r.get("system") in EDGE_SYSTEMS
+            if r.get("system") in DRAFTING_SYSTEMS
             and r.get("prompt_set", "specbench") == prompt_set
             and not r.get("error")
             and r.get("tokens", 0) > 0

@@ -71,27 +71,31 @@ class SurfaceCost:
 
     @classmethod
     def fit(cls, points: Sequence[CostPoint]) -> SurfaceCost:
-        """Least squares over `points`; a term whose coefficient comes out negative is dropped
-        and the rest refitted (times never fall as work grows). Terms the points cannot tell
-        apart (one context measured, say) stay at zero."""
+        """Least squares of the relative errors over `points`; a term whose coefficient comes
+        out negative is dropped and the rest refitted (times never fall as work grows). Terms
+        the points cannot tell apart (one context measured, say) stay at zero."""
         if not points:
             raise ProfileError("no cost points to fit")
-        columns = [
+        raw = [
             [1.0] * len(points),
             [float(p.sequences) for p in points],
             [float(p.rows) for p in points],
             [float(p.rows * p.context) for p in points],
         ]
-        target = [p.seconds for p in points]
         # A term the points do not vary independently stays out: one context measured says
         # nothing of the context term, one batch size nothing of the per-sequence one.
         varied = [
             True,
             len({p.sequences for p in points}) > 1,
-            True,
-            len({p.context for p in points}) > 1,
+            len(set(raw[2])) > 1,
+            len({p.context for p in points}) > 1 and len(set(raw[3])) > 1,
         ]
-        active = [i for i in range(4) if varied[i] and (i == 0 or len(set(columns[i])) > 1)]
+        active = [i for i in range(4) if varied[i]]
+        # Relative errors: each point weighted by 1 / its time, so that a one-token step is
+        # fitted as closely as a batch a hundred times longer.
+        weights = [1.0 / max(p.seconds, 1e-9) for p in points]
+        columns = [[x * w for x, w in zip(column, weights, strict=True)] for column in raw]
+        target = [p.seconds * w for p, w in zip(points, weights, strict=True)]
         while True:
             solved = _least_squares([columns[i] for i in active], target)
             negative = [i for i, value in zip(active, solved, strict=True) if value < 0 and i]

@@ -210,6 +210,22 @@ def test_distill_resumes_from_its_work_directory(tiny_target: Path, tmp_path: Pa
     assert torch.load(work / "checkpoint.pt")["state"]["step"] >= step
 
 
+def test_requests_past_their_time_still_leave_teacher_data(
+    tiny_target: Path, tmp_path: Path
+) -> None:
+    """A run whose requests took the whole budget (those under way finish past it) still
+    gets the held-out shard and one training shard, and writes a draft."""
+    work = tmp_path / "draft" / ".distill"
+    work.mkdir(parents=True)
+    (work / "state.json").write_text(json.dumps({"request_seconds": 3600.0}))
+    out = run_distill(tiny_config(tiny_target, tmp_path / "draft"))
+    assert sorted(p.name for p in (work / "data").glob("shard-*.pt")) == [
+        "shard-00-0000.pt",
+        "shard-00-0001.pt",
+    ]
+    assert (out / "model.safetensors").is_file()
+
+
 def test_reduced_head_gives_full_vocab_logits_with_minus_inf_outside(tiny_target: Path) -> None:
     full = load_model(str(tiny_target), dtype=torch.float32)
     head = (0, 2, 7, 100, 49151)

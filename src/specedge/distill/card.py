@@ -209,8 +209,9 @@ def length_histogram(lengths: Sequence[int], max_tokens: int) -> list[str]:
 
 
 def _quote(text: str, limit: int = 300) -> str:
+    """One line, cut at `limit` characters; `(nothing)` for blank text."""
     text = " ".join(text.split())
-    return (text[:limit] + " ...") if len(text) > limit else text
+    return (text[:limit] + " ...") if len(text) > limit else text or "(nothing)"
 
 
 def write_data_card(out: Path, stats: RequestStats, settings: RequestSettings, target: str) -> None:
@@ -224,8 +225,9 @@ def write_data_card(out: Path, stats: RequestStats, settings: RequestSettings, t
         f"top-p {settings.top_p:g}, at most {settings.max_tokens} tokens, seed "
         f"{settings.seed} (`specedge/distill/requests.py`), then filtered "
         "(`specedge/distill/filters.py`: empty, template echo, unfinished, too short, "
-        f"benchmark overlap, exact and near duplicates). Target: {settings.count} kept. The "
-        "kept requests are `.distill/requests.jsonl`, the rejected `.distill/rejected.jsonl`.",
+        f"benchmark overlap, exact and near duplicates), until {settings.count} were kept or "
+        "the time was up. The kept requests are `.distill/requests.jsonl`, the rejected "
+        "`.distill/rejected.jsonl`.",
         "",
         "## Counts",
         "",

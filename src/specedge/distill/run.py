@@ -238,7 +238,8 @@ def _generate_data(
     progress: Progress,
 ) -> None:
     """Shard 0 holds the held-out prompts' greedy samples; later shards one batch of training
-    prompts each. Pass 0 is greedy, later passes sample, until the token or time budget."""
+    prompts each. Pass 0 is greedy, later passes sample, until the token or time budget (the
+    held-out shard and the first training shard are made whatever the time)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     heldout_ids = encode_prompts(tokenizer, heldout_prompts)
     # Sort by length so that left padding stays short within a generate batch.
@@ -264,7 +265,10 @@ def _generate_data(
             continue
         elapsed = spent + time.perf_counter() - start
         over_time = elapsed >= config.data_fraction * config.budget_s
-        if batch_index > 0 and (tokens >= config.max_teacher_tokens or over_time):
+        # The held-out shard and the first training shard always: requests that ran past
+        # their share of the time (those under way finish) must not leave nothing to train on.
+        first = pass_index == 0 and batch_index <= 1
+        if not first and (tokens >= config.max_teacher_tokens or over_time):
             break
         samples = generate_samples(
             teacher,

@@ -64,6 +64,14 @@ def test_trees_that_never_pay_are_decoded_on_the_server(records: dict[str, Path]
     assert metrics.tokens_per_round == pytest.approx(1.0)
 
 
+def test_a_session_that_ended_streamed_starts_the_next_streamed(records: dict[str, Path]) -> None:
+    """As `edge.runtime` does: the next session of the regime skips the trees that lost."""
+    result = run("specedge", records["never"], rtt_ms="15", warmup_per_edge=0)
+    first, *later = sorted(result.records, key=lambda r: r.start_s)
+    assert first.streamed_rounds < first.rounds  # it speculated before streaming
+    assert all(r.streamed_rounds == r.rounds for r in later)
+
+
 def test_trees_that_pay_are_verified(records: dict[str, Path]) -> None:
     metrics = run("specedge", records["good"], rtt_ms="15", requests_per_edge=16).metrics
     assert metrics.streamed_share < 0.2

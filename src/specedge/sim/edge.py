@@ -231,7 +231,7 @@ def edge_request(
                 sizer.observe(verdict.verified)
         if verdict.finished:
             send(CloseMessage(), TREE_BYTES)
-            edge.ended_streaming[regime] = answer.streaming
+            edge.ended_streaming[regime] = answer.streamed  # the last round was streamed
             break
         if answer.streaming and not streaming:
             resumed = False

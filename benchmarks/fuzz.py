@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -363,7 +364,7 @@ def main() -> None:
         print(f"{runs[-1].name}: {runs[-1].examples} examples, "
               f"{len(runs[-1].failures)} distinct failures", flush=True)  # fmt: skip
     info["load_average_end"] = os.getloadavg()
-    command = "taskset -c 1 python benchmarks/fuzz.py " + " ".join(sys.argv[1:])
+    command = "taskset -c 1 python benchmarks/fuzz.py " + shlex.join(sys.argv[1:])
     write_report(runs, info, command.strip(), args.out, args.note)
 
 

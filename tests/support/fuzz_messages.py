@@ -51,7 +51,7 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 # What a bad call may end with; UNKNOWN and INTERNAL (an escaped exception), UNAVAILABLE (a dead
 # server) and DEADLINE_EXCEEDED (a hang: every fuzzed call half-closes) never are.
 CLEAN_CODES = frozenset({OK, INVALID, PRECONDITION, EXHAUSTED})
-RETRY_PAUSES = (0.2, 0.5, 1.0)  # seconds between writes of a call sent again in step
+RETRY_PAUSES = (0.2, 1.0, 5.0)  # seconds between writes of a call sent again in step
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ no accepted parameters produce NaN, and a row with NaN logits draws the invalid 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from transformers.generation.logits_process import (
 from specedge.core.sampling import (
     INVALID_TOKEN,
     MIN_TEMPERATURE,
+    TOP_P_CANDIDATES,
     SamplingParams,
     filter_logits,
     greedy_tokens,
@@ -67,9 +69,33 @@ def test_kept_sets_match_transformers(
     ours = filter_logits(logits, params)
     reference = reference_filter(logits, params)
     kept = torch.isfinite(ours)
-    assert torch.equal(kept, torch.isfinite(reference))
-    torch.testing.assert_close(ours[kept], reference[kept])
+    theirs = torch.isfinite(reference)
+    scaled = reference_filter(logits, replace(params, top_p=1.0))  # temperature, top-k
+    if ties and top_p < 1.0:
+        # transformers keeps whichever of the tokens tied at the top-p boundary its sort put
+        # first; we keep them all: every token (of those top-k left) as likely as its least
+        # likely kept one.
+        boundary = reference.masked_fill(~theirs, math.inf).amin(dim=-1, keepdim=True)
+        theirs = scaled.isfinite() & (scaled >= boundary)
+    assert torch.equal(kept, theirs)
+    torch.testing.assert_close(ours[kept], scaled[kept])
     assert kept.any(dim=-1).all(), "every row keeps at least one token"
+
+
+@pytest.mark.parametrize("top_p", [0.37, 0.83, 0.97])  # off round masses: float sums
+def test_top_p_over_a_large_vocabulary_matches_transformers(top_p: float) -> None:
+    """Rows whose boundary lies beyond the first TOP_P_CANDIDATES tokens (flat ones) are
+    searched further; peaked rows within them: both as transformers keeps them."""
+    first = TOP_P_CANDIDATES[0]
+    vocab = 8 * first
+    generator = torch.Generator().manual_seed(11)
+    spread = torch.tensor([0.05, 0.5, 2.0, 6.0]).repeat_interleave(8)[:, None]  # flat to peaked
+    logits = spread * torch.randn(len(spread), vocab, generator=generator)
+    params = SamplingParams(temperature=1.0, top_p=top_p)
+    kept = torch.isfinite(filter_logits(logits, params))
+    assert torch.equal(kept, torch.isfinite(reference_filter(logits, params)))
+    counts = kept.sum(dim=-1)
+    assert counts.max() > first >= counts.min(), "both searches must be exercised"
 
 
 def test_top_p_is_the_smallest_set_reaching_the_mass() -> None:

@@ -118,6 +118,9 @@ def sample_at(
     return torch.where(probs.sum(dim=-1).isfinite(), tokens, INVALID_TOKEN)
 
 
+TOP_P_CANDIDATES = (256, 4096)  # most likely tokens searched, in turn, for the top-p boundary
+
+
 def _chunk_size(vocab: int) -> int:
     """Columns per chunk of the two-level searches below: the largest divisor of the
     vocabulary in [64, 1024], or the whole vocabulary when it has none."""
@@ -169,13 +172,38 @@ def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:  # [n, V] -
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_logits, sorted_index = torch.sort(logits, descending=False, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cumulative <= 1.0 - params.top_p
-        remove_sorted[..., -1] = False  # always keep the most likely token
-        remove = remove_sorted.scatter(-1, sorted_index, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
+        logits = logits.masked_fill(_outside_top_p(logits, params.top_p), float("-inf"))
     return logits
+
+
+def _outside_top_p(logits: Tensor, top_p: float) -> Tensor:  # [n, V] -> [n, V] bool
+    """The tokens top-p removes: the most likely tokens are kept, in order, up to and including
+    the one whose mass reaches `top_p`, and every token as likely as that one (ties at the
+    boundary are all kept, as top-k keeps them).
+
+    Most rows reach the mass within their few most likely tokens, so the search takes the
+    `TOP_P_CANDIDATES` most likely first (`topk` of 256 of a 49k vocabulary: 0.07 ms here,
+    against 3.3 ms to sort the row, which was most of a sampled row's cost), then more for
+    the rows still short of the mass, and sorts whole only the flattest rows."""
+    probs = logits.softmax(dim=-1)
+    vocab = probs.shape[-1]
+    threshold = probs.new_empty(probs.shape[0], 1)
+    todo = torch.arange(probs.shape[0], device=probs.device)
+    for candidates in (*TOP_P_CANDIDATES, vocab):
+        head = probs[todo].topk(min(candidates, vocab), dim=-1).values  # [m, k] descending
+        reached = head.sum(dim=-1) >= top_p if candidates < vocab else head[:, 0] >= 0
+        threshold[todo[reached]] = _crossing(head[reached], top_p)
+        todo = todo[~reached]
+        if len(todo) == 0:
+            break
+    return probs < threshold
+
+
+def _crossing(descending: Tensor, top_p: float) -> Tensor:  # [n, k] -> [n, 1]
+    """The probability of the token at which each row's cumulative mass reaches `top_p` (the
+    last token when it never does)."""
+    rank = (descending.cumsum(dim=-1) < top_p).sum(dim=-1, keepdim=True)
+    return descending.gather(-1, rank.clamp_(max=descending.shape[-1] - 1))
 
 
 def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:  # [n, V] -> [n, V]

@@ -31,7 +31,7 @@ from specedge.rpc.security import AUTH_MESSAGE
 from specedge.server.app import BackgroundServer
 from tests.support.certificates import Pki, make_pki
 from tests.support.models import TARGET_SEED, TINY_VOCAB, tiny_model
-from tests.support.observe import metric
+from tests.support.observe import metric, wait_for
 from tests.support.reference import reference_tokens
 from tests.support.scripted_edge import channel, expect_status, open_message, run
 from tests.support.servers import edge_config, edge_generate, start_server, with_edge
@@ -260,7 +260,8 @@ def test_bad_tokens_are_refused_before_any_model_work(target: LoadedModel) -> No
 
         assert isinstance(run(served()), SessionOpened)
         assert metric(port, "specedge_server_received_bytes_total") > 0
-        assert metric(port, "specedge_server_prefill_tokens_total") > 0
+        # The prefill may still be running when Opened arrives.
+        wait_for(lambda: metric(port, "specedge_server_prefill_tokens_total") > 0)
         assert metric(port, "specedge_server_auth_failures_total") == 3 * len(BAD_METADATA)
     finally:
         server.stop()

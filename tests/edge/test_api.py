@@ -222,10 +222,21 @@ def test_logs_one_line_per_session_end_and_no_text(
     )
     completion = answer.choices[0].message.content or ""
     assert len(completion) == MAX_TOKENS
-    # The server logs its end once the close crossed the link: later on a loaded machine.
-    wait_for(lambda: sum("role=edge-session" in r.getMessage() for r in caplog.records) == 1, 30)
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("session_end")]
-    fields = [dict(pair.split("=", 1) for pair in line.split()[1:]) for line in lines]
+
+    # The server logs its end once the close crossed the link: later on a loaded machine; an
+    # earlier test's session may end in the meantime, so only this request's id counts.
+    def ends() -> list[dict[str, str]]:
+        lines = [r.getMessage() for r in caplog.records]
+        found = [
+            dict(p.split("=", 1) for p in x.split()[1:])
+            for x in lines
+            if x.startswith("session_end")
+        ]
+        ours = [f["session"] for f in found if f["role"] == "edge"]
+        return [f for f in found if ours and f["session"] == ours[-1]]
+
+    wait_for(lambda: sorted(f["role"] for f in ends()) == ["edge", "edge-session"], 30)
+    fields = ends()
     assert sorted(f["role"] for f in fields) == ["edge", "edge-session"]
     edge, server = sorted(fields, key=lambda f: f["role"])
     assert edge["session"] == server["session"] and len(edge["session"]) == 32

@@ -17,7 +17,7 @@ import inspect
 import ipaddress
 import math
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import MISSING, Field, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -95,6 +95,28 @@ def check_ranges(settings: Any, error: type[Exception]) -> None:
         if not all(v is None or _in_range(v, each) for v in values):
             where = flag_and_key(each.name, type(settings))
             raise error(f"{where} must be {_describe_range(each)}, got {value}")
+
+
+def check_nonempty(settings: Any, names: Sequence[str], error: type[Exception]) -> None:
+    """Raise `error` naming the first of the list fields `names` that holds no value."""
+    for name in names:
+        if not getattr(settings, name):
+            raise error(f"{flag_and_key(name, type(settings))} needs at least one value")
+
+
+def check_choices(settings: Any, choices: dict[str, Sequence[str]], error: type[Exception]) -> None:
+    """Raise `error` for the first field of `choices` whose value is not one it allows; a
+    tuple field (`systems`) must hold at least one value, each allowed."""
+    for name, allowed in choices.items():
+        value = getattr(settings, name)
+        values = value if isinstance(value, tuple) else (value,)
+        unknown = [v for v in values if v not in allowed]
+        if unknown or not values:
+            given = ", ".join(map(str, unknown)) or "(none given)"
+            raise error(
+                f"{flag_and_key(name, type(settings))}: unknown {given}; choose from "
+                f"{', '.join(allowed)}"
+            )
 
 
 def check_port(settings: Any, name: str, error: type[Exception]) -> None:

@@ -23,7 +23,14 @@ from specedge.bench.results import (
     SERVER_AR,
     SPECEDGE,
 )
-from specedge.config_file import check_budget, check_ranges, read_yaml_settings, setting
+from specedge.config_file import (
+    check_budget,
+    check_choices,
+    check_nonempty,
+    check_ranges,
+    read_yaml_settings,
+    setting,
+)
 from specedge.config_file import flag_and_key as _flag_and_key
 from specedge.core.limits import AUTO_BUDGET, BUDGET_HELP, TreeShape, budget_cap
 from specedge.errors import SpecEdgeError
@@ -183,23 +190,13 @@ class BenchConfig:
         return max(num_prompts, clients)
 
     def validate(self) -> BenchConfig:
-        unknown = [s for s in self.systems if s not in ALL_SYSTEMS]
-        if unknown or not self.systems:
-            raise BenchConfigError(
-                f"--systems: unknown {', '.join(unknown) or '(none given)'}; "
-                f"choose from {', '.join(ALL_SYSTEMS)}"
-            )
-        for name in ("clients", "rtt_ms", "temperatures"):
-            if not getattr(self, name):
-                raise BenchConfigError(f"{_where(name)} needs at least one value")
+        check_choices(self, {"systems": ALL_SYSTEMS}, BenchConfigError)
+        check_nonempty(self, ("clients", "rtt_ms", "temperatures"), BenchConfigError)
         check_ranges(self, BenchConfigError)
         check_budget(self, BenchConfigError)
         if not self.auto_depth and not (self.depth.isdigit() and int(self.depth) >= 1):
             raise BenchConfigError(f"{_where('depth')} must be >= 1 or 'auto', got {self.depth!r}")
-        if self.edge_mode not in ("shared", "per-client"):
-            raise BenchConfigError(
-                f"{_where('edge_mode')} must be shared or per-client, got {self.edge_mode!r}"
-            )
+        check_choices(self, {"edge_mode": ("shared", "per-client")}, BenchConfigError)
         if self.proactive not in ("keep-depth", "add-depth"):
             raise BenchConfigError(
                 f"{_where('proactive')} must be keep-depth or add-depth (the ablation "

@@ -33,6 +33,7 @@ from specedge.config_file import (
     DEFAULT_DEVICE,
     DEVICE_HELP,
     MODEL_HELP,
+    check_nonempty,
     check_ranges,
     flag_and_key,
     setting,
@@ -59,9 +60,8 @@ class ProfileSettings:
     budget_s: float = setting(600.0, "Time budget of the whole profile, seconds.", minimum=1)
 
     def validate(self) -> ProfileSettings:
-        for name in ("sequences", "nodes", "contexts", "draft_sessions", "prefill_chunks"):
-            if not getattr(self, name):
-                raise InvalidRequestError(f"--{name.replace('_', '-')} needs at least one value")
+        lists = ("sequences", "nodes", "contexts", "draft_sessions", "prefill_chunks")
+        check_nonempty(self, lists, InvalidRequestError)
         return self
 
 

@@ -17,6 +17,8 @@ from specedge.bench.metrics import Prices
 from specedge.bench.results import SERVER_AR, SERVER_SPEC, SPECEDGE, SPECEDGE_NO_PROACTIVE
 from specedge.config_file import (
     check_budget,
+    check_choices,
+    check_nonempty,
     check_ranges,
     flag_and_key,
     path_fields,
@@ -142,28 +144,19 @@ class SimConfig:
         )
 
     def validate(self) -> SimConfig:
-        unknown = [s for s in self.systems if s not in SIM_SYSTEMS]
-        if unknown or not self.systems:
-            raise SimConfigError(
-                f"{_where('systems')}: unknown {', '.join(unknown) or '(none given)'}; "
-                f"choose from {', '.join(SIM_SYSTEMS)}"
-            )
-        for name in ("edges", "rtt_ms", "temperatures"):
-            if not getattr(self, name):
-                raise SimConfigError(f"{_where(name)} needs at least one value")
+        check_choices(
+            self,
+            {
+                "systems": SIM_SYSTEMS,
+                "arrival": ARRIVALS,
+                "edge_mode": ("per-client", "shared"),
+                "proactive": ("keep-depth", "add-depth"),
+            },
+            SimConfigError,
+        )
+        check_nonempty(self, ("edges", "rtt_ms", "temperatures"), SimConfigError)
         check_ranges(self, SimConfigError)
         check_budget(self, SimConfigError)
-        choices = {
-            "arrival": ARRIVALS,
-            "edge_mode": ("per-client", "shared"),
-            "proactive": ("keep-depth", "add-depth"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise SimConfigError(
-                    f"{_where(name)} must be one of {', '.join(allowed)}, got "
-                    f"{getattr(self, name)!r}"
-                )
         if self.acceptance is None and any(s != SERVER_AR for s in self.systems):
             raise SimConfigError(
                 f"{_where('acceptance')} is needed to simulate drafting: give a `specedge bench` "

@@ -5,11 +5,13 @@ tabulate the errors of server throughput and mean ITL.
     .venv/bin/python benchmarks/sim_validation.py \
         --bench benchmarks/results/sim/validation-bench \
         --profile benchmarks/results/sim/profile-cpu.json \
-        --out benchmarks/results/sim/validation-table.md
+        --out benchmarks/results/sim/validation-table.md \
+        --host-from benchmarks/results/draft-headline/new-r1
 
 Each measured run is simulated with its own settings (system, clients, RTT, temperature) and
 the benchmark's (requests per client, warm-up, max tokens, budget, depth, shared edge), the
-acceptance replayed from the same benchmark's request records. The simulated runs are also
+acceptance replayed from the same benchmark's request records and, with `--host-from`, the
+server's host work per token as other runs measured it. The simulated runs are also
 written as a results directory next to the table (`validation-sim/`: report and plots).
 """
 
@@ -30,15 +32,31 @@ from specedge.sim.run import simulate_run
 AIM = 0.10  # relative error allowed (issue 14)
 
 
+def host_costs(benches: list[Path]) -> str:
+    """Each system's server host ms per token over the runs of `benches` that measured it
+    (token-weighted), as `specedge simulate --host-ms-per-token` takes it."""
+    host: dict[str, float] = {}
+    tokens: dict[str, int] = {}
+    for bench in benches:
+        for run in read_results(bench)[0]:
+            ms = run.metrics.server_host_ms_per_token
+            if ms is not None and run.spec.system in SIM_SYSTEMS:
+                host[run.spec.system] = host.get(run.spec.system, 0.0) + ms * run.metrics.tokens
+                tokens[run.spec.system] = tokens.get(run.spec.system, 0) + run.metrics.tokens
+    return ",".join(f"{system}={host[system] / tokens[system]:.3f}" for system in sorted(host))
+
+
 def simulate_bench(
     bench: Path,
     profile_path: Path,
     seed: int,
     systems: tuple[str, ...] = SIM_SYSTEMS,
     records: Path | None = None,
+    host: str = "",
 ) -> list[tuple[RunResult, RunResult]]:
     """(measured, simulated) for every run of `bench` of `systems`, acceptance from the
-    request records of `records` (default: `bench`'s own)."""
+    request records of `records` (default: `bench`'s own), the server's host work per token
+    `host` (`host_costs`)."""
     runs, meta = read_results(bench)
     settings = meta.config
     depth = int(str(settings.get("draft tree", "depth 6")).split("depth ")[1].split(",")[0])
@@ -66,6 +84,7 @@ def simulate_bench(
                 "depth": depth,
                 "edge_mode": "shared",
                 "prices": "server=4.05,edge=0.35",
+                "host_ms_per_token": host,
                 "seed": seed,
             },
         )
@@ -141,16 +160,29 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="validation table (Markdown)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--host-from",
+        type=Path,
+        action="append",
+        default=[],
+        help="bench DIR (repeatable) whose runs measured the server's host work per token "
+        "(better other runs than those simulated); none: no host term",
+    )
     args = parser.parse_args()
     pairs = []
     records = Path(args.bench[0].split("=")[0])  # acceptance from the first directory
+    host = host_costs(args.host_from)
     for entry in args.bench:
         directory, _, systems = entry.partition("=")
         chosen = tuple(systems.split(",")) if systems else SIM_SYSTEMS
-        pairs += simulate_bench(Path(directory), args.profile, args.seed, chosen, records)
+        pairs += simulate_bench(Path(directory), args.profile, args.seed, chosen, records, host)
     results = summary(pairs)
     benches = ", ".join(args.bench)
-    lines = [f"Simulated vs measured: {benches} with {args.profile}", "", *table(pairs), ""]
+    lines = [f"Simulated vs measured: {benches} with {args.profile}", ""]
+    if host:
+        sources = ", ".join(map(str, args.host_from))
+        lines += [f"Server host ms per token (from {sources}): {host}", ""]
+    lines += [*table(pairs), ""]
     lines.append("Summary: " + json.dumps(results))
     text = "\n".join(lines) + "\n"
     print(text)

@@ -54,7 +54,7 @@ def test_latency_metrics_from_known_timestamps() -> None:
 
 
 def test_throughput_rounds_acceptance_and_proactive() -> None:
-    usage = ServerUsage(wall_s=2.0, busy_s=1.5, wire_bytes=1800)
+    usage = ServerUsage(wall_s=2.0, busy_s=1.5, wire_bytes=1800, host_cpu_s=0.36)
     metrics = compute_run_metrics(RECORDS, usage, Prices())
     assert metrics.server_throughput_tok_s == pytest.approx(9.0)
     assert metrics.tokens_per_round == pytest.approx(18 / 7)
@@ -63,6 +63,11 @@ def test_throughput_rounds_acceptance_and_proactive() -> None:
     assert metrics.server_busy_fraction == pytest.approx(0.75)
     assert metrics.server_busy_ms_per_token == pytest.approx(1500 / 18)
     assert metrics.bytes_per_token == pytest.approx(100.0)
+    assert metrics.server_host_ms_per_token == pytest.approx(360 / 18)
+    assert (
+        compute_run_metrics(RECORDS, ServerUsage(wall_s=2.0), Prices()).server_host_ms_per_token
+        is None
+    )
 
 
 def test_cost_counts_server_wall_and_edge_engaged_time() -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -27,6 +29,7 @@ from specedge.model.loader import LoadedModel
 from specedge.rpc.codec import CloseSession, SessionOpened, VerifierClient
 from specedge.server.app import BackgroundServer
 from specedge.server.config import ConfigError, ServerConfig, load_server_config
+from specedge.server.metrics import ServerMetrics
 from tests.support.models import TARGET_SEED, tiny_model
 from tests.support.observe import metric, wait_for
 from tests.support.reference import reference_tokens
@@ -175,6 +178,38 @@ def test_concurrent_api_requests_and_an_edge_session_are_all_correct(
     trees = metric(port, "specedge_server_verify_batch_size_sum") - trees_before
     batches = metric(port, "specedge_server_verify_batch_size_count") - batches_before
     assert trees > batches  # some batches held several sessions' trees
+
+
+def test_host_cpu_is_the_process_outside_its_model_thread(
+    spec_server: BackgroundServer,
+) -> None:
+    """On /metrics, and counting none of the model thread's CPU: a thread that burns 0.3 s of
+    CPU counts as host CPU until it is watched as the model thread."""
+    port = spec_server.metrics_port
+    before = metric(port, "specedge_server_host_cpu_seconds")
+    complete(spec_server, PROMPTS[0])
+    assert metric(port, "specedge_server_host_cpu_seconds") > before  # the HTTP API's work
+
+    def burn() -> None:
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+
+    metrics = ServerMetrics()
+    metrics.watch_model_thread(threading.get_ident())  # this thread: the burner is host CPU
+
+    def host_cpu() -> float:
+        return metrics.registry.get_sample_value("specedge_server_host_cpu_seconds") or 0.0
+
+    for watched in (False, True):
+        thread = threading.Thread(target=burn)
+        thread.start()
+        if watched:
+            metrics.watch_model_thread(thread.ident or 0)
+        start = host_cpu()
+        thread.join()
+        host = host_cpu() - start
+        assert (host < 0.15) if watched else (host > 0.25)
 
 
 def test_draft_time_is_server_busy_time(spec_server: BackgroundServer) -> None:

@@ -133,6 +133,20 @@ def test_many_edges_over_replicas(records: dict[str, Path]) -> None:
     assert metrics.tokens == 120 * 32
 
 
+def test_host_work_per_token_holds_the_server() -> None:
+    """The server's host work per emitted token is device time after each batch: one user's
+    token takes the step plus it, and the other systems' costs do not apply."""
+    result = run("server-ar", host_ms_per_token="server-ar=2.5,specedge=100")
+    assert result.metrics.itl_ms_mean == pytest.approx(1000 * STEP_S + 2.5, rel=1e-9)
+    full = run("server-ar", edges="8", warmup_per_edge=0, host_ms_per_token="server-ar=2.5")
+    step = 1000 * PROFILE.verify_cost(8, 8)  # each token is one batch of all eight, as above
+    assert full.metrics.itl_ms_p50 == pytest.approx(step + 8 * 2.5, rel=0.05)
+    with pytest.raises(SimConfigError, match="--host-ms-per-token"):
+        load_sim_config(None, {"systems": "server-ar", "host_ms_per_token": "tgi=1"})
+    with pytest.raises(SimConfigError, match="--host-ms-per-token"):
+        load_sim_config(None, {"systems": "server-ar", "host_ms_per_token": "server-ar=-1"})
+
+
 def test_settings_are_validated() -> None:
     with pytest.raises(SimConfigError, match="--systems"):
         load_sim_config(None, {"systems": "nope"})

@@ -11,7 +11,8 @@ engaged time of each edge, bytes on the WAN link). Definitions:
 - Server throughput: generated tokens / server wall time of the run.
 - Tokens per round: emitted tokens / verification rounds (accepted + bonus); acceptance rate:
   accepted draft tokens / emitted tokens.
-- Proactive hit rate: hits / attempts. Server busy fraction: busy seconds / wall time.
+- Proactive hit rate: hits / attempts. Server busy fraction: busy seconds / wall time. Server
+  host ms per token: the server process's CPU outside its model thread / tokens.
 - Cost: (server $/s x server wall + sum over edges of edge $/s x engaged time) / tokens; a
   server-only system has no edges and pays the server alone.
 
@@ -118,6 +119,8 @@ class ServerUsage:
     busy_s: float | None = None  # server busy seconds over the run; None when not measured
     edge_engaged_s: tuple[float, ...] = ()  # one per edge used; () for server-only systems
     wire_bytes: int | None = None  # bytes on the WAN link, both directions
+    # CPU seconds of the server process outside its model thread (event loop, gRPC, HTTP)
+    host_cpu_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,9 @@ class RunMetrics:
     throughput_max: float | None = None
     itl_ms_min: float | None = None
     itl_ms_max: float | None = None
+    # the server's host CPU (outside the model thread) per emitted token: what the simulator
+    # charges its server for the event loop, gRPC and HTTP work (`specedge simulate`)
+    server_host_ms_per_token: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -255,6 +261,7 @@ def compute_run_metrics(
         throughput_max=tokens / usage.wall_s if usage.wall_s > 0 else 0.0,
         itl_ms_min=mean(itls) if itls else None,
         itl_ms_max=mean(itls) if itls else None,
+        server_host_ms_per_token=_ratio(usage.host_cpu_s, tokens / 1000.0),
     )
 
 

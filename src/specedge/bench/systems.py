@@ -59,6 +59,7 @@ from specedge.core.limits import budget_cap
 
 LOCALHOST = "127.0.0.1"
 BUSY_COUNTER = "specedge_server_busy_seconds_total"
+HOST_CPU_GAUGE = "specedge_server_host_cpu_seconds"
 LOCKSTEP_BATCH_WAIT_MS = 5000.0  # longer than any edge's turnaround here
 # Systems served by one kind of server; the lockstep server is per client count.
 SERVER_KINDS = {
@@ -110,6 +111,9 @@ class Deployment:
 
     def busy_seconds(self) -> float | None:
         return scrape_counter(self.metrics_url, BUSY_COUNTER)
+
+    def host_cpu_seconds(self) -> float | None:
+        return scrape_counter(self.metrics_url, HOST_CPU_GAUGE)
 
     def check_alive(self) -> None:
         for process in self.processes:

@@ -36,6 +36,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -156,6 +157,7 @@ class VerificationExecutor:
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         assert self._task is None
+        self.metrics.watch_model_thread(self._pool.submit(threading.get_ident).result())
         self._task = asyncio.get_running_loop().create_task(self._run(), name="specedge-executor")
         self._task.add_done_callback(self._on_loop_exit)
 

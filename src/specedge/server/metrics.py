@@ -11,6 +11,9 @@ Every metric lives in the server's own `CollectorRegistry`, so several servers i
 - `specedge_server_busy_seconds_total`: time the model thread was running (verify, prefill and
   server-side drafting), of which `specedge_server_draft_seconds_total` drafting;
 - `specedge_server_prefill_tokens_total`;
+- `specedge_server_host_cpu_seconds`: CPU time of the process outside the model thread (the
+  event loop, gRPC, HTTP), the host work the simulator charges per token (with one torch
+  thread; intra-op threads of more would count as host);
 - goodput selection (DESIGN.md section 12): `specedge_server_verified_nodes_total` (of the draft
   nodes received, those verified), `specedge_server_cut_rounds_total` (rounds whose non-empty
   tree was cut to nothing: a plain decoding step), `specedge_server_predicted_tokens_total` and
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -57,6 +61,7 @@ VERIFY_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 class ServerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._model_thread: int | None = None
         r = self.registry
         self.active_sessions = Gauge(
             "specedge_server_active_sessions", "Open generation sessions.", registry=r
@@ -89,6 +94,13 @@ class ServerMetrics:
         )
         self.draft_nodes = Counter(
             "specedge_server_draft_nodes", "Draft tree nodes received for verification.", registry=r
+        )
+        self.host_cpu_seconds = Gauge(
+            "specedge_server_host_cpu_seconds",
+            "CPU seconds of this process outside the model thread (event loop, gRPC, HTTP): "
+            "with one torch thread, the host work that shares the server's cores with the "
+            "model (what `specedge simulate --host-ms-per-token` charges).",
+            registry=r,
         )
         self.busy_seconds = Counter(
             "specedge_server_busy_seconds",
@@ -178,7 +190,20 @@ class ServerMetrics:
             registry=r,
         )
 
+    def watch_model_thread(self, ident: int) -> None:
+        """Count CPU outside thread `ident` (the model thread) as host CPU from now on."""
+        self._model_thread = ident
+        self.host_cpu_seconds.set_function(self._host_cpu)
+
+    def _host_cpu(self) -> float:
+        try:
+            model = time.clock_gettime(time.pthread_getcpuclockid(self._model_thread or 0))
+        except (OSError, OverflowError):  # the thread has ended (the server stopped)
+            return 0.0
+        return time.process_time() - model
+
     # ---- the HTTP API's reports (`openai_api.api.ApiMetrics`) ---------------------------
+
     def count_request(self, endpoint: str, outcome: str) -> None:
         self.api_requests.labels(endpoint, outcome).inc()
 

@@ -117,6 +117,11 @@ class SimConfig:
         minimum=0,
         maximum=0.9,
     )
+    host_ms_per_token: str = setting(
+        "",
+        "The server's host work per emitted token, held on its device after each batch, as "
+        "SYSTEM=MS,... (a `specedge bench` run's server_host_ms_per_token; default none).",
+    )
     prices: str = setting("server=4.05,edge=0.35", "Machine prices, $/hour.")
     seed: int = setting(0, "Seed of every random draw.")
     out: str = setting("sim-results", "Output directory.")
@@ -125,6 +130,20 @@ class SimConfig:
     @property
     def price_table(self) -> Prices:
         return Prices.parse(self.prices)
+
+    @property
+    def host_costs(self) -> dict[str, float]:
+        """`host_ms_per_token` as seconds per token by system."""
+        costs = {}
+        for item in filter(None, (part.strip() for part in self.host_ms_per_token.split(","))):
+            system, sep, value = item.partition("=")
+            if not sep or system.strip() not in SIM_SYSTEMS:
+                raise ValueError(f"expected SYSTEM=MS with a system of {', '.join(SIM_SYSTEMS)}")
+            milliseconds = float(value)
+            if not milliseconds >= 0:  # NaN too
+                raise ValueError(f"{system.strip()}: a time must be >= 0 ms, got {value}")
+            costs[system.strip()] = milliseconds / 1000.0
+        return costs
 
     @property
     def budget_cap(self) -> int:
@@ -163,10 +182,12 @@ class SimConfig:
                 "output directory with SpecEdge runs (e.g. benchmarks/results/sim/"
                 "validation-bench)"
             )
-        try:
-            self.price_table  # noqa: B018 (parse to validate)
-        except ValueError as error:
-            raise SimConfigError(f"{_where('prices')}: {error}") from None
+        for name in ("price_table", "host_costs"):
+            try:
+                getattr(self, name)  # parse to validate
+            except ValueError as error:
+                key = "prices" if name == "price_table" else "host_ms_per_token"
+                raise SimConfigError(f"{_where(key)}: {error}") from None
         return self
 
 

@@ -93,7 +93,14 @@ def simulate_run(
     servers = []
     for index in range(config.servers):
         device = Device(env, rng, config.noise)
-        executor = SimExecutor(env, device, server_profile, config.policy, rng)
+        executor = SimExecutor(
+            env,
+            device,
+            server_profile,
+            config.policy,
+            rng,
+            host_s_per_token=config.host_costs.get(spec.system, 0.0),
+        )
         server = SimServer(env, executor, f"server{index}")
         if spec.system == SERVER_SPEC:  # drafting on the server's device, between batches
             server.drafting = StepBatcher(
@@ -411,6 +418,7 @@ def _summary(
         "server profile": f"{config.profile} ({server.device}{_estimate(server)})",
         "edge profile": f"{config.edge_profile or config.profile} ({edge.device})",
         "acceptance from": acceptance.source if acceptance else "none",
+        "server host ms per token": config.host_ms_per_token or "none",
         "target": server.target,
         "draft": edge.draft,
         "systems": ", ".join(config.systems),

@@ -65,6 +65,10 @@ class ServerSession:
     def finished(self) -> bool:
         return self.emitted >= self.length
 
+    @property
+    def left(self) -> int:
+        return self.length - self.emitted
+
 
 class SimExecutor:
     """`server.executor.VerificationExecutor`'s loop on simulated time (see the module
@@ -79,8 +83,13 @@ class SimExecutor:
         rng: random.Random,
         *,
         goodput: bool = True,
+        host_s_per_token: float = 0.0,
     ) -> None:
+        """`host_s_per_token`: the server's host work (event loop, gRPC, HTTP) per emitted
+        token, held on the device after each batch's forward (on a CPU server it shares the
+        cores with the model; `specedge bench` measures it as `server_host_ms_per_token`)."""
         self.env = env
+        self.host_s_per_token = host_s_per_token
         self.device = device
         self.rng = rng
         self.verify_cost = profile.verify_cost
@@ -170,11 +179,15 @@ class SimExecutor:
         )
         rows = sum(k + 1 for k in keep)
         context = sum(s.context for s in sessions) / len(sessions)
-        elapsed = yield from self.device.run(lambda: self.verify_cost(len(sessions), rows, context))
-        emitted = []
-        for session, verified in zip(sessions, keep, strict=True):
-            accepted = session.sample.accepted(verified, session.depth, self.rng)
-            tokens = min(accepted + 1, session.length - session.emitted)
+        emitted = [
+            min(session.sample.accepted(verified, session.depth, self.rng) + 1, session.left)
+            for session, verified in zip(sessions, keep, strict=True)
+        ]
+        host = self.host_s_per_token * sum(emitted)
+        elapsed = yield from self.device.run(
+            lambda: self.verify_cost(len(sessions), rows, context) + host
+        )
+        for session, verified, tokens in zip(sessions, keep, emitted, strict=True):
             session.emitted += tokens
             predicted = None
             if session.estimates is not None:
@@ -183,7 +196,6 @@ class SimExecutor:
             reply, session.reply = session.reply, None
             assert reply is not None
             reply.succeed(verdict)
-            emitted.append(tokens)
         self.scheduler.complete(batch, env.now)
         self.batching.record(len(sessions), rows, elapsed, emitted, env.now)
         self.batches += 1

@@ -11,6 +11,7 @@ autoregressive `specedge generate` tokens/s on this machine.
    the same SpecBench prompts, alternated, tokens/s from `--json`.
 
     python benchmarks/draft_speed.py   # writes benchmarks/results/draft_speed.{md,json}
+    python benchmarks/draft_speed.py --draft new=smollm2-135m-draft --draft old=OLD_DIR
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from specedge.core.limits import TreeShape
 from specedge.core.local import LocalGenerator
 from specedge.core.model_runner import ModelRunner, TreeRow, chain_parents
 from specedge.core.sampling import SamplingParams
+from specedge.distill.card import HELDOUT_FILE
 from specedge.distill.run import DistillConfig
 from specedge.distill.sources import TEMPLATES, split_prompts
-from specedge.model.loader import LoadedModel, load_model, parse_dtype
+from specedge.model.loader import LoadedModel, load_model, parse_dtype, resolve_model_dir
 from specedge.text import encode_prompt
 
 ROOT = Path(__file__).resolve().parent
@@ -72,9 +74,13 @@ def prompts(count: int) -> list[str]:
     return [r.text for r in records[:: len(records) // count][:count]]
 
 
-def heldout_prompts(count: int) -> list[str]:
-    """The bundled draft's held-out prompts (its distillation's defaults): tuning data that is
-    neither the draft's training data nor SpecBench."""
+def heldout_prompts(draft_dir: Path, count: int) -> list[str]:
+    """The draft's held-out prompts (`heldout_prompts.jsonl`, written by `specedge distill`;
+    for a draft without it, its distillation's defaults): tuning data that is neither the
+    draft's training data nor SpecBench."""
+    listed = draft_dir / HELDOUT_FILE
+    if listed.exists():
+        return [json.loads(line)["prompt"] for line in listed.read_text().splitlines()][:count]
     config = DistillConfig(target="smollm2-135m", out=Path(), prompts=TEMPLATES)
     return split_prompts(config)[1][:count]
 
@@ -128,10 +134,10 @@ def cli_rate(args: list[str], prompt_file: Path) -> float:
     return tokens / seconds
 
 
-def spec_flags(shape: tuple[int, ...]) -> list[str]:
+def spec_flags(shape: tuple[int, ...], draft: str = "smollm2-135m-draft") -> list[str]:
     budget, depth, width, beams, lookup = shape
     return [
-        "--draft", "smollm2-135m-draft", "--mode", "spec", "--budget", str(budget),
+        "--draft", draft, "--mode", "spec", "--budget", str(budget),
         "--depth", str(depth), "--width", str(width), "--beams", str(beams),
         "--lookup", str(lookup),
     ]  # fmt: skip
@@ -142,28 +148,41 @@ def main() -> None:
     parser.add_argument("--tune-prompts", type=int, default=4)
     parser.add_argument("--cli-prompts", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--draft",
+        action="append",
+        default=[],
+        help="LABEL=DRAFT (repeatable; default: the bundled draft): drafts measured side by "
+        "side, tuned on the first one's held-out prompts, their generate runs alternated",
+    )
     parser.add_argument("--out", default=str(ROOT / "results"))
     parser.add_argument("--note", default="", help="how the machine was used, for the report")
     args = parser.parse_args()
+    drafts = dict(d.partition("=")[::2] for d in args.draft) or {"bundled": "smollm2-135m-draft"}
     dtype = parse_dtype("bfloat16")
     target = load_model("smollm2-135m", dtype=dtype)
-    draft = load_model("smollm2-135m-draft", dtype=dtype)
-    latency = {
-        "target_1_token_ms": 1e3 * step_latency(target, 1),
-        "draft_1_token_ms": 1e3 * step_latency(draft, 1),
-        "draft_8_tokens_ms": 1e3 * step_latency(draft, 8),
-        "target_33_tokens_ms": 1e3 * step_latency(target, 33),
-    }
-    latency["draft_over_target_1_token"] = (
-        latency["draft_1_token_ms"] / latency["target_1_token_ms"]
-    )
-    print(json.dumps(latency), flush=True)
-    tuning = tune(target, draft, heldout_prompts(args.tune_prompts), 96)
-    best = max(tuning[1:], key=lambda r: r["tokens_per_s"])["shape"]
-    budget, depth, width, beams, lookup = best
-    variants = {"spec": best}
-    if lookup == 0:
-        variants["spec + lookup"] = (budget, depth, width, beams, depth)
+    texts = heldout_prompts(resolve_model_dir(next(iter(drafts.values()))), args.tune_prompts)
+    latency: dict[str, dict[str, float]] = {}
+    tuning: dict[str, list[dict]] = {}
+    variants: dict[str, tuple[str, tuple[int, ...]]] = {}  # name -> (draft, shape)
+    for label, name in drafts.items():
+        draft = load_model(name, dtype=dtype)
+        latency[label] = {
+            "target_1_token_ms": 1e3 * step_latency(target, 1),
+            "draft_1_token_ms": 1e3 * step_latency(draft, 1),
+            "draft_8_tokens_ms": 1e3 * step_latency(draft, 8),
+            "target_33_tokens_ms": 1e3 * step_latency(target, 33),
+        }
+        latency[label]["draft_over_target_1_token"] = (
+            latency[label]["draft_1_token_ms"] / latency[label]["target_1_token_ms"]
+        )
+        print(json.dumps({label: latency[label]}), flush=True)
+        tuning[label] = tune(target, draft, texts, 96)
+        best = max(tuning[label][1:], key=lambda r: r["tokens_per_s"])["shape"]
+        budget, depth, width, beams, lookup = best
+        variants[f"{label}: spec"] = (name, best)
+        if lookup == 0:
+            variants[f"{label}: spec + lookup"] = (name, (budget, depth, width, beams, depth))
     rates: dict[str, list[float]] = {"ar": [], **{name: [] for name in variants}}
     with tempfile.TemporaryDirectory() as tmp:
         prompt_file = Path(tmp) / "prompts.jsonl"
@@ -172,59 +191,81 @@ def main() -> None:
         )
         for _ in range(args.repeats):
             rates["ar"].append(cli_rate(["--mode", "ar"], prompt_file))
-            for name, shape in variants.items():
-                rates[name].append(cli_rate(spec_flags(shape), prompt_file))
+            for name, (draft_name, shape) in variants.items():
+                rates[name].append(cli_rate(spec_flags(shape, draft_name), prompt_file))
             print(json.dumps({name: runs[-1] for name, runs in rates.items()}), flush=True)
     ar = statistics.fmean(rates["ar"])
     cli = {
         name: {
-            "shape": variants.get(name),
+            "draft": variants[name][0] if name in variants else None,
+            "shape": variants[name][1] if name in variants else None,
             "tokens_per_s": statistics.fmean(runs),
             "runs": runs,
             "speedup": statistics.fmean(runs) / ar,
         }
         for name, runs in rates.items()
     }
-    report = {"latency": latency, "tuning": tuning, "cli": cli, "threads": torch.get_num_threads()}
+    report = {
+        "drafts": drafts,
+        "latency": latency,
+        "tuning": tuning,
+        "cli": cli,
+        "threads": torch.get_num_threads(),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "draft_speed.json").write_text(json.dumps(report, indent=2) + "\n")
+    described = ", ".join(f"`{label}` = `{name}`" for label, name in drafts.items())
     lines = [
         "# Draft speed on this CPU (bf16)",
         "",
-        f"torch threads: {torch.get_num_threads()}. {args.note} Ratios come from the same "
-        "process (latency) or alternated runs (generate).",
+        f"Drafts: {described}. torch threads: {torch.get_num_threads()}. {args.note} Ratios "
+        "come from the same process (latency) or alternated runs (generate).",
         "",
         "## Single-step latency (64-token context, forward + logits, median)",
         "",
-        f"- target, 1 token: {latency['target_1_token_ms']:.1f} ms",
-        f"- draft, 1 token: {latency['draft_1_token_ms']:.1f} ms "
-        f"(**{latency['draft_over_target_1_token']:.3f}** of the target)",
-        f"- draft, 8 tokens (a frontier step): {latency['draft_8_tokens_ms']:.1f} ms",
-        f"- target, 33 tokens (a budget-32 verify): {latency['target_33_tokens_ms']:.1f} ms",
+        "| draft | target, 1 token | draft, 1 token | draft / target | draft, 8 tokens (a "
+        "frontier step) | target, 33 tokens (a budget-32 verify) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, row in latency.items():
+        lines.append(
+            f"| {label} | {row['target_1_token_ms']:.1f} ms | {row['draft_1_token_ms']:.1f} ms "
+            f"| **{row['draft_over_target_1_token']:.3f}** | {row['draft_8_tokens_ms']:.1f} ms "
+            f"| {row['target_33_tokens_ms']:.1f} ms |"
+        )
+    lines += [
         "",
         f"## Tree shape tuning (in-process, greedy, 96 new tokens, {args.tune_prompts} held-out "
-        "prompts of the distillation)",
+        f"prompts of the `{next(iter(drafts))}` draft's distillation)",
         "",
-        "| budget, depth, width, beams, lookup | tokens/s | tokens/round |",
-        "|---|---|---|",
+        "| budget, depth, width, beams, lookup | "
+        + " | ".join(f"{label} tokens/s | {label} tokens/round" for label in drafts)
+        + " |",
+        "|---|" + "---|---|" * len(drafts),
     ]
-    for row in tuning:
+    first = next(iter(tuning.values()))
+    for index, row in enumerate(first):
         name = "AR (target alone)" if row["shape"] is None else ", ".join(map(str, row["shape"]))
-        lines.append(f"| {name} | {row['tokens_per_s']:.1f} | {row['tokens_per_round']:.2f} |")
+        cells = [
+            f"{rows[index]['tokens_per_s']:.1f} | {rows[index]['tokens_per_round']:.2f}"
+            for rows in tuning.values()
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"## `specedge generate`, 128 new tokens, chat, temperature 0, bf16, "
         f"{args.cli_prompts} SpecBench prompts, {args.repeats} alternated repeats",
         "",
-        "| mode | tokens/s | runs | vs ar |",
-        "|---|---|---|---|",
+        "| mode | flags | tokens/s | runs | vs ar |",
+        "|---|---|---|---|---|",
     ]
-    for row in cli.values():
+    for name, row in cli.items():
         flags = "--mode ar" if row["shape"] is None else " ".join(spec_flags(row["shape"])[4:])
         runs = " / ".join(f"{r:.1f}" for r in row["runs"])
         lines.append(
-            f"| `{flags}` | {row['tokens_per_s']:.1f} | {runs} | **{row['speedup']:.2f}x** |"
+            f"| {name} | `{flags}` | {row['tokens_per_s']:.1f} | {runs} "
+            f"| **{row['speedup']:.2f}x** |"
         )
     lines.append("")
     (out / "draft_speed.md").write_text("\n".join(lines))

@@ -179,6 +179,15 @@ def test_distill_with_no_prompt_file_trains_on_requests_the_target_wrote(
     answered = [s for shard in load_shards(out / ".distill" / "data") for s in shard]
     assert answered and {tuple(s.tokens[: s.num_prompt]) for s in answered} <= prompts
     assert load_model(str(out), dtype=torch.float32).config.num_layers == 2
+    # The held-out requests ship with the draft (for later measurements), none trained on.
+    heldout = [json.loads(line)["prompt"] for line in (out / "heldout_prompts.jsonl").open()]
+    heldout_ids = {tuple(encode_prompts(tokenizer, [text])[0]) for text in heldout}
+    trained = {
+        tuple(s.tokens[: s.num_prompt])
+        for shard in load_shards(out / ".distill" / "data")[1:]
+        for s in shard
+    }
+    assert heldout and set(heldout) <= {r["prompt"] for r in kept} and not heldout_ids & trained
 
 
 def test_training_continues_from_a_draft(

@@ -8,6 +8,7 @@ through the model loader, reporting tokens per verification round (accepted + bo
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 ACCEPTANCE_TOKENS = 96
 ACCEPTANCE_BUDGET = 32
 DATA_CARD = "data_card.md"
+HELDOUT_FILE = "heldout_prompts.jsonl"  # the prompts the measurements used, one JSON a line
 CARD_EXAMPLES = 10  # kept requests quoted in the data card
 HISTOGRAM_BINS = 8
 TEMPLATED_SOURCE = (
@@ -146,7 +148,8 @@ def write_card(
         f"budget lasts), up to "
         f"{config.max_new_tokens} new tokens each, top-{config.top_k} target logits kept",
         f"- held out: {len(heldout_prompts)} prompts ({sum(s.num_generated for s in heldout)} "
-        "greedy target tokens), used only for the measurements below",
+        f"greedy target tokens, listed in `{HELDOUT_FILE}`), used only for the measurements "
+        "below",
         *([] if requests is None else ["", *request_summary(requests)]),
         "",
         "## Training",
@@ -170,6 +173,8 @@ def write_card(
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))
+    records = (json.dumps({"prompt": prompt}, ensure_ascii=False) for prompt in heldout_prompts)
+    (out / HELDOUT_FILE).write_text("".join(record + "\n" for record in records))
 
 
 # ---- the data card ----------------------------------------------------------------------------

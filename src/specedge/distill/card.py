@@ -69,9 +69,9 @@ def measure_acceptance(
     # draft, not the bundled one.
     draft_model = load_model(str(draft_dir.resolve()), device, dtype)
     # The draft model's own trees: no context lookup, which would credit the model with
-    # tokens copied from the context.
+    # tokens copied from the context; whole trees of the budget, not goodput-sized ones.
     shape = TreeShape(budget=ACCEPTANCE_BUDGET, lookup=0)
-    generator = LocalGenerator(target_model, draft_model, shape)
+    generator = LocalGenerator(target_model, draft_model, shape, adaptive=False)
     chat = bool(getattr(target_model.tokenizer, "chat_template", None))
     per_prompt = []
     for prompt in prompts:

@@ -22,7 +22,16 @@ METRICS = [  # (results key, column title, format)
 
 def load(folder: Path) -> dict[tuple, dict]:
     runs = json.loads((folder / "results.json").read_text())
-    return {(r["system"], r["clients"], r["rtt_ms"], r["temperature"]): r for r in runs}
+    return {
+        (
+            r["system"],
+            r.get("prompt_set", "specbench"),
+            r["clients"],
+            r["rtt_ms"],
+            r["temperature"],
+        ): r
+        for r in runs
+    }
 
 
 def main() -> None:
@@ -38,13 +47,13 @@ def main() -> None:
     lines = []
     for metric, title, fmt in METRICS:
         lines += [f"### {title}", ""]
-        header = ["system", "clients", "RTT ms", "T"]
+        header = ["system", "prompts", "clients", "RTT ms", "T"]
         for label, runs in groups.items():
             header += [f"{label} #{i + 1}" for i in range(len(runs))] + [f"{label} median"]
         header.append(" / ".join(reversed(list(groups))) + " (medians)")
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for key in keys:
-            row = [key[0], str(key[1]), f"{key[2]:g}", f"{key[3]:g}"]
+            row = [key[0], key[1], str(key[2]), f"{key[3]:g}", f"{key[4]:g}"]
             medians = []
             for runs in groups.values():
                 values = [result[key][metric] for result in runs if key in result]

@@ -62,6 +62,26 @@ def test_profile_round_trips(tmp_path: Path) -> None:
     assert loaded.rows_of_step(0) == 1.0 and loaded.rows_of_step(99) == 8.0
 
 
+def test_a_sized_tree_takes_the_steps_measured_for_its_size(tmp_path: Path) -> None:
+    table = {1: (1.0,), 4: (1.0, 4.0, 1.0, 0.2), 8: (1.0, 4.0, 4.0, 1.0, 0.2)}
+    profile = replace(linear_profile(), draft_rows_by_budget=table)
+    assert profile.tree_rows(0, 8, 6) == ()
+    assert profile.tree_rows(1, 8, 6) == (1.0,)
+    assert profile.tree_rows(4, 8, 6) == (1.0, 4.0, 1.0)  # a step a fifth of trees run: none
+    # between measured budgets, step by step: 6 is halfway from 4 to 8
+    assert profile.tree_rows(6, 8, 6) == pytest.approx((1.0, 4.0, 2.5, 0.6))
+    assert profile.tree_rows(99, 8, 6) == profile.tree_rows(8, 8, 6)  # above the table: its top
+    path = tmp_path / "p.json"
+    profile.save(path)
+    assert DeviceProfile.load(path).draft_rows_by_budget == table  # JSON keys back to ints
+
+
+def test_without_a_table_a_tree_takes_the_full_shapes_steps() -> None:
+    profile = linear_profile(rows_per_step=(1.0, 4.0, 8.0))
+    assert profile.tree_rows(32, 32, 4) == (1.0, 4.0, 8.0, 8.0)
+    assert profile.tree_rows(2, 32, 4) == (1.0, 4.0)  # no more steps than nodes
+
+
 def test_bad_profiles_say_how_to_fix_them(tmp_path: Path) -> None:
     with pytest.raises(ProfileError, match="specedge profile"):
         DeviceProfile.load(tmp_path / "missing.json")

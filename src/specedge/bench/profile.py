@@ -181,6 +181,7 @@ def run_profile(settings: ProfileSettings, console: Console | None = None) -> Pa
             deadline,
             lambda: advance("draft steps"),
         )
+        rows_by_budget = _rows_by_budget(draft_engine, min(settings.contexts))
     profile = DeviceProfile(
         device=_describe_device(engine.runner.device, settings.threads),
         target=settings.target,
@@ -191,6 +192,7 @@ def run_profile(settings: ProfileSettings, console: Console | None = None) -> Pa
         prefill=tuple(prefill),
         draft_prefill=tuple(draft_prefill),
         draft_rows_per_step=tuple(rows_per_step),
+        draft_rows_by_budget=rows_by_budget,
         machine=_machine(settings.threads),
         created_at=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         notes=(f"measured by `specedge profile` in {settings.budget_s:g} s at most",),
@@ -218,6 +220,10 @@ def describe(profile: DeviceProfile) -> str:
             f"prefill: {1000 * prefill.fixed_s:.2f} ms + {1000 * prefill.per_row_s:.3f} ms/token; "
             f"draft {1000 * draft_prefill.fixed_s:.2f} ms + "
             f"{1000 * draft_prefill.per_row_s:.3f} ms/token",
+            *(
+                f"sized tree of {budget}: rows per step " + ", ".join(f"{r:.1f}" for r in rows)
+                for budget, rows in sorted(profile.draft_rows_by_budget.items())
+            ),
         ]
     )
 
@@ -310,6 +316,46 @@ def _draft_step_points(
             engine.close(seq)
     per_step = [statistics.mean(rows_by_step[s]) for s in sorted(rows_by_step)] or [1.0]
     return points, per_step
+
+
+def _rows_by_budget(engine: Any, context: int, trees: int = 4) -> dict[int, tuple[float, ...]]:
+    """The mean rows per step of `trees` trees sized to each power of two up to the shape's
+    budget (and the budget itself), grown the way `ModelDrafter.draft` grows a sized tree; no
+    timing, a few forwards each."""
+    import torch
+
+    generator = torch.Generator().manual_seed(4)
+    vocab = engine.runner.loaded.config.vocab_size
+    full = engine.shape
+    budgets = sorted({1 << k for k in range(full.budget.bit_length()) if 1 << k <= full.budget})
+    budgets = sorted({*budgets, full.budget})
+    rows: dict[int, list[list[int]]] = {budget: [] for budget in budgets}
+    for _ in range(trees):
+        prompt = torch.randint(0, vocab, (context,), generator=generator).tolist()
+        seq = engine.open(prompt)
+        try:
+            while not engine.prefill(seq):
+                pass
+            for budget in budgets:
+                builder = engine.builder(seq)
+                if budget < full.budget:
+                    builder.shape = replace(full, budget=budget, depth=min(full.depth, budget))
+                per_step = []
+                while (plan := builder.plan_step()) is not None:
+                    hidden = engine.runner.forward([plan.row]) if plan.row is not None else [None]
+                    builder.finish_step(plan, hidden[0])
+                    per_step.append(len(plan.row.new_tokens) if plan.row is not None else 0)
+                rows[budget].append(per_step)
+        finally:
+            engine.close(seq)
+    table = {}
+    for budget, trees_rows in rows.items():
+        steps = max(len(r) for r in trees_rows)
+        table[budget] = tuple(
+            statistics.mean(r[step] if step < len(r) else 0 for r in trees_rows)
+            for step in range(steps)
+        )
+    return table
 
 
 def _describe_device(device: Any, threads: int) -> str:

@@ -9,7 +9,9 @@ rows in all, context tokens per sequence, seconds. The profile holds three sets 
   grid sequences x tree size x context; rows = sequences + tree nodes (each root verifies too);
 - `draft_step`: batched draft steps (`TreeBuilder` rows of several sessions in one
   `ModelRunner.forward`), by sessions and rows; `draft_rows_per_step[j]` is the mean rows one
-  tree's step j forwards (the root step forwards 1);
+  tree's step j forwards (the root step forwards 1), and `draft_rows_by_budget[b][j]` the same
+  for a tree sized to `b` nodes (a sized tree stops when its best `b` nodes are all expanded,
+  so a small tree takes fewer and narrower steps than the full shape);
 - `prefill` / `draft_prefill`: prompt chunks of the target / the draft, by tokens.
 
 Each set is summarised by a least-squares `SurfaceCost`: fixed + per sequence + per row + per
@@ -121,6 +123,7 @@ class DeviceProfile:
     prefill: tuple[CostPoint, ...]
     draft_prefill: tuple[CostPoint, ...]
     draft_rows_per_step: tuple[float, ...] = (1.0,)
+    draft_rows_by_budget: dict[int, tuple[float, ...]] = field(default_factory=dict)
     estimate: bool = False  # True: computed from published figures, not measured
     notes: tuple[str, ...] = ()
     machine: dict[str, Any] = field(default_factory=dict)
@@ -158,6 +161,31 @@ class DeviceProfile:
         rows = self.draft_rows_per_step
         return rows[min(step, len(rows) - 1)]
 
+    def tree_rows(self, size: int, budget: int, depth: int) -> tuple[float, ...]:
+        """Rows per draft step of a tree sized to `size` nodes (of a shape with `budget`
+        nodes and `depth` steps), one entry per step it runs: from the measured table,
+        interpolated step by step between the measured budgets around `size` (steps averaging
+        under half a row are steps most trees never run); without a table, `depth` steps of
+        the full shape (no more steps than nodes for a tree smaller than the budget, as
+        `ModelDrafter.draft` grows it)."""
+        if size <= 0:
+            return ()
+        table = self.draft_rows_by_budget
+        if table:
+            below = max((b for b in table if b <= size), default=min(table))
+            above = min((b for b in table if b >= size), default=max(table))
+            low, high = table[below], table[above]
+            share = 0.0 if above == below else (size - below) / (above - below)
+            steps = max(len(low), len(high))
+            rows = (
+                (low[j] if j < len(low) else 0.0) * (1.0 - share)
+                + (high[j] if j < len(high) else 0.0) * share
+                for j in range(steps)
+            )
+            return tuple(r for r in rows if r >= 0.5)
+        steps = min(depth, size) if size < budget else depth
+        return tuple(self.rows_of_step(step) for step in range(steps))
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -190,6 +218,8 @@ class DeviceProfile:
         for name in sets:
             values[name] = tuple(CostPoint(**point) for point in data[name])
         values["draft_rows_per_step"] = tuple(data.get("draft_rows_per_step", (1.0,)))
+        by_budget = data.get("draft_rows_by_budget", {})
+        values["draft_rows_by_budget"] = {int(b): tuple(rows) for b, rows in by_budget.items()}
         values["notes"] = tuple(data.get("notes", ()))
         try:
             return cls(**values)

@@ -379,14 +379,6 @@ def local_session(
         server.assigned -= 1
 
 
-def draft_steps(size: int, budget: int, depth: int) -> int:
-    """Draft steps a tree of `size` nodes takes (`ModelDrafter.draft`: a tree smaller than the
-    budget is grown no deeper than its node count)."""
-    if size <= 0:
-        return 0
-    return min(depth, size) if size < budget else depth
-
-
 def draft_tree(
     drafting: StepBatcher,
     profile: DeviceProfile,
@@ -397,12 +389,12 @@ def draft_tree(
     done_steps: int = 0,
     priority: int = CRITICAL,
 ) -> Generator[Any, Any, int]:
-    """Grow a tree of `size` nodes, `done_steps` of its steps already done (a proactive
-    subtree); returns the steps run."""
-    steps = draft_steps(size, budget, depth)
-    for step in range(done_steps, steps):
-        yield from drafting.step(profile.rows_of_step(step), context, priority)
-    return max(0, steps - done_steps)
+    """Grow a tree of `size` nodes (`DeviceProfile.tree_rows`), `done_steps` of its steps
+    already done (a proactive subtree); returns the steps run."""
+    steps = profile.tree_rows(size, budget, depth)
+    for rows in steps[done_steps:]:
+        yield from drafting.step(rows, context, priority)
+    return max(0, len(steps) - done_steps)
 
 
 def draft_prefill(

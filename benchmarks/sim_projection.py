@@ -4,7 +4,7 @@ both devices (`specedge.sim.roofline`; no GPU has run this code), SpecEdge again
 server-spec and server-ar at 1-256 edges per server, and capacity planning from it.
 
     .venv/bin/python benchmarks/sim_projection.py \
-        --records benchmarks/results/sim/validation-bench \
+        --records benchmarks/results/sim/validation-bench-r1 \
         --out benchmarks/results/sim/projection.json
 
 Acceptance has two sources, both shown: the bundled pair's measured records (SmolLM2-135M and
@@ -99,10 +99,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--assumed-tokens", type=float, default=3.0)
     parser.add_argument("--requests", type=int, default=2)
+    parser.add_argument(
+        "--tree-shape-from",
+        type=Path,
+        default=Path("benchmarks/results/sim/profile-cpu.json"),
+        help="a measured profile whose draft rows per step (whole and sized trees) to use",
+    )
     args = parser.parse_args()
-    rows = (1.0, 4.0, 8.0, 8.0, 8.0, 4.0)  # the default tree's rows per draft step (measured)
-    server = estimate_profile(A100_80GB, QWEN3_14B, QWEN3_1_7B, rows_per_step=rows)
-    edge = estimate_profile(RTX_4090, QWEN3_14B, QWEN3_1_7B, rows_per_step=rows)
+    # The tree shape's rows per draft step, whole and sized, as this machine's profile
+    # measured them (a property of the tree builder, not of the device).
+    shape = DeviceProfile.load(args.tree_shape_from)
+    rows, by_budget = shape.draft_rows_per_step, shape.draft_rows_by_budget
+    server = estimate_profile(
+        A100_80GB, QWEN3_14B, QWEN3_1_7B, rows_per_step=rows, rows_by_budget=by_budget
+    )
+    edge = estimate_profile(
+        RTX_4090, QWEN3_14B, QWEN3_1_7B, rows_per_step=rows, rows_by_budget=by_budget
+    )
     sources = {
         "assumed": assumed_acceptance(args.assumed_tokens, 6),
         "bundled": AcceptanceModel.from_bench(args.records, 6),

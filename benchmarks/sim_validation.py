@@ -3,16 +3,19 @@ run of a `specedge bench` output directory with a profile of the machine it ran 
 tabulate the errors of server throughput and mean ITL.
 
     .venv/bin/python benchmarks/sim_validation.py \
-        --bench benchmarks/results/sim/validation-bench \
+        --bench benchmarks/results/sim/validation-bench-r1 \
+        --bench benchmarks/results/sim/validation-bench-r2 \
         --profile benchmarks/results/sim/profile-cpu.json \
         --out benchmarks/results/sim/validation-table.md \
         --host-from benchmarks/results/draft-headline/new-r1
 
 Each measured run is simulated with its own settings (system, clients, RTT, temperature) and
 the benchmark's (requests per client, warm-up, max tokens, budget, depth, shared edge), the
-acceptance replayed from the same benchmark's request records and, with `--host-from`, the
-server's host work per token as other runs measured it. The simulated runs are also
-written as a results directory next to the table (`validation-sim/`: report and plots).
+acceptance replayed from the first benchmark's request records (each system's own requests)
+and, with `--host-from`, the server's host work per token as other runs measured it; each run
+is simulated with `--seeds` seeds (the requests drawn differ) and the metrics averaged. The
+simulated runs are also written as a results directory next to the table (`validation-sim/`:
+report and plots).
 """
 
 from __future__ import annotations
@@ -53,10 +56,11 @@ def simulate_bench(
     systems: tuple[str, ...] = SIM_SYSTEMS,
     records: Path | None = None,
     host: str = "",
+    seeds: int = 1,
 ) -> list[tuple[RunResult, RunResult]]:
     """(measured, simulated) for every run of `bench` of `systems`, acceptance from the
     request records of `records` (default: `bench`'s own), the server's host work per token
-    `host` (`host_costs`)."""
+    `host` (`host_costs`), each simulated with `seeds` seeds and averaged."""
     runs, meta = read_results(bench)
     settings = meta.config
     depth = int(str(settings.get("draft tree", "depth 6")).split("depth ")[1].split(",")[0])
@@ -88,9 +92,29 @@ def simulate_bench(
                 "seed": seed,
             },
         )
-        simulated = simulate_run(replace(spec, repeat=0), config, profile, profile, acceptance)
-        pairs.append((measured, simulated))
+        runs = [
+            simulate_run(
+                replace(spec, repeat=0),
+                replace(config, seed=seed + k),
+                profile,
+                profile,
+                acceptance,
+            )
+            for k in range(seeds)
+        ]
+        pairs.append((measured, _mean_of(runs)))
     return pairs
+
+
+def _mean_of(runs: list[RunResult]) -> RunResult:
+    """The first run with the compared metrics averaged over all of them (the simulator's
+    expectation for the settings, not one draw of requests)."""
+    names = ("server_throughput_tok_s", "itl_ms_mean", "tokens_per_round", "streamed_share")
+    values = {}
+    for name in names:
+        known = [v for r in runs if (v := getattr(r.metrics, name)) is not None]
+        values[name] = sum(known) / len(known) if known else None
+    return replace(runs[0], metrics=replace(runs[0].metrics, **values))
 
 
 def error(simulated: float | None, measured: float | None) -> float | None:
@@ -161,6 +185,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="validation table (Markdown)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--seeds",
+        type=int,
+        default=8,
+        help="simulate each run with this many seeds (the requests drawn differ) and average",
+    )
+    parser.add_argument(
         "--host-from",
         type=Path,
         action="append",
@@ -175,7 +205,9 @@ def main() -> None:
     for entry in args.bench:
         directory, _, systems = entry.partition("=")
         chosen = tuple(systems.split(",")) if systems else SIM_SYSTEMS
-        pairs += simulate_bench(Path(directory), args.profile, args.seed, chosen, records, host)
+        pairs += simulate_bench(
+            Path(directory), args.profile, args.seed, chosen, records, host, args.seeds
+        )
     results = summary(pairs)
     benches = ", ".join(args.bench)
     lines = [f"Simulated vs measured: {benches} with {args.profile}", ""]

@@ -80,6 +80,22 @@ def test_a_request_never_speculated_gets_its_temperatures_mean(tmp_path: Path) -
     assert alphas == pytest.approx([step_acceptance(2.0, 6)] * 9)
 
 
+def test_a_system_replays_its_own_requests_where_there_are_some(tmp_path: Path) -> None:
+    # SpecEdge's verified rounds emit 3 tokens, server-spec's 1.5: same draft, but SpecEdge
+    # verifies only the trees that pay.
+    edge = write_records(tmp_path / "edge.jsonl", 3.0).read_text()
+    server = write_records(tmp_path / "spec.jsonl", 1.5, system="server-spec").read_text()
+    path = tmp_path / "requests.jsonl"
+    path.write_text(edge + server)
+    model = AcceptanceModel.from_bench(path, depth=6)
+    rng = random.Random(0)
+    assert model.draw(0.0, rng, "server-spec").alpha == pytest.approx(step_acceptance(64 / 43, 6))
+    assert model.draw(0.0, rng, "specedge").alpha == pytest.approx(step_acceptance(64 / 21, 6))
+    # a system with no records of its own (an ablation) draws from every drafting system
+    alphas = {round(model.draw(0.0, rng, "specedge-per-user").alpha, 6) for _ in range(64)}
+    assert len(alphas) == 2
+
+
 def test_missing_records_and_temperatures_are_errors(tmp_path: Path) -> None:
     with pytest.raises(AcceptanceError, match="cannot read"):
         AcceptanceModel.from_bench(tmp_path / "none", depth=6)

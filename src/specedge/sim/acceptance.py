@@ -4,8 +4,11 @@
 A record holds, per request, its prompt and completion lengths, its rounds, how many of them
 the server decoded itself (*streamed*, one token each), were cut to nothing or verified how
 many nodes, and the proactive hits. Records keep per-request counts, not per-round ones, so
-each simulated request draws one measured request (same temperature and prompt set, any
-drafting system: SpecEdge and server-spec grow the same trees) and plays its rounds with
+each simulated request draws one measured request (same temperature and prompt set; of the
+same system where the records have it, else of any drafting system: SpecEdge and server-spec
+grow the same trees, but SpecEdge sends trees only where they pay and lets the server decode
+the rest, so its verified rounds are the easier ones: at T = 0 here alpha 0.62 against
+server-spec's 0.53 for the same draft and prompts) and plays its rounds with
 that request's *step acceptance* alpha: the probability that the target accepts the draft's
 next token along the tree's best path. Alpha is the solution of
 
@@ -26,7 +29,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +86,16 @@ class AcceptanceModel:
 
     samples: dict[float, tuple[RequestSample, ...]]
     source: str
+    # the same records by (system, temperature): a system's own requests where there are some
+    by_system: dict[tuple[str, float], tuple[RequestSample, ...]] = field(default_factory=dict)
 
-    def draw(self, temperature: float, rng: random.Random) -> RequestSample:
-        pool = self.samples.get(temperature)
+    def draw(
+        self, temperature: float, rng: random.Random, system: str | None = None
+    ) -> RequestSample:
+        """A measured request of `temperature`: of `system` where the records have one, else
+        of any drafting system."""
+        pool = self.by_system.get((system, temperature)) if system else None
+        pool = pool or self.samples.get(temperature)
         if not pool:
             known = ", ".join(f"{t:g}" for t in sorted(self.samples)) or "none"
             raise AcceptanceError(
@@ -123,7 +133,12 @@ class AcceptanceModel:
         for record in usable:
             by_temperature.setdefault(float(record["temperature"]), []).append(record)
         samples = {t: _samples(group, depth) for t, group in by_temperature.items()}
-        return cls(samples, source)
+        by_system: dict[tuple[str, float], list[dict[str, Any]]] = {}
+        for record in usable:
+            key = (str(record["system"]), float(record["temperature"]))
+            by_system.setdefault(key, []).append(record)
+        own = {key: _samples(group, depth) for key, group in by_system.items()}
+        return cls(samples, source, own)
 
     @classmethod
     def from_bench(

@@ -180,7 +180,7 @@ class SimConfig:
             raise SimConfigError(
                 f"{_where('acceptance')} is needed to simulate drafting: give a `specedge bench` "
                 "output directory with SpecEdge runs (e.g. benchmarks/results/sim/"
-                "validation-bench)"
+                "validation-bench-r1)"
             )
         for name in ("price_table", "host_costs"):
             try:

@@ -89,11 +89,16 @@ class RooflineCost:
 
 
 def estimate_profile(
-    device: Accelerator, target: ModelShape, draft: ModelShape, *, rows_per_step: tuple[float, ...]
+    device: Accelerator,
+    target: ModelShape,
+    draft: ModelShape,
+    *,
+    rows_per_step: tuple[float, ...],
+    rows_by_budget: dict[int, tuple[float, ...]] | None = None,
 ) -> DeviceProfile:
     """A profile of `device` running `target` (verification, prefill) and `draft` (draft
-    steps), from the roofline; `rows_per_step` from a measured profile (the tree shape's, not
-    the device's)."""
+    steps), from the roofline; `rows_per_step` and `rows_by_budget` (rows per step of sized
+    trees) from a measured profile (the tree shape's, not the device's)."""
     verify, drafting = RooflineCost(device, target), RooflineCost(device, draft)
     chunks = tuple(CostPoint(1, t, 0, verify(1, t, 0)) for t in (64, 256, 1024))
     draft_chunks = tuple(CostPoint(1, t, 0, drafting(1, t, 0)) for t in (64, 256, 1024))
@@ -107,6 +112,7 @@ def estimate_profile(
         prefill=chunks,
         draft_prefill=draft_chunks,
         draft_rows_per_step=rows_per_step,
+        draft_rows_by_budget=dict(rows_by_budget or {}),
         estimate=True,
         notes=(
             f"an estimate, not a measurement: roofline of {device.name} from published "

@@ -74,7 +74,7 @@ class _World:
     def sample(self) -> RequestSample:
         if self.acceptance is None:  # server-ar alone: any request of max tokens
             return RequestSample(64, self.config.max_tokens, 0.0, 0.0)
-        return self.acceptance.draw(self.spec.temperature, self.rng)
+        return self.acceptance.draw(self.spec.temperature, self.rng, self.spec.system)
 
 
 def simulate_run(

@@ -189,3 +189,12 @@ def test_a_reused_slot_holds_nothing_of_the_previous_sequence(draft_model: Loade
     assert seq.slot == first.slot
     engine.prefill(seq)
     assert_slot_matches_fresh_prefill(draft_model, engine.runner.kv, seq.slot, PROMPT[:-1])
+
+
+def test_a_sized_shape_takes_no_more_steps_than_nodes() -> None:
+    shape = TreeShape(budget=32, depth=6)
+    assert shape.sized(32) is shape and shape.sized(40) is shape
+    assert (shape.sized(8).budget, shape.sized(8).depth) == (8, 6)
+    assert (shape.sized(2).budget, shape.sized(2).depth) == (2, 2)
+    assert (shape.sized(0).budget, shape.sized(0).depth) == (1, 1)  # never an empty shape
+    assert shape.sized(2).width == shape.width and shape.sized(2).lookup == shape.lookup

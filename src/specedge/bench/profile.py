@@ -320,15 +320,14 @@ def _draft_step_points(
 
 def _rows_by_budget(engine: Any, context: int, trees: int = 4) -> dict[int, tuple[float, ...]]:
     """The mean rows per step of `trees` trees sized to each power of two up to the shape's
-    budget (and the budget itself), grown the way `ModelDrafter.draft` grows a sized tree; no
-    timing, a few forwards each."""
+    budget (and the budget itself), shaped as `ModelDrafter.draft` shapes a sized tree
+    (`TreeShape.sized`); no timing, a few forwards each."""
     import torch
 
     generator = torch.Generator().manual_seed(4)
     vocab = engine.runner.loaded.config.vocab_size
     full = engine.shape
-    budgets = sorted({1 << k for k in range(full.budget.bit_length()) if 1 << k <= full.budget})
-    budgets = sorted({*budgets, full.budget})
+    budgets = sorted({*(1 << k for k in range(full.budget.bit_length())), full.budget})
     rows: dict[int, list[list[int]]] = {budget: [] for budget in budgets}
     for _ in range(trees):
         prompt = torch.randint(0, vocab, (context,), generator=generator).tolist()
@@ -338,8 +337,7 @@ def _rows_by_budget(engine: Any, context: int, trees: int = 4) -> dict[int, tupl
                 pass
             for budget in budgets:
                 builder = engine.builder(seq)
-                if budget < full.budget:
-                    builder.shape = replace(full, budget=budget, depth=min(full.depth, budget))
+                builder.shape = full.sized(budget)
                 per_step = []
                 while (plan := builder.plan_step()) is not None:
                     hidden = engine.runner.forward([plan.row]) if plan.row is not None else [None]

@@ -4,7 +4,7 @@ verifier announces, the prompt tokens per prefill forward and the default contex
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from specedge.errors import InvalidRequestError
 
@@ -54,6 +54,14 @@ class TreeShape:
             raise InvalidRequestError(f"tree lookup must be >= 0, got {self.lookup}")
         if not 0.0 < self.decay < 1.0:
             raise InvalidRequestError(f"tree decay must be in (0, 1), got {self.decay}")
+
+    def sized(self, size: int) -> TreeShape:
+        """The shape of a tree sized to `size` nodes: below the budget, no more draft steps
+        than nodes (a small tree goes out sooner); at or above it, this shape."""
+        if size >= self.budget:
+            return self
+        nodes = max(size, 1)
+        return replace(self, budget=nodes, depth=min(self.depth, nodes))
 
     @property
     def max_block(self) -> int:

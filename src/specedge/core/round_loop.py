@@ -308,10 +308,7 @@ class ModelDrafter:
         builder = self.builder
         assert builder is not None, "prepare() lays out the first tree's root"
         size = max_nodes if self.sizer is None else min(max_nodes, self.sizer.next_size())
-        if size < builder.shape.budget:
-            # Fewer nodes need no more draft steps than nodes: a small tree goes out sooner.
-            depth = min(builder.shape.depth, max(size, 1))
-            builder.shape = replace(builder.shape, budget=max(size, 1), depth=depth)
+        builder.shape = builder.shape.sized(size)
         if size > 0:
             while await self.jobs.step(builder):
                 pass

@@ -28,15 +28,17 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from specedge.bench.results import EDGE_SYSTEMS, REQUESTS_FILE, SERVER_SPEC
 from specedge.errors import SpecEdgeError
 
 DRAFTING_SYSTEMS = (*EDGE_SYSTEMS, SERVER_SPEC)  # their trees come from the same draft
+
+K = TypeVar("K", bound=Hashable)
 
 
 class AcceptanceError(SpecEdgeError):
@@ -129,16 +131,9 @@ class AcceptanceModel:
             and not r.get("error")
             and r.get("tokens", 0) > 0
         ]
-        by_temperature: dict[float, list[dict[str, Any]]] = {}
-        for record in usable:
-            by_temperature.setdefault(float(record["temperature"]), []).append(record)
-        samples = {t: _samples(group, depth) for t, group in by_temperature.items()}
-        by_system: dict[tuple[str, float], list[dict[str, Any]]] = {}
-        for record in usable:
-            key = (str(record["system"]), float(record["temperature"]))
-            by_system.setdefault(key, []).append(record)
-        own = {key: _samples(group, depth) for key, group in by_system.items()}
-        return cls(samples, source, own)
+        pooled = _grouped(usable, lambda r: float(r["temperature"]), depth)
+        own = _grouped(usable, lambda r: (str(r["system"]), float(r["temperature"])), depth)
+        return cls(pooled, source, own)
 
     @classmethod
     def from_bench(
@@ -155,6 +150,16 @@ class AcceptanceModel:
             ) from None
         records = [json.loads(line) for line in lines if line.strip()]
         return cls.from_records(records, depth, prompt_set=prompt_set, source=str(path))
+
+
+def _grouped(
+    records: Iterable[dict[str, Any]], key: Callable[[dict[str, Any]], K], depth: int
+) -> dict[K, tuple[RequestSample, ...]]:
+    """The samples of `records` grouped by `key` (each group fits its own fallback alpha)."""
+    groups: dict[K, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(key(record), []).append(record)
+    return {k: _samples(group, depth) for k, group in groups.items()}
 
 
 def _samples(records: Sequence[dict[str, Any]], depth: int) -> tuple[RequestSample, ...]:

@@ -32,9 +32,10 @@ import concurrent.futures
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import Protocol, TypeVar
 
@@ -51,7 +52,8 @@ from specedge.session_log import log_session_end
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 MIN_PROBES = 8  # probes scored before a drafter may ask to resume trees
-PROBE_SMOOTHING = 0.15  # weight of the newest probe in the hit rate
+MAX_BACKOFF = 3  # doublings of MIN_PROBES for streamed phases that follow failed resumes
+PROBE_WINDOW = 48  # latest probes a resume decision replays
 
 
 class ModelJobs(Protocol):
@@ -250,24 +252,65 @@ class NoDrafter:
         return InlineJobs().submit_cleanup(lambda: None)
 
 
-@dataclass
 class ProbeScore:
-    """How well a drafter's probes guess the tokens a streaming verifier decodes: the smoothed
-    share of hits. A chain of guesses each right with probability h emits about 1 / (1 - h)
-    tokens per round, and trees do at least that well, so trees are wanted again once that
-    beats the verifier's `resume_threshold` (after `MIN_PROBES` probes)."""
+    """How well a drafter's probes guess the tokens a streaming verifier decodes, as the tokens
+    per round a chain of its guesses would have emitted over the latest `PROBE_WINDOW` of them.
 
-    hit_rate: float = 0.0
-    count: int = 0
+    A chain drafted at a streamed token accepts the run of hits from there, up to `depth`
+    (each probe guessed after the true tokens, and a chain that hit so far guessed after the
+    same ones), and the verifier adds one token; the next round starts after them. Replaying
+    the rounds this way keeps the order of hits: they come in runs (a quoted passage, a list),
+    and a mean hit rate h, read as 1 / (1 - h) tokens per round, took them for spread out and
+    promised 3.5 tokens a round where the trees then gave 1.6. Trees do at least as well as
+    the chain of their best guesses, so trees are wanted again once the replay beats the
+    verifier's `resume_threshold`.
+
+    One score lives as long as its session: each streamed phase (`observe` after
+    `trees_verified`) starts from no probes, and needs `MIN_PROBES` of them, doubled for each
+    phase before it up to `MAX_BACKOFF` doublings: a phase of trees that ended streamed again
+    did not pay, and each costs its rounds' round trips."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self.hits: deque[bool] = deque(maxlen=PROBE_WINDOW)
+        self.count = 0  # probes of this streamed phase
+        self.phases = 0  # streamed phases so far
+        self._streaming = False
 
     def observe(self, hit: bool) -> None:
+        if not self._streaming:
+            self._streaming = True
+            self.phases += 1
+        self.hits.append(hit)
         self.count += 1
-        self.hit_rate += PROBE_SMOOTHING * (float(hit) - self.hit_rate)
+
+    def trees_verified(self) -> None:
+        """A round of trees: the next probe starts a new streamed phase, from no probes."""
+        self._streaming = False
+        self.hits.clear()
+        self.count = 0
+
+    @property
+    def min_probes(self) -> int:
+        return MIN_PROBES * 2 ** min(max(0, self.phases - 1), MAX_BACKOFF)
+
+    def tokens_per_round(self) -> float:
+        """The chain's replayed tokens per round over the rounds that fit in the window (1.0
+        before a whole round fits)."""
+        hits, rounds, tokens, start = list(self.hits), 0, 0, 0
+        while True:
+            run = 0
+            while run < self.depth and start + run < len(hits) and hits[start + run]:
+                run += 1
+            if start + run >= len(hits):  # the window ends inside this round
+                break
+            rounds += 1
+            tokens += run + 1
+            start += run + 1
+        return tokens / rounds if rounds else 1.0
 
     def wants_trees(self, threshold: float) -> bool:
-        if self.count < MIN_PROBES:
-            return False
-        return 1.0 / max(1e-6, 1.0 - self.hit_rate) > threshold
+        return self.count >= self.min_probes and self.tokens_per_round() > threshold
 
 
 class ModelDrafter:
@@ -293,7 +336,7 @@ class ModelDrafter:
         self.temperature = temperature
         self.calibrator = calibrator
         self.sizer = sizer
-        self.probes = ProbeScore()
+        self.probes = ProbeScore(engine.shape.depth)
         # Taking a free slot is bookkeeping, not model work: done here, at once.
         self.seq: DraftSequence = engine.open(prompt_tokens)
         self.builder: TreeBuilder | None = None  # the next tree's, once the prompt is in
@@ -338,7 +381,7 @@ class ModelDrafter:
             if sent.tree.num_nodes:
                 self.probes.observe(verdict.emitted_tokens[0] == sent.tree.tokens[0])
             return
-        self.probes = ProbeScore()  # a fresh start the next time the verifier streams
+        self.probes.trees_verified()
         verified = verified_nodes(sent, verdict)
         if self.calibrator is not None and verdict.finish_reason is None:
             self.calibrator.observe(

@@ -55,7 +55,8 @@ class RemoteVerifier:
         self.resume_threshold = 0.0
         self._resumed = False
         self.last_streamed = False  # the latest verdict was a server-side step
-        self.on_end: Callable[[bool], None] | None = None  # told at the end: streamed last?
+        # Told whether the server decodes the session itself, when it starts to and at the end.
+        self.on_mode: Callable[[bool], None] | None = None
         self._pool = pool
         self._request = request  # the session's Open, replayed with `_emitted` on a failover
         self._emitted: list[int] = []
@@ -161,6 +162,8 @@ class RemoteVerifier:
 
     def _follow(self, reply: TreeVerified) -> None:
         """Whether the server streams from now on, and what resuming must beat."""
+        if reply.streaming and not self.streaming and self.on_mode is not None:
+            self.on_mode(True)
         self.streaming = reply.streaming
         self.resume_threshold = reply.resume_tokens_per_round
         if not reply.streaming:
@@ -171,8 +174,8 @@ class RemoteVerifier:
         return sent + self.remote.bytes_sent, received + self.remote.bytes_received
 
     async def finish(self) -> None:
-        if self.on_end is not None:
-            self.on_end(self.last_streamed)
+        if self.on_mode is not None:
+            self.on_mode(self.last_streamed)
         await self.remote.finish()
 
     def close(self) -> None:
@@ -216,9 +219,10 @@ class EdgeRuntime(RoundLoopBackend):
         self.fingerprint = fingerprint
         self.adaptive = adaptive
         self.server_decoding = server_decoding
-        # Per temperature regime: whether the latest session ended with the server decoding
-        # it (the next one then starts that way, and probes its way back to trees).
-        self._ended_streaming: dict[str, bool] = {}
+        # Per temperature regime: whether the server decoded the latest session that ended or
+        # changed over to it (the next session then starts that way, and probes its way back
+        # to trees); concurrent sessions tell each other, not only the one that ended last.
+        self._latest_streamed: dict[str, bool] = {}
         self.calibrator = AcceptanceCalibrator()
         self.jobs = WorkerJobs(worker, draft.runner)  # batches the sessions' draft steps
 
@@ -233,7 +237,7 @@ class EdgeRuntime(RoundLoopBackend):
 
     async def _open_verifier(self, request: GenerationRequest, max_tokens: int) -> RemoteVerifier:
         regime = temperature_regime(request.params.temperature)
-        start_streaming = self.server_decoding and self._ended_streaming.get(regime, False)
+        start_streaming = self.server_decoding and self._latest_streamed.get(regime, False)
         message = OpenSession(
             prompt_token_ids=list(request.prompt_token_ids),
             sampling=request.params,
@@ -247,7 +251,7 @@ class EdgeRuntime(RoundLoopBackend):
         verifier = RemoteVerifier(
             remote, streaming=start_streaming, pool=self.connection, request=message
         )
-        verifier.on_end = lambda streaming: self._ended_streaming.__setitem__(regime, streaming)
+        verifier.on_mode = lambda streaming: self._latest_streamed.__setitem__(regime, streaming)
         return verifier
 
     def _open_drafter(self, request: GenerationRequest, verifier: SessionVerifier) -> Drafter:

@@ -9,8 +9,8 @@ verification forward by (sequences, rows), refitted from every batch. The *idle 
 the server's recent wait per batch for trees while sessions were open (less its prefill and
 draft work, smoothed): time that would be spent idle anyway, which the goodput selection counts
 as free, so a server waiting for its users verifies larger trees and a saturated one only what
-pays. `recent_batch_seconds` is the smoothed duration of a verification batch (what the stream
-policy compares a round's duration with).
+pays. `stream_step_seconds` is what a recent batch would take with one session decoding instead of
+verifying its tree (what the stream policy compares a round's duration with).
 
 No torch, no clock: every call gets `now`.
 """
@@ -40,7 +40,8 @@ class GoodputBatching:
         # guess of what an arriving sequence adds).
         self.recent_tokens_per_round = 1.0
         self.recent_rows_per_round = 1.0
-        self.recent_batch_seconds = 0.0
+        self.recent_sequences = 1.0  # per verification batch, smoothed
+        self.recent_rows = 1.0
 
     def batch_delay(self, now: float) -> float:
         """How long to hold the ready trees for predicted arrivals. With goodput selection,
@@ -68,6 +69,14 @@ class GoodputBatching:
             if ratio > best_ratio:
                 best_ratio, best_delay = ratio, wait
         return best_delay
+
+    def stream_step_seconds(self, session_rows: float) -> float:
+        """The modelled time of a recent batch with a session of `session_rows` rows per round
+        (root + verified nodes, smoothed) decoding one token instead: what a step costs that
+        session if the server decodes it itself."""
+        sequences = max(1.0, self.recent_sequences)
+        rows = max(sequences, self.recent_rows - max(0.0, session_rows - 1.0))
+        return self.batch_cost(round(sequences), round(rows))
 
     def note_idle(self, now: float) -> None:
         """A batch starts: fold the wait since the last one (less prefill and draft time) into
@@ -119,9 +128,8 @@ class GoodputBatching:
         self.last_batch_end = now
         if elapsed > 0.0:
             self.batch_cost.observe(num_sequences, rows, elapsed)
-            if self.recent_batch_seconds == 0.0:
-                self.recent_batch_seconds = elapsed
-            self.recent_batch_seconds += IDLE_SMOOTHING * (elapsed - self.recent_batch_seconds)
+            self.recent_sequences += IDLE_SMOOTHING * (num_sequences - self.recent_sequences)
+            self.recent_rows += IDLE_SMOOTHING * (rows - self.recent_rows)
         if not emitted:
             return
         self.recent_tokens_per_round += IDLE_SMOOTHING * (

@@ -149,10 +149,10 @@ class VerificationExecutor:
     def idle_allowance(self) -> float:
         return self.batching.idle_allowance
 
-    @property
-    def recent_batch_seconds(self) -> float:
-        """Smoothed duration of a verification batch."""
-        return self.batching.recent_batch_seconds
+    def stream_step_seconds(self, session_rows: float) -> float:
+        """What a recent batch would take with a session of `session_rows` rows per round
+        decoding instead (`GoodputBatching.stream_step_seconds`)."""
+        return self.batching.stream_step_seconds(session_rows)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:

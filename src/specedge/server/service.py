@@ -161,9 +161,9 @@ class VerifierService:
                 reply = await self._round(session, message)
                 assert isinstance(message, VerifyTree)  # `_round` refuses anything else
                 policy.observe(message, reply, time.monotonic())
-                batch_s = self.executor.recent_batch_seconds
-                if can_stream and reply.finish_reason is None and policy.should_stream(batch_s):
-                    threshold = policy.resume_threshold(batch_s)
+                step_s = self.executor.stream_step_seconds(policy.rows_per_round)
+                if can_stream and reply.finish_reason is None and policy.should_stream(step_s):
+                    threshold = policy.resume_threshold(step_s)
                     self._resume_threshold = threshold  # for sessions that start streaming
                     reply = replace(reply, streaming=True, resume_tokens_per_round=threshold)
                 yield reply

@@ -9,7 +9,14 @@ watches a session's rounds and says stream when
 - its trees were cut to nothing `CUT_STREAK` rounds running (the selection says they never
   pay), or
 - over its recent rounds it emitted fewer tokens per round than the rounds' duration is worth
-  in server-side steps: tokens per round < seconds per round / seconds per batch.
+  in server-side steps: tokens per round < seconds per round / seconds per streamed step.
+
+A streamed step is the batch the session would be in with one row instead of its tree
+(`GoodputBatching.stream_step_seconds`): the recent batches' modelled time less its tree's
+rows. Comparing with the recent batch itself would charge streaming for the trees it
+replaces: at one client a 9-row tree batch takes 22 ms where a decoding step takes 16, and a
+session whose trees gave 2.7 tokens per 53 ms round (20 ms a token, 15 streamed) kept
+speculating.
 
 The second ratio is also what the edge's trees must promise to win the session back: the edge
 scores its draft against the streamed tokens and sends Resume above it.
@@ -33,6 +40,7 @@ class StreamPolicy:
     rounds: int = 0  # rounds since the session (re)started speculating
     tokens_per_round: float = 0.0
     round_seconds: float = 0.0
+    rows_per_round: float = 1.0  # the root plus the nodes verified, smoothed
     _last_reply: float | None = None
 
     def observe(self, tree: VerifyTree | None, reply: TreeVerified, now: float) -> None:
@@ -40,28 +48,32 @@ class StreamPolicy:
         sent = len(tree.tokens) if tree is not None else 0
         self.cut_streak = self.cut_streak + 1 if sent and reply.num_verified == 0 else 0
         emitted = len(reply.emitted_token_ids)
+        rows = 1 + reply.num_verified
         if self._last_reply is not None:
             seconds = now - self._last_reply
             if self.rounds == 0:
                 self.tokens_per_round, self.round_seconds = emitted, seconds
+                self.rows_per_round = rows
             else:
                 self.tokens_per_round += SMOOTHING * (emitted - self.tokens_per_round)
                 self.round_seconds += SMOOTHING * (seconds - self.round_seconds)
+                self.rows_per_round += SMOOTHING * (rows - self.rows_per_round)
             self.rounds += 1
         self._last_reply = now
 
-    def resume_threshold(self, batch_seconds: float) -> float:
-        """Tokens per round speculation must reach to beat server-side decoding."""
-        if batch_seconds <= 0.0 or self.rounds == 0:
+    def resume_threshold(self, step_seconds: float) -> float:
+        """Tokens per round speculation must reach to beat server-side decoding, whose steps
+        take `step_seconds` (a streamed step's modelled time)."""
+        if step_seconds <= 0.0 or self.rounds == 0:
             return 1.0
-        return max(1.0, self.round_seconds / batch_seconds)
+        return max(1.0, self.round_seconds / step_seconds)
 
-    def should_stream(self, batch_seconds: float) -> bool:
+    def should_stream(self, step_seconds: float) -> bool:
         if self.cut_streak >= CUT_STREAK:
             return True
-        if self.rounds < MIN_ROUNDS or batch_seconds <= 0.0:
+        if self.rounds < MIN_ROUNDS or step_seconds <= 0.0:
             return False
-        return MARGIN * self.tokens_per_round < self.resume_threshold(batch_seconds)
+        return MARGIN * self.tokens_per_round < self.resume_threshold(step_seconds)
 
     def resumed(self, now: float) -> None:
         """The edge took the session back: judge its trees afresh."""

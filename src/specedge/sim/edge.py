@@ -141,7 +141,9 @@ class SimEdge:
         self.batcher = StepBatcher(device, profile.draft_step_cost)
         self.link_spec = link_spec
         self.links: dict[str, Link] = {}
-        self.ended_streaming: dict[bool, bool] = {}  # per regime (temperature > 0)
+        # per regime (temperature > 0): whether the latest session that ended or changed over
+        # was decoded by the server (as `edge.runtime` keeps it)
+        self.ended_streaming: dict[bool, bool] = {}
 
     def link_to(self, server: SimServer) -> Link:
         if server.name not in self.links:
@@ -188,7 +190,7 @@ def edge_request(
     )
     yield from draft_prefill(edge.batcher, profile, sample.prompt_tokens)
     sizer = TreeSizer(settings.budget) if settings.adaptive else None
-    probes = ProbeScore()
+    probes = ProbeScore(settings.depth)
     counts = Counts()
     emitted = 0
     subtree_steps = 0  # steps of the proactive subtree the next tree starts from
@@ -226,7 +228,7 @@ def edge_request(
         counts.round(verdict, env.now)
         if not answer.streamed:
             counts.verification(size, verdict)
-            probes = ProbeScore()
+            probes.trees_verified()
             if sizer is not None and size > 0:
                 sizer.observe(verdict.verified)
         if verdict.finished:
@@ -235,6 +237,7 @@ def edge_request(
             break
         if answer.streaming and not streaming:
             resumed = False
+            edge.ended_streaming[regime] = True  # the next session starts streamed
         streaming = answer.streaming
         if streaming and not resumed and probes.wants_trees(answer.resume_threshold):
             send(ResumeMessage(), TREE_BYTES)

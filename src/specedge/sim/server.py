@@ -289,13 +289,13 @@ class SimServer:
                 verdict = yield from executor.verify(session, message.num_nodes, message.estimates)
                 policy.observe(_tree(message), _reply(verdict), self.env.now)
                 reply = Reply(verdict)
-                batch_s = executor.batching.recent_batch_seconds
+                step_s = executor.batching.stream_step_seconds(policy.rows_per_round)
                 if (
                     first.accepts_streaming
                     and not verdict.finished
-                    and policy.should_stream(batch_s)
+                    and policy.should_stream(step_s)
                 ):
-                    self.resume_threshold = policy.resume_threshold(batch_s)
+                    self.resume_threshold = policy.resume_threshold(step_s)
                     reply = Reply(verdict, True, False, self.resume_threshold)
                 send(reply)
                 if reply.streaming:

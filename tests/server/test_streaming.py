@@ -1,0 +1,78 @@
+"""When the server decodes a session itself (`server.streaming.StreamPolicy`), judged against
+what a streamed step would cost (`GoodputBatching.stream_step_seconds`), not the tree batches
+the session's speculation makes."""
+
+from __future__ import annotations
+
+import pytest
+
+from specedge.core.goodput import FittedBatchCost, LinearBatchCost
+from specedge.rpc.codec import TreeVerified, VerifyTree
+from specedge.server.batching import GoodputBatching
+from specedge.server.scheduler import Scheduler
+from specedge.server.streaming import MIN_ROUNDS, StreamPolicy
+
+# A one-core CPU server's shape: a decoding step of one sequence 16 ms, each row 0.64 ms more.
+COST = LinearBatchCost(fixed_s=0.0136, per_sequence_s=0.0018, per_row_s=0.00064)
+
+
+def batching_after(batches: list[tuple[int, int]]) -> GoodputBatching:
+    """Batching whose cost model and recent batch shape come from `batches` (sequences, rows),
+    each timed exactly as `COST` says."""
+    batching = GoodputBatching(Scheduler(), FittedBatchCost(COST), goodput=True)
+    for now, (sequences, rows) in enumerate(batches * 20):
+        batching.record(sequences, rows, COST(sequences, rows), [1] * sequences, float(now))
+    return batching
+
+
+def speculate(policy: StreamPolicy, rounds: int, nodes: int, emitted: int, seconds: float) -> None:
+    """`rounds` rounds of `nodes`-node trees, all verified, each emitting `emitted` tokens and
+    lasting `seconds` (reply to reply)."""
+    now = 0.0
+    policy.observe(None, TreeVerified(0, [1], 0, None), now)  # the first reply starts the clock
+    for number in range(1, rounds + 1):
+        now += seconds
+        tree = VerifyTree(number, [5] * nodes, list(range(-1, nodes - 1)))
+        reply = TreeVerified(number, [5] * emitted, emitted - 1, None, num_verified=nodes)
+        policy.observe(tree, reply, now)
+
+
+def test_a_streamed_step_is_the_recent_batch_less_the_sessions_tree() -> None:
+    alone = batching_after([(1, 10)])  # one session verifying 9-node trees
+    assert alone.stream_step_seconds(10.0) == pytest.approx(COST(1, 1))
+    shared = batching_after([(4, 20)])  # four sessions, 5 rows each
+    assert shared.stream_step_seconds(5.0) == pytest.approx(COST(4, 16))
+    streaming = batching_after([(4, 4)])  # everyone decoding already
+    assert streaming.stream_step_seconds(1.0) == pytest.approx(COST(4, 4))
+
+
+def test_trees_slower_than_decoding_stream_though_faster_than_their_own_batches() -> None:
+    """3 tokens per 60 ms round is 20 ms a token against 16 ms decoded on the server; but the
+    9-node tree batch itself takes 22 ms, and against it (the old rule) the trees looked worth
+    their round trip."""
+    batching = batching_after([(1, 10)])
+    policy = StreamPolicy()
+    speculate(policy, MIN_ROUNDS, nodes=9, emitted=3, seconds=0.060)
+    step = batching.stream_step_seconds(policy.rows_per_round)
+    assert policy.rows_per_round == pytest.approx(10.0)
+    assert not policy.should_stream(COST(1, 10))  # what comparing with the tree batch said
+    assert policy.should_stream(step)
+    assert policy.resume_threshold(step) == pytest.approx(0.060 / COST(1, 1))
+
+
+def test_trees_that_beat_decoding_keep_speculating() -> None:
+    batching = batching_after([(1, 10)])
+    policy = StreamPolicy()
+    speculate(policy, 3 * MIN_ROUNDS, nodes=9, emitted=4, seconds=0.040)  # 10 ms a token
+    assert not policy.should_stream(batching.stream_step_seconds(policy.rows_per_round))
+
+
+def test_the_rate_rule_waits_for_min_rounds() -> None:
+    batching = batching_after([(1, 10)])
+    policy = StreamPolicy()
+    speculate(policy, MIN_ROUNDS - 1, nodes=9, emitted=1, seconds=0.060)
+    step = batching.stream_step_seconds(policy.rows_per_round)
+    assert not policy.should_stream(step)
+    speculate_more = TreeVerified(MIN_ROUNDS, [5], 0, None, num_verified=9)
+    policy.observe(VerifyTree(MIN_ROUNDS, [5] * 9, list(range(-1, 8))), speculate_more, 9.0)
+    assert policy.should_stream(step)

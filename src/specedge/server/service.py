@@ -187,34 +187,50 @@ class VerifierService:
         self, session: ServerSession, inbox: _Inbox, first: TreeVerified
     ) -> AsyncIterator[TreeVerified]:
         """Decode the session server-side, one Verified per step, until the edge resumes,
-        leaves or the session finishes. An edge message that ends the session is left in the
-        inbox for the caller; trees sent before the edge saw the stream are dropped."""
+        leaves or the session finishes. Each step is queued as the one before returns, before
+        its reply is written: the model thread need not wait for the write and the event
+        loop's hop back (at one client about a millisecond of a 16 ms step). An edge message
+        that ends the session is left in the inbox for the caller; trees sent before the edge
+        saw the stream are dropped."""
         number = first.round
         streaming = True
-        while streaming:
-            result = await self._verify(session, DraftTree(), None, number + 1)
-            number += 1
-            self.metrics.streamed_rounds.inc()
-            while (message := inbox.poll()) is not _NOTHING:
-                if isinstance(message, ResumeTrees):
+        step = self._streamed_step(session, number + 1)
+        try:
+            while streaming:
+                result = await step
+                number += 1
+                self.metrics.streamed_rounds.inc()
+                while (message := inbox.poll()) is not _NOTHING:
+                    if isinstance(message, ResumeTrees):
+                        streaming = False
+                    elif isinstance(message, _StreamEnded | CloseSession):
+                        inbox.put_back(message)
+                        streaming = False
+                        break
+                    elif message is None or isinstance(message, MalformedMessage | OpenSession):
+                        await self._round(session, message)  # raises the right status
+                if result.finish_reason is not None:
                     streaming = False
-                elif isinstance(message, _StreamEnded | CloseSession):
-                    inbox.put_back(message)
-                    streaming = False
-                    break
-                elif message is None or isinstance(message, MalformedMessage | OpenSession):
-                    await self._round(session, message)  # raises the right status
-            if result.finish_reason is not None:
-                streaming = False
-            yield TreeVerified(
-                round=number,
-                emitted_token_ids=result.emitted_tokens,
-                num_accepted=0,
-                finish_reason=result.finish_reason,
-                num_verified=0,
-                streaming=streaming,
-                resume_tokens_per_round=first.resume_tokens_per_round,
-            )
+                if streaming:  # the next step is queued before this reply goes out
+                    step = self._streamed_step(session, number + 1)
+                yield TreeVerified(
+                    round=number,
+                    emitted_token_ids=result.emitted_tokens,
+                    num_accepted=0,
+                    finish_reason=result.finish_reason,
+                    num_verified=0,
+                    streaming=streaming,
+                    resume_tokens_per_round=first.resume_tokens_per_round,
+                )
+        finally:
+            if not step.done():
+                step.cancel()  # the stream ends (the edge left): the session closes with it
+            elif not step.cancelled():
+                step.exception()  # retrieved (raised above, or the stream was left meanwhile)
+
+    def _streamed_step(self, session: ServerSession, number: int) -> asyncio.Task[VerifyResult]:
+        """Round `number` of a streamed session, a server-side decoding step, under way."""
+        return asyncio.ensure_future(self._verify(session, DraftTree(), None, number))
 
     async def _receive(self, inbox: _Inbox) -> EdgeRequest | None | _StreamEnded:
         """The next edge message; aborts the session when the edge stays silent too long."""

@@ -275,18 +275,15 @@ class ProbeScore:
         self.hits: deque[bool] = deque(maxlen=PROBE_WINDOW)
         self.count = 0  # probes of this streamed phase
         self.phases = 0  # streamed phases so far
-        self._streaming = False
 
     def observe(self, hit: bool) -> None:
-        if not self._streaming:
-            self._streaming = True
+        if self.count == 0:  # the first probe of a streamed phase
             self.phases += 1
         self.hits.append(hit)
         self.count += 1
 
     def trees_verified(self) -> None:
         """A round of trees: the next probe starts a new streamed phase, from no probes."""
-        self._streaming = False
         self.hits.clear()
         self.count = 0
 

@@ -446,7 +446,8 @@ def markdown(results: dict[str, Any]) -> str:
         "JSON file of the same name. Random weights shaped like the named models, "
         f"{plan['dtype']}, on {machine['gpu'] or 'the CPU'} ({machine['device']}); torch "
         f"{machine['torch']}, CUDA {machine['cuda']}; attention kernel "
-        f"{attention.resolve_attention(plan['attention'])}; {results['seconds']:.0f} s"
+        f"{attention.resolve_attention(plan['attention'], machine['device'])}; "
+        f"{results['seconds']:.0f} s"
         + (" (stopped at the time limit: some cells are empty)" if results["timed_out"] else "")
         + ".",
         "",

@@ -100,7 +100,7 @@ class ModelRunner:
         `kv_blocks`: the KV pool's blocks (default: every slot at full length);
         `attention_kernel`: one of `specedge.model.attention.ATTENTION_KERNELS`."""
         self.loaded = loaded
-        self.attention_kernel = attention.resolve_attention(attention_kernel)
+        self.attention_kernel = attention.resolve_attention(attention_kernel, loaded.device)
         self.model = loaded.model
         self.config = loaded.config
         self.max_context = max_context

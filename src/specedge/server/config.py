@@ -182,8 +182,8 @@ class ServerConfig:
     )
     attention: str = setting(
         AUTO_ATTENTION,
-        f"Attention kernel: {' | '.join(ATTENTION_KERNELS)} (auto: sdpa; flex: FlexAttention, "
-        "compiled at the first forward).",
+        f"Attention kernel: {' | '.join(ATTENTION_KERNELS)} (auto: bmm on the CPU, sdpa on "
+        "GPUs; flex: FlexAttention, compiled at the first forward).",
     )
 
     @property

@@ -255,7 +255,7 @@ def bench_verification(
         sequences.append(seq)
     engine.verify([(seq, DraftTree()) for seq in sequences])  # warm-up
     for seq in sequences:
-        engine.rewind(seq, CONTEXT)
+        rewind(engine, seq)
     configs = [(b, n) for b in settings.batch_sizes for n in settings.tree_sizes]
     timings = {config: Timings() for config in configs}
     for _ in range(settings.verify_repetitions):
@@ -264,8 +264,20 @@ def bench_verification(
             work = list(zip(sequences[:batch], trees, strict=True))
             timings[(batch, num_nodes)].measure(lambda: engine.verify(work))  # noqa: B023
             for seq in sequences[:batch]:
-                engine.rewind(seq, CONTEXT)
+                rewind(engine, seq)
     return timings
+
+
+def rewind(engine: TargetEngine, seq: Any) -> None:
+    """`TargetEngine.rewind` to CONTEXT, or, in an older checkout measured side by side
+    (`--baseline-src`, whose engine predates it), the same steps written out."""
+    if hasattr(engine, "rewind"):
+        engine.rewind(seq, CONTEXT)
+        return
+    del seq.committed[CONTEXT + 1 :]
+    seq.prefilled = CONTEXT
+    seq.finish_reason = None
+    engine.runner.kv.set_length(seq.slot, CONTEXT)
 
 
 # ---- report ----------------------------------------------------------------------------------

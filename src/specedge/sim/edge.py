@@ -142,8 +142,8 @@ class SimEdge:
         self.link_spec = link_spec
         self.links: dict[str, Link] = {}
         # per regime (temperature > 0): whether the latest session that ended or changed over
-        # was decoded by the server (as `edge.runtime` keeps it)
-        self.ended_streaming: dict[bool, bool] = {}
+        # was decoded by the server (as `edge.runtime`'s `_latest_streamed`)
+        self.latest_streamed: dict[bool, bool] = {}
 
     def link_to(self, server: SimServer) -> Link:
         if server.name not in self.links:
@@ -183,7 +183,7 @@ def edge_request(
     env.process(server.session(to_server, reply))
     regime = temperature > 0
     length = min(sample.tokens, settings.max_tokens)
-    streaming = settings.server_decoding and edge.ended_streaming.get(regime, False)
+    streaming = settings.server_decoding and edge.latest_streamed.get(regime, False)
     open_size = TREE_BYTES + 4 * sample.prompt_tokens
     send(
         OpenMessage(sample, length, settings.depth, settings.server_decoding, streaming), open_size
@@ -233,11 +233,11 @@ def edge_request(
                 sizer.observe(verdict.verified)
         if verdict.finished:
             send(CloseMessage(), TREE_BYTES)
-            edge.ended_streaming[regime] = answer.streamed  # the last round was streamed
+            edge.latest_streamed[regime] = answer.streamed  # the last round was streamed
             break
         if answer.streaming and not streaming:
             resumed = False
-            edge.ended_streaming[regime] = True  # the next session starts streamed
+            edge.latest_streamed[regime] = True  # the next session starts streamed
         streaming = answer.streaming
         if streaming and not resumed and probes.wants_trees(answer.resume_threshold):
             send(ResumeMessage(), TREE_BYTES)

@@ -13,6 +13,7 @@ import torch
 from transformers import GPT2Config, PretrainedConfig
 
 from specedge.errors import ModelLoadError
+from specedge.model import attention
 from specedge.model.config import ModelConfig
 from specedge.model.kv_cache import KVCache
 from specedge.model.loader import build_model, load_model
@@ -72,10 +73,12 @@ def test_prefill_logits_match_transformers(case: str) -> None:
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("kernel", [attention.SDPA, attention.NATIVE])
 @pytest.mark.parametrize("case", CASES)
-def test_decode_with_kv_cache_matches_transformers(case: str) -> None:
+def test_decode_with_kv_cache_matches_transformers(case: str, kernel: str) -> None:
     """Prefill a prompt, then decode one token at a time through the KV cache; each step's
-    logits equal transformers' full forward over the sequence so far."""
+    logits equal transformers' full forward over the sequence so far (decode steps through
+    SDPA and through the native kernel)."""
     hf_model = random_hf_model(case_config(case), seed=3)
     config, model = to_specedge(hf_model)
     generator = torch.Generator().manual_seed(4)
@@ -94,7 +97,7 @@ def test_decode_with_kv_cache_matches_transformers(case: str) -> None:
         next_token = torch.randint(0, config.vocab_size, (1, 1), generator=generator)
         position = num_prompt + step
         sequence = torch.cat([sequence, next_token], dim=1)
-        batch = chain_batch(kv, [(slot, position, 1)])
+        batch = chain_batch(kv, [(slot, position, 1)], kernel)
         with torch.inference_mode():
             logits = model(next_token[0], torch.tensor([position]), batch, kv)[-1]
     assert logits.shape == (config.vocab_size,)

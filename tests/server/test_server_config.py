@@ -71,7 +71,7 @@ def test_auth_token_sources(tmp_path: Path) -> None:
         ({"device": "tpu"}, "cpu, cuda or cuda:N"),
         ({"dtype": "int8"}, "--dtype"),
         ({"auth_token": "  "}, "auth token is empty"),
-        ({"attention": "flash"}, "--attention .* auto, sdpa, bmm, flex"),
+        ({"attention": "flash"}, "--attention .* auto, sdpa, bmm, native, flex"),
     ],
 )
 def test_invalid_settings_say_what_to_fix(overrides: dict[str, object], message: str) -> None:

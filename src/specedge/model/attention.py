@@ -16,13 +16,19 @@ pool. Two kernels, chosen per forward (`FlatBatch.attention`, `serve --attention
   0.17 ms a layer against 0.32, a 256-row prefill chunk against 1,500 positions 5.3 ms against
   10.4. A block without a mask (a one-token decode step) still goes through SDPA, which is
   faster for one row (0.03 ms against 0.06).
+- `native` (what `auto` takes on the CPU where a C compiler is at hand): masked blocks as
+  `bmm`; the one-row decode blocks of the whole batch in one call per layer to a C kernel
+  (`specedge.model.native`) that reads each sequence's keys and values once, in place, for
+  all the query heads of a group: 4x SDPA's speed at 300 and 1,500 positions on one core
+  (benchmarks/results/decode_attention.md). `Attention.forward` runs it (it needs the batch).
 - `flex`: FlexAttention (`torch.nn.attention.flex_attention`), compiled once with dynamic
   shapes; a block mask from the boolean mask, grouped-query heads native (no K/V repeat, no
   dense mask). On this project's CPU machines it is slower than `sdpa` (a decode step's
   attention 0.9 against 0.26 ms per layer, a 32-node tree's 8.8 against 1.2); FlexAttention
   is written for GPUs, where no one has measured it here yet.
 
-`auto` is `bmm` on the CPU and `sdpa` elsewhere (CUDA's SDPA kernels are fused).
+`auto` is `native` on the CPU (`bmm` where the C kernel cannot be compiled) and `sdpa`
+elsewhere (CUDA's SDPA kernels are fused).
 """
 
 from __future__ import annotations
@@ -37,25 +43,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from specedge.model import native
+
 AUTO = "auto"
 SDPA = "sdpa"
 BMM = "bmm"
+NATIVE = "native"
 FLEX = "flex"
-ATTENTION_KERNELS = (AUTO, SDPA, BMM, FLEX)
+ATTENTION_KERNELS = (AUTO, SDPA, BMM, NATIVE, FLEX)
 BMM_CHUNK = 192  # folded query rows per product: of 96-384 the fastest here (0.4 MB a head
 #   of float32 scores per 500 keys)
 
 
 def resolve_attention(name: str, device: torch.device | str = "cpu") -> str:
-    """The kernel `name` selects on `device`: `auto` is `bmm` on the CPU, else `sdpa` (see the
-    module docstring)."""
+    """The kernel `name` selects on `device`: `auto` is `native` on the CPU (`bmm` where it
+    cannot be compiled), else `sdpa` (see the module docstring)."""
     if name not in ATTENTION_KERNELS:
         raise ValueError(
             f"unknown attention kernel {name!r}: expected {', '.join(ATTENTION_KERNELS)}"
         )
+    on_cpu = torch.device(device).type == "cpu"
+    if name == NATIVE and not on_cpu:
+        raise ValueError("attention kernel 'native' runs on the CPU only; use sdpa or flex")
+    if name == NATIVE and native.load() is None:
+        raise ValueError(
+            "attention kernel 'native' could not be compiled here (a C compiler is needed, "
+            "$CC or cc; see the log); use bmm or sdpa"
+        )
     if name != AUTO:
         return name
-    return BMM if torch.device(device).type == "cpu" else SDPA
+    if not on_cpu:
+        return SDPA
+    return NATIVE if native.load() is not None else BMM
 
 
 @dataclass(frozen=True)
@@ -71,12 +90,12 @@ def prepare(kernel: str, mask: Tensor | None, group: int, dtype: torch.dtype) ->
     """`mask` ([n, S] bool, None = attend all) for `attend`, once per forward, not per layer."""
     if mask is None:
         return PreparedMask()
-    if kernel in (SDPA, BMM):
-        bias_dtype = torch.float32 if kernel == BMM else dtype  # bmm adds it to float32 scores
+    if kernel in (SDPA, BMM, NATIVE):
+        bias_dtype = dtype if kernel == SDPA else torch.float32  # bmm adds it to float32 scores
         bias = torch.zeros(mask.shape, dtype=bias_dtype, device=mask.device)
         bias.masked_fill_(~mask, -math.inf)
         bias = bias.repeat(group, 1)  # row j n + r: query head j of the group, row r
-        return PreparedMask(bias=bias if kernel == BMM else bias[None, None])
+        return PreparedMask(bias=bias[None, None] if kernel == SDPA else bias)
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(batch: Tensor, head: Tensor, q_index: Tensor, kv_index: Tensor) -> Tensor:
@@ -109,7 +128,7 @@ def attend(
         return out[0]
     group = num_heads // num_kv_heads
     folded = rows.reshape(num_kv_heads, group * num_rows, head_dim)
-    if kernel == BMM and prepared.bias is not None:
+    if kernel in (BMM, NATIVE) and prepared.bias is not None:
         return _bmm_attend(folded, keys, values, prepared.bias).view(num_heads, num_rows, head_dim)
     out = F.scaled_dot_product_attention(
         folded[None],  # [1, H_kv, g n, D]

@@ -231,6 +231,13 @@ class KVCache:
     def is_contiguous(self, slot: int) -> bool:
         return self._table[slot] is None
 
+    def contiguous_start(self, slot: int) -> int | None:
+        """The pool position of the slot's position 0 when its blocks are consecutive, else
+        None."""
+        if self._table[slot] is not None:
+            return None
+        return self._runs[slot][0].start * self.block_size
+
     def set_length(self, slot: int, length: int) -> None:
         """Commit (or roll back to) `length` positions of the slot."""
         assert 0 <= length <= self._capacity[slot]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from specedge.model import attention
+from specedge.model import attention, native
 from specedge.model.attention import PreparedMask
 from specedge.model.config import ModelConfig
 from specedge.model.kv_cache import KVCache
@@ -144,6 +144,36 @@ def chain_batch(
 
 
 @dataclass(frozen=True)
+class DecodeRows:
+    """A batch's one-row sequences that attend all their positions from consecutive pool
+    blocks: the native kernel attends them together, one call per layer."""
+
+    sequences: frozenset[int]  # indices into FlatBatch.sequences
+    rows: Tensor  # [B] int64: each one's row
+    starts: Tensor  # [B] int64: the pool position of its slot position 0
+    lengths: Tensor  # [B] int64: positions it attends
+
+    @classmethod
+    def of(cls, batch: FlatBatch, kv: KVCache) -> DecodeRows | None:
+        chosen, rows, starts, lengths = [], [], [], []
+        for index, block in enumerate(batch.sequences):
+            start = kv.contiguous_start(block.slot)
+            if block.mask is None and block.num_rows == 1 and start is not None:
+                chosen.append(index)
+                rows.append(block.first_row)
+                starts.append(start)
+                lengths.append(block.kv_len)
+        if not chosen:
+            return None
+        return cls(
+            frozenset(chosen),
+            torch.tensor(rows, dtype=torch.long),
+            torch.tensor(starts, dtype=torch.long),
+            torch.tensor(lengths, dtype=torch.long),
+        )
+
+
+@dataclass(frozen=True)
 class LayerInputs:
     """What every layer of one forward shares, derived once from the forward's arguments."""
 
@@ -152,6 +182,7 @@ class LayerInputs:
     masks: tuple[PreparedMask, ...]  # per sequence, in the form the kernel takes
     batch: FlatBatch
     kv: KVCache
+    decode: DecodeRows | None = None  # the native kernel's rows (kernel `native` only)
 
 
 class Attention(nn.Module):
@@ -182,8 +213,40 @@ class Attention(nn.Module):
         q, k = qk.split([num_heads, num_kv_heads], dim=1)  # [T, H, D], [T, H_kv, D]
 
         inputs.kv.write(self.layer_index, inputs.batch.write_index, k, v)
+        if inputs.decode is not None:
+            return self.wo(self.attend_native(q, inputs).view(num_rows, num_heads * head_dim))
         out = self.attend(q.transpose(0, 1), inputs)  # [H, T, D]
         return self.wo(out.transpose(0, 1).reshape(num_rows, num_heads * head_dim))
+
+    def attend_native(self, q: Tensor, inputs: LayerInputs) -> Tensor:  # [T, H, D] -> same
+        """The native kernel's batch: its decode rows in one call, written in place into the
+        output, and the other sequences (trees, prefill chunks) one by one as `bmm`."""
+        decode = inputs.decode
+        assert decode is not None
+        out = q.new_empty(q.shape)
+        layer = self.layer_index
+        native.decode_attention(
+            q,
+            inputs.kv.keys[layer],
+            inputs.kv.values[layer],
+            decode.rows,
+            decode.starts,
+            decode.lengths,
+            out,
+            self.num_heads,
+        )
+        for index, (block, mask) in enumerate(
+            zip(inputs.batch.sequences, inputs.masks, strict=True)
+        ):
+            if index in decode.sequences:
+                continue
+            keys, values = inputs.kv.read(layer, block.slot, block.kv_len)
+            rows = slice(block.first_row, block.first_row + block.num_rows)
+            attended = attention.attend(
+                attention.NATIVE, q[rows].transpose(0, 1), keys, values, mask
+            )
+            out[rows] = attended.transpose(0, 1)
+        return out
 
     def attend(self, q: Tensor, inputs: LayerInputs) -> Tensor:  # [H, T, D] -> [H, T, D]
         """Each sequence's queries against its own keys and values, read in place from the
@@ -258,10 +321,19 @@ class Transformer(nn.Module):
             ),
             batch=batch,
             kv=kv,
+            decode=self._decode_rows(batch, kv),
         )
         for layer in self.layers:
             x = layer(x, inputs)
         return self.norm(x)
+
+    def _decode_rows(self, batch: FlatBatch, kv: KVCache) -> DecodeRows | None:
+        config = self.config
+        if batch.attention != attention.NATIVE or not native.supports(
+            config.num_heads, config.num_kv_heads, config.head_dim, kv.keys.dtype
+        ):
+            return None
+        return DecodeRows.of(batch, kv)
 
     def logits(self, hidden: Tensor, upcast: bool = True) -> Tensor:  # [..., E] -> [..., V]
         """The head's logits, in float32 (or, `upcast=False`, in the model's dtype: enough for

@@ -182,8 +182,9 @@ class ServerConfig:
     )
     attention: str = setting(
         AUTO_ATTENTION,
-        f"Attention kernel: {' | '.join(ATTENTION_KERNELS)} (auto: bmm on the CPU, sdpa on "
-        "GPUs; flex: FlexAttention, compiled at the first forward).",
+        f"Attention kernel: {' | '.join(ATTENTION_KERNELS)} (auto: native on the CPU, "
+        "bmm there without a C compiler, sdpa on GPUs; flex: FlexAttention, compiled at the "
+        "first forward).",
     )
 
     @property

@@ -1,0 +1,194 @@
+"""The CPU decode-attention kernel (`decode_attention.c`), compiled on first use.
+
+Why native code: a decode step's attention is one query row per sequence against its whole
+context, a pass over the KV memory that should run at memory bandwidth. torch has no CPU
+kernel for it that reads a paged pool: its SDPA runs it at 4-5 GB/s on one core of this
+project's machine (about a seventh of the core's bandwidth) and needs one call per sequence
+and layer. The kernel here reads each sequence's keys and values once, in place, for all the
+query heads of a group, all sequences in one call per layer: 4x faster at 300 and 1,500
+positions (benchmarks/results/decode_attention.md). The libraries that ship such kernels
+(vLLM's, IPEX's) are built for particular torch releases and would pin ours.
+
+The source is compiled with the machine's C compiler (`$CC`, else `cc`) for the machine's own
+CPU (`-march=native`, so AVX512-BF16 where the CPU has it, portable C elsewhere), once per
+source, compiler and CPU, into the user cache folder. `load()` returns None where that fails
+(no compiler, say), and the engine then keeps torch's kernels (`attention.resolve_attention`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_attention.c")
+# -fassociative-math (with its prerequisites) lets the compiler vectorise the softmax's sums;
+# the kernel's own reductions already run in a fixed vector order.
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fno-signed-zeros",
+    "-fassociative-math",
+    "-DPREFETCH_ROWS=16",
+    "-shared",
+    "-fPIC",
+)
+DTYPES = (torch.bfloat16, torch.float32)
+_ARGUMENTS = (
+    [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    + [ctypes.c_void_p] * 3
+    + [ctypes.c_int64] * 4
+    + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+)
+
+
+class NativeKernelError(RuntimeError):
+    """The kernel refused a call (a shape it does not take, no scratch memory)."""
+
+
+def _cpu_signature() -> str:
+    """What `-march=native` compiles for: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            lines = [
+                line for line in cpuinfo if line.startswith(("model name", "flags", "Features"))
+            ]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compiler() -> str:
+    return os.environ.get("CC") or "cc"
+
+
+def _library_path(compiler_version: str) -> Path:
+    from specedge.model.loader import cache_root  # imported here: the loader imports the model
+
+    key = hashlib.sha256(
+        "\0".join(
+            (SOURCE.read_text(), " ".join(FLAGS), compiler_version, _cpu_signature())
+        ).encode()
+    ).hexdigest()[:16]
+    return cache_root() / "native" / f"decode_attention-{platform.machine()}-{key}.so"
+
+
+def _build() -> Path:
+    """The compiled library, compiling it if this source, compiler and CPU have none yet."""
+    compiler = _compiler()
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    path = _library_path(version)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Compile beside the target and rename: processes starting together never load half a file.
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".so", delete=False) as partial:
+        partial_path = Path(partial.name)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, "-o", str(partial_path), str(SOURCE), "-lm"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        os.replace(partial_path, path)
+    finally:
+        partial_path.unlink(missing_ok=True)
+    return path
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The kernel library, or None (logged once) where it cannot be compiled or loaded."""
+    try:
+        library = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", "") or error
+        log.warning("native decode attention unavailable, using torch's kernels: %s", detail)
+        return None
+    for name in ("decode_attention_bf16", "decode_attention_f32"):
+        function = getattr(library, name)
+        function.argtypes = _ARGUMENTS
+        function.restype = ctypes.c_int
+    return library
+
+
+MAX_HEAD_DIM = 256  # as decode_attention.c
+MAX_GROUP = 16
+
+
+def supports(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel takes this geometry and dtype (and could be compiled here)."""
+    return (
+        dtype in DTYPES
+        and head_dim <= MAX_HEAD_DIM
+        and num_heads // num_kv_heads <= MAX_GROUP
+        and load() is not None
+    )
+
+
+def decode_attention(
+    queries: Tensor,  # [T, >= H, D]: row r's heads; rows may have more heads (q beside k)
+    keys: Tensor,  # [H_kv, P, D] one layer of the pool, contiguous
+    values: Tensor,  # [H_kv, P, D]
+    rows: Tensor,  # [B] int64: the row of each sequence's one query
+    starts: Tensor,  # [B] int64: the pool position of each sequence's slot position 0
+    lengths: Tensor,  # [B] int64: positions each attends (slot positions 0..length-1)
+    out: Tensor,  # [T, H, D], contiguous: rows `rows` are written
+    num_heads: int,
+) -> None:
+    """softmax(q k^T / sqrt(D)) v for one query row per sequence, over its slot's keys and
+    values read in place; the model's dtype in and out, float32 within."""
+    library = load()
+    assert library is not None, "native decode attention is not available"
+    head_dim = keys.shape[-1]
+    assert queries.dtype == keys.dtype == values.dtype == out.dtype
+    assert queries.stride(-1) == 1 and queries.stride(-2) == head_dim
+    assert keys.is_contiguous() and values.is_contiguous() and out.is_contiguous()
+    assert rows.dtype == starts.dtype == lengths.dtype == torch.int64
+    function = (
+        library.decode_attention_bf16
+        if queries.dtype == torch.bfloat16
+        else library.decode_attention_f32
+    )
+    status = function(
+        queries.data_ptr(),
+        queries.stride(0),
+        keys.data_ptr(),
+        values.data_ptr(),
+        keys.stride(0),
+        rows.data_ptr(),
+        starts.data_ptr(),
+        lengths.data_ptr(),
+        rows.numel(),
+        num_heads,
+        keys.shape[0],
+        head_dim,
+        1.0 / math.sqrt(head_dim),
+        out.data_ptr(),
+        out.stride(0),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise NativeKernelError(
+            f"native decode attention refused heads {num_heads}/{keys.shape[0]} x {head_dim} "
+            f"(status {status})"
+        )

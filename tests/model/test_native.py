@@ -1,0 +1,144 @@
+"""The native decode-attention kernel: equal to a float64 reference on every geometry it takes
+(grouped heads, head sizes on and off its vectorised path, bf16 and float32), writing only the
+rows it is given; a decode batch through it equals the same batch through SDPA, fragmented
+slots included; where no compiler is at hand the engine falls back to `bmm`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from specedge.model import attention, native
+from specedge.model.kv_cache import KVCache
+from specedge.model.transformer import chain_batch
+from tests.support.models import random_hf_model, tiny_hf_config, to_specedge
+
+GEOMETRIES = [  # (query heads, K/V heads, head dim): vectorised and portable paths
+    (9, 3, 64),
+    (8, 2, 128),
+    (4, 4, 64),
+    (16, 2, 64),  # a group of 8
+    (6, 1, 48),  # not a multiple of 32: the portable path
+    (32, 2, 32),  # a group of 16
+]
+
+
+def reference(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, num_heads: int
+) -> torch.Tensor:  # [H, D] float64
+    group = num_heads // keys.shape[0]
+    q = queries[:num_heads].double()
+    k = keys.double().repeat_interleave(group, dim=0)  # [H, S, D]
+    v = values.double().repeat_interleave(group, dim=0)
+    scores = torch.einsum("hd,hsd->hs", q, k) / math.sqrt(q.shape[-1])
+    return torch.einsum("hs,hsd->hd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), GEOMETRIES)
+def test_kernel_equals_reference(
+    num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> None:
+    generator = torch.Generator().manual_seed(num_heads * 1000 + head_dim)
+    pool = 700
+    keys = torch.randn(num_kv_heads, pool, head_dim, generator=generator).to(dtype)
+    values = torch.randn(num_kv_heads, pool, head_dim, generator=generator).to(dtype)
+    total_rows = 7
+    # Queries beside keys in each row, as the model's fused projection leaves them.
+    fused = torch.randn(total_rows, num_heads + num_kv_heads, head_dim, generator=generator)
+    queries = (fused * 2).to(dtype)[:, :num_heads]
+    rows = torch.tensor([5, 0, 3, 6])
+    starts = torch.tensor([0, 17, 300, 650])
+    lengths = torch.tensor([1, 260, 333, 50])
+    out = torch.full((total_rows, num_heads, head_dim), 7.0, dtype=dtype)
+    native.decode_attention(queries, keys, values, rows, starts, lengths, out, num_heads)
+    for row, start, length in zip(rows.tolist(), starts.tolist(), lengths.tolist(), strict=True):
+        expected = reference(
+            queries[row],
+            keys[:, start : start + length],
+            values[:, start : start + length],
+            num_heads,
+        )
+        if dtype == torch.float32:
+            torch.testing.assert_close(out[row].double(), expected, atol=2e-6, rtol=1e-5)
+        else:  # one rounding of the output, plus float32 sums of bf16 products
+            torch.testing.assert_close(out[row].double(), expected, atol=4e-3, rtol=1.6e-2)
+    untouched = sorted(set(range(total_rows)) - set(rows.tolist()))
+    assert (out[untouched] == 7.0).all(), "rows it was not given were written"
+
+
+def test_kernel_refuses_a_group_it_cannot_hold() -> None:
+    keys = torch.zeros(1, 4, 16)
+    out = torch.zeros(1, 17, 16)
+    with pytest.raises(native.NativeKernelError, match="17/1"):
+        native.decode_attention(
+            torch.zeros(1, 17, 16),
+            keys,
+            keys.clone(),
+            torch.tensor([0]),
+            torch.tensor([0]),
+            torch.tensor([4]),
+            out,
+            17,
+        )
+    assert not native.supports(17, 1, 16, torch.float32)
+    assert not native.supports(8, 8, 64, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_batch_equals_sdpa_with_fragmented_slots(dtype: torch.dtype) -> None:
+    """Four sequences prefilled to different lengths, one of them in blocks scattered over
+    the pool (read through the gather path), then one decode step of all four, as one flat
+    batch: native logits equal SDPA's."""
+    config, model = to_specedge(random_hf_model(tiny_hf_config(), seed=5))
+    model = model.to(dtype)
+    kv = KVCache(config, num_slots=7, max_len=40, block_size=4, dtype=dtype, num_blocks=38)
+    holes = [kv.allocate(capacity=8) for _ in range(4)]
+    kv.free(holes[0])
+    kv.free(holes[2])  # two 2-block holes
+    whole = [kv.allocate(capacity=40) for _ in range(3)]  # the rest of the pool
+    slots = [kv.allocate(capacity=16), *whole]  # 4 blocks: the two holes
+    assert not kv.is_contiguous(slots[0]) and all(kv.is_contiguous(s) for s in slots[1:])
+    generator = torch.Generator().manual_seed(6)
+    lengths = [13, 1, 22, 37]
+    for slot, length in zip(slots, lengths, strict=True):
+        tokens = torch.randint(0, config.vocab_size, (length,), generator=generator)
+        with torch.inference_mode():
+            model(tokens, torch.arange(length), chain_batch(kv, [(slot, 0, length)]), kv)
+        kv.set_length(slot, length)
+    step = torch.randint(0, config.vocab_size, (4,), generator=generator)
+    positions = torch.tensor(lengths)
+    logits = {}
+    for kernel in (attention.SDPA, attention.NATIVE):
+        batch = chain_batch(kv, [(s, n, 1) for s, n in zip(slots, lengths, strict=True)], kernel)
+        with torch.inference_mode():
+            logits[kernel] = model(step, positions, batch, kv)
+    tolerance = 1e-5 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(
+        logits[attention.NATIVE], logits[attention.SDPA], atol=tolerance, rtol=0
+    )
+    assert logits[attention.SDPA].std() > 0.5
+
+
+@pytest.fixture
+def no_compiler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    native.load.cache_clear()
+    yield
+    native.load.cache_clear()
+
+
+def test_without_a_compiler_auto_falls_back_to_bmm(no_compiler: None) -> None:
+    assert native.load() is None
+    assert attention.resolve_attention("auto", "cpu") == attention.BMM
+    with pytest.raises(ValueError, match="could not be compiled"):
+        attention.resolve_attention("native", "cpu")
+
+
+def test_native_is_a_cpu_kernel() -> None:
+    assert attention.resolve_attention("auto", "cpu") == attention.NATIVE
+    with pytest.raises(ValueError, match="CPU only"):
+        attention.resolve_attention("native", "cuda")

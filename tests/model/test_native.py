@@ -142,3 +142,25 @@ def test_native_is_a_cpu_kernel() -> None:
     assert attention.resolve_attention("auto", "cpu") == attention.NATIVE
     with pytest.raises(ValueError, match="CPU only"):
         attention.resolve_attention("native", "cuda")
+
+
+def test_threads_split_the_work_without_changing_a_bit() -> None:
+    """With several torch threads the (sequence, K/V head) pairs are shared out between them;
+    each pair's arithmetic is the same, so the output is the same bit for bit."""
+    generator = torch.Generator().manual_seed(9)
+    keys = torch.randn(3, 900, 64, generator=generator).to(torch.bfloat16)
+    values = torch.randn(3, 900, 64, generator=generator).to(torch.bfloat16)
+    queries = torch.randn(5, 9, 64, generator=generator).to(torch.bfloat16)
+    rows, starts = torch.arange(5), torch.tensor([0, 100, 200, 300, 400])
+    lengths = torch.tensor([500, 3, 77, 600, 250])
+    outputs = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            out = torch.empty(5, 9, 64, dtype=torch.bfloat16)
+            native.decode_attention(queries, keys, values, rows, starts, lengths, out, 9)
+            outputs.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs[0], outputs[1])

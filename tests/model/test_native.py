@@ -164,3 +164,50 @@ def test_threads_split_the_work_without_changing_a_bit() -> None:
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (37, 576), (5, 9, 64), (3, 1000)])
+def test_rms_norm_equals_torch_bit_for_bit(shape: tuple[int, ...]) -> None:
+    generator = torch.Generator().manual_seed(len(shape) * 100 + shape[-1])
+    x = (3 * torch.randn(shape, generator=generator)).to(torch.bfloat16)
+    weight = (1 + 0.2 * torch.randn(shape[-1], generator=generator)).to(torch.bfloat16)
+    expected = weight * torch.nn.functional.rms_norm(x, (shape[-1],), eps=1e-5)
+    got = native.rms_norm(x, weight, 1e-5)
+    assert got is not None and torch.equal(got, expected)
+    assert native.rms_norm(x.float(), weight.float(), 1e-5) is None  # float32 keeps torch's
+    strided = torch.ones(4, 2 * shape[-1], dtype=torch.bfloat16)[:, : shape[-1]]
+    assert native.rms_norm(strided, weight, 1e-5) is None  # rows not packed: torch's
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3"])
+def test_fused_rope_and_store_change_no_bit(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 prefill and a decode step with RoPE and the KV write fused into one native call,
+    and the same with torch's ops: the same logits and the same KV pool, bit for bit (Qwen3:
+    q/k norms before RoPE)."""
+    overrides = {"head_dim": 32} if case == "qwen3" else {}
+    config, model = to_specedge(random_hf_model(tiny_hf_config(case, **overrides), seed=8))
+    model = model.to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(10)
+    prompt = torch.randint(0, config.vocab_size, (19,), generator=generator)
+    results = []
+    calls = []
+    real_rope_store = native.rope_store
+    monkeypatch.setattr(
+        native, "rope_store", lambda *args: calls.append(1) or real_rope_store(*args)
+    )
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(native, "fuses_rope", lambda dtype, device: False)
+        kv = KVCache(config, num_slots=2, max_len=32, block_size=4, dtype=torch.bfloat16)
+        kv.allocate(capacity=8)
+        slot = kv.allocate()
+        with torch.inference_mode():
+            first = model(prompt, torch.arange(19), chain_batch(kv, [(slot, 0, 19)]), kv)
+            kv.set_length(slot, 19)
+            step = chain_batch(kv, [(slot, 19, 1)], attention.NATIVE)
+            second = model(prompt[:1], torch.tensor([19]), step, kv)
+        index = kv.physical(slot, 0, 20)
+        results.append((first, second, kv.keys[:, :, index], kv.values[:, :, index]))
+    assert len(calls) == 2 * config.num_layers  # the fused pass went through the kernel
+    for fused, unfused in zip(*results, strict=True):
+        assert torch.equal(fused, unfused)

@@ -75,6 +75,10 @@ class RMSNorm(nn.Module):
         # F.rms_norm can apply the weight itself (one kernel fewer).
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        if not torch.is_grad_enabled():  # the same two roundings in one native call
+            normed = native.rms_norm(x, self.weight, self.eps)
+            if normed is not None:
+                return normed
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
@@ -183,6 +187,7 @@ class LayerInputs:
     batch: FlatBatch
     kv: KVCache
     decode: DecodeRows | None = None  # the native kernel's rows (kernel `native` only)
+    fused_rope: bool = False  # RoPE and the KV write in one native call (bf16 CPU)
 
 
 class Attention(nn.Module):
@@ -209,10 +214,21 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = qk.split([num_heads, num_kv_heads], dim=1)
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
-        qk = qk * inputs.cos + rotate_half(qk) * inputs.sin
-        q, k = qk.split([num_heads, num_kv_heads], dim=1)  # [T, H, D], [T, H_kv, D]
-
-        inputs.kv.write(self.layer_index, inputs.batch.write_index, k, v)
+        if inputs.fused_rope:
+            q = native.rope_store(
+                qk,
+                v,
+                inputs.cos,
+                inputs.sin,
+                inputs.batch.write_index,
+                inputs.kv.keys[self.layer_index],
+                inputs.kv.values[self.layer_index],
+                num_heads,
+            )
+        else:
+            qk = qk * inputs.cos + rotate_half(qk) * inputs.sin
+            q, k = qk.split([num_heads, num_kv_heads], dim=1)  # [T, H, D], [T, H_kv, D]
+            inputs.kv.write(self.layer_index, inputs.batch.write_index, k, v)
         if inputs.decode is not None:
             return self.wo(self.attend_native(q, inputs).view(num_rows, num_heads * head_dim))
         out = self.attend(q.transpose(0, 1), inputs)  # [H, T, D]
@@ -322,6 +338,9 @@ class Transformer(nn.Module):
             batch=batch,
             kv=kv,
             decode=self._decode_rows(batch, kv),
+            fused_rope=not torch.is_grad_enabled()
+            and kv.keys.dtype == x.dtype
+            and native.fuses_rope(x.dtype, x.device),
         )
         for layer in self.layers:
             x = layer(x, inputs)

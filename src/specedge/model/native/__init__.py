@@ -128,6 +128,16 @@ def load() -> ctypes.CDLL | None:
         function = getattr(library, name)
         function.argtypes = _ARGUMENTS
         function.restype = ctypes.c_int
+    library.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+    library.rms_norm_bf16.restype = None
+    library.rope_store_bf16.argtypes = (
+        [ctypes.c_void_p, ctypes.c_int64] * 2
+        + [ctypes.c_void_p] * 3
+        + [ctypes.c_int64] * 4
+        + [ctypes.c_void_p] * 3
+        + [ctypes.c_int64]
+    )
+    library.rope_store_bf16.restype = None
     return library
 
 
@@ -192,3 +202,71 @@ def decode_attention(
             f"native decode attention refused heads {num_heads}/{keys.shape[0]} x {head_dim} "
             f"(status {status})"
         )
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:  # [..., E] bf16
+    """`weight * F.rms_norm(x)` for a contiguous bf16 `x` in one call (torch's CPU rms_norm is
+    half a dozen kernels, 20 us a call for one 576-wide row here); None where the kernel is
+    not available or does not take these tensors."""
+    library = load()
+    if (
+        library is None
+        or x.dtype != torch.bfloat16
+        or weight.dtype != torch.bfloat16
+        or x.device.type != "cpu"
+        or not x.is_contiguous()
+        or not weight.is_contiguous()
+    ):
+        return None
+    out = torch.empty_like(x)
+    dim = x.shape[-1]
+    library.rms_norm_bf16(
+        x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps
+    )
+    return out
+
+
+def fuses_rope(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `rope_store` takes a forward of this dtype and device."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and load() is not None
+
+
+def rope_store(
+    qk: Tensor,  # [T, H + H_kv, D] bf16: queries then keys, last two dims packed
+    v: Tensor,  # [T, H_kv, D] bf16, last two dims packed
+    cos: Tensor,  # [T, 1, D] bf16, contiguous
+    sin: Tensor,  # [T, 1, D]
+    index: Tensor,  # [T] int64: pool positions
+    keys: Tensor,  # [H_kv, P, D] one layer of the pool, contiguous
+    values: Tensor,
+    num_heads: int,
+) -> Tensor:  # [T, H, D] the rotated queries
+    """RoPE on `qk` and the rotated keys and `v` written into the pool at `index`, in one call:
+    equal bit for bit to `qk * cos + rotate_half(qk) * sin` and `KVCache.write` in bf16."""
+    library = load()
+    assert library is not None and fuses_rope(qk.dtype, qk.device)
+    rows, heads, head_dim = qk.shape
+    assert qk.stride(-1) == 1 and qk.stride(-2) == head_dim
+    assert v.stride(-1) == 1 and v.stride(-2) == head_dim
+    assert cos.is_contiguous() and sin.is_contiguous() and index.dtype == torch.int64
+    assert keys.is_contiguous() and values.is_contiguous() and index.is_contiguous()
+    assert qk.dtype == v.dtype == cos.dtype == sin.dtype == keys.dtype == values.dtype
+    q = qk.new_empty(rows, num_heads, head_dim)
+    library.rope_store_bf16(
+        qk.data_ptr(),
+        qk.stride(0),
+        v.data_ptr(),
+        v.stride(0),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        index.data_ptr(),
+        rows,
+        num_heads,
+        heads - num_heads,
+        head_dim,
+        q.data_ptr(),
+        keys.data_ptr(),
+        values.data_ptr(),
+        keys.stride(0),
+    )
+    return q

@@ -258,3 +258,61 @@ DEFINE_DECODE(decode_attention_bf16, head_bf16, no_fast_bf16, NULL, uint16_t, LO
               STORE_BF16)
 #endif
 DEFINE_DECODE(decode_attention_f32, head_f32, no_fast_head, NULL, float, LOAD_F32, STORE_F32)
+
+/* RMSNorm of `rows` bf16 rows of `dim`, as the model's bf16 path: normalised in float32 and
+ * rounded once to bf16, then scaled by the bf16 weight (a second rounding), as
+ * `weight * F.rms_norm(x)` and the reference implementations' explicit upcast do. */
+void rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t rows,
+                   int64_t dim, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * dim;
+        uint16_t *outr = out + r * dim;
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t d = 0; d < dim; d++) {
+            float value = bf16_to_float(xr[d]);
+            squares += value * value;
+        }
+        float scale = 1.0f / sqrtf(squares / (float)dim + eps);
+#pragma omp simd
+        for (int64_t d = 0; d < dim; d++) {
+            float normed = bf16_to_float(float_to_bf16(bf16_to_float(xr[d]) * scale));
+            outr[d] = float_to_bf16(bf16_to_float(weight[d]) * normed);
+        }
+    }
+}
+
+/* RoPE on a layer's new queries and keys, and the keys and values stored in the KV pool, in
+ * one pass; the same bf16 arithmetic as the model's torch path, rounding for rounding
+ * (`qk * cos + rotate_half(qk) * sin`: each product rounded to bf16, then their sum):
+ *   qk: row t, head h (queries, then keys) at qk + t * qk_row_stride + h * head_dim
+ *   v:  row t, K/V head j at v + t * v_row_stride + j * head_dim
+ *   cos, sin: [rows, head_dim]; index[t]: the pool position of row t
+ *   q_out: [rows, num_heads, head_dim]; keys, values: head j, position p at
+ *   j * kv_head_stride + p * head_dim. */
+void rope_store_bf16(const uint16_t *qk, int64_t qk_row_stride, const uint16_t *v,
+                     int64_t v_row_stride, const uint16_t *cos, const uint16_t *sin,
+                     const int64_t *index, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
+                     int64_t head_dim, uint16_t *q_out, uint16_t *keys, uint16_t *values,
+                     int64_t kv_head_stride) {
+    const int64_t half = head_dim / 2;
+    for (int64_t t = 0; t < rows; t++) {
+        const uint16_t *c = cos + t * head_dim, *s = sin + t * head_dim;
+        for (int64_t h = 0; h < num_heads + num_kv_heads; h++) {
+            const uint16_t *x = qk + t * qk_row_stride + h * head_dim;
+            uint16_t *out = h < num_heads
+                                ? q_out + (t * num_heads + h) * head_dim
+                                : keys + (h - num_heads) * kv_head_stride + index[t] * head_dim;
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; d++) {
+                float rotated = d < half ? -bf16_to_float(x[d + half]) : bf16_to_float(x[d - half]);
+                float a = bf16_to_float(float_to_bf16(bf16_to_float(x[d]) * bf16_to_float(c[d])));
+                float b = bf16_to_float(float_to_bf16(rotated * bf16_to_float(s[d])));
+                out[d] = float_to_bf16(a + b);
+            }
+        }
+        for (int64_t j = 0; j < num_kv_heads; j++)
+            memcpy(values + j * kv_head_stride + index[t] * head_dim,
+                   v + t * v_row_stride + j * head_dim, sizeof(uint16_t) * head_dim);
+    }
+}

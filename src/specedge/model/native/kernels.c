@@ -1,5 +1,8 @@
-/* Decode attention for the CPU: every one-row sequence of a batch against its KV slot, read
- * in place from the paged pool, in one call per layer (see specedge/model/native/__init__.py).
+/* Native CPU kernels (see specedge/model/native/__init__.py): decode attention, RMSNorm, and
+ * RoPE fused with the KV write.
+ *
+ * Decode attention: every one-row sequence of a batch against its KV slot, read in place from
+ * the paged pool, in one call per layer.
  *
  * For each (sequence, K/V head): the g query heads of the group are scored against every key
  * (each key read once for all g heads), softmaxed in float32, and the values summed with the

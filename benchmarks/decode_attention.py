@@ -65,6 +65,17 @@ def alternate(calls: dict[str, Callable[[], Any]], repetitions: int) -> dict[str
     return times
 
 
+def summarise(times: dict[str, list[float]]) -> dict[str, Any]:
+    """Every repetition, the medians in ms, and the first side's median over the second's."""
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    slower, faster = medians.values()
+    return {
+        "seconds": times,
+        "median_ms": {name: 1e3 * t for name, t in medians.items()},
+        "speedup": slower / faster,
+    }
+
+
 # ---- kernel --------------------------------------------------------------------------------
 
 
@@ -109,16 +120,14 @@ def kernel_case(batch: int, length: int, repetitions: int) -> dict[str, Any]:
         expected = F.scaled_dot_product_attention(folded[None], k[None], v[None])[0]
         got = native_out[b].reshape(KV_HEADS, group, HEAD_DIM)
         difference = max(difference, (got.float() - expected.float()).abs().max().item())
-    times = alternate({"sdpa": run_sdpa, "native": run_native}, repetitions)
+    summary = summarise(alternate({"sdpa": run_sdpa, "native": run_native}, repetitions))
     kv_bytes = 2 * LAYERS * KV_HEADS * batch * length * HEAD_DIM * 2
-    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    gb_per_s = {name: kv_bytes / ms / 1e6 for name, ms in summary["median_ms"].items()}
     return {
         "batch": batch,
         "length": length,
-        "seconds": times,
-        "median_ms": {name: 1e3 * t for name, t in medians.items()},
-        "gb_per_s": {name: kv_bytes / t / 1e9 for name, t in medians.items()},
-        "speedup": medians["sdpa"] / medians["native"],
+        **summary,
+        "gb_per_s": gb_per_s,
         "max_abs_difference": difference,
     }
 
@@ -157,14 +166,7 @@ def step_engines(loaded: LoadedModel, batch: int, context: int) -> dict[str, Cal
 def step_case(loaded: LoadedModel, batch: int, context: int, repetitions: int) -> dict[str, Any]:
     with torch.inference_mode():
         times = alternate(step_engines(loaded, batch, context), repetitions)
-    medians = {name: statistics.median(ts) for name, ts in times.items()}
-    return {
-        "batch": batch,
-        "context": context,
-        "seconds": times,
-        "median_ms": {name: 1e3 * t for name, t in medians.items()},
-        "speedup": medians[attention.BMM] / medians[attention.NATIVE],
-    }
+    return {"batch": batch, "context": context, **summarise(times)}
 
 
 # ---- report --------------------------------------------------------------------------------

@@ -234,8 +234,10 @@ class KVCache:
     def contiguous_start(self, slot: int) -> int | None:
         """The pool position of the slot's position 0 when its blocks are consecutive, else
         None."""
-        if self._table[slot] is not None:
-            return None
+        return self._first_position(slot) if self._table[slot] is None else None
+
+    def _first_position(self, slot: int) -> int:
+        """The pool position of the slot's first block's first position."""
         return self._runs[slot][0].start * self.block_size
 
     def set_length(self, slot: int, length: int) -> None:
@@ -249,7 +251,7 @@ class KVCache:
         assert start + count <= self._capacity[slot], "KV slot overflow"
         table = self._table[slot]
         if table is None:
-            base = self._runs[slot][0].start * self.block_size
+            base = self._first_position(slot)
             return torch.arange(base + start, base + start + count, device=self.keys.device)
         return table[start : start + count]
 
@@ -271,7 +273,7 @@ class KVCache:
         the pool when the slot's blocks are consecutive, else gathered."""
         table = self._table[slot]
         if table is None:
-            base = self._runs[slot][0].start * self.block_size
+            base = self._first_position(slot)
             return (
                 self.keys[layer, :, base : base + length],
                 self.values[layer, :, base : base + length],
@@ -300,5 +302,5 @@ class KVCache:
         assert int(max(positions)) < self._capacity[slot], "KV slot overflow"
         table = self._table[slot]
         if table is None:
-            return index + self._runs[slot][0].start * self.block_size
+            return index + self._first_position(slot)
         return table[index]

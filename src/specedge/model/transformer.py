@@ -256,23 +256,29 @@ class Attention(nn.Module):
         ):
             if index in decode.sequences:
                 continue
-            keys, values = inputs.kv.read(layer, block.slot, block.kv_len)
             rows = slice(block.first_row, block.first_row + block.num_rows)
-            attended = attention.attend(
-                attention.NATIVE, q[rows].transpose(0, 1), keys, values, mask
-            )
+            attended = self.attend_block(q[rows].transpose(0, 1), block, mask, inputs)
             out[rows] = attended.transpose(0, 1)
         return out
 
     def attend(self, q: Tensor, inputs: LayerInputs) -> Tensor:  # [H, T, D] -> [H, T, D]
         """Each sequence's queries against its own keys and values, read in place from the
         pool (`KVCache.read`), by the batch's kernel (`specedge.model.attention`)."""
-        outputs = []
-        for block, mask in zip(inputs.batch.sequences, inputs.masks, strict=True):
-            keys, values = inputs.kv.read(self.layer_index, block.slot, block.kv_len)
-            rows = q[:, block.first_row : block.first_row + block.num_rows]  # [H, n, D]
-            outputs.append(attention.attend(inputs.batch.attention, rows, keys, values, mask))
+        outputs = [
+            self.attend_block(
+                q[:, block.first_row : block.first_row + block.num_rows], block, mask, inputs
+            )
+            for block, mask in zip(inputs.batch.sequences, inputs.masks, strict=True)
+        ]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def attend_block(
+        self, rows: Tensor, block: SequenceBlock, mask: PreparedMask, inputs: LayerInputs
+    ) -> Tensor:  # [H, n, D] -> [H, n, D]
+        """One sequence's rows against its keys and values, read in place from the pool, by
+        the batch's kernel."""
+        keys, values = inputs.kv.read(self.layer_index, block.slot, block.kv_len)
+        return attention.attend(inputs.batch.attention, rows, keys, values, mask)
 
 
 class FeedForward(nn.Module):

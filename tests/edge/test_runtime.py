@@ -17,9 +17,16 @@ import pytest
 
 from specedge.bench.wan import DelayProxy
 from specedge.core.generation import GenerationRequest, GenerationStats
+from specedge.core.limits import TreeShape
 from specedge.core.sampling import SamplingParams
 from specedge.edge.app import Edge
-from specedge.edge.client import ServerIncompatibleError, ServerUnavailableError
+from specedge.edge.client import (
+    CHANNEL_OPTIONS,
+    ClientIdentity,
+    ServerConnection,
+    ServerIncompatibleError,
+    ServerUnavailableError,
+)
 from specedge.errors import InvalidRequestError
 from specedge.model.loader import LoadedModel, tokenizer_fingerprint
 from specedge.rpc.codec import (
@@ -35,11 +42,23 @@ from tests.support.models import TARGET_SEED, tiny_model
 from tests.support.models import TINY_VOCAB as VOCAB
 from tests.support.observe import async_wait_for, metric, wait_for
 from tests.support.reference import reference_tokens
-from tests.support.servers import edge_config, edge_generate, start_server, with_edge
+from tests.support.servers import (
+    SERVER_CONFIG,
+    edge_config,
+    edge_generate,
+    start_server,
+    with_edge,
+)
 
 PROMPTS = [[1, 2, 3, 4, 5], [200, 17, 93], [7] * 12]
 MAX_TOKENS = 40
 RTT_MS = 20.0
+
+
+def identity(target: LoadedModel) -> ClientIdentity:
+    return ClientIdentity(
+        tokenizer_fingerprint(target.tokenizer), VOCAB, TreeShape(budget=8, depth=4)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +226,40 @@ def test_reconnects_after_the_server_restarts(target: LoadedModel) -> None:
 
     try:
         asyncio.run(with_edge(edge_config(port), tiny_model(12), body))
+    finally:
+        if second is not None:
+            second.stop()
+
+
+def test_a_fresh_link_is_not_held_back_by_another_channels_backoff(target: LoadedModel) -> None:
+    """While a server is down, any of the edge's channels still open to its address (a
+    poll's, a retired link's still closing) keeps retrying with gRPC's reconnect backoff (up to
+    2 s). A link made once the server is back must connect at once, not share that backoff
+    (the restart test's flake: "connection refused" past its 1 s failover timeout)."""
+    first = start_server(target)
+    port = first.port
+    first.stop()
+    second: BackgroundServer | None = None
+
+    async def body() -> None:
+        nonlocal second
+        lingering = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+        try:
+            for _ in range(8):  # about 2 s of failed connects: its backoff has grown
+                lingering.get_state(try_to_connect=True)
+                await asyncio.sleep(0.25)
+            second = await asyncio.to_thread(start_server, target, port=port)
+            connection = ServerConnection(f"127.0.0.1:{port}", identity(target))
+            try:
+                info = await connection.connect()  # one try, no retry
+                assert info.max_context == SERVER_CONFIG.max_context
+            finally:
+                await connection.close()
+        finally:
+            await lingering.close()
+
+    try:
+        asyncio.run(body())
     finally:
         if second is not None:
             second.stop()

@@ -55,6 +55,10 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A fresh link is a fresh connection: with gRPC's global subchannel pool a new channel
+    # shares the subchannel (and its reconnect backoff, up to 2 s) of any other channel to the
+    # same address, so a restarted server stayed "connection refused" past the failover timeout.
+    ("grpc.use_local_subchannel_pool", 1),
 )
 # Status code meaning "the server (or the way to it) is gone": retire the link.
 LINK_LOST = frozenset({grpc.StatusCode.UNAVAILABLE})

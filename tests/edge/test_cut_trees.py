@@ -9,15 +9,19 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
+from specedge.core.calibration import temperature_regime
 from specedge.core.goodput import FittedBatchCost, LinearBatchCost
 from specedge.core.local import LocalGenerator
+from specedge.core.round_loop import ProbeScore
 from specedge.core.sampling import SamplingParams
 from specedge.core.tree import DraftTree
 from specedge.edge.app import Edge
 from specedge.model.loader import LoadedModel
+from specedge.rpc.codec import OpenSession
 from specedge.server.app import BackgroundServer
 from specedge.server.executor import ServerSession, VerificationExecutor
 from tests.support.models import TARGET_SEED, tiny_model
@@ -190,3 +194,64 @@ def test_a_session_like_one_that_ended_streaming_starts_streaming(
     assert first.cut_rounds >= 3  # type: ignore[attr-defined]
     assert second.cut_rounds == 0 and second.streamed_rounds == second.rounds  # type: ignore[attr-defined]
     assert tokens == expected
+
+
+def streamed_from_the_start(edge: Edge, params: SamplingParams) -> None:
+    """The edge's next session in `params`' regime starts server-side decoded."""
+    edge.runtime._latest_streamed[temperature_regime(params.temperature)] = True
+
+
+@pytest.mark.parametrize(
+    "params", [SamplingParams(), SamplingParams(temperature=0.7, top_k=3, seed=5)]
+)
+def test_streamed_steps_verify_the_lookup_chain(
+    server: BackgroundServer, row_cost: dict[str, float], target: LoadedModel,
+    params: SamplingParams, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """While the server decodes a session itself, each step also verifies the session's
+    context lookup chain (rows are free here, so all of it): a repetitive context streams
+    several tokens a step, and the tokens are exactly (seeded) autoregressive decoding's."""
+    row_cost["per_row_s"] = 0.0
+    # The edge never takes the session back (its probes would, against the low resume
+    # threshold free rows give): every step is the server's.
+    monkeypatch.setattr(ProbeScore, "wants_trees", lambda self, threshold: False)
+    prompt = [5, 6, 7, 8] * 6
+    expected = LocalGenerator(target).generate(prompt, params, MAX_TOKENS, ()).token_ids
+    lookup_before = metric(server.metrics_port, "specedge_server_lookup_tokens_total")
+
+    async def body(edge: Edge) -> tuple[list[int], object]:
+        streamed_from_the_start(edge, params)
+        return await edge_generate(edge, prompt, MAX_TOKENS, params)
+
+    tokens, stats = asyncio.run(with_edge(edge_config(server), tiny_model(12), body))
+    assert tokens == expected
+    assert stats.streamed_rounds == stats.rounds  # type: ignore[attr-defined]
+    assert stats.rounds < len(tokens)  # type: ignore[attr-defined]
+    # Every token beyond one a step came from the lookup chain, and the server counts them
+    # (the last step may end on a chain token, the length limit leaving no room for its own).
+    taken = metric(server.metrics_port, "specedge_server_lookup_tokens_total") - lookup_before
+    extra = len(tokens) - stats.rounds  # type: ignore[attr-defined]
+    assert extra <= taken <= extra + 1
+
+
+def test_an_edge_without_token_runs_streams_one_token_a_step(
+    server: BackgroundServer, row_cost: dict[str, float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An edge that did not say it takes several tokens a streamed reply (an older one) gets
+    plain decoding steps."""
+    row_cost["per_row_s"] = 0.0
+    monkeypatch.setattr(ProbeScore, "wants_trees", lambda self, threshold: False)
+    prompt = [5, 6, 7, 8] * 6
+
+    async def body(edge: Edge) -> tuple[list[int], object]:
+        streamed_from_the_start(edge, SamplingParams())
+        original = edge.runtime.connection.open_session
+
+        async def old_open(message: OpenSession, **kwargs: object) -> object:
+            return await original(replace(message, accepts_token_runs=False), **kwargs)
+
+        edge.runtime.connection.open_session = old_open  # type: ignore[method-assign]
+        return await edge_generate(edge, prompt, MAX_TOKENS)
+
+    tokens, stats = asyncio.run(with_edge(edge_config(server), tiny_model(12), body))
+    assert stats.streamed_rounds == stats.rounds == len(tokens)  # type: ignore[attr-defined]

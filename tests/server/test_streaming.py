@@ -1,16 +1,18 @@
 """When the server decodes a session itself (`server.streaming.StreamPolicy`), judged against
 what a streamed step would cost (`GoodputBatching.stream_step_seconds`), not the tree batches
-the session's speculation makes."""
+the session's speculation makes; the lookup chains its streamed steps verify
+(`server.streaming.StreamLookup`)."""
 
 from __future__ import annotations
 
 import pytest
 
 from specedge.core.goodput import FittedBatchCost, LinearBatchCost
+from specedge.core.tree import DraftTree
 from specedge.rpc.codec import TreeVerified, VerifyTree
 from specedge.server.batching import GoodputBatching
 from specedge.server.scheduler import Scheduler
-from specedge.server.streaming import MIN_ROUNDS, StreamPolicy
+from specedge.server.streaming import MIN_ROUNDS, StreamLookup, StreamPolicy
 
 # A one-core CPU server's shape: a decoding step of one sequence 16 ms, each row 0.64 ms more.
 COST = LinearBatchCost(fixed_s=0.0136, per_sequence_s=0.0018, per_row_s=0.00064)
@@ -76,3 +78,25 @@ def test_the_rate_rule_waits_for_min_rounds() -> None:
     speculate_more = TreeVerified(MIN_ROUNDS, [5], 0, None, num_verified=9)
     policy.observe(VerifyTree(MIN_ROUNDS, [5] * 9, list(range(-1, 8))), speculate_more, 9.0)
     assert policy.should_stream(step)
+
+
+def test_the_lookup_chain_of_a_streamed_step_and_its_record() -> None:
+    lookup = StreamLookup(length=8, max_depth=6)
+    context = [1, 2, 3, 4, 9, 1, 2]
+    tree, estimates = lookup.tree(context, room=16)
+    assert tree.tokens == (3, 4, 9, 1, 2) and tree.parents == (-1, 0, 1, 2, 3)
+    # The prior of one hit in two tries, a power per step: non-increasing, best-first.
+    assert estimates == pytest.approx([0.5**k for k in range(1, 6)])
+    lookup.record([3, 4, 7])  # two chain tokens right, then the target's own
+    assert lookup.tokens_per_step > 1.0
+    _, better = lookup.tree(context, room=3)
+    assert len(better) == 3 and better[0] > 0.5
+    lookup.record([8])  # the next step missed at once
+    assert lookup.tree([5, 6, 7], room=16) == (DraftTree(), ())  # no suffix recurs
+    assert lookup.tree(context, room=0)[0].num_nodes == 0
+
+
+def test_the_lookup_chain_stops_at_the_depth_cap() -> None:
+    lookup = StreamLookup(length=8, max_depth=2)
+    tree, estimates = lookup.tree([1, 2, 3, 4, 5, 1], room=16)
+    assert tree.tokens == (2, 3) and len(estimates) == 2

@@ -246,6 +246,7 @@ class EdgeRuntime(RoundLoopBackend):
             tokenizer_fingerprint=self.fingerprint,
             accepts_streaming=self.server_decoding,
             start_streaming=start_streaming,
+            accepts_token_runs=self.server_decoding,
         )
         remote = await self.connection.open_session(message)
         verifier = RemoteVerifier(

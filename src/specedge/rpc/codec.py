@@ -11,7 +11,9 @@ per-node acceptance estimates (one byte each, `quantize_estimates`), the verifie
 server-side decoding (streamed replies, `ResumeTrees`);
 a server still serves version 1 edges (no estimates: it verifies their whole trees). The
 unary Load call (`ServerLoad`) came later without a version bump: an edge that gets
-UNIMPLEMENTED from an older server places sessions there without its load.
+UNIMPLEMENTED from an older server places sessions there without its load. Nor did
+`Open.accepts_token_runs` (streamed replies of several tokens): an edge that does not set it,
+older ones included, gets one token per streamed reply, and an older server ignores it.
 
 Bytes that parse as no message end their call with INVALID_ARGUMENT, never gRPC's UNKNOWN:
 on the Session stream as a `MalformedMessage`, for unary calls by `UndecodableRequests`.
@@ -79,6 +81,7 @@ class OpenSession:
     protocol_version: int = PROTOCOL_VERSION
     accepts_streaming: bool = False  # the edge follows server-side decoding (`ResumeTrees`)
     start_streaming: bool = False  # ... and asks for it from the first round
+    accepts_token_runs: bool = False  # ... and takes several tokens per streamed reply
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ def encode_edge(message: EdgeRequest) -> pb.EdgeMessage:
                 stop_token_ids=message.stop_token_ids,
                 accepts_streaming=message.accepts_streaming,
                 start_streaming=message.start_streaming,
+                accepts_token_runs=message.accepts_token_runs,
             )
         )
     if isinstance(message, VerifyTree):
@@ -202,6 +206,7 @@ def decode_edge(message: pb.EdgeMessage) -> EdgeRequest | None:
             protocol_version=o.protocol_version,
             accepts_streaming=o.accepts_streaming,
             start_streaming=o.start_streaming,
+            accepts_token_runs=o.accepts_token_runs,
         )
     if kind == "tree":
         t = message.tree

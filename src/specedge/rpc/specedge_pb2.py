@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspecedge/rpc/specedge.proto\x12\x0bspecedge.v1\"\r\n\x0bInfoRequest\"\r\n\x0bLoadRequest\"h\n\tLoadReply\x12\x17\n\x0f\x61\x63tive_sessions\x18\x01 \x01(\r\x12\x15\n\rqueued_rounds\x18\x02 \x01(\r\x12\x15\n\rbusy_fraction\x18\x03 \x01(\x02\x12\x14\n\x0cmax_sessions\x18\x04 \x01(\r\"\xb1\x01\n\tInfoReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x16\n\x0emax_tree_nodes\x18\x05 \x01(\r\x12\x16\n\x0emax_tree_depth\x18\x06 \x01(\r\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xe8\x01\n\x04Open\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.specedge.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x19\n\x11\x61\x63\x63\x65pts_streaming\x18\x07 \x01(\x08\x12\x17\n\x0fstart_streaming\x18\x08 \x01(\x08\"I\n\x04Tree\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x03(\r\x12\x0f\n\x07parents\x18\x03 \x03(\x11\x12\x11\n\testimates\x18\x04 \x01(\x0c\"\x07\n\x05\x43lose\"\x08\n\x06Resume\"\xa7\x01\n\x0b\x45\x64geMessage\x12!\n\x04open\x18\x01 \x01(\x0b\x32\x11.specedge.v1.OpenH\x00\x12!\n\x04tree\x18\x02 \x01(\x0b\x32\x11.specedge.v1.TreeH\x00\x12#\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x12.specedge.v1.CloseH\x00\x12%\n\x06resume\x18\x04 \x01(\x0b\x32\x13.specedge.v1.ResumeH\x00\x42\x06\n\x04kind\"4\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\"\xc6\x01\n\x08Verified\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x19\n\x11\x65mitted_token_ids\x18\x02 \x03(\r\x12\x14\n\x0cnum_accepted\x18\x03 \x01(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.specedge.v1.FinishReason\x12\x14\n\x0cnum_verified\x18\x05 \x01(\r\x12\x11\n\tstreaming\x18\x06 \x01(\x08\x12\x1f\n\x17resume_tokens_per_round\x18\x07 \x01(\x02\"i\n\rServerMessage\x12%\n\x06opened\x18\x01 \x01(\x0b\x32\x13.specedge.v1.OpenedH\x00\x12)\n\x08verified\x18\x02 \x01(\x0b\x32\x15.specedge.v1.VerifiedH\x00\x42\x06\n\x04kind*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xc3\x01\n\x08Verifier\x12\x38\n\x04Info\x12\x18.specedge.v1.InfoRequest\x1a\x16.specedge.v1.InfoReply\x12\x43\n\x07Session\x12\x18.specedge.v1.EdgeMessage\x1a\x1a.specedge.v1.ServerMessage(\x01\x30\x01\x12\x38\n\x04Load\x12\x18.specedge.v1.LoadRequest\x1a\x16.specedge.v1.LoadReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspecedge/rpc/specedge.proto\x12\x0bspecedge.v1\"\r\n\x0bInfoRequest\"\r\n\x0bLoadRequest\"h\n\tLoadReply\x12\x17\n\x0f\x61\x63tive_sessions\x18\x01 \x01(\r\x12\x15\n\rqueued_rounds\x18\x02 \x01(\r\x12\x15\n\rbusy_fraction\x18\x03 \x01(\x02\x12\x14\n\x0cmax_sessions\x18\x04 \x01(\r\"\xb1\x01\n\tInfoReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x16\n\x0emax_tree_nodes\x18\x05 \x01(\r\x12\x16\n\x0emax_tree_depth\x18\x06 \x01(\r\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x84\x02\n\x04Open\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.specedge.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x19\n\x11\x61\x63\x63\x65pts_streaming\x18\x07 \x01(\x08\x12\x17\n\x0fstart_streaming\x18\x08 \x01(\x08\x12\x1a\n\x12\x61\x63\x63\x65pts_token_runs\x18\t \x01(\x08\"I\n\x04Tree\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x03(\r\x12\x0f\n\x07parents\x18\x03 \x03(\x11\x12\x11\n\testimates\x18\x04 \x01(\x0c\"\x07\n\x05\x43lose\"\x08\n\x06Resume\"\xa7\x01\n\x0b\x45\x64geMessage\x12!\n\x04open\x18\x01 \x01(\x0b\x32\x11.specedge.v1.OpenH\x00\x12!\n\x04tree\x18\x02 \x01(\x0b\x32\x11.specedge.v1.TreeH\x00\x12#\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x12.specedge.v1.CloseH\x00\x12%\n\x06resume\x18\x04 \x01(\x0b\x32\x13.specedge.v1.ResumeH\x00\x42\x06\n\x04kind\"4\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\"\xc6\x01\n\x08Verified\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x19\n\x11\x65mitted_token_ids\x18\x02 \x03(\r\x12\x14\n\x0cnum_accepted\x18\x03 \x01(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.specedge.v1.FinishReason\x12\x14\n\x0cnum_verified\x18\x05 \x01(\r\x12\x11\n\tstreaming\x18\x06 \x01(\x08\x12\x1f\n\x17resume_tokens_per_round\x18\x07 \x01(\x02\"i\n\rServerMessage\x12%\n\x06opened\x18\x01 \x01(\x0b\x32\x13.specedge.v1.OpenedH\x00\x12)\n\x08verified\x18\x02 \x01(\x0b\x32\x15.specedge.v1.VerifiedH\x00\x42\x06\n\x04kind*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xc3\x01\n\x08Verifier\x12\x38\n\x04Info\x12\x18.specedge.v1.InfoRequest\x1a\x16.specedge.v1.InfoReply\x12\x43\n\x07Session\x12\x18.specedge.v1.EdgeMessage\x1a\x1a.specedge.v1.ServerMessage(\x01\x30\x01\x12\x38\n\x04Load\x12\x18.specedge.v1.LoadRequest\x1a\x16.specedge.v1.LoadReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specedge.rpc.specedge_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1318
-  _globals['_FINISHREASON']._serialized_end=1413
+  _globals['_FINISHREASON']._serialized_start=1346
+  _globals['_FINISHREASON']._serialized_end=1441
   _globals['_INFOREQUEST']._serialized_start=44
   _globals['_INFOREQUEST']._serialized_end=57
   _globals['_LOADREQUEST']._serialized_start=59
@@ -44,21 +44,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=360
   _globals['_SAMPLINGPARAMS']._serialized_end=455
   _globals['_OPEN']._serialized_start=458
-  _globals['_OPEN']._serialized_end=690
-  _globals['_TREE']._serialized_start=692
-  _globals['_TREE']._serialized_end=765
-  _globals['_CLOSE']._serialized_start=767
-  _globals['_CLOSE']._serialized_end=774
-  _globals['_RESUME']._serialized_start=776
-  _globals['_RESUME']._serialized_end=784
-  _globals['_EDGEMESSAGE']._serialized_start=787
-  _globals['_EDGEMESSAGE']._serialized_end=954
-  _globals['_OPENED']._serialized_start=956
-  _globals['_OPENED']._serialized_end=1008
-  _globals['_VERIFIED']._serialized_start=1011
-  _globals['_VERIFIED']._serialized_end=1209
-  _globals['_SERVERMESSAGE']._serialized_start=1211
-  _globals['_SERVERMESSAGE']._serialized_end=1316
-  _globals['_VERIFIER']._serialized_start=1416
-  _globals['_VERIFIER']._serialized_end=1611
+  _globals['_OPEN']._serialized_end=718
+  _globals['_TREE']._serialized_start=720
+  _globals['_TREE']._serialized_end=793
+  _globals['_CLOSE']._serialized_start=795
+  _globals['_CLOSE']._serialized_end=802
+  _globals['_RESUME']._serialized_start=804
+  _globals['_RESUME']._serialized_end=812
+  _globals['_EDGEMESSAGE']._serialized_start=815
+  _globals['_EDGEMESSAGE']._serialized_end=982
+  _globals['_OPENED']._serialized_start=984
+  _globals['_OPENED']._serialized_end=1036
+  _globals['_VERIFIED']._serialized_start=1039
+  _globals['_VERIFIED']._serialized_end=1237
+  _globals['_SERVERMESSAGE']._serialized_start=1239
+  _globals['_SERVERMESSAGE']._serialized_end=1344
+  _globals['_VERIFIER']._serialized_start=1444
+  _globals['_VERIFIER']._serialized_end=1639
 # @@protoc_insertion_point(module_scope)

@@ -67,7 +67,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("protocol_version", "tokenizer_fingerprint", "prompt_token_ids", "sampling", "max_tokens", "stop_token_ids", "accepts_streaming", "start_streaming")
+    __slots__ = ("protocol_version", "tokenizer_fingerprint", "prompt_token_ids", "sampling", "max_tokens", "stop_token_ids", "accepts_streaming", "start_streaming", "accepts_token_runs")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class Open(_message.Message):
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_STREAMING_FIELD_NUMBER: _ClassVar[int]
     START_STREAMING_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_TOKEN_RUNS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     tokenizer_fingerprint: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -84,7 +85,8 @@ class Open(_message.Message):
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     accepts_streaming: bool
     start_streaming: bool
-    def __init__(self, protocol_version: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., accepts_streaming: _Optional[bool] = ..., start_streaming: _Optional[bool] = ...) -> None: ...
+    accepts_token_runs: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., accepts_streaming: _Optional[bool] = ..., start_streaming: _Optional[bool] = ..., accepts_token_runs: _Optional[bool] = ...) -> None: ...
 
 class Tree(_message.Message):
     __slots__ = ("round", "tokens", "parents", "estimates")

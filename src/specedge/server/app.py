@@ -227,6 +227,7 @@ class SpecEdgeServer:
             info,
             stop_token_ids=loaded.stop_token_ids,
             session_timeout=config.session_timeout,
+            stream_lookup=config.stream_lookup,
         )
         assert self._grpc is not None and self._grpc_health is not None
         add_verifier_service(self._grpc, service.info, service.session, service.load)

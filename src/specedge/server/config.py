@@ -177,6 +177,12 @@ class ServerConfig:
         "goodput: verify of each tree the prefix that pays (DESIGN.md section 12); "
         "all: every node sent (for experiments).",
     )
+    stream_lookup: int = setting(
+        8,
+        "While the server decodes an edge's session itself: the longest context lookup chain "
+        "each step verifies, cut to what pays (0 = one token a step).",
+        minimum=0,
+    )
     profile_cost: bool = setting(
         False, "Redo the start-up cost profile instead of reading the cached one."
     )

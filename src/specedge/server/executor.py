@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from specedge.core.goodput import UNPROFILED_BATCH_COST, FittedBatchCost, LinearBatchCost
 from specedge.core.sampling import SamplingParams
@@ -85,6 +85,7 @@ class ServerSession:
     opened_at: float
     tree: DraftTree | None = None  # the tree waiting for or in verification
     estimates: tuple[float, ...] | None = None  # per node (None: verify the whole tree)
+    server_lookup: bool = False  # the tree is the server's own lookup chain (a streamed step)
     future: asyncio.Future[VerifyResult] | None = None
     slot_released: bool = False
     closed: bool = False
@@ -95,6 +96,17 @@ class ServerSession:
     @property
     def finished(self) -> bool:
         return self.seq.finish_reason is not None
+
+
+class Verified(NamedTuple):
+    """A session's completed round in a batch: the tree verified (the selected prefix), the
+    estimates sent, whether the tree was the server's own lookup chain, the result."""
+
+    session: ServerSession
+    tree: DraftTree
+    estimates: tuple[float, ...] | None
+    server_lookup: bool
+    result: VerifyResult
 
 
 class VerificationExecutor:
@@ -247,10 +259,14 @@ class VerificationExecutor:
         session_id: str,
         tree: DraftTree,
         estimates: Sequence[float] | None = None,
+        *,
+        server_lookup: bool = False,
     ) -> VerifyResult:
         """Verify `tree` in the session's next round: with `estimates` (per node, the
         probability that the target accepts the path to it, non-increasing) the prefix the
         goodput selection keeps, else all of it; the result's `num_verified` says how many.
+        `server_lookup`: the tree is the server's own context lookup chain for a step it
+        decodes itself (`server.streaming.StreamLookup`), counted apart from the edges' trees.
         Raises InvalidRequestError (bad tree or estimates), SessionStateError (closed,
         finished, a tree already queued) or ServerClosingError. Cancelling the call closes
         the session."""
@@ -267,11 +283,12 @@ class VerificationExecutor:
             _check_estimates(estimates, tree.num_nodes)
         tree = self.engine.admit(session.seq, tree)
         future: asyncio.Future[VerifyResult] = asyncio.get_running_loop().create_future()
-        session.tree, session.future = tree, future
+        session.tree, session.future, session.server_lookup = tree, future, server_lookup
         # `admit` keeps a prefix of the tree: its estimates are the same prefix.
         session.estimates = None if estimates is None else tuple(estimates[: tree.num_nodes])
         self.scheduler.add_request(session_id, tree.num_nodes + 1, self._clock())
-        self.metrics.draft_nodes.inc(tree.num_nodes)
+        if not server_lookup:
+            self.metrics.draft_nodes.inc(tree.num_nodes)
         self.metrics.queued_requests.set(self.scheduler.num_queued)
         self._wake.set()
         try:
@@ -373,13 +390,15 @@ class VerificationExecutor:
         self._note_idle()
         trees = self._select(sessions)
         estimates = [session.estimates for session in sessions]
+        lookups = [session.server_lookup for session in sessions]
         work = [(session.seq, tree) for session, tree in zip(sessions, trees, strict=True)]
         self._in_flight = set(batch.session_ids)
         outcomes, elapsed = await self._verify_work(work)
         self._in_flight = set()
         # Replies first: each producer resumes as soon as the loop is free.
         verified = []
-        for session, tree, sent, outcome in zip(sessions, trees, estimates, outcomes, strict=True):
+        rounds = zip(sessions, trees, estimates, lookups, outcomes, strict=True)
+        for session, tree, sent, lookup, outcome in rounds:
             if isinstance(outcome, SequenceFailure):
                 logger.warning(
                     "session %s: round failed: %s", session.session_id[:8], outcome.reason
@@ -393,7 +412,7 @@ class VerificationExecutor:
             if session.future is not None and not session.future.done():
                 session.future.set_result(outcome)
             session.tree, session.future, session.estimates = None, None, None
-            verified.append((session, tree, sent, outcome))
+            verified.append(Verified(session, tree, sent, lookup, outcome))
         self.scheduler.complete(batch, self._clock())
         rows = sum(tree.num_nodes + 1 for tree in trees)
         self._record_batch(len(sessions), rows, elapsed, verified)
@@ -501,12 +520,11 @@ class VerificationExecutor:
         num_sequences: int,
         rows: int,
         elapsed: float,
-        verified: list[tuple[ServerSession, DraftTree, tuple[float, ...] | None, VerifyResult]],
+        verified: list[Verified],
     ) -> None:
         """A batch of `num_sequences` trees and `rows` rows took `elapsed` seconds (0: its
-        forward failed); `verified` are its sessions whose round completed, with the tree
-        verified, the estimates sent and the result."""
-        emitted = [len(result.emitted_tokens) for _, _, _, result in verified]
+        forward failed); `verified` are its sessions whose round completed."""
+        emitted = [len(each.result.emitted_tokens) for each in verified]
         self.batching.record(num_sequences, rows, elapsed, emitted, self._clock())
         metrics = self.metrics
         if elapsed > 0.0:
@@ -515,17 +533,19 @@ class VerificationExecutor:
             metrics.busy_seconds.inc(elapsed)
         if not verified:
             return
-        results = [result for _, _, _, result in verified]
         cost = self.batch_cost.current
         metrics.batch_cost.labels("fixed").set(cost.fixed_s)
         metrics.batch_cost.labels("per_sequence").set(cost.per_sequence_s)
         metrics.batch_cost.labels("per_row").set(cost.per_row_s)
         metrics.rounds.inc(len(verified))
         metrics.emitted_tokens.inc(sum(emitted))
-        metrics.accepted_tokens.inc(sum(r.num_accepted for r in results))
-        for session, tree, sent, result in verified:
+        for session, tree, sent, lookup, result in verified:
             session.verify_seconds += elapsed
             session.batched_with += num_sequences
+            if lookup:  # the server's own chain: not an edge's draft nodes or estimates
+                metrics.lookup_tokens.inc(result.num_accepted)
+                continue
+            metrics.accepted_tokens.inc(result.num_accepted)
             session.verified += tree.num_nodes
             metrics.verified_nodes.inc(tree.num_nodes)
             # Rounds with estimates: cut to nothing, and predicted against emitted tokens.

@@ -22,7 +22,8 @@ Every metric lives in the server's own `CollectorRegistry`, so several servers i
   `specedge_server_estimated_round_tokens_total`), `specedge_server_idle_allowance_seconds`
   (the idle time per batch the selection counts as free: large when the server waits for its
   users, 0 when saturated), `specedge_server_streamed_rounds_total` (rounds the server decoded
-  itself for edge sessions whose trees did not pay);
+  itself for edge sessions whose trees did not pay), `specedge_server_lookup_tokens_total` (tokens
+  those steps took from the session's context lookup chain, beyond one a step);
 - `specedge_server_batch_cost_seconds{term}`: the fitted cost model of a verification forward,
   seconds = fixed + per_sequence x sequences + per_row x rows (gauges, one per term);
 - `specedge_server_received_bytes_total`, `specedge_server_sent_bytes_total`: serialized
@@ -138,6 +139,11 @@ class ServerMetrics:
         self.estimated_round_tokens = Counter(
             "specedge_server_estimated_round_tokens",
             "Tokens those rounds emitted (compare with the predicted tokens).",
+            registry=r,
+        )
+        self.lookup_tokens = Counter(
+            "specedge_server_lookup_tokens",
+            "Tokens that steps decoded server-side took from the session's context lookup chain.",
             registry=r,
         )
         self.streamed_rounds = Counter(

@@ -57,7 +57,7 @@ from specedge.server.executor import (
 )
 from specedge.server.health import BusyWindow, counter_value
 from specedge.server.metrics import ServerMetrics
-from specedge.server.streaming import StreamPolicy
+from specedge.server.streaming import StreamLookup, StreamPolicy
 from specedge.session_log import log_session_end
 
 logger = logging.getLogger(__name__)
@@ -84,12 +84,15 @@ class VerifierService:
         *,
         stop_token_ids: Sequence[int] = (),
         session_timeout: float = 60.0,
+        stream_lookup: int = 0,
     ) -> None:
-        """`stop_token_ids`: the target's, where every session stops."""
+        """`stop_token_ids`: the target's, where every session stops; `stream_lookup`: the
+        longest context lookup chain a streamed step verifies (0: one token a step)."""
         self.executor = executor
         self.info_reply = info
         self.stop_token_ids = tuple(stop_token_ids)
         self.session_timeout = session_timeout
+        self.stream_lookup = stream_lookup
         # The latest threshold a stream was given: what a session that starts streaming gets.
         self._resume_threshold = 2.0
         self._busy = BusyWindow(lambda: counter_value(self.metrics.busy_seconds))
@@ -143,10 +146,11 @@ class VerifierService:
             opened = SessionOpened(session.session_id, session.seq.max_new_tokens)
             yield opened
             policy = StreamPolicy()
+            lookup = self._stream_lookup(first)
             if can_stream and first.start_streaming:  # round 0 on is decoded here
                 start = TreeVerified(-1, [], 0, None, streaming=True,
                                      resume_tokens_per_round=self._resume_threshold)  # fmt: skip
-                async for streamed in self._stream(session, inbox, start):
+                async for streamed in self._stream(session, inbox, start, lookup):
                     yield streamed
                 policy.resumed(time.monotonic())
             while True:
@@ -168,7 +172,7 @@ class VerifierService:
                     reply = replace(reply, streaming=True, resume_tokens_per_round=threshold)
                 yield reply
                 if reply.streaming:
-                    async for streamed in self._stream(session, inbox, reply):
+                    async for streamed in self._stream(session, inbox, reply, lookup):
                         yield streamed
                     policy.resumed(time.monotonic())
         except _SessionAborted as aborted:
@@ -183,22 +187,42 @@ class VerifierService:
                 self._log_end(session, traffic, outcome, error, time.monotonic() - started)
 
     # ---- steps ---------------------------------------------------------------------------------
+    def _stream_lookup(self, open_message: OpenSession) -> StreamLookup | None:
+        """The session's lookup chains for streamed steps, where its edge takes several tokens
+        a streamed reply and the server cuts trees by goodput (`--verify all` would verify
+        every chain whole, paying or not)."""
+        if not open_message.accepts_token_runs or self.stream_lookup == 0:
+            return None
+        if not self.executor.goodput:
+            return None
+        return StreamLookup(self.stream_lookup, self.info_reply.max_tree_depth)
+
     async def _stream(
-        self, session: ServerSession, inbox: _Inbox, first: TreeVerified
+        self,
+        session: ServerSession,
+        inbox: _Inbox,
+        first: TreeVerified,
+        lookup: StreamLookup | None = None,
     ) -> AsyncIterator[TreeVerified]:
         """Decode the session server-side, one Verified per step, until the edge resumes,
         leaves or the session finishes. Each step is queued as the one before returns, before
         its reply is written: the model thread need not wait for the write and the event
         loop's hop back (at one client about a millisecond of a 16 ms step). An edge message
         that ends the session is left in the inbox for the caller; trees sent before the edge
-        saw the stream are dropped."""
+        saw the stream are dropped. With `lookup` each step verifies the session's lookup
+        chain (what pays of it) and may emit several tokens; what resuming must beat grows by
+        the tokens a streamed step emits."""
         number = first.round
         streaming = True
-        step = self._streamed_step(session, number + 1)
+        step = self._streamed_step(session, number + 1, lookup)
         try:
             while streaming:
                 result = await step
                 number += 1
+                threshold = first.resume_tokens_per_round
+                if lookup is not None:
+                    lookup.record(result.emitted_tokens)
+                    threshold *= lookup.tokens_per_step
                 self.metrics.streamed_rounds.inc()
                 while (message := inbox.poll()) is not _NOTHING:
                     if isinstance(message, ResumeTrees):
@@ -212,7 +236,7 @@ class VerifierService:
                 if result.finish_reason is not None:
                     streaming = False
                 if streaming:  # the next step is queued before this reply goes out
-                    step = self._streamed_step(session, number + 1)
+                    step = self._streamed_step(session, number + 1, lookup)
                 yield TreeVerified(
                     round=number,
                     emitted_token_ids=result.emitted_tokens,
@@ -220,7 +244,7 @@ class VerifierService:
                     finish_reason=result.finish_reason,
                     num_verified=0,
                     streaming=streaming,
-                    resume_tokens_per_round=first.resume_tokens_per_round,
+                    resume_tokens_per_round=threshold,
                 )
         finally:
             if not step.done():
@@ -228,9 +252,19 @@ class VerifierService:
             elif not step.cancelled():
                 step.exception()  # retrieved (raised above, or the stream was left meanwhile)
 
-    def _streamed_step(self, session: ServerSession, number: int) -> asyncio.Task[VerifyResult]:
-        """Round `number` of a streamed session, a server-side decoding step, under way."""
-        return asyncio.ensure_future(self._verify(session, DraftTree(), None, number))
+    def _streamed_step(
+        self, session: ServerSession, number: int, lookup: StreamLookup | None
+    ) -> asyncio.Task[VerifyResult]:
+        """Round `number` of a streamed session, a server-side decoding step (with the lookup
+        chain, if any, as its tree), under way."""
+        tree, estimates = DraftTree(), None
+        if lookup is not None:
+            tree, chain_estimates = lookup.tree(
+                session.seq.committed, self.info_reply.max_tree_nodes
+            )
+            estimates = chain_estimates if tree.num_nodes else None
+        verify = self._verify(session, tree, estimates, number, server_lookup=lookup is not None)
+        return asyncio.ensure_future(verify)
 
     async def _receive(self, inbox: _Inbox) -> EdgeRequest | None | _StreamEnded:
         """The next edge message; aborts the session when the edge stays silent too long."""
@@ -326,9 +360,13 @@ class VerifierService:
         tree: DraftTree,
         estimates: tuple[float, ...] | None,
         number: int,
+        *,
+        server_lookup: bool = False,
     ) -> VerifyResult:
         try:
-            return await self.executor.verify(session.session_id, tree, estimates)
+            return await self.executor.verify(
+                session.session_id, tree, estimates, server_lookup=server_lookup
+            )
         except InvalidRequestError as error:
             raise _invalid(f"round {number}: {error}") from None
         except SessionStateError as error:

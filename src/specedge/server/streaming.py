@@ -20,12 +20,23 @@ speculating.
 
 The second ratio is also what the edge's trees must promise to win the session back: the edge
 scores its draft against the streamed tokens and sends Resume above it.
+
+A streamed step need not be one token. With an edge that takes runs of tokens per streamed
+reply (`Open.accepts_token_runs`), each step verifies the session's *context lookup chain*
+(`StreamLookup`: the tokens that followed an earlier occurrence of the context's last tokens,
+`core.lookup`) with estimates from the session's own lookup record, and the goodput selection
+keeps of it what pays, like any tree: nothing on prose, several tokens a step where the answer
+copies its prompt (summaries, extraction, code edits) or repeats itself. No draft model and no
+round trip; the target verifies every token, so the output is still exactly the target's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
+from specedge.core.lookup import LookupStats, lookup_chain
+from specedge.core.tree import DraftTree
 from specedge.rpc.codec import TreeVerified, VerifyTree
 
 CUT_STREAK = 3  # rounds cut to nothing in a row
@@ -80,3 +91,33 @@ class StreamPolicy:
         self.cut_streak = 0
         self.rounds = 0
         self._last_reply = now
+
+
+@dataclass
+class StreamLookup:
+    """A streamed session's lookup chains: `tree` proposes the next step's chain (with each
+    node's estimate that the target accepts the path to it), `record` learns from what the
+    step emitted. At most `length` tokens, within `max_depth`."""
+
+    length: int
+    max_depth: int
+    stats: LookupStats = field(default_factory=LookupStats)
+    _chain: tuple[list[int], int] = ([], 0)  # the chain proposed last and its matched n-gram
+    tokens_per_step: float = 1.0  # tokens a streamed step emitted, smoothed
+
+    def tree(self, context: list[int], room: int) -> tuple[DraftTree, tuple[float, ...]]:
+        """The chain after `context` (at most `room` nodes) and its estimates, best-first."""
+        length = min(self.length, self.max_depth, room)
+        chain, ngram = lookup_chain(context, length) if length > 0 else ([], 0)
+        self._chain = (chain, ngram)
+        if not chain:
+            return DraftTree(), ()
+        p = math.exp(self.stats.log_p(ngram))
+        estimates = tuple(p ** (i + 1) for i in range(len(chain)))
+        return DraftTree(tuple(chain), tuple(range(-1, len(chain) - 1))), estimates
+
+    def record(self, emitted: list[int]) -> None:
+        """The step emitted `emitted` after the chain `tree` proposed."""
+        self.stats.record(*self._chain, emitted)
+        self._chain = ([], 0)
+        self.tokens_per_step += SMOOTHING * (len(emitted) - self.tokens_per_step)

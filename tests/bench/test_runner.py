@@ -34,6 +34,7 @@ def test_plan_groups_runs_by_deployment() -> None:
         (("specedge", "specedge-no-proactive"), 2),  # one server, both sets of edges
         (("specedge-no-pipelining",), 1),  # the lockstep server's batch is the client count
         (("specedge-no-pipelining",), 2),
+        (("specedge-no-lookup",), 2),  # its server verifies no lookup chains when it decodes
         (("server-spec",), 2),
         (("server-ar",), 2),
         (("vllm",), 2),
@@ -43,9 +44,10 @@ def test_plan_groups_runs_by_deployment() -> None:
     edges = groups[0].specs
     assert len([s for s in edges if s.system == "specedge"]) == 2 * 2 * 3
     assert {s.rtt_ms for s in edges if s.system == "specedge-no-proactive"} == {15.0}
-    assert {s.rtt_ms for s in groups[3].specs} == {0.0, 15.0}
-    assert [(s.clients, s.rtt_ms) for s in groups[7].specs] == [(1, 0.0), (1, 0.0)]
-    ar = groups[4].specs[0]
+    assert {s.rtt_ms for s in groups[3].specs} == {15.0}  # an ablation
+    assert {s.rtt_ms for s in groups[4].specs} == {0.0, 15.0}
+    assert [(s.clients, s.rtt_ms) for s in groups[8].specs] == [(1, 0.0), (1, 0.0)]
+    ar = groups[5].specs[0]
     assert ar.depth is None and ar.budget is None
     spec = edges[0]
     assert spec.depth == 5 and spec.budget == config.budget

@@ -22,6 +22,7 @@ from specedge.bench.metrics import RequestRecord, RunMetrics
 SPECEDGE = "specedge"
 SPECEDGE_NO_PROACTIVE = "specedge-no-proactive"
 SPECEDGE_NO_PIPELINING = "specedge-no-pipelining"
+SPECEDGE_NO_LOOKUP = "specedge-no-lookup"
 SERVER_SPEC = "server-spec"
 SERVER_AR = "server-ar"
 VLLM = "vllm"
@@ -31,13 +32,14 @@ ALL_SYSTEMS = (
     SPECEDGE,
     SPECEDGE_NO_PROACTIVE,
     SPECEDGE_NO_PIPELINING,
+    SPECEDGE_NO_LOOKUP,
     SERVER_SPEC,
     SERVER_AR,
     VLLM,
     VLLM_NGRAM,
     HF_ASSISTED,
 )
-EDGE_SYSTEMS = (SPECEDGE, SPECEDGE_NO_PROACTIVE, SPECEDGE_NO_PIPELINING)
+EDGE_SYSTEMS = (SPECEDGE, SPECEDGE_NO_PROACTIVE, SPECEDGE_NO_PIPELINING, SPECEDGE_NO_LOOKUP)
 VLLM_SYSTEMS = (VLLM, VLLM_NGRAM)  # vLLM's OpenAI server (bench/vllm_server.py)
 BASELINES = (SERVER_SPEC, SERVER_AR, *VLLM_SYSTEMS)  # the server-only systems
 

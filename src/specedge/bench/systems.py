@@ -12,6 +12,8 @@
   wait, raised to `LOCKSTEP_BATCH_WAIT_MS`), so the edges move in lockstep instead of drafting
   while others are verified. The server has no true barrier: a tree later than predicted is
   not waited for.
+- `specedge-no-lookup`: `specedge` with `serve --stream-lookup 0`: the steps the server decodes
+  itself are one token each (no context lookup chain verified with them).
 - `server-spec` / `server-ar`: `specedge serve --api-port P` (with `--draft` for server-side
   tree speculation); each client reaches the API through its own delaying proxy (the WAN).
 - `vllm` / `vllm-ngram`: vLLM's OpenAI server on the server's cores, serving the target
@@ -47,6 +49,7 @@ from specedge.bench.results import (
     SERVER_AR,
     SERVER_SPEC,
     SPECEDGE,
+    SPECEDGE_NO_LOOKUP,
     SPECEDGE_NO_PIPELINING,
     SPECEDGE_NO_PROACTIVE,
     VLLM,
@@ -66,6 +69,7 @@ SERVER_KINDS = {
     SPECEDGE: "edges",
     SPECEDGE_NO_PROACTIVE: "edges",
     SPECEDGE_NO_PIPELINING: "lockstep",
+    SPECEDGE_NO_LOOKUP: "edges-no-lookup",
     SERVER_SPEC: "api-spec",
     SERVER_AR: "api-ar",
     VLLM: VLLM,
@@ -143,6 +147,8 @@ def _serve_args(
         server_yaml = log_dir / f"lockstep-{clients}-server.yaml"
         server_yaml.write_text(f"batch_wait_ms: {LOCKSTEP_BATCH_WAIT_MS}\n")
         args += ["--max-batch", str(clients), "--config", str(server_yaml)]
+    if kind == "edges-no-lookup":
+        args += ["--stream-lookup", "0"]
     if kind in API_KINDS:
         args += ["--api-port", str(ports["api"])]
     if kind == "api-spec":

@@ -5,13 +5,14 @@ scores equal to a recompute, the record updated from the target's reply)."""
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
 
 from specedge.core.draft import NOT_CACHED, DraftEngine, SentTree
 from specedge.core.limits import TreeShape
-from specedge.core.lookup import LookupStats, lookup_chain
+from specedge.core.lookup import LookupStats, TokenPositions, lookup_chain
 from specedge.core.model_runner import ModelRunner
 from specedge.core.tree import ROOT_PARENT, DraftTree, validate_tree
 from specedge.core.verify import VerifyResult
@@ -53,6 +54,18 @@ def test_no_chain_without_a_recurring_suffix() -> None:
 
 
 # ---- the record ------------------------------------------------------------------------------
+
+
+def test_kept_positions_give_the_chain_a_scan_gives() -> None:
+    """A growing context's kept token positions (a streamed session's) find the same chain as a
+    scan of the whole context, at every length."""
+    rng = random.Random(3)
+    context: list[int] = []
+    index = TokenPositions()
+    for _ in range(300):
+        context.append(rng.randrange(6))  # a small alphabet: many matches of every length
+        ends = index.ends(context)
+        assert lookup_chain(context, 5, ends=ends) == lookup_chain(context, 5)
 
 
 def test_record_counts_tries_up_to_the_first_wrong_token() -> None:

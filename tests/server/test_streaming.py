@@ -92,8 +92,8 @@ def test_the_lookup_chain_of_a_streamed_step_and_its_record() -> None:
     _, better = lookup.tree(context, room=3)
     assert len(better) == 3 and better[0] > 0.5
     lookup.record([8])  # the next step missed at once
-    assert lookup.tree([5, 6, 7], room=16) == (DraftTree(), ())  # no suffix recurs
-    assert lookup.tree(context, room=0)[0].num_nodes == 0
+    assert lookup.tree([*context, 8, 5], room=16) == (DraftTree(), ())  # 5 never came before
+    assert StreamLookup(8, 6).tree(context, room=0)[0].num_nodes == 0
 
 
 def test_the_lookup_chain_stops_at_the_depth_cap() -> None:

@@ -21,11 +21,17 @@ MIN_NGRAM = 1
 
 
 def lookup_chain(
-    context: Sequence[int], length: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM
+    context: Sequence[int],
+    length: int,
+    max_ngram: int = MAX_NGRAM,
+    min_ngram: int = MIN_NGRAM,
+    ends: Sequence[int] | None = None,
 ) -> tuple[list[int], int]:
     """The up to `length` tokens that followed an earlier occurrence of the longest suffix of
     `context` (between `min_ngram` and `max_ngram` tokens; the most recent occurrence with the
-    most tokens after it), and that suffix's length; ([], 0) when no suffix recurs."""
+    most tokens after it), and that suffix's length; ([], 0) when no suffix recurs. `ends`:
+    the positions before the last where the last token occurs, ascending, if the caller keeps
+    them (`TokenPositions`), else found by a scan of the context."""
     size = len(context)
     if length < 1 or size < 2:
         return [], 0
@@ -33,7 +39,8 @@ def lookup_chain(
     # Occurrences end at `end` < size - 1 (a token must follow). Prefer the longest match,
     # then the longest continuation (up to `length`), then the most recent.
     last = context[-1]
-    ends = [i for i, token in enumerate(context[: size - 1]) if token == last]
+    if ends is None:
+        ends = [i for i, token in enumerate(context[: size - 1]) if token == last]
     for end in reversed(ends):
         n = 0
         while n < max_ngram and n <= end and context[end - n] == context[size - 1 - n]:
@@ -47,6 +54,22 @@ def lookup_chain(
     if best_n < min_ngram:
         return [], 0
     return list(context[best_end + 1 : best_end + 1 + length]), best_n
+
+
+@dataclass
+class TokenPositions:
+    """Where each token of a growing context occurs, kept up to date as the context grows, so
+    that a lookup every step costs the occurrences of one token, not a scan of the context."""
+
+    positions: dict[int, list[int]] = field(default_factory=dict)
+    indexed: int = 0  # context[:indexed] is in `positions`
+
+    def ends(self, context: Sequence[int]) -> list[int]:
+        """`lookup_chain`'s `ends` for `context` (this object's context, grown since)."""
+        for i in range(self.indexed, len(context) - 1):
+            self.positions.setdefault(context[i], []).append(i)
+        self.indexed = max(self.indexed, len(context) - 1)
+        return self.positions.get(context[-1], []) if context else []
 
 
 @dataclass

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from specedge.core.lookup import LookupStats, lookup_chain
+from specedge.core.lookup import LookupStats, TokenPositions, lookup_chain
 from specedge.core.tree import DraftTree
 from specedge.rpc.codec import TreeVerified, VerifyTree
 
@@ -102,13 +102,16 @@ class StreamLookup:
     length: int
     max_depth: int
     stats: LookupStats = field(default_factory=LookupStats)
+    index: TokenPositions = field(default_factory=TokenPositions)
     _chain: tuple[list[int], int] = ([], 0)  # the chain proposed last and its matched n-gram
     tokens_per_step: float = 1.0  # tokens a streamed step emitted, smoothed
 
     def tree(self, context: list[int], room: int) -> tuple[DraftTree, tuple[float, ...]]:
-        """The chain after `context` (at most `room` nodes) and its estimates, best-first."""
+        """The chain after `context` (the session's, grown since the last call; at most
+        `room` nodes) and its estimates, best-first."""
         length = min(self.length, self.max_depth, room)
-        chain, ngram = lookup_chain(context, length) if length > 0 else ([], 0)
+        ends = self.index.ends(context)
+        chain, ngram = lookup_chain(context, length, ends=ends) if length > 0 else ([], 0)
         self._chain = (chain, ngram)
         if not chain:
             return DraftTree(), ()

@@ -12,11 +12,13 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
+import torch
 
 from specedge.core.calibration import temperature_regime
+from specedge.core.draft import StepPlan, TreeBuilder
 from specedge.core.goodput import FittedBatchCost, LinearBatchCost
 from specedge.core.local import LocalGenerator
-from specedge.core.round_loop import ProbeScore
+from specedge.core.round_loop import PROBE_STRIDE, ProbeScore
 from specedge.core.sampling import SamplingParams
 from specedge.core.tree import DraftTree
 from specedge.edge.app import Edge
@@ -255,3 +257,42 @@ def test_an_edge_without_token_runs_streams_one_token_a_step(
 
     tokens, stats = asyncio.run(with_edge(edge_config(server), tiny_model(12), body))
     assert stats.streamed_rounds == stats.rounds == len(tokens)  # type: ignore[attr-defined]
+
+
+def test_streamed_tokens_are_all_scored_by_a_probe_forward_every_few(
+    server: BackgroundServer, row_cost: dict[str, float], references: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """While the server decodes the session, the edge runs one draft forward every
+    `PROBE_STRIDE` streamed replies over the tokens since the last, and scores its guess
+    after every one of them: a draft equal to the target guesses each of them right."""
+    row_cost["per_row_s"] = 10.0  # one token a streamed step (no lookup chain pays)
+    observed: list[bool] = []
+    forwards = [0]
+    monkeypatch.setattr(ProbeScore, "wants_trees", lambda self, threshold: False)
+    monkeypatch.setattr(ProbeScore, "observe", lambda self, hit: observed.append(hit))
+    finish_step = TreeBuilder.finish_step
+
+    def counted(self: TreeBuilder, plan: StepPlan, hidden: torch.Tensor | None) -> bool:
+        forwards[0] += 1
+        return finish_step(self, plan, hidden)
+
+    monkeypatch.setattr(TreeBuilder, "finish_step", counted)
+
+    async def body(edge: Edge) -> tuple[list[int], object]:
+        streamed_from_the_start(edge, SamplingParams())
+        return await edge_generate(edge, PROMPTS[0], MAX_TOKENS)
+
+    tokens, stats = asyncio.run(with_edge(edge_config(server), tiny_model(TARGET_SEED), body))
+    assert tokens == references[0]
+    assert stats.streamed_rounds == stats.rounds == len(tokens)  # type: ignore[attr-defined]
+    probes = len(tokens) // PROBE_STRIDE
+    assert forwards[0] == probes
+    # Each probe scores the stride's tokens once its reply came; a probe of the last round
+    # (which ends the session before anything is committed) scores none.
+    scored = probes - (len(tokens) % PROBE_STRIDE == 0)
+    assert len(observed) == scored * PROBE_STRIDE
+    # The scores in arrears are the draft's own next-token guesses, the target's greedy
+    # tokens; each probe's last score is its best node, which may be a lookup candidate.
+    in_arrears = [hit for i, hit in enumerate(observed) if i % PROBE_STRIDE != PROBE_STRIDE - 1]
+    assert all(in_arrears)

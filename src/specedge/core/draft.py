@@ -123,6 +123,10 @@ class TreeBuilder:
     root_expanded: bool = False
     num_forwarded: int = 0
     use_lookup: bool = False  # add a context lookup chain (the root is the last committed token)
+    # The root step also keeps the draft's guess after each pending token but the last
+    # (`pending_guesses[i]` follows `pending[i]`): a probe scores streamed tokens in arrears.
+    score_pending: bool = False
+    pending_guesses: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.block_parents: list[int] = list(self.cached_parents)
@@ -185,6 +189,9 @@ class TreeBuilder:
         entered = plan.entered
         if plan.row is not None:
             assert hidden is not None
+            if plan.last_only and self.score_pending and len(hidden) > 1:
+                _, guesses = self.runner.top_logprobs(hidden[:-1], 1)
+                self.pending_guesses = guesses[:, 0].tolist()
             top = self.runner.top_logprobs(
                 hidden[-1:] if plan.last_only else hidden, self.shape.width
             )

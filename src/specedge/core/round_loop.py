@@ -54,6 +54,7 @@ T = TypeVar("T")
 MIN_PROBES = 8  # probes scored before a drafter may ask to resume trees
 MAX_BACKOFF = 3  # doublings of MIN_PROBES for streamed phases that follow failed resumes
 PROBE_WINDOW = 48  # latest probes a resume decision replays
+PROBE_STRIDE = 4  # streamed replies per probe forward (the tokens between are scored with it)
 
 
 class ModelJobs(Protocol):
@@ -334,6 +335,7 @@ class ModelDrafter:
         self.calibrator = calibrator
         self.sizer = sizer
         self.probes = ProbeScore(engine.shape.depth)
+        self._unprobed = 0  # streamed replies since the last probe forward
         # Taking a free slot is bookkeeping, not model work: done here, at once.
         self.seq: DraftSequence = engine.open(prompt_tokens)
         self.builder: TreeBuilder | None = None  # the next tree's, once the prompt is in
@@ -355,10 +357,19 @@ class ModelDrafter:
         return builder.sent_tree(size, self._calibrate)
 
     async def probe(self) -> SentTree:
-        """One draft step (batched with the other sessions'), its best guess only."""
+        """Every `PROBE_STRIDE`-th streamed reply, one draft step (batched with the other
+        sessions') over the tokens streamed since the last: its best guess at the next token,
+        and its guess after each of those tokens, scored in `learn`. In between, nothing: the
+        tokens join the pending chain (one forward reads the draft's weights once for all of
+        them, where a step per token read them every token)."""
         builder = self.builder
         assert builder is not None, "prepare() lays out the first tree's root"
+        self._unprobed += 1
+        if self._unprobed < PROBE_STRIDE and not builder.root_expanded:
+            return SentTree(DraftTree(), (), builder, probe=True)
+        self._unprobed = 0
         builder.shape = replace(builder.shape, budget=1, depth=1)
+        builder.score_pending = True
         await self.jobs.step(builder)
         return replace(builder.sent_tree(1, self._calibrate), probe=True)
 
@@ -375,6 +386,10 @@ class ModelDrafter:
         (rounds cut short by a finish reason say nothing of the nodes below), the sizer how
         many nodes were verified."""
         if sent.probe:
+            builder = sent.builder
+            if builder is not None:  # the tokens streamed before, in order
+                for guess, token in zip(builder.pending_guesses, builder.pending[1:], strict=False):
+                    self.probes.observe(guess == token)
             if sent.tree.num_nodes:
                 self.probes.observe(verdict.emitted_tokens[0] == sent.tree.tokens[0])
             return

@@ -264,7 +264,7 @@ def test_streamed_tokens_are_all_scored_by_a_probe_forward_every_few(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     """While the server decodes the session, the edge runs one draft forward every
-    `PROBE_STRIDE` streamed replies over the tokens since the last, and scores its guess
+    `PROBE_STRIDE` streamed tokens, over the tokens since the last, and scores its guess
     after every one of them: a draft equal to the target guesses each of them right."""
     row_cost["per_row_s"] = 10.0  # one token a streamed step (no lookup chain pays)
     observed: list[bool] = []

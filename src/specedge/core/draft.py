@@ -189,12 +189,14 @@ class TreeBuilder:
         entered = plan.entered
         if plan.row is not None:
             assert hidden is not None
-            if plan.last_only and self.score_pending and len(hidden) > 1:
-                _, guesses = self.runner.top_logprobs(hidden[:-1], 1)
-                self.pending_guesses = guesses[:, 0].tolist()
-            top = self.runner.top_logprobs(
-                hidden[-1:] if plan.last_only else hidden, self.shape.width
+            scored = plan.last_only and self.score_pending  # every row's best guess too
+            values, tokens = self.runner.top_logprobs(
+                hidden[-1:] if plan.last_only and not scored else hidden, self.shape.width
             )
+            if scored:
+                self.pending_guesses = tokens[:-1, 0].tolist()
+                values, tokens = values[-1:], tokens[-1:]
+            top = values, tokens
             entered += self._propose(plan.parents, top)
         if plan.lookup_after:
             entered += self._add_lookup()

@@ -54,7 +54,7 @@ T = TypeVar("T")
 MIN_PROBES = 8  # probes scored before a drafter may ask to resume trees
 MAX_BACKOFF = 3  # doublings of MIN_PROBES for streamed phases that follow failed resumes
 PROBE_WINDOW = 48  # latest probes a resume decision replays
-PROBE_STRIDE = 4  # streamed replies per probe forward (the tokens between are scored with it)
+PROBE_STRIDE = 4  # streamed tokens per probe forward (it scores all of them)
 
 
 class ModelJobs(Protocol):
@@ -335,7 +335,6 @@ class ModelDrafter:
         self.calibrator = calibrator
         self.sizer = sizer
         self.probes = ProbeScore(engine.shape.depth)
-        self._unprobed = 0  # streamed replies since the last probe forward
         # Taking a free slot is bookkeeping, not model work: done here, at once.
         self.seq: DraftSequence = engine.open(prompt_tokens)
         self.builder: TreeBuilder | None = None  # the next tree's, once the prompt is in
@@ -357,17 +356,15 @@ class ModelDrafter:
         return builder.sent_tree(size, self._calibrate)
 
     async def probe(self) -> SentTree:
-        """Every `PROBE_STRIDE`-th streamed reply, one draft step (batched with the other
-        sessions') over the tokens streamed since the last: its best guess at the next token,
-        and its guess after each of those tokens, scored in `learn`. In between, nothing: the
+        """Once `PROBE_STRIDE` streamed tokens wait in the pending chain, one draft step
+        (batched with the other sessions') over them: its best guess at the next token, and
+        its guess after each of those tokens, scored in `learn`. Before that, nothing: the
         tokens join the pending chain (one forward reads the draft's weights once for all of
         them, where a step per token read them every token)."""
         builder = self.builder
         assert builder is not None, "prepare() lays out the first tree's root"
-        self._unprobed += 1
-        if self._unprobed < PROBE_STRIDE and not builder.root_expanded:
+        if len(builder.pending) < PROBE_STRIDE and not builder.root_expanded:
             return SentTree(DraftTree(), (), builder, probe=True)
-        self._unprobed = 0
         builder.shape = replace(builder.shape, budget=1, depth=1)
         builder.score_pending = True
         await self.jobs.step(builder)

@@ -191,9 +191,11 @@ class VerifierService:
         """The session's lookup chains for streamed steps, where its edge takes several tokens
         a streamed reply and the server cuts trees by goodput (`--verify all` would verify
         every chain whole, paying or not)."""
-        if not open_message.accepts_token_runs or self.stream_lookup == 0:
-            return None
-        if not self.executor.goodput:
+        if (
+            not open_message.accepts_token_runs
+            or self.stream_lookup == 0
+            or not self.executor.goodput
+        ):
             return None
         return StreamLookup(self.stream_lookup, self.info_reply.max_tree_depth)
 

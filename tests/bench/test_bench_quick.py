@@ -70,6 +70,7 @@ def test_quick_bench_writes_valid_results_and_plots(tmp_path: Path) -> None:
         assert run["tokens_per_round"] > 1.0 or run["streamed_share"] > 0.5, run
         assert run["server_busy_fraction"] is not None and 0 < run["server_busy_fraction"] <= 1
         assert run["server_host_ms_per_token"] > 0  # the server's gRPC work per token
+        assert 1 <= run["server_mean_batch"] <= run["clients"]
         assert run["bytes_per_token"] is not None and run["bytes_per_token"] > 0
         assert run["predicted_tokens_per_round"] is None or run["predicted_tokens_per_round"] >= 1
     report = (out / "report.md").read_text()

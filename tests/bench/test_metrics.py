@@ -54,7 +54,16 @@ def test_latency_metrics_from_known_timestamps() -> None:
 
 
 def test_throughput_rounds_acceptance_and_proactive() -> None:
-    usage = ServerUsage(wall_s=2.0, busy_s=1.5, wire_bytes=1800, host_cpu_s=0.36)
+    usage = ServerUsage(
+        wall_s=2.0,
+        busy_s=1.5,
+        wire_bytes=1800,
+        host_cpu_s=0.36,
+        batches=4,
+        batched_sequences=10,
+        batched_rows=30,
+        verify_s=1.2,
+    )
     metrics = compute_run_metrics(RECORDS, usage, Prices())
     assert metrics.server_throughput_tok_s == pytest.approx(9.0)
     assert metrics.tokens_per_round == pytest.approx(18 / 7)
@@ -64,10 +73,11 @@ def test_throughput_rounds_acceptance_and_proactive() -> None:
     assert metrics.server_busy_ms_per_token == pytest.approx(1500 / 18)
     assert metrics.bytes_per_token == pytest.approx(100.0)
     assert metrics.server_host_ms_per_token == pytest.approx(360 / 18)
-    assert (
-        compute_run_metrics(RECORDS, ServerUsage(wall_s=2.0), Prices()).server_host_ms_per_token
-        is None
-    )
+    assert metrics.server_mean_batch == pytest.approx(2.5)
+    assert metrics.server_rows_per_batch == pytest.approx(7.5)
+    assert metrics.server_ms_per_batch == pytest.approx(300.0)
+    unmeasured = compute_run_metrics(RECORDS, ServerUsage(wall_s=2.0), Prices())
+    assert unmeasured.server_host_ms_per_token is None and unmeasured.server_mean_batch is None
 
 
 def test_cost_counts_server_wall_and_edge_engaged_time() -> None:

@@ -14,7 +14,12 @@ from specedge.bench.results import RunResult, RunSpec, aggregate
 from specedge.bench.runner import measure_run, plan_runs, rebase
 from specedge.bench.systems import Deployment
 from specedge.bench.wan import DelayProxy
-from tests.support.fake_openai import BUSY_PER_REQUEST_S, running_fake_api
+from tests.support.fake_openai import (
+    BATCH_SECONDS,
+    BATCH_SIZE,
+    BUSY_PER_REQUEST_S,
+    running_fake_api,
+)
 
 
 def test_plan_groups_runs_by_deployment() -> None:
@@ -68,7 +73,7 @@ def test_rebase_counts_from_the_first_start() -> None:
 
 def test_measure_one_run_through_proxies() -> None:
     """A run against a fake server-only API behind two 20 ms proxies: every metric source
-    (client records, busy counter, proxy bytes) reaches the run's metrics."""
+    (client records, busy counter, batch sizes, proxy bytes) reaches the run's metrics."""
     config = load_bench_config(
         None, {"num_prompts": 3, "max_tokens": 12, "requests_per_client": 0, "warmup_per_client": 0}
     )
@@ -96,6 +101,9 @@ def test_measure_one_run_through_proxies() -> None:
     assert metrics.wall_s == max(r.end_s for r in run.records)
     assert metrics.ttft_ms_mean is not None and metrics.ttft_ms_mean >= 20.0 + 20.0
     assert metrics.server_busy_s == pytest.approx(3 * BUSY_PER_REQUEST_S)
+    assert metrics.server_mean_batch == pytest.approx(BATCH_SIZE)
+    assert metrics.server_rows_per_batch == pytest.approx(2 * BATCH_SIZE)
+    assert metrics.server_ms_per_batch == pytest.approx(1000 * BATCH_SECONDS)
     assert metrics.bytes_per_token is not None and metrics.bytes_per_token > 0
     assert metrics.edge_engaged_s == 0.0  # server-only: no edges to pay for
     assert metrics.tokens_per_round == pytest.approx(3.0)

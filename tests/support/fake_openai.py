@@ -3,7 +3,8 @@
 Each chat completion streams CHUNKS chunks of TOKENS_PER_CHUNK tokens (one per "round"),
 CHUNK_DELAY_S apart, then usage with `usage.speculative`; a prompt saying 'bad' gets a 400.
 `/metrics` exports `specedge_server_busy_seconds_total`, which grows by BUSY_PER_REQUEST_S per
-completed request.
+completed request, and the verification counters, which grow by CHUNKS batches of BATCH_SIZE
+sequences of two rows, BATCH_SECONDS each.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ CHUNK_DELAY_S = 0.02
 TOKENS_PER_CHUNK = 3
 CHUNKS = 4
 BUSY_PER_REQUEST_S = 0.05
+BATCH_SIZE = 1.5  # sequences per batch, each of two rows
+BATCH_SECONDS = 0.01
 
 
 def fake_api() -> FastAPI:
     app = FastAPI()
-    busy = {"seconds": 0.0}
+    busy = {"seconds": 0.0, "batches": 0.0}
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -35,8 +38,14 @@ def fake_api() -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        value = busy["seconds"]
-        return PlainTextResponse(f"specedge_server_busy_seconds_total {value}\n")
+        batches = busy["batches"]
+        return PlainTextResponse(
+            f"specedge_server_busy_seconds_total {busy['seconds']}\n"
+            f"specedge_server_verify_batch_size_count {batches}\n"
+            f"specedge_server_verify_batch_size_sum {batches * BATCH_SIZE}\n"
+            f"specedge_server_verify_rows_total {batches * BATCH_SIZE * 2}\n"
+            f"specedge_server_verify_seconds_sum {batches * BATCH_SECONDS}\n"
+        )
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):  # type: ignore[no-untyped-def]
@@ -63,6 +72,7 @@ def fake_api() -> FastAPI:
                 },
             }
             busy["seconds"] += BUSY_PER_REQUEST_S
+            busy["batches"] += CHUNKS
             yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
 

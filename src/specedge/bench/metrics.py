@@ -121,6 +121,11 @@ class ServerUsage:
     wire_bytes: int | None = None  # bytes on the WAN link, both directions
     # CPU seconds of the server process outside its model thread (event loop, gRPC, HTTP)
     host_cpu_s: float | None = None
+    # batched verification forwards over the run, and the sequences and rows they verified
+    batches: float | None = None
+    batched_sequences: float | None = None
+    batched_rows: float | None = None
+    verify_s: float | None = None  # their time: busy time less prefill and server drafting
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,11 @@ class RunMetrics:
     # the server's host CPU (outside the model thread) per emitted token: what the simulator
     # charges its server for the event loop, gRPC and HTTP work (`specedge simulate`)
     server_host_ms_per_token: float | None = None
+    # sequences per batched verification forward (decoding steps included): at a fixed step
+    # cost, fewer per batch means more server time per token
+    server_mean_batch: float | None = None
+    server_rows_per_batch: float | None = None  # a sequence's row plus its verified nodes
+    server_ms_per_batch: float | None = None  # time per batched verification forward
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -262,6 +272,9 @@ def compute_run_metrics(
         itl_ms_min=mean(itls) if itls else None,
         itl_ms_max=mean(itls) if itls else None,
         server_host_ms_per_token=_ratio(usage.host_cpu_s, tokens / 1000.0),
+        server_mean_batch=_ratio(usage.batched_sequences, usage.batches or 0.0),
+        server_rows_per_batch=_ratio(usage.batched_rows, usage.batches or 0.0),
+        server_ms_per_batch=_ratio(usage.verify_s, (usage.batches or 0.0) / 1000.0),
     )
 
 

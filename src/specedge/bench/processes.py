@@ -199,14 +199,12 @@ def managed(
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)")
 
 
-def scrape_counter(metrics_url: str, name: str) -> float | None:
-    """Sum of the samples of `name` (all label sets) on a Prometheus text endpoint; None when
-    the endpoint does not export it."""
+def scrape_metrics(metrics_url: str) -> str | None:
+    """A Prometheus text endpoint's page; None when it does not answer."""
     try:
-        text = httpx.get(metrics_url, timeout=5.0).text
+        return httpx.get(metrics_url, timeout=5.0).text
     except httpx.HTTPError:
         return None
-    return parse_counter(text, name)
 
 
 def parse_counter(text: str, name: str) -> float | None:

@@ -199,6 +199,7 @@ RUN_COLUMNS: list[tuple[str, Callable[[RunMetrics], str]]] = [
     ("proactive hit", lambda m: _num(m.proactive_hit_rate, 2)),
     ("server busy", lambda m: _num(m.server_busy_fraction, 2)),
     ("busy ms/tok", lambda m: _num(m.server_busy_ms_per_token, 1)),
+    ("mean batch", lambda m: _num(m.server_mean_batch, 1)),
     ("B/tok", lambda m: _num(m.bytes_per_token, 0)),
     ("$/1M tok", lambda m: _num(m.cost_per_mtok_usd, 2)),
     ("failed", lambda m: str(m.failed_requests)),

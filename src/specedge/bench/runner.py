@@ -277,8 +277,7 @@ def measure_run(
         failed = [r.error for r in warm if r.error]
         if failed:
             raise SpecEdgeError(f"warm-up of {spec.system} failed: {failed[0]}")
-    busy_before = deployment.busy_seconds()
-    host_before = deployment.host_cpu_seconds()
+    before = deployment.server_counters()
     bytes_before = deployment.wire_bytes(spec.system)
     records = asyncio.run(
         run_clients(
@@ -289,16 +288,17 @@ def measure_run(
             num_requests=total,
         )
     )
-    busy_after = deployment.busy_seconds()
-    host_after = deployment.host_cpu_seconds()
+    server = deployment.server_counters().since(before)
     bytes_after = deployment.wire_bytes(spec.system)
-    busy = None if busy_before is None or busy_after is None else busy_after - busy_before
-    host = None if host_before is None or host_after is None else host_after - host_before
     records = rebase(records)
     usage = ServerUsage(
         wall_s=run_window(records),
-        busy_s=busy,
-        host_cpu_s=host,
+        busy_s=server.busy_s,
+        host_cpu_s=server.host_cpu_s,
+        batches=server.batches,
+        batched_sequences=server.batched_sequences,
+        batched_rows=server.batched_rows,
+        verify_s=server.verify_s,
         edge_engaged_s=_edge_engaged(spec, records, config),
         wire_bytes=bytes_after - bytes_before,
     )

@@ -41,7 +41,8 @@ from specedge.bench.processes import (
     Placement,
     free_port,
     managed,
-    scrape_counter,
+    parse_counter,
+    scrape_metrics,
     specedge_args,
 )
 from specedge.bench.results import (
@@ -63,6 +64,10 @@ from specedge.core.limits import budget_cap
 LOCALHOST = "127.0.0.1"
 BUSY_COUNTER = "specedge_server_busy_seconds_total"
 HOST_CPU_GAUGE = "specedge_server_host_cpu_seconds"
+BATCHES = "specedge_server_verify_batch_size_count"  # batched verification forwards
+BATCHED_SEQUENCES = "specedge_server_verify_batch_size_sum"  # sequences over those forwards
+BATCHED_ROWS = "specedge_server_verify_rows_total"  # rows over those forwards
+VERIFY_SECONDS = "specedge_server_verify_seconds_sum"  # their time (busy time less prefill)
 LOCKSTEP_BATCH_WAIT_MS = 5000.0  # longer than any edge's turnaround here
 # Systems served by one kind of server; the lockstep server is per client count.
 SERVER_KINDS = {
@@ -94,6 +99,26 @@ class SystemSettings:
     vllm_kv_cache_gb: int = 4
 
 
+@dataclass(frozen=True)
+class ServerCounters:
+    """A snapshot of the server counters a run reads before and after (`since` the delta)."""
+
+    busy_s: float | None = None
+    host_cpu_s: float | None = None
+    batches: float | None = None
+    batched_sequences: float | None = None
+    batched_rows: float | None = None
+    verify_s: float | None = None
+
+    def since(self, before: ServerCounters) -> ServerCounters:
+        def delta(after: float | None, earlier: float | None) -> float | None:
+            return None if after is None or earlier is None else after - earlier
+
+        return ServerCounters(
+            *(delta(getattr(self, f), getattr(before, f)) for f in self.__dataclass_fields__)
+        )
+
+
 @dataclass
 class Deployment:
     client_urls: dict[str, list[str]]  # per system: one base URL per client slot
@@ -113,11 +138,19 @@ class Deployment:
             p.counters.uplink_bytes + p.counters.downlink_bytes for p in self.proxies[system]
         )
 
-    def busy_seconds(self) -> float | None:
-        return scrape_counter(self.metrics_url, BUSY_COUNTER)
-
-    def host_cpu_seconds(self) -> float | None:
-        return scrape_counter(self.metrics_url, HOST_CPU_GAUGE)
+    def server_counters(self) -> ServerCounters:
+        """The server's counters now (one scrape; None where it does not export them)."""
+        text = scrape_metrics(self.metrics_url)
+        if text is None:
+            return ServerCounters()
+        return ServerCounters(
+            busy_s=parse_counter(text, BUSY_COUNTER),
+            host_cpu_s=parse_counter(text, HOST_CPU_GAUGE),
+            batches=parse_counter(text, BATCHES),
+            batched_sequences=parse_counter(text, BATCHED_SEQUENCES),
+            batched_rows=parse_counter(text, BATCHED_ROWS),
+            verify_s=parse_counter(text, VERIFY_SECONDS),
+        )
 
     def check_alive(self) -> None:
         for process in self.processes:

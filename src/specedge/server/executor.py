@@ -529,6 +529,7 @@ class VerificationExecutor:
         metrics = self.metrics
         if elapsed > 0.0:
             metrics.verify_batch_size.observe(num_sequences)
+            metrics.verify_rows.inc(rows)
             metrics.verify_seconds.observe(elapsed)
             metrics.busy_seconds.inc(elapsed)
         if not verified:

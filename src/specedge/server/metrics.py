@@ -82,6 +82,11 @@ class ServerMetrics:
             buckets=VERIFY_SECONDS_BUCKETS,
             registry=r,
         )
+        self.verify_rows = Counter(
+            "specedge_server_verify_rows",
+            "Rows of the batched verification forwards: one per sequence plus its verified nodes.",
+            registry=r,
+        )
         self.rounds = Counter(
             "specedge_server_rounds", "Verification rounds (one tree each).", registry=r
         )

@@ -96,7 +96,7 @@ def kernel_case(batch: int, length: int, repetitions: int) -> dict[str, Any]:
 
     def run_native() -> None:
         for layer in range(LAYERS):
-            native.decode_attention(
+            native.row_attention(
                 queries, keys[layer], values[layer], rows, starts, lengths, out, HEADS
             )
 

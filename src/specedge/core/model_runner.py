@@ -73,7 +73,9 @@ def build_forward_inputs(
             mask = torch.ones(num_new, block_end, dtype=torch.bool)
             mask[:, base:] = ancestor_mask(row.parents)[row.num_cached :]
             mask = mask.to(device)
-        blocks.append(SequenceBlock(row.slot, len(tokens) - num_new, num_new, block_end, mask))
+        blocks.append(
+            SequenceBlock(row.slot, len(tokens) - num_new, num_new, block_end, mask, base)
+        )
     return ForwardInputs(
         tokens=torch.tensor(tokens, dtype=torch.long).to(device),
         positions=torch.cat(positions).to(device),

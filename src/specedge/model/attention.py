@@ -16,11 +16,13 @@ pool. Two kernels, chosen per forward (`FlatBatch.attention`, `serve --attention
   0.17 ms a layer against 0.32, a 256-row prefill chunk against 1,500 positions 5.3 ms against
   10.4. A block without a mask (a one-token decode step) still goes through SDPA, which is
   faster for one row (0.03 ms against 0.06).
-- `native` (what `auto` takes on the CPU where a C compiler is at hand): masked blocks as
-  `bmm`; the one-row decode blocks of the whole batch in one call per layer to a C kernel
-  (`specedge.model.native`) that reads each sequence's keys and values once, in place, for
-  all the query heads of a group: 4x SDPA's speed at 300 and 1,500 positions on one core
-  (benchmarks/results/decode_attention.md). `Attention.forward` runs it (it needs the batch).
+- `native` (what `auto` takes on the CPU where a C compiler is at hand): the decode steps and
+  small blocks (trees, lookup chains) of the whole batch in one call per layer to a C kernel
+  (`specedge.model.native`) that reads each sequence's keys and values in place, for all the
+  query heads of a group, each row with its mask over its block: 4x SDPA's speed for decode
+  steps at 300 and 1,500 positions on one core (benchmarks/results/decode_attention.md);
+  large blocks (prefill chunks, large trees at long contexts) as `bmm`
+  (`transformer.NativeRows`). `Attention.forward` runs it (it needs the batch).
 - `flex`: FlexAttention (`torch.nn.attention.flex_attention`), compiled once with dynamic
   shapes; a block mask from the boolean mask, grouped-query heads native (no K/V repeat, no
   dense mask). On this project's CPU machines it is slower than `sdpa` (a decode step's

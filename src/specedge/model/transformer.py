@@ -111,13 +111,15 @@ def rotate_half(x: Tensor) -> Tensor:  # [..., D] -> [..., D]
 class SequenceBlock:
     """One sequence's rows of a flat batch: rows `first_row .. first_row + num_rows - 1`
     attend positions 0..kv_len-1 of KV slot `slot` (their own keys included, written first),
-    as `mask` says ([num_rows, kv_len] bool), or all of them when `mask` is None."""
+    as `mask` says ([num_rows, kv_len] bool), or all of them when `mask` is None. The mask's
+    columns before `mask_start` are all True (the context before a tree or chunk)."""
 
     slot: int
     first_row: int
     num_rows: int
     kv_len: int
     mask: Tensor | None = None
+    mask_start: int = 0
 
 
 @dataclass(frozen=True)
@@ -141,39 +143,81 @@ def chain_batch(
         if count > 1:
             mask = torch.ones(count, end, dtype=torch.bool, device=kv.keys.device)
             mask[:, start:] = torch.ones(count, count, dtype=torch.bool).tril()
-        sequences.append(SequenceBlock(slot, row, count, end, mask))
+        sequences.append(SequenceBlock(slot, row, count, end, mask, start))
         index.append(kv.physical(slot, start, count))
         row += count
     return FlatBatch(tuple(sequences), torch.cat(index), kernel)
 
 
+# The blocks the native kernel attends (see NativeRows): decode steps always; blocks of up to
+# NATIVE_MAX_ROWS rows spanning up to NATIVE_MAX_ROW_POSITIONS (rows x positions). Measured on
+# one core of this project's machine, batch 8 of the bundled target, verification time native /
+# bmm: at 256 positions 0.75 (4 rows), 0.87 (16), 0.92 (32), 1.05 (64); at 1,500 positions
+# 0.65 (4), 0.79 (8), 1.03 (16), 1.11 (32).
+NATIVE_MAX_ROWS = 32
+NATIVE_MAX_ROW_POSITIONS = 16384
+
+
 @dataclass(frozen=True)
-class DecodeRows:
-    """A batch's one-row sequences that attend all their positions from consecutive pool
-    blocks: the native kernel attends them together, one call per layer."""
+class NativeRows:
+    """The rows the native kernel attends, one call per layer: every row of each sequence whose
+    slot's pool blocks are consecutive and whose block is a decode step or small (decode
+    steps, small trees, lookup chains; `takes`), each over its own span of the slot with its
+    mask from the block's `mask_start` on. The kernel reads a row's keys once per row; larger
+    blocks (prefill chunks, large trees at long contexts) are faster as two batched products
+    (`attention.BMM`), which share each key among all the block's rows."""
 
     sequences: frozenset[int]  # indices into FlatBatch.sequences
-    rows: Tensor  # [B] int64: each one's row
-    starts: Tensor  # [B] int64: the pool position of its slot position 0
-    lengths: Tensor  # [B] int64: positions it attends
+    rows: Tensor  # [N] int64: each entry's row
+    starts: Tensor  # [N] int64: the pool position of its slot position 0
+    lengths: Tensor  # [N] int64: the slot positions up to its last attended one
+    masks: Tensor | None = None  # uint8, flat: the masked entries' mask bytes
+    mask_starts: Tensor | None = None  # [N] int64: where each one's mask begins (>= length: none)
+    mask_offsets: Tensor | None = None  # [N] int64: where its bytes begin in `masks`
+
+    @staticmethod
+    def takes(block: SequenceBlock) -> bool:
+        return block.num_rows == 1 or (
+            block.num_rows <= NATIVE_MAX_ROWS
+            and block.num_rows * block.kv_len <= NATIVE_MAX_ROW_POSITIONS
+        )
 
     @classmethod
-    def of(cls, batch: FlatBatch, kv: KVCache) -> DecodeRows | None:
-        chosen, rows, starts, lengths = [], [], [], []
+    def of(cls, batch: FlatBatch, kv: KVCache) -> NativeRows | None:
+        chosen, rows, starts, lengths, mask_starts, mask_offsets = [], [], [], [], [], []
+        masks: list[Tensor] = []
+        offset = 0
         for index, block in enumerate(batch.sequences):
             start = kv.contiguous_start(block.slot)
-            if block.mask is None and block.num_rows == 1 and start is not None:
-                chosen.append(index)
-                rows.append(block.first_row)
-                starts.append(start)
-                lengths.append(block.kv_len)
+            if start is None or not cls.takes(block):
+                continue
+            chosen.append(index)
+            rows.append(torch.arange(block.first_row, block.first_row + block.num_rows))
+            starts.append(torch.full((block.num_rows,), start))
+            if block.mask is None:
+                lengths.append(torch.full((block.num_rows,), block.kv_len))
+                mask_starts.append(torch.full((block.num_rows,), block.kv_len))
+                mask_offsets.append(torch.zeros(block.num_rows, dtype=torch.long))
+                continue
+            tail = block.mask[:, block.mask_start :].to(torch.uint8)  # [n, w]
+            width = tail.shape[1]
+            # Each row's span ends at its last attended position (a chain row's own).
+            last = width - 1 - tail.flip(1).argmax(1)
+            lengths.append(block.mask_start + last + 1)
+            mask_starts.append(torch.full((block.num_rows,), block.mask_start))
+            mask_offsets.append(offset + width * torch.arange(block.num_rows))
+            masks.append(tail.reshape(-1))
+            offset += tail.numel()
         if not chosen:
             return None
         return cls(
             frozenset(chosen),
-            torch.tensor(rows, dtype=torch.long),
-            torch.tensor(starts, dtype=torch.long),
-            torch.tensor(lengths, dtype=torch.long),
+            torch.cat(rows),
+            torch.cat(starts),
+            torch.cat(lengths),
+            torch.cat(masks) if masks else None,
+            torch.cat(mask_starts) if masks else None,
+            torch.cat(mask_offsets) if masks else None,
         )
 
 
@@ -186,7 +230,7 @@ class LayerInputs:
     masks: tuple[PreparedMask, ...]  # per sequence, in the form the kernel takes
     batch: FlatBatch
     kv: KVCache
-    decode: DecodeRows | None = None  # the native kernel's rows (kernel `native` only)
+    native: NativeRows | None = None  # the native kernel's rows (kernel `native` only)
     fused_rope: bool = False  # RoPE and the KV write in one native call (bf16 CPU)
 
 
@@ -229,36 +273,39 @@ class Attention(nn.Module):
             qk = qk * inputs.cos + rotate_half(qk) * inputs.sin
             q, k = qk.split([num_heads, num_kv_heads], dim=1)  # [T, H, D], [T, H_kv, D]
             inputs.kv.write(self.layer_index, inputs.batch.write_index, k, v)
-        if inputs.decode is not None:
+        if inputs.native is not None:
             return self.wo(self.attend_native(q, inputs).view(num_rows, num_heads * head_dim))
         out = self.attend(q.transpose(0, 1), inputs)  # [H, T, D]
         return self.wo(out.transpose(0, 1).reshape(num_rows, num_heads * head_dim))
 
     def attend_native(self, q: Tensor, inputs: LayerInputs) -> Tensor:  # [T, H, D] -> same
-        """The native kernel's batch: its decode rows in one call, written in place into the
-        output, and the other sequences (trees, prefill chunks) one by one as `bmm`."""
-        decode = inputs.decode
-        assert decode is not None
+        """The native kernel's batch: its rows in one call, written in place into the output,
+        and the other sequences (large trees, prefill chunks) one by one as `bmm`."""
+        rows = inputs.native
+        assert rows is not None
         out = q.new_empty(q.shape)
         layer = self.layer_index
-        native.decode_attention(
+        native.row_attention(
             q,
             inputs.kv.keys[layer],
             inputs.kv.values[layer],
-            decode.rows,
-            decode.starts,
-            decode.lengths,
+            rows.rows,
+            rows.starts,
+            rows.lengths,
             out,
             self.num_heads,
+            rows.masks,
+            rows.mask_starts,
+            rows.mask_offsets,
         )
         for index, (block, mask) in enumerate(
             zip(inputs.batch.sequences, inputs.masks, strict=True)
         ):
-            if index in decode.sequences:
+            if index in rows.sequences:
                 continue
-            rows = slice(block.first_row, block.first_row + block.num_rows)
-            attended = self.attend_block(q[rows].transpose(0, 1), block, mask, inputs)
-            out[rows] = attended.transpose(0, 1)
+            span = slice(block.first_row, block.first_row + block.num_rows)
+            attended = self.attend_block(q[span].transpose(0, 1), block, mask, inputs)
+            out[span] = attended.transpose(0, 1)
         return out
 
     def attend(self, q: Tensor, inputs: LayerInputs) -> Tensor:  # [H, T, D] -> [H, T, D]
@@ -334,16 +381,20 @@ class Transformer(nn.Module):
         group = self.config.num_heads // self.config.num_kv_heads
         freqs = positions.unsqueeze(-1).float() * self.inv_freq  # [T, D/2]
         angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [T, 1, D]
+        rows = self._native_rows(batch, kv)
+        taken = rows.sequences if rows is not None else frozenset()
         inputs = LayerInputs(
             cos=angles.cos().to(x.dtype),
             sin=angles.sin().to(x.dtype),
-            masks=tuple(
-                attention.prepare(batch.attention, block.mask, group, x.dtype)
-                for block in batch.sequences
+            masks=tuple(  # the native kernel's sequences take their masks as they are
+                PreparedMask()
+                if index in taken
+                else attention.prepare(batch.attention, block.mask, group, x.dtype)
+                for index, block in enumerate(batch.sequences)
             ),
             batch=batch,
             kv=kv,
-            decode=self._decode_rows(batch, kv),
+            native=rows,
             fused_rope=not torch.is_grad_enabled()
             and kv.keys.dtype == x.dtype
             and native.fuses_rope(x.dtype, x.device),
@@ -352,13 +403,13 @@ class Transformer(nn.Module):
             x = layer(x, inputs)
         return self.norm(x)
 
-    def _decode_rows(self, batch: FlatBatch, kv: KVCache) -> DecodeRows | None:
+    def _native_rows(self, batch: FlatBatch, kv: KVCache) -> NativeRows | None:
         config = self.config
         if batch.attention != attention.NATIVE or not native.supports(
             config.num_heads, config.num_kv_heads, config.head_dim, kv.keys.dtype
         ):
             return None
-        return DecodeRows.of(batch, kv)
+        return NativeRows.of(batch, kv)
 
     def logits(self, hidden: Tensor, upcast: bool = True) -> Tensor:  # [..., E] -> [..., V]
         """The head's logits, in float32 (or, `upcast=False`, in the model's dtype: enough for

@@ -1,5 +1,5 @@
-"""Native CPU kernels (`kernels.c`), compiled on first use: decode attention, and for bf16
-forwards RMSNorm and RoPE fused with the KV write.
+"""Native CPU kernels (`kernels.c`), compiled on first use: row attention (decode steps and
+small trees), and for bf16 forwards RMSNorm and RoPE fused with the KV write.
 
 Why native code: a decode step's attention is one query row per sequence against its whole
 context, a pass over the KV memory that should run at memory bandwidth. torch has no CPU
@@ -7,8 +7,12 @@ kernel for it that reads a paged pool: its SDPA runs it at 4-5 GB/s on one core 
 project's machine (about a seventh of the core's bandwidth) and needs one call per sequence
 and layer. The kernel here reads each sequence's keys and values once, in place, for all the
 query heads of a group, all sequences in one call per layer: 4x faster at 300 and 1,500
-positions (benchmarks/results/decode_attention.md). The libraries that ship such kernels
-(vLLM's, IPEX's) are built for particular torch releases and would pin ours.
+positions (benchmarks/results/decode_attention.md). The same kernel takes the rows of small
+trees and lookup chains, each with its mask over its own block, so that a batch of decode
+steps with a few short trees among them stays one call per layer (through torch, each tree is
+a dozen small kernels per layer: one 2-node chain in a batch of 8 cost a quarter of the
+step). The libraries that ship such kernels (vLLM's, IPEX's) are built for particular torch
+releases and would pin ours.
 
 The other two take a decode step's small operations out of torch's dispatch: torch's CPU
 rms_norm is half a dozen kernels (20 us a call for one 576-wide row), RoPE and the KV write
@@ -59,10 +63,10 @@ FLAGS = (
 DTYPES = (torch.bfloat16, torch.float32)
 _POINTER, _INT64 = ctypes.c_void_p, ctypes.c_int64
 _ATTENTION: list[Any] = [_POINTER, _INT64, _POINTER, _POINTER, _INT64]
-_ATTENTION += [_POINTER] * 3 + [_INT64] * 4 + [ctypes.c_float, _POINTER, _INT64, ctypes.c_int]
+_ATTENTION += [_POINTER] * 6 + [_INT64] * 4 + [ctypes.c_float, _POINTER, _INT64, ctypes.c_int]
 _SIGNATURES: dict[str, tuple[list[Any], Any]] = {  # name: (argument types, result type)
-    "decode_attention_bf16": (_ATTENTION, ctypes.c_int),
-    "decode_attention_f32": (_ATTENTION, ctypes.c_int),
+    "row_attention_bf16": (_ATTENTION, ctypes.c_int),
+    "row_attention_f32": (_ATTENTION, ctypes.c_int),
     "rms_norm_bf16": ([_POINTER] * 3 + [_INT64] * 2 + [ctypes.c_float], None),
     "rope_store_bf16": (
         [_POINTER, _INT64] * 2 + [_POINTER] * 3 + [_INT64] * 4 + [_POINTER] * 3 + [_INT64],
@@ -159,29 +163,38 @@ def supports(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtyp
     )
 
 
-def decode_attention(
+def row_attention(
     queries: Tensor,  # [T, >= H, D]: row r's heads; rows may have more heads (q beside k)
     keys: Tensor,  # [H_kv, P, D] one layer of the pool, contiguous
     values: Tensor,  # [H_kv, P, D]
-    rows: Tensor,  # [B] int64: the row of each sequence's one query
-    starts: Tensor,  # [B] int64: the pool position of each sequence's slot position 0
-    lengths: Tensor,  # [B] int64: positions each attends (slot positions 0..length-1)
+    rows: Tensor,  # [N] int64: each entry's query row
+    starts: Tensor,  # [N] int64: the pool position of its sequence's slot position 0
+    lengths: Tensor,  # [N] int64: the slot positions it spans (0..length-1)
     out: Tensor,  # [T, H, D], contiguous: rows `rows` are written
     num_heads: int,
+    masks: Tensor | None = None,  # uint8, flat: every masked entry's mask bytes
+    mask_starts: Tensor | None = None,  # [N] int64: the first slot position its mask governs
+    mask_offsets: Tensor | None = None,  # [N] int64: where its mask bytes begin in `masks`
 ) -> None:
-    """softmax(q k^T / sqrt(D)) v for one query row per sequence, over its slot's keys and
-    values read in place; the model's dtype in and out, float32 within."""
+    """softmax(q k^T / sqrt(D)) v for each entry's query row over its slot's keys and values,
+    read in place; an entry attends every position before its mask start and, from there on,
+    those whose mask byte is nonzero (`mask_starts[i] >= lengths[i]`: no mask). The model's
+    dtype in and out, float32 within."""
     library = load()
-    assert library is not None, "native decode attention is not available"
+    assert library is not None, "native row attention is not available"
     head_dim = keys.shape[-1]
     assert queries.dtype == keys.dtype == values.dtype == out.dtype
     assert queries.stride(-1) == 1 and queries.stride(-2) == head_dim
     assert keys.is_contiguous() and values.is_contiguous() and out.is_contiguous()
     assert rows.dtype == starts.dtype == lengths.dtype == torch.int64
+    masked = masks is not None
+    if masked:
+        assert mask_starts is not None and mask_offsets is not None
+        assert masks.dtype == torch.uint8 and masks.is_contiguous()
+        assert mask_starts.dtype == mask_offsets.dtype == torch.int64
+        assert mask_starts.is_contiguous() and mask_offsets.is_contiguous()
     function = (
-        library.decode_attention_bf16
-        if queries.dtype == torch.bfloat16
-        else library.decode_attention_f32
+        library.row_attention_bf16 if queries.dtype == torch.bfloat16 else library.row_attention_f32
     )
     status = function(
         queries.data_ptr(),
@@ -192,6 +205,9 @@ def decode_attention(
         rows.data_ptr(),
         starts.data_ptr(),
         lengths.data_ptr(),
+        masks.data_ptr() if masked else None,
+        mask_starts.data_ptr() if masked else None,  # type: ignore[union-attr]
+        mask_offsets.data_ptr() if masked else None,  # type: ignore[union-attr]
         rows.numel(),
         num_heads,
         keys.shape[0],
@@ -203,7 +219,7 @@ def decode_attention(
     )
     if status != 0:
         raise NativeKernelError(
-            f"native decode attention refused heads {num_heads}/{keys.shape[0]} x {head_dim} "
+            f"native row attention refused heads {num_heads}/{keys.shape[0]} x {head_dim} "
             f"(status {status})"
         )
 

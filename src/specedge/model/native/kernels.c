@@ -1,8 +1,10 @@
-/* Native CPU kernels (see specedge/model/native/__init__.py): decode attention, RMSNorm, and
+/* Native CPU kernels (see specedge/model/native/__init__.py): row attention, RMSNorm, and
  * RoPE fused with the KV write.
  *
- * Decode attention: every one-row sequence of a batch against its KV slot, read in place from
- * the paged pool, in one call per layer.
+ * Row attention: query rows of a batch (decode steps, tree nodes, lookup chains) each against
+ * its sequence's KV slot, read in place from the paged pool, in one call per layer. A row
+ * attends its slot's positions 0..length-1, all of them before its mask start and, from there
+ * on, those its mask bytes mark (a tree node: its ancestors and itself).
  *
  * For each (sequence, K/V head): the g query heads of the group are scored against every key
  * (each key read once for all g heads), softmaxed in float32, and the values summed with the
@@ -14,8 +16,10 @@
  *   q:    row r, head h at q + r * q_row_stride + h * head_dim             (model dtype)
  *   keys, values: head j, pool position p at base + j * kv_head_stride + p * head_dim
  *   out:  row r, head h at out + r * out_row_stride + h * head_dim        (model dtype)
- *   rows[i], starts[i], lengths[i]: sequence i's row, the pool position of its slot
- *   position 0, and how many positions it attends.
+ *   rows[i], starts[i], lengths[i]: entry i's row, the pool position of its slot
+ *   position 0, and how many positions it spans;
+ *   masks (NULL: none), mask_starts[i], mask_offsets[i]: entry i attends slot position p >=
+ *   mask_starts[i] only where masks[mask_offsets[i] + p - mask_starts[i]] is nonzero.
  */
 
 #include <math.h>
@@ -40,8 +44,10 @@ static inline uint16_t float_to_bf16(float x) { /* round to nearest even, NaN ke
 
 /* exp(x) for x <= 0 (scores minus their maximum), written so that the compiler vectorises
  * it: 2^n * p(r) with r = x - n ln2, |r| <= ln2 / 2, p a degree-6 polynomial (relative
- * error about 2e-7, the size of a float's rounding). Below -87 it returns 0. */
+ * error about 2e-7, the size of a float's rounding). Below -87 (a masked score, -inf,
+ * included) it returns 0. */
 static inline float exp_nonpositive(float x) {
+    const float given = x;
     x = x < -87.0f ? -87.0f : x;
     float n = floorf(x * 1.44269504089f + 0.5f);
     float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
@@ -56,10 +62,20 @@ static inline float exp_nonpositive(float x) {
     uint32_t bits = (uint32_t)e << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return given < -87.0f ? 0.0f : p * scale;
 }
 
 enum { MAX_HEAD_DIM = 256, MAX_GROUP = 16 };
+
+/* Scores of positions the row does not attend (its mask, from `mask_start` on) set to -inf:
+ * their softmax weight is exactly 0. */
+static void mask_scores(float *scores, int64_t group, int64_t length, const uint8_t *mask,
+                        int64_t mask_start) {
+    if (!mask) return;
+    for (int64_t p = mask_start; p < length; p++)
+        if (!mask[p - mask_start])
+            for (int64_t j = 0; j < group; j++) scores[j * length + p] = -INFINITY;
+}
 
 /* Each of `group` rows of `scores` (`length` floats) replaced by its softmax. */
 static void softmax_rows(float *scores, int64_t group, int64_t length) {
@@ -91,7 +107,8 @@ static void softmax_rows(float *scores, int64_t group, int64_t length) {
  * head_dim) below, so that the loops unroll and the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void head_bf16_avx512(
     const uint16_t *q, const uint16_t *keys, const uint16_t *values, int64_t length,
-    const int64_t group, const int64_t head_dim, float scale, float *scores, float *out_group) {
+    const uint8_t *mask, int64_t mask_start, const int64_t group, const int64_t head_dim,
+    float scale, float *scores, float *out_group) {
     const int64_t pairs = head_dim / 32, wide = head_dim / 16;
     __m512bh qv[MAX_GROUP][MAX_HEAD_DIM / 32];
     for (int64_t j = 0; j < group; j++)
@@ -109,6 +126,7 @@ static inline __attribute__((always_inline)) void head_bf16_avx512(
             scores[j * length + p] = _mm512_reduce_add_ps(acc) * scale;
         }
     }
+    mask_scores(scores, group, length, mask, mask_start);
     softmax_rows(scores, group, length);
     /* Value columns in blocks of at most 24 accumulators (of the 32 vector registers). */
     const int64_t block = group * wide <= 24 ? wide : (24 / group > 0 ? 24 / group : 1);
@@ -137,9 +155,11 @@ static inline __attribute__((always_inline)) void head_bf16_avx512(
 
 #define SPECIALISED(G, D)                                                                    \
     static void head_bf16_g##G##_d##D(const uint16_t *q, const uint16_t *keys,               \
-                                      const uint16_t *values, int64_t length, float scale,   \
+                                      const uint16_t *values, int64_t length,                \
+                                      const uint8_t *mask, int64_t mask_start, float scale,  \
                                       float *scores, float *out_group) {                     \
-        head_bf16_avx512(q, keys, values, length, G, D, scale, scores, out_group);           \
+        head_bf16_avx512(q, keys, values, length, mask, mask_start, G, D, scale, scores,     \
+                         out_group);                                                         \
     }
 #define SPECIALISED_D(D)                                                                     \
     SPECIALISED(1, D) SPECIALISED(2, D) SPECIALISED(3, D) SPECIALISED(4, D)                  \
@@ -147,8 +167,8 @@ static inline __attribute__((always_inline)) void head_bf16_avx512(
 SPECIALISED_D(64)
 SPECIALISED_D(128)
 
-typedef void (*fast_head)(const uint16_t *, const uint16_t *, const uint16_t *, int64_t, float,
-                          float *, float *);
+typedef void (*fast_head)(const uint16_t *, const uint16_t *, const uint16_t *, int64_t,
+                          const uint8_t *, int64_t, float, float *, float *);
 static const fast_head FAST_HEADS[2][8] = {
     {head_bf16_g1_d64, head_bf16_g2_d64, head_bf16_g3_d64, head_bf16_g4_d64, head_bf16_g5_d64,
      head_bf16_g6_d64, head_bf16_g7_d64, head_bf16_g8_d64},
@@ -169,8 +189,8 @@ static fast_head find_fast_head(int64_t group, int64_t head_dim) {
  * `scores` holds g * length floats. */
 #define DEFINE_HEAD(NAME, T, LOAD)                                                           \
     static void NAME(const float *q_group, const T *keys, const T *values, int64_t length,   \
-                     int64_t group, int64_t head_dim, float scale, float *scores,            \
-                     float *out_group) {                                                     \
+                     const uint8_t *mask, int64_t mask_start, int64_t group,                 \
+                     int64_t head_dim, float scale, float *scores, float *out_group) {       \
         float row[MAX_HEAD_DIM];                                                             \
         for (int64_t p = 0; p < length; p++) {                                               \
             const T *k = keys + p * head_dim;                                                \
@@ -183,6 +203,7 @@ static fast_head find_fast_head(int64_t group, int64_t head_dim) {
                 scores[j * length + p] = acc * scale;                                        \
             }                                                                                \
         }                                                                                    \
+        mask_scores(scores, group, length, mask, mask_start);                                \
         softmax_rows(scores, group, length);                                                 \
         memset(out_group, 0, sizeof(float) * group * head_dim);                              \
         for (int64_t p = 0; p < length; p++) {                                               \
@@ -208,10 +229,11 @@ DEFINE_HEAD(head_f32, float, LOAD_F32)
 
 /* Returns 0, or -1 for a shape it does not take (head_dim or group too large), or -2 when
  * scratch memory could not be had. `FAST` says whether a head takes the raw rows (AVX512). */
-#define DEFINE_DECODE(NAME, HEAD, FAST_TYPE, FAST, T, LOAD, STORE)                           \
+#define DEFINE_ROWS(NAME, HEAD, FAST_TYPE, FAST, T, LOAD, STORE)                           \
     int NAME(const T *q, int64_t q_row_stride, const T *keys, const T *values,               \
              int64_t kv_head_stride, const int64_t *rows, const int64_t *starts,             \
-             const int64_t *lengths, int64_t num_sequences, int64_t num_heads,               \
+             const int64_t *lengths, const uint8_t *masks, const int64_t *mask_starts,       \
+             const int64_t *mask_offsets, int64_t num_sequences, int64_t num_heads,          \
              int64_t num_kv_heads, int64_t head_dim, float scale, T *out,                    \
              int64_t out_row_stride, int num_threads) {                                      \
         int64_t group = num_heads / num_kv_heads;                                            \
@@ -232,13 +254,17 @@ DEFINE_HEAD(head_f32, float, LOAD_F32)
                     if (!scores) continue;                                                   \
                     const T *qi = q + rows[i] * q_row_stride + kv * group * head_dim;        \
                     int64_t offset = kv * kv_head_stride + starts[i] * head_dim;             \
+                    const uint8_t *mask = masks && mask_starts[i] < lengths[i]               \
+                                              ? masks + mask_offsets[i]                      \
+                                              : NULL;                                        \
+                    int64_t mask_start = mask ? mask_starts[i] : lengths[i];                 \
                     if (fast) {                                                              \
-                        fast(qi, keys + offset, values + offset, lengths[i], scale, scores, \
-                             out_group);                                                     \
+                        fast(qi, keys + offset, values + offset, lengths[i], mask, mask_start, \
+                             scale, scores, out_group);                                      \
                     } else {                                                                 \
                         for (int64_t e = 0; e < group * head_dim; e++) q_group[e] = LOAD(qi[e]); \
-                        HEAD(q_group, keys + offset, values + offset, lengths[i], group,     \
-                             head_dim, scale, scores, out_group);                            \
+                        HEAD(q_group, keys + offset, values + offset, lengths[i], mask,      \
+                             mask_start, group, head_dim, scale, scores, out_group);         \
                     }                                                                        \
                     T *oi = out + rows[i] * out_row_stride + kv * group * head_dim;          \
                     for (int64_t e = 0; e < group * head_dim; e++) oi[e] = STORE(out_group[e]); \
@@ -249,18 +275,18 @@ DEFINE_HEAD(head_f32, float, LOAD_F32)
         return failed ? -2 : 0;                                                              \
     }
 
-typedef void (*no_fast_head)(const float *, const float *, const float *, int64_t, float, float *,
-                             float *);
+typedef void (*no_fast_head)(const float *, const float *, const float *, int64_t,
+                             const uint8_t *, int64_t, float, float *, float *);
 #ifdef HAVE_AVX512_BF16
-DEFINE_DECODE(decode_attention_bf16, head_bf16, fast_head, find_fast_head(group, head_dim),
+DEFINE_ROWS(row_attention_bf16, head_bf16, fast_head, find_fast_head(group, head_dim),
               uint16_t, LOAD_BF16, STORE_BF16)
 #else
-typedef void (*no_fast_bf16)(const uint16_t *, const uint16_t *, const uint16_t *, int64_t, float,
-                             float *, float *);
-DEFINE_DECODE(decode_attention_bf16, head_bf16, no_fast_bf16, NULL, uint16_t, LOAD_BF16,
+typedef void (*no_fast_bf16)(const uint16_t *, const uint16_t *, const uint16_t *, int64_t,
+                             const uint8_t *, int64_t, float, float *, float *);
+DEFINE_ROWS(row_attention_bf16, head_bf16, no_fast_bf16, NULL, uint16_t, LOAD_BF16,
               STORE_BF16)
 #endif
-DEFINE_DECODE(decode_attention_f32, head_f32, no_fast_head, NULL, float, LOAD_F32, STORE_F32)
+DEFINE_ROWS(row_attention_f32, head_f32, no_fast_head, NULL, float, LOAD_F32, STORE_F32)
 
 /* RMSNorm of `rows` bf16 rows of `dim`, as the model's bf16 path: normalised in float32 and
  * rounded once to bf16, then scaled by the bf16 weight (a second rounding), as

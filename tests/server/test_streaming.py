@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from specedge.core.goodput import FittedBatchCost, LinearBatchCost
+from specedge.core.lookup import LookupStats
 from specedge.core.tree import DraftTree
 from specedge.rpc.codec import TreeVerified, VerifyTree
 from specedge.server.batching import GoodputBatching
@@ -94,6 +95,28 @@ def test_the_lookup_chain_of_a_streamed_step_and_its_record() -> None:
     lookup.record([8])  # the next step missed at once
     assert lookup.tree([*context, 8, 5], room=16) == (DraftTree(), ())  # 5 never came before
     assert StreamLookup(8, 6).tree(context, room=0)[0].num_nodes == 0
+
+
+def test_a_new_sessions_lookup_estimates_start_from_the_pooled_record() -> None:
+    """Sessions whose chains keep missing teach the pooled record: a new session's chain is
+    then estimated far below the flat prior of 1/2; where chains come true, far above it; the
+    session's own record then moves its estimate."""
+    context = [1, 2, 3, 4, 9, 1, 2]
+    estimates = {}
+    for label, hits in (("missing", False), ("copying", True)):
+        pooled = LookupStats()
+        for _ in range(30):  # sessions of one step each, all on the same chain
+            lookup = StreamLookup(8, 6, pooled)
+            tree, _ = lookup.tree(context, room=16)
+            lookup.record([*tree.tokens[:3], 5] if hits else [7])
+        fresh = StreamLookup(8, 6, pooled)
+        estimates[label] = fresh.tree(context, room=16)[1]
+        if not hits:
+            fresh.record(list(fresh._chain[0][:3]) + [5])  # this session's chain comes true
+            assert fresh.tree(context, room=16)[1][0] > estimates[label][0]
+    assert estimates["missing"][0] < 0.1
+    assert estimates["copying"][0] > 0.7  # three right of every four tried
+    assert StreamLookup(8, 6, LookupStats()).tree(context, room=16)[1][0] == pytest.approx(0.5)
 
 
 def test_the_lookup_chain_stops_at_the_depth_cap() -> None:

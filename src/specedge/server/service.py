@@ -29,6 +29,8 @@ from typing import Any
 
 import grpc
 
+from specedge.core.calibration import temperature_regime
+from specedge.core.lookup import LookupStats
 from specedge.core.tree import DraftTree
 from specedge.core.verify import VerifyResult
 from specedge.errors import CapacityError, InvalidRequestError
@@ -93,6 +95,8 @@ class VerifierService:
         self.stop_token_ids = tuple(stop_token_ids)
         self.session_timeout = session_timeout
         self.stream_lookup = stream_lookup
+        # The streamed sessions' lookup record, per temperature regime: each new session's prior.
+        self._lookup_records: dict[str, LookupStats] = {}
         # The latest threshold a stream was given: what a session that starts streaming gets.
         self._resume_threshold = 2.0
         self._busy = BusyWindow(lambda: counter_value(self.metrics.busy_seconds))
@@ -197,7 +201,9 @@ class VerifierService:
             or not self.executor.goodput
         ):
             return None
-        return StreamLookup(self.stream_lookup, self.info_reply.max_tree_depth)
+        regime = temperature_regime(open_message.sampling.temperature)
+        pooled = self._lookup_records.setdefault(regime, LookupStats())
+        return StreamLookup(self.stream_lookup, self.info_reply.max_tree_depth, pooled)
 
     async def _stream(
         self,

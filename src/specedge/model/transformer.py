@@ -152,9 +152,10 @@ def chain_batch(
 # The blocks the native kernel attends (see NativeRows): decode steps always; blocks of up to
 # NATIVE_MAX_ROWS rows spanning up to NATIVE_MAX_ROW_POSITIONS (rows x positions). Measured on
 # one core of this project's machine, batch 8 of the bundled target, verification time native /
-# bmm: at 256 positions 0.75 (4 rows), 0.87 (16), 0.92 (32), 1.05 (64); at 1,500 positions
-# 0.65 (4), 0.79 (8), 1.03 (16), 1.11 (32).
-NATIVE_MAX_ROWS = 32
+# bmm: at 256 positions 0.75 (4 rows), 0.87 (16), 0.92 (32), 1.05 (64), even at about 50 rows
+# (15k row-positions); at 1,500 positions 0.65 (4), 0.79 (8), 1.03 (16), 1.11 (32), even at
+# about 15 rows (22k).
+NATIVE_MAX_ROWS = 48
 NATIVE_MAX_ROW_POSITIONS = 16384
 
 
@@ -184,7 +185,12 @@ class NativeRows:
 
     @classmethod
     def of(cls, batch: FlatBatch, kv: KVCache) -> NativeRows | None:
-        chosen, rows, starts, lengths, mask_starts, mask_offsets = [], [], [], [], [], []
+        chosen: list[int] = []
+        rows: list[int] = []
+        starts: list[int] = []
+        lengths: list[int] = []
+        mask_starts: list[int] = []
+        mask_offsets: list[int] = []
         masks: list[Tensor] = []
         offset = 0
         for index, block in enumerate(batch.sequences):
@@ -192,32 +198,36 @@ class NativeRows:
             if start is None or not cls.takes(block):
                 continue
             chosen.append(index)
-            rows.append(torch.arange(block.first_row, block.first_row + block.num_rows))
-            starts.append(torch.full((block.num_rows,), start))
-            if block.mask is None:
-                lengths.append(torch.full((block.num_rows,), block.kv_len))
-                mask_starts.append(torch.full((block.num_rows,), block.kv_len))
-                mask_offsets.append(torch.zeros(block.num_rows, dtype=torch.long))
+            rows += range(block.first_row, block.first_row + block.num_rows)
+            starts += [start] * block.num_rows
+            if block.mask is None:  # a decode step: its whole slot, no mask
+                lengths += [block.kv_len] * block.num_rows
+                mask_starts += [block.kv_len] * block.num_rows
+                mask_offsets += [0] * block.num_rows
                 continue
             tail = block.mask[:, block.mask_start :].to(torch.uint8)  # [n, w]
             width = tail.shape[1]
             # Each row's span ends at its last attended position (a chain row's own).
-            last = width - 1 - tail.flip(1).argmax(1)
-            lengths.append(block.mask_start + last + 1)
-            mask_starts.append(torch.full((block.num_rows,), block.mask_start))
-            mask_offsets.append(offset + width * torch.arange(block.num_rows))
+            last = (width - 1 - tail.flip(1).argmax(1)).tolist()
+            lengths += [block.mask_start + end + 1 for end in last]
+            mask_starts += [block.mask_start] * block.num_rows
+            mask_offsets += [offset + width * r for r in range(block.num_rows)]
             masks.append(tail.reshape(-1))
             offset += tail.numel()
         if not chosen:
             return None
+
+        def longs(values: list[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.long)
+
         return cls(
             frozenset(chosen),
-            torch.cat(rows),
-            torch.cat(starts),
-            torch.cat(lengths),
+            longs(rows),
+            longs(starts),
+            longs(lengths),
             torch.cat(masks) if masks else None,
-            torch.cat(mask_starts) if masks else None,
-            torch.cat(mask_offsets) if masks else None,
+            longs(mask_starts) if masks else None,
+            longs(mask_offsets) if masks else None,
         )
 
 

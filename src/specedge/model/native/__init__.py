@@ -187,12 +187,13 @@ def row_attention(
     assert queries.stride(-1) == 1 and queries.stride(-2) == head_dim
     assert keys.is_contiguous() and values.is_contiguous() and out.is_contiguous()
     assert rows.dtype == starts.dtype == lengths.dtype == torch.int64
-    masked = masks is not None
-    if masked:
+    mask_pointers: tuple[int | None, ...] = (None, None, None)
+    if masks is not None:
         assert mask_starts is not None and mask_offsets is not None
         assert masks.dtype == torch.uint8 and masks.is_contiguous()
         assert mask_starts.dtype == mask_offsets.dtype == torch.int64
         assert mask_starts.is_contiguous() and mask_offsets.is_contiguous()
+        mask_pointers = (masks.data_ptr(), mask_starts.data_ptr(), mask_offsets.data_ptr())
     function = (
         library.row_attention_bf16 if queries.dtype == torch.bfloat16 else library.row_attention_f32
     )
@@ -205,9 +206,7 @@ def row_attention(
         rows.data_ptr(),
         starts.data_ptr(),
         lengths.data_ptr(),
-        masks.data_ptr() if masked else None,
-        mask_starts.data_ptr() if masked else None,  # type: ignore[union-attr]
-        mask_offsets.data_ptr() if masked else None,  # type: ignore[union-attr]
+        *mask_pointers,
         rows.numel(),
         num_heads,
         keys.shape[0],

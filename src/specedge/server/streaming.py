@@ -33,8 +33,8 @@ A session's own record is short (a request of a hundred tokens) and a node the t
 costs what an accepted one does, so a session does not start from a guess: its estimates start
 from the record of every streamed session of the server at the same temperature regime
 (`pooled`, worth POOLED_WEIGHT tries), which its own record then overrides. With a flat prior
-of 1/2 every new session verified chains that seldom paid (on SpecBench at 8 clients about one
-chain token in four came true, where a row must come true one time in three to pay).
+of 1/2 every new session verified chains before it knew whether its context copies, where at
+batch 8 a row must come true about one time in three to pay.
 """
 
 from __future__ import annotations

@@ -207,6 +207,13 @@ def scrape_metrics(metrics_url: str) -> str | None:
         return None
 
 
+def scrape_counter(metrics_url: str, name: str) -> float | None:
+    """Sum of the samples of `name` (all label sets) on a Prometheus text endpoint; None when
+    the endpoint does not answer or does not export it."""
+    text = scrape_metrics(metrics_url)
+    return None if text is None else parse_counter(text, name)
+
+
 def parse_counter(text: str, name: str) -> float | None:
     values = [
         float(match.group(3))

@@ -9,7 +9,7 @@ processes hits both alike (medians reported), one torch thread:
 
 - *Kernel*: one decode step's attention over all 30 layers of SmolLM2-135M's geometry (9
   query heads, 3 K/V heads, head dim 64, bf16) for B sequences of S positions each, read in
-  place from a pool: `native.decode_attention` (one call per layer) against SDPA per sequence
+  place from a pool: `native.row_attention` (one call per layer) against SDPA per sequence
   and layer (what the `sdpa` and `bmm` kernels do for a one-row block). Bandwidth is the K/V
   bytes read divided by the time.
 - *Decode step*: `TargetEngine.verify` with empty trees (a batched decode step: forward,

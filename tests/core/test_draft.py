@@ -11,6 +11,7 @@ import random
 from dataclasses import replace
 
 import pytest
+import torch
 
 from specedge.core.draft import DraftEngine, SentTree
 from specedge.core.limits import TreeShape
@@ -129,6 +130,39 @@ def test_tree_is_the_best_budget_candidates_within_the_shape(
         assert estimate == pytest.approx(min(parent_estimate * step_q, 1.0), rel=1e-9)
         if parent != ROOT_PARENT:
             assert parent < node and estimate <= parent_estimate
+
+
+class ConfidentRunner(ModelRunner):
+    """A draft far surer of itself than a random tiny model: logits sharpened 20-fold, so
+    most steps have log q within rounding of 0."""
+
+    def top_logprobs(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logprobs = (20.0 * self.model.logits(hidden)).log_softmax(dim=-1)
+        top = torch.topk(logprobs, k, dim=-1)
+        return top.values, top.indices
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_confident_drafts_estimates_never_rise_above_a_parents(
+    draft_model: LoadedModel, seed: int
+) -> None:
+    # Rounding alone can put a child's product of step probabilities one ulp above its
+    # parent's when a step is certain; sent best-first, the child would precede its parent.
+    shape = TreeShape(budget=32, depth=12, width=4, beams=8, decay=0.99, lookup=0)
+    runner = ConfidentRunner(draft_model, num_slots=1, max_context=256, max_block=1024)
+    engine = DraftEngine(runner, shape)
+    prompt = random.Random(seed).choices(range(TINY_VOCAB), k=12)
+    seq = engine.open(prompt)
+    engine.prefill(seq)
+    builder = engine.builder(seq)
+    builder.grow()
+    sent = builder.sent_tree()
+    validate_tree(
+        sent.tree.tokens, sent.tree.parents, vocab_size=TINY_VOCAB, max_nodes=32, max_depth=12
+    )
+    for node, parent in enumerate(sent.tree.parents):
+        if parent != ROOT_PARENT:
+            assert sent.estimates[node] <= sent.estimates[parent]
 
 
 # ---- KV after commits ----------------------------------------------------------------------------

@@ -366,9 +366,16 @@ class TreeBuilder:
     def acceptance_estimate(self, node: BuilderIndex) -> float:
         """The draft's own estimate that the target accepts the path to `node`: the product of
         each step's probability along it (log q of the draft, or the lookup record's log p),
-        which is the score without its depth decay. Uncalibrated; never above the parent's."""
-        entry = self.nodes[node]
-        return min(1.0, math.exp(entry.score - entry.depth * math.log(self.shape.decay)))
+        which is the score without its depth decay. Uncalibrated; never above the parent's,
+        which the arithmetic alone does not ensure: a certain step (log q rounded to 0) can
+        round a child's product one ulp above its parent's, so it is the least along the path."""
+        log_decay = math.log(self.shape.decay)
+        estimate = 1.0
+        while node != ROOT_PARENT:
+            entry = self.nodes[node]
+            estimate = min(estimate, math.exp(entry.score - entry.depth * log_decay))
+            node = entry.parent
+        return estimate
 
     # -- proactive drafting (edge.proactive) ----------------------------------------------------
     def best_children(self, parents: Sequence[BuilderIndex]) -> list[BuilderIndex]:

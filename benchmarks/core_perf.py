@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,11 +221,15 @@ def bench_matrix_vector(loaded: LoadedModel, repetitions: int) -> dict[str, list
 # ---- verification ----------------------------------------------------------------------------
 
 
-def random_tree(rng: random.Random, vocab_size: int, num_nodes: int) -> DraftTree:
+def random_tree(
+    rng: random.Random, vocab_size: int, num_nodes: int, path: Sequence[int] = ()
+) -> DraftTree:
     """A random tree in parents-first order: half the nodes extend the previous node, the rest
-    hang under a random earlier node (or the root); siblings are distinct (random tokens)."""
-    tokens: list[int] = []
-    parents: list[int] = []
+    hang under a random earlier node (or the root); siblings are distinct (random tokens). With
+    `path`, the first nodes are that chain (the target's own continuation, so that the walk
+    accepts it: verification with a planted path)."""
+    tokens: list[int] = list(path[:num_nodes])
+    parents: list[int] = list(range(-1, len(tokens) - 1))
     while len(tokens) < num_nodes:
         node = len(tokens)
         parent = node - 1 if node and rng.random() < 0.5 else rng.randrange(-1, node)
@@ -238,9 +242,11 @@ def random_tree(rng: random.Random, vocab_size: int, num_nodes: int) -> DraftTre
 
 
 def bench_verification(
-    loaded: LoadedModel, settings: Settings, rng: random.Random
-) -> dict[tuple[int, int], Timings]:
-    """Timings of `TargetEngine.verify` calls for every (batch, tree size)."""
+    loaded: LoadedModel, settings: Settings, rng: random.Random, planted: Sequence[int] = (0,)
+) -> dict[tuple[int, int, int], Timings]:
+    """Timings of `TargetEngine.verify` calls for every (batch, tree size, planted path): with
+    a planted path of p > 0 nodes (trees of more than p nodes), each tree starts with the
+    target's own next p tokens, so every walk accepts p nodes, as a good draft's do."""
     max_batch, max_nodes = max(settings.batch_sizes), max(settings.tree_sizes)
     runner = ModelRunner(
         loaded, num_slots=max_batch, max_context=CONTEXT + max_nodes + 2, max_block=max_nodes + 8
@@ -253,16 +259,24 @@ def bench_verification(
         seq = engine.open(prompt, SamplingParams(), max_new_tokens=10**6)
         engine.prefill(seq)
         sequences.append(seq)
-    engine.verify([(seq, DraftTree()) for seq in sequences])  # warm-up
+    for _ in range(max(1, *planted)):  # decode steps: the warm-up, and each context's continuation
+        engine.verify([(seq, DraftTree()) for seq in sequences])
+    paths = [seq.committed[CONTEXT + 1 :] for seq in sequences]
     for seq in sequences:
         rewind(engine, seq)
-    configs = [(b, n) for b in settings.batch_sizes for n in settings.tree_sizes]
+    configs = [
+        (b, n, p)
+        for b in settings.batch_sizes
+        for n in settings.tree_sizes
+        for p in planted
+        if p == 0 or n > p
+    ]
     timings = {config: Timings() for config in configs}
     for _ in range(settings.verify_repetitions):
-        for batch, num_nodes in rng.sample(configs, len(configs)):
-            trees = [random_tree(rng, vocab, num_nodes) for _ in range(batch)]
+        for batch, num_nodes, path in rng.sample(configs, len(configs)):
+            trees = [random_tree(rng, vocab, num_nodes, paths[i][:path]) for i in range(batch)]
             work = list(zip(sequences[:batch], trees, strict=True))
-            timings[(batch, num_nodes)].measure(lambda: engine.verify(work))  # noqa: B023
+            timings[(batch, num_nodes, path)].measure(lambda: engine.verify(work))  # noqa: B023
             for seq in sequences[:batch]:
                 rewind(engine, seq)
     return timings
@@ -454,16 +468,17 @@ def fmt_load(load: list[float] | tuple[float, ...]) -> str:
 
 AB_BATCH_SIZES = (1, 8, 16)
 AB_TREE_SIZES = (0, 8, 16, 32)
+AB_PLANTED = (0, 3)  # accepted nodes per tree: random trees, and trees holding the target's path
 
 
 def verification_worker(out: Path, repetitions: int, seed: int) -> None:
     """One process's bf16 verification timings (whatever `specedge` is on sys.path), as JSON."""
     loaded = load_model(MODEL, dtype=torch.bfloat16)
     settings = Settings(0, 0, repetitions, AB_BATCH_SIZES, AB_TREE_SIZES)
-    timings = bench_verification(loaded, settings, random.Random(seed))
+    timings = bench_verification(loaded, settings, random.Random(seed), AB_PLANTED)
     rows = [
-        {"batch": b, "tree_nodes": n, "ms": [1000 * w for w in t.wall]}
-        for (b, n), t in timings.items()
+        {"batch": b, "tree_nodes": n, "planted": p, "ms": [1000 * w for w in t.wall]}
+        for (b, n, p), t in timings.items()
     ]
     out.write_text(json.dumps(rows))
 
@@ -473,7 +488,7 @@ def side_by_side(baseline_src: Path, label: str, rounds: int, out: Path) -> None
     `src`), measured in alternating processes (baseline, ours, ours, baseline, ...) so that
     load from other processes hits both alike; a Markdown table of medians and speed-ups."""
     ours_src = Path(__file__).resolve().parents[1] / "src"
-    samples: dict[str, dict[tuple[int, int], list[float]]] = {label: {}, "this checkout": {}}
+    samples: dict[str, dict[tuple[int, int, int], list[float]]] = {label: {}, "this checkout": {}}
     order = [(label, baseline_src), ("this checkout", ours_src)]
     with tempfile.TemporaryDirectory() as scratch:
         for round_index in range(rounds):
@@ -491,7 +506,7 @@ def side_by_side(baseline_src: Path, label: str, rounds: int, out: Path) -> None
                 command += ["--threads", str(torch.get_num_threads())]
                 subprocess.run(command, env=env, check=True)
                 for row in json.loads(result.read_text()):
-                    key = (row["batch"], row["tree_nodes"])
+                    key = (row["batch"], row["tree_nodes"], row["planted"])
                     samples[name].setdefault(key, []).extend(row["ms"])
                 print(f"  round {round_index + 1}/{rounds}: {name} done", file=sys.stderr)
     base, mine = samples[label], samples["this checkout"]
@@ -500,24 +515,30 @@ def side_by_side(baseline_src: Path, label: str, rounds: int, out: Path) -> None
         "",
         f"Written by `benchmarks/core_perf.py --baseline-src ...`: bf16 `TargetEngine.verify` "
         f"(B sequences, root + a random tree of n nodes after ~{CONTEXT} context tokens), "
-        f"median ms over {rounds} alternating processes per checkout; baseline: {label}.",
+        f"median ms over {rounds} alternating processes per checkout; baseline: {label}. "
+        "Accepted: nodes every walk accepts (0: random trees, which the target rejects at the "
+        "root; 3: each tree starts with the target's own next three tokens).",
         "",
         f"- CPU: {machine()['cpu']}, {torch.get_num_threads()} torch thread(s); "
         f"load average at end {fmt_load(os.getloadavg())}",
         "",
-        f"| B | n | {label} ms | this checkout ms | speed-up |",
-        "|---|---|---|---|---|",
+        f"| B | n | accepted | {label} ms | this checkout ms | speed-up |",
+        "|---|---|---|---|---|---|",
     ]
     for key in sorted(base):
         before, after = statistics.median(base[key]), statistics.median(mine[key])
         lines.append(
-            f"| {key[0]} | {key[1]} | {before:.1f} | {after:.1f} | {before / after:.2f}x |"
+            f"| {key[0]} | {key[1]} | {key[2]} | {before:.1f} | {after:.1f} "
+            f"| {before / after:.2f}x |"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(
         json.dumps(
-            {name: {f"{b}x{n}": ms for (b, n), ms in t.items()} for name, t in samples.items()},
+            {
+                name: {f"{b}x{n}+{p}": ms for (b, n, p), ms in t.items()}
+                for name, t in samples.items()
+            },
             indent=1,
         )
     )
@@ -557,7 +578,8 @@ def main() -> None:
     verify = {}
     for name, loaded in models.items():
         print(f"verification ({name}) ...", file=sys.stderr)
-        verify[name] = bench_verification(loaded, settings, random.Random(0))
+        timings = bench_verification(loaded, settings, random.Random(0))
+        verify[name] = {(b, n): t for (b, n, _), t in timings.items()}
     results = summarise(machine_info, settings, models, runs, bandwidths, kernels, verify)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown(results))

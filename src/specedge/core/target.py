@@ -3,9 +3,15 @@
 A `TargetSequence` holds a request's committed tokens (prompt + emitted); the last one is the
 *root* of the next tree and has no KV yet, so the slot always holds len(committed) - 1
 positions between rounds. `TargetEngine.verify` runs one batched forward over several
-sequences' trees (root + nodes), draws one target sample per node with each request's own
-sampling parameters and generator, decides acceptance (`verify.verify_tree`) and compacts each
-slot to the root + accepted path. Autoregressive decoding is verification of an empty tree.
+sequences' trees (root + nodes), draws the target's samples with each request's own sampling
+parameters and stream, decides acceptance (`verify.TreeWalk`) and compacts each slot to the
+root + accepted path. Autoregressive decoding is verification of an empty tree.
+
+Only the rows on a walk are ever read (the root, then each accepted node), so on a CPU a
+round of many rows runs the LM head step by step along the walks, over every sequence's
+pending row at once, instead of over all rows (`PATH_HEAD_MIN_ROWS`). Each draw depends only
+on the row's logits, the request's stream and the position (`sampling.sample_at`), so which
+rows were drawn never changes a token.
 
 Sequences share the forward but not their fate: `verify_each` samples each sequence on its
 own, and a sequence whose sampling fails (it raised, or its logits had no distribution) comes
@@ -24,8 +30,14 @@ from specedge.core.limits import DEFAULT_PREFILL_CHUNK, TreeLimits
 from specedge.core.model_runner import ModelRunner, TreeRow
 from specedge.core.sampling import INVALID_TOKEN, SamplingParams, sample_at, stream_seed
 from specedge.core.tree import DraftTree, validate_tree
-from specedge.core.verify import VerifyResult, verify_tree
+from specedge.core.verify import TreeWalk, VerifyResult
 from specedge.errors import InvalidRequestError, SpecEdgeError
+
+# The LM head of the bundled target, one core: 2.5 ms for 1-4 rows, 3.3 for 8, 5.3 for 16, 36
+# for 136 (8 trees of 16 nodes: 15% of their verification), while a walk reads one row per
+# emitted token. From about 24 rows, a head call per step of the walk (over the batch's
+# pending rows) costs less than one over every row; below, one call is cheaper.
+PATH_HEAD_MIN_ROWS = 24
 
 
 class SamplingError(SpecEdgeError):
@@ -78,6 +90,11 @@ class TargetEngine:
     def __init__(self, runner: ModelRunner, limits: GenerationLimits | None = None) -> None:
         self.runner = runner
         self.limits = limits or GenerationLimits()
+        # On a CPU (compute-bound, where the head costs each row it runs on), rounds of at
+        # least this many rows run the head only on the rows the walk reads; None: every row
+        # at once (a GPU: one device-to-host copy a round).
+        self.path_head_min_rows = PATH_HEAD_MIN_ROWS if runner.device.type == "cpu" else None
+        self.num_head_rows = 0  # rows the LM head has run on (the path head's saving)
         self.vocab_size = runner.config.vocab_size
 
     @property
@@ -183,36 +200,48 @@ class TargetEngine:
             tokens, parents = tree.rooted(seq.root)
             rows.append(TreeRow(seq.slot, len(seq.committed) - 1, parents, tokens))
         hidden = self.runner.forward(rows)
-        # One LM-head matmul for the whole batch (one per sequence re-reads the head's weights
-        # each time: the head is a fifth of a 135M target), in the model's dtype: greedy rows
-        # take their argmax there (the same token), sampled rows are converted to float32.
-        logits = self.runner.logits(torch.cat(hidden), upcast=False).split([len(h) for h in hidden])
-        samples: list[torch.Tensor | SequenceFailure] = []
-        for (seq, tree), node_logits in zip(batch, logits, strict=True):
-            samples.append(_sample_round(seq, tree, node_logits))
-        drawn = [s for s in samples if not isinstance(s, SequenceFailure)]
-        flat = torch.cat(drawn).tolist() if drawn else []  # the round's one device-to-host copy
+        rounds = [_Round(seq, tree, h) for (seq, tree), h in zip(batch, hidden, strict=True)]
+        every_row = (
+            self.path_head_min_rows is None
+            or len(rows) + sum(tree.num_nodes for _, tree in batch) < self.path_head_min_rows
+        )
+        while pending := [r for r in rounds if r.failure is None and r.walk.pending is not None]:
+            self._draw(pending, every_row)
+            every_row = False  # a walk past the drawn rows draws its node's row alone
         outcomes: list[VerifyResult | SequenceFailure] = []
-        first = 0
-        for (seq, tree), node_samples in zip(batch, samples, strict=True):
-            if isinstance(node_samples, SequenceFailure):
-                outcomes.append(node_samples)
+        for r in rounds:
+            if r.failure is not None:
+                outcomes.append(r.failure)
                 continue
-            drawn_tokens = flat[first : first + len(node_samples)]
-            first += len(node_samples)
-            if INVALID_TOKEN in drawn_tokens:
-                outcomes.append(SequenceFailure("the target's logits had no distribution (NaN)"))
-                continue
-            result = verify_tree(
-                tree.tokens,
-                tree.parents,
-                drawn_tokens,
-                stop_token_ids=seq.stop_token_ids,
-                max_new_tokens=seq.max_new_tokens - seq.num_generated,
-            )
-            self._commit(seq, tree, result)
-            outcomes.append(replace(result, num_verified=tree.num_nodes))
+            result = r.walk.result()
+            self._commit(r.seq, r.tree, result)
+            outcomes.append(replace(result, num_verified=r.tree.num_nodes))
         return outcomes
+
+    def _draw(self, rounds: list[_Round], every_row: bool) -> None:
+        """The target's draws at the rows `rounds` read next (every row of their trees, or
+        each one's pending node), fed to their walks as far as they go: one LM-head matmul
+        over those rows (one per sequence re-reads the head's weights each time: the head is a
+        fifth of a 135M target), in the model's dtype (greedy rows take their argmax there,
+        the same token; sampled rows are converted to float32), and one device-to-host copy."""
+        picks = [r.rows_to_draw(every_row) for r in rounds]
+        hidden = torch.cat([r.hidden_at(row) for r, row in zip(rounds, picks, strict=True)])
+        self.num_head_rows += len(hidden)
+        logits = self.runner.logits(hidden, upcast=False).split([len(row) for row in picks])
+        samples = [
+            r.sample(row, row_logits)
+            for r, row, row_logits in zip(rounds, picks, logits, strict=True)
+        ]
+        drawn = [s for s in samples if not isinstance(s, SequenceFailure)]
+        flat = torch.cat(drawn).tolist() if drawn else []
+        first = 0
+        for r, row, node_samples in zip(rounds, picks, samples, strict=True):
+            if isinstance(node_samples, SequenceFailure):
+                r.failure = node_samples
+                continue
+            r.drawn.update(zip(row, flat[first : first + len(row)], strict=True))
+            first += len(row)
+            r.feed()
 
     def _commit(self, seq: TargetSequence, tree: DraftTree, result: VerifyResult) -> None:
         start = len(seq.committed) - 1  # the root's slot position
@@ -239,22 +268,53 @@ class TargetEngine:
         self.runner.kv.free(seq.slot)
 
 
-def _sample_round(
-    seq: TargetSequence,
-    tree: DraftTree,
-    node_logits: torch.Tensor,  # [1 + num_nodes, V]
-) -> torch.Tensor | SequenceFailure:  # [1 + num_nodes] int64
-    """The target's sample at the root and at every node of one sequence's tree: the root
-    draws for the next position, a node at depth d for d positions later. Whatever goes wrong
-    here is this sequence's failure alone."""
-    root_position = len(seq.committed)
-    positions = [root_position, *(root_position + d for d in tree.depths())]
-    try:
-        if not seq.params.greedy:
-            node_logits = node_logits.float()
-        return sample_at(node_logits, seq.params, seq.stream, positions)
-    except Exception as error:  # isolation: one sequence's sampling never fails the batch
-        return SequenceFailure(f"sampling failed ({type(error).__name__}: {error})")
+class _Round:
+    """One sequence's part of a `TargetEngine.verify_each`: its tree's hidden states, the
+    target's draws so far (by row: the root's is row 0, node i's row i + 1) and the walk down
+    the tree along them."""
+
+    def __init__(self, seq: TargetSequence, tree: DraftTree, hidden: torch.Tensor) -> None:
+        self.seq, self.tree, self.hidden = seq, tree, hidden  # hidden: [1 + num_nodes, E]
+        root_position = len(seq.committed)  # the root draws for the next position
+        self.positions = [root_position, *(root_position + d for d in tree.depths())]
+        self.drawn: dict[int, int] = {}
+        self.failure: SequenceFailure | None = None
+        self.walk = TreeWalk(
+            tree.tokens,
+            tree.parents,
+            stop_token_ids=seq.stop_token_ids,
+            max_new_tokens=seq.max_new_tokens - seq.num_generated,
+        )
+
+    def rows_to_draw(self, every_row: bool) -> list[int]:
+        """Every row, or the pending node's."""
+        if every_row:
+            return list(range(len(self.positions)))
+        assert self.walk.pending is not None
+        return [self.walk.pending + 1]
+
+    def hidden_at(self, rows: list[int]) -> torch.Tensor:
+        return self.hidden if len(rows) == len(self.hidden) else self.hidden[rows]
+
+    def sample(self, rows: list[int], logits: torch.Tensor) -> torch.Tensor | SequenceFailure:
+        """The target's samples at `rows` ([len(rows)] int64, on the device). Whatever goes
+        wrong here is this sequence's failure alone."""
+        try:
+            if not self.seq.params.greedy:
+                logits = logits.float()
+            positions = [self.positions[row] for row in rows]
+            return sample_at(logits, self.seq.params, self.seq.stream, positions)
+        except Exception as error:  # isolation: one sequence's sampling never fails the batch
+            return SequenceFailure(f"sampling failed ({type(error).__name__}: {error})")
+
+    def feed(self) -> None:
+        """Walk on while the pending node's draw is known."""
+        while self.walk.pending is not None and (row := self.walk.pending + 1) in self.drawn:
+            token = self.drawn[row]
+            if token == INVALID_TOKEN:
+                self.failure = SequenceFailure("the target's logits had no distribution (NaN)")
+                return
+            self.walk.feed(token)
 
 
 def fit_to_context(tree: DraftTree, context_len: int, max_context: int) -> DraftTree:

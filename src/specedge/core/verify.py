@@ -42,27 +42,53 @@ def verify_tree(
     max_new_tokens: int,
 ) -> VerifyResult:
     """Walk the tree along the target's draws; see the module docstring."""
-    assert len(samples) == len(tree_tokens) + 1 and max_new_tokens >= 1
-    child_by_token = _child_index(tree_tokens, tree_parents)
-    emitted: list[int] = []
-    accepted: list[int] = []
-    current = ROOT_PARENT
-    while True:
-        token = samples[current + 1]
-        child = child_by_token.get((current, token))
-        emitted.append(token)
-        if token in stop_token_ids:
-            if child is not None:
-                accepted.append(child)
-            return VerifyResult(emitted, accepted, FINISH_STOP)
-        if len(emitted) >= max_new_tokens:
-            if child is not None:
-                accepted.append(child)
-            return VerifyResult(emitted, accepted, FINISH_LENGTH)
-        if child is None:
-            return VerifyResult(emitted, accepted, None)
-        accepted.append(child)
-        current = child
+    assert len(samples) == len(tree_tokens) + 1
+    walk = TreeWalk(
+        tree_tokens, tree_parents, stop_token_ids=stop_token_ids, max_new_tokens=max_new_tokens
+    )
+    while walk.pending is not None:
+        walk.feed(samples[walk.pending + 1])
+    return walk.result()
+
+
+class TreeWalk:
+    """`verify_tree` one draw at a time, for a verifier that computes the target's draws only
+    where the walk reads them: `pending` is the node whose draw comes next (ROOT_PARENT for the
+    root), None once the verdict is known; `feed` gives that draw."""
+
+    def __init__(
+        self,
+        tree_tokens: Sequence[int],
+        tree_parents: Sequence[int],
+        *,
+        stop_token_ids: Collection[int],
+        max_new_tokens: int,
+    ) -> None:
+        assert max_new_tokens >= 1
+        self._child_by_token = _child_index(tree_tokens, tree_parents)
+        self._stop_token_ids = stop_token_ids
+        self._max_new_tokens = max_new_tokens
+        self._emitted: list[int] = []
+        self._accepted: list[int] = []
+        self._finish_reason: str | None = None
+        self.pending: int | None = ROOT_PARENT
+
+    def feed(self, token: int) -> None:
+        """The target's draw at the pending node."""
+        assert self.pending is not None, "the walk is over"
+        child = self._child_by_token.get((self.pending, token))
+        self._emitted.append(token)
+        if child is not None:
+            self._accepted.append(child)
+        if token in self._stop_token_ids:
+            self._finish_reason = FINISH_STOP
+        elif len(self._emitted) >= self._max_new_tokens:
+            self._finish_reason = FINISH_LENGTH
+        self.pending = child if child is not None and self._finish_reason is None else None
+
+    def result(self) -> VerifyResult:
+        assert self.pending is None, "the walk needs more draws"
+        return VerifyResult(self._emitted, self._accepted, self._finish_reason)
 
 
 def verdict_from_reply(

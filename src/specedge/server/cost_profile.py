@@ -165,7 +165,9 @@ def measure_verify_costs(
 
 def _chain(nodes: int, vocab: int, generator: torch.Generator) -> DraftTree:
     """A random tree of `nodes` nodes, four children per node (a verification's rows cost the
-    same whatever the topology: the mask changes, not the work)."""
+    same whatever the topology: the mask changes, not the work). The target rejects it at the
+    root, so on a CPU, where the LM head runs along the walks, each accepted node of a real
+    round adds a head call the profile leaves out; the live fit of observed batches has it."""
     tokens = torch.randint(0, vocab, (nodes,), generator=generator).tolist()
     parents = [-1 if i < 4 else i // 4 - 1 for i in range(nodes)]
     return DraftTree(tuple(tokens), tuple(parents))

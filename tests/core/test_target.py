@@ -294,6 +294,7 @@ def test_the_path_head_verifies_exactly_as_the_head_over_every_row(target: Loade
         runner = ModelRunner(target, num_slots=4, max_context=96, max_block=32)
         engine = TargetEngine(runner)
         engine.path_head_min_rows = path_head_min_rows
+        engine.path_head_rows_per_sequence = 0
         engines.append(engine)
     requests = []
     for seed in range(4):

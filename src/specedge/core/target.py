@@ -33,11 +33,14 @@ from specedge.core.tree import DraftTree, validate_tree
 from specedge.core.verify import TreeWalk, VerifyResult
 from specedge.errors import InvalidRequestError, SpecEdgeError
 
-# The LM head of the bundled target, one core: 2.5 ms for 1-4 rows, 3.3 for 8, 5.3 for 16, 36
-# for 136 (8 trees of 16 nodes: 15% of their verification), while a walk reads one row per
-# emitted token. From about 24 rows, a head call per step of the walk (over the batch's
-# pending rows) costs less than one over every row; below, one call is cheaper.
-PATH_HEAD_MIN_ROWS = 24
+# When the LM head runs along the walks: rounds of at least MIN_ROWS + ROWS_PER_SEQUENCE x
+# sequences rows. The head of the bundled target on one core costs about 2.2 ms + 0.27 ms a
+# row (2.5 ms for 1 row, 5.3 for 16, 36 for 136), and a step of the walk about 2.2 ms + 0.37
+# ms a sequence (the head over their pending rows, their samples); a walk of three draws (the
+# root and two accepted nodes, as the bundled draft's rounds) costs less than the head over
+# every row from about 16 + 4 x sequences rows.
+PATH_HEAD_MIN_ROWS = 16
+PATH_HEAD_ROWS_PER_SEQUENCE = 4
 
 
 class SamplingError(SpecEdgeError):
@@ -91,9 +94,11 @@ class TargetEngine:
         self.runner = runner
         self.limits = limits or GenerationLimits()
         # On a CPU (compute-bound, where the head costs each row it runs on), rounds of at
-        # least this many rows run the head only on the rows the walk reads; None: every row
-        # at once (a GPU: one device-to-host copy a round).
-        self.path_head_min_rows = PATH_HEAD_MIN_ROWS if runner.device.type == "cpu" else None
+        # least min_rows + rows_per_sequence x sequences rows run the head only on the rows
+        # the walks read; min_rows None: every row at once (a GPU: one host copy a round).
+        cpu = runner.device.type == "cpu"
+        self.path_head_min_rows: int | None = PATH_HEAD_MIN_ROWS if cpu else None
+        self.path_head_rows_per_sequence = PATH_HEAD_ROWS_PER_SEQUENCE
         self.num_head_rows = 0  # rows the LM head has run on (the path head's saving)
         self.vocab_size = runner.config.vocab_size
 
@@ -201,10 +206,7 @@ class TargetEngine:
             rows.append(TreeRow(seq.slot, len(seq.committed) - 1, parents, tokens))
         hidden = self.runner.forward(rows)
         rounds = [_Round(seq, tree, h) for (seq, tree), h in zip(batch, hidden, strict=True)]
-        every_row = (
-            self.path_head_min_rows is None
-            or len(rows) + sum(tree.num_nodes for _, tree in batch) < self.path_head_min_rows
-        )
+        every_row = not self._walks_the_head(len(rows), sum(len(h) for h in hidden))
         while pending := [r for r in rounds if r.failure is None and r.walk.pending is not None]:
             self._draw(pending, every_row)
             every_row = False  # a walk past the drawn rows draws its node's row alone
@@ -217,6 +219,13 @@ class TargetEngine:
             self._commit(r.seq, r.tree, result)
             outcomes.append(replace(result, num_verified=r.tree.num_nodes))
         return outcomes
+
+    def _walks_the_head(self, num_sequences: int, num_rows: int) -> bool:
+        """Whether a round runs the LM head along its walks (see `PATH_HEAD_MIN_ROWS`)."""
+        if self.path_head_min_rows is None:
+            return False
+        least = self.path_head_min_rows + self.path_head_rows_per_sequence * num_sequences
+        return num_rows >= least
 
     def _draw(self, rounds: list[_Round], every_row: bool) -> None:
         """The target's draws at the rows `rounds` read next (every row of their trees, or

@@ -284,13 +284,14 @@ def test_target_kv_after_random_rounds_equals_fresh_prefill(target: LoadedModel)
 
 
 def test_the_path_head_verifies_exactly_as_the_head_over_every_row(target: LoadedModel) -> None:
-    """Two engines run the same rounds (greedy and sampled sequences, stop tokens, token
-    allowances, planted paths several nodes deep): one runs the LM head over every row, the
-    other only on the rows its walks read. Results, committed tokens and KV are the same; the
-    walks read far fewer rows."""
+    """Three engines run the same rounds (greedy and sampled sequences, stop tokens, token
+    allowances, planted paths several nodes deep): one runs the LM head over every row and
+    draws every row (a GPU), one draws on a CPU from the head over every row (sampled
+    sequences draw their walk's rows only), one runs the head only on the rows its walks read.
+    Results, committed tokens and KV are the same; the walks read far fewer rows."""
     rng = random.Random(8)
     engines = []
-    for path_head_min_rows in (None, 0):
+    for path_head_min_rows in (None, 10**9, 0):
         runner = ModelRunner(target, num_slots=4, max_context=96, max_block=32)
         engine = TargetEngine(runner)
         engine.path_head_min_rows = path_head_min_rows
@@ -309,20 +310,22 @@ def test_the_path_head_verifies_exactly_as_the_head_over_every_row(target: Loade
     while any(seq.finish_reason is None for seq in sequences[0]):
         live = [i for i, seq in enumerate(sequences[0]) if seq.finish_reason is None]
         trees = [random_round_tree(rng, target, sequences[0][i]) for i in live]
-        every_row, on_path = (
+        every_row, drawn_on_path, on_path = (
             e.verify([(seqs[i], tree) for i, tree in zip(live, trees, strict=True)])
             for e, seqs in zip(engines, sequences, strict=True)
         )
+        assert drawn_on_path == every_row
         assert on_path == every_row
         depths.extend(result.num_accepted for result in on_path)
-    for by_every_row, by_path in zip(*sequences, strict=True):
-        assert by_path.committed == by_every_row.committed
-        assert by_path.finish_reason == by_every_row.finish_reason
-        with_kv = by_path.committed[: by_path.prefilled]
-        assert_slot_matches_fresh_prefill(target, engines[1].runner.kv, by_path.slot, with_kv)
+    for by_every_row, *others in zip(*sequences, strict=True):
+        for other, engine in zip(others, engines[1:], strict=True):
+            assert other.committed == by_every_row.committed
+            assert other.finish_reason == by_every_row.finish_reason
+            with_kv = other.committed[: other.prefilled]
+            assert_slot_matches_fresh_prefill(target, engine.runner.kv, other.slot, with_kv)
     assert max(depths) >= 3  # walks went several nodes deep
-    assert {seq.finish_reason for seq in sequences[1]} >= {"stop", "length"}
-    assert engines[1].num_head_rows < engines[0].num_head_rows / 2
+    assert {seq.finish_reason for seq in sequences[2]} >= {"stop", "length"}
+    assert engines[2].num_head_rows < engines[0].num_head_rows / 2
 
 
 def test_fit_to_context_keeps_a_prefix() -> None:

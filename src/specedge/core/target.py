@@ -206,10 +206,10 @@ class TargetEngine:
             rows.append(TreeRow(seq.slot, len(seq.committed) - 1, parents, tokens))
         hidden = self.runner.forward(rows)
         rounds = [_Round(seq, tree, h) for (seq, tree), h in zip(batch, hidden, strict=True)]
-        every_row = not self._walks_the_head(len(rows), sum(len(h) for h in hidden))
+        head_every_row = not self._walks_the_head(len(rows), sum(len(h) for h in hidden))
         while pending := [r for r in rounds if r.failure is None and r.walk.pending is not None]:
-            self._draw(pending, every_row)
-            every_row = False  # a walk past the drawn rows draws its node's row alone
+            self._draw(pending, head_every_row)
+            head_every_row = False  # later steps of the walks: their rows' logits, or the head
         outcomes: list[VerifyResult | SequenceFailure] = []
         for r in rounds:
             if r.failure is not None:
@@ -227,19 +227,33 @@ class TargetEngine:
         least = self.path_head_min_rows + self.path_head_rows_per_sequence * num_sequences
         return num_rows >= least
 
-    def _draw(self, rounds: list[_Round], every_row: bool) -> None:
-        """The target's draws at the rows `rounds` read next (every row of their trees, or
-        each one's pending node), fed to their walks as far as they go: one LM-head matmul
-        over those rows (one per sequence re-reads the head's weights each time: the head is a
-        fifth of a 135M target), in the model's dtype (greedy rows take their argmax there,
-        the same token; sampled rows are converted to float32), and one device-to-host copy."""
-        picks = [r.rows_to_draw(every_row) for r in rounds]
-        hidden = torch.cat([r.hidden_at(row) for r, row in zip(rounds, picks, strict=True)])
-        self.num_head_rows += len(hidden)
-        logits = self.runner.logits(hidden, upcast=False).split([len(row) for row in picks])
+    def _draw(self, rounds: list[_Round], head_every_row: bool) -> None:
+        """The target's draws at the rows `rounds` read next, fed to their walks as far as
+        they go, with one device-to-host copy. The LM head runs in one matmul over every row
+        of the rounds (`head_every_row`; one per sequence would re-read the head's weights
+        each time: the head is a fifth of a 135M target), or over the pending rows of rounds
+        whose logits it has not computed. It runs in the model's dtype: greedy rows take their
+        argmax there (the same token), sampled rows are converted to float32. On a CPU a
+        sampled sequence draws only its pending row (sampling a row costs 0.3-1 ms of a 49k
+        vocabulary, a greedy one's argmax little); elsewhere every row is drawn at once."""
+        if head_every_row:
+            hidden = torch.cat([r.hidden for r in rounds])
+            self.num_head_rows += len(hidden)
+            logits = self.runner.logits(hidden, upcast=False).split([len(r.hidden) for r in rounds])
+            for r, round_logits in zip(rounds, logits, strict=True):
+                r.logits = round_logits
+        picks = [r.rows_to_draw(on_path=self.path_head_min_rows is not None) for r in rounds]
+        headless = [i for i, r in enumerate(rounds) if r.logits is None]
+        fresh: dict[int, torch.Tensor] = {}
+        if headless:
+            hidden = torch.cat([rounds[i].hidden[picks[i]] for i in headless])
+            self.num_head_rows += len(hidden)
+            sizes = [len(picks[i]) for i in headless]
+            logits = self.runner.logits(hidden, upcast=False).split(sizes)
+            fresh = dict(zip(headless, logits, strict=True))
         samples = [
-            r.sample(row, row_logits)
-            for r, row, row_logits in zip(rounds, picks, logits, strict=True)
+            r.sample(row, fresh[i] if i in fresh else r.logits_at(row))
+            for i, (r, row) in enumerate(zip(rounds, picks, strict=True))
         ]
         drawn = [s for s in samples if not isinstance(s, SequenceFailure)]
         flat = torch.cat(drawn).tolist() if drawn else []
@@ -278,14 +292,15 @@ class TargetEngine:
 
 
 class _Round:
-    """One sequence's part of a `TargetEngine.verify_each`: its tree's hidden states, the
-    target's draws so far (by row: the root's is row 0, node i's row i + 1) and the walk down
-    the tree along them."""
+    """One sequence's part of a `TargetEngine.verify_each`: its tree's hidden states (and
+    logits, where the head ran over every row), the target's draws so far (by row: the
+    root's is row 0, node i's row i + 1) and the walk down the tree along them."""
 
     def __init__(self, seq: TargetSequence, tree: DraftTree, hidden: torch.Tensor) -> None:
         self.seq, self.tree, self.hidden = seq, tree, hidden  # hidden: [1 + num_nodes, E]
         root_position = len(seq.committed)  # the root draws for the next position
         self.positions = [root_position, *(root_position + d for d in tree.depths())]
+        self.logits: torch.Tensor | None = None  # [1 + num_nodes, V], once the head ran on all
         self.drawn: dict[int, int] = {}
         self.failure: SequenceFailure | None = None
         self.walk = TreeWalk(
@@ -295,15 +310,17 @@ class _Round:
             max_new_tokens=seq.max_new_tokens - seq.num_generated,
         )
 
-    def rows_to_draw(self, every_row: bool) -> list[int]:
-        """Every row, or the pending node's."""
-        if every_row:
+    def rows_to_draw(self, on_path: bool) -> list[int]:
+        """Every row, once its logits are known, for a greedy sequence or off the CPU (the walk
+        then ends on these draws); else the pending node's."""
+        if self.logits is not None and (not on_path or self.seq.params.greedy):
             return list(range(len(self.positions)))
         assert self.walk.pending is not None
         return [self.walk.pending + 1]
 
-    def hidden_at(self, rows: list[int]) -> torch.Tensor:
-        return self.hidden if len(rows) == len(self.hidden) else self.hidden[rows]
+    def logits_at(self, rows: list[int]) -> torch.Tensor:
+        assert self.logits is not None
+        return self.logits if len(rows) == len(self.logits) else self.logits[rows]
 
     def sample(self, rows: list[int], logits: torch.Tensor) -> torch.Tensor | SequenceFailure:
         """The target's samples at `rows` ([len(rows)] int64, on the device). Whatever goes
